@@ -1,0 +1,21 @@
+"""Triton kernels of lemo_ds (installed as ``lemo_ds.kernels``), each with a plain-torch reference beside it.
+
+- :func:`gather_rows`: gather the kept token rows of the hidden states and of RoPE's cos/sin, in one launch.
+- :func:`write_back_rows`: write a sparse layer's outputs back into the kept rows of the residual stream.
+- :func:`triton_usable`: whether the Triton path can run on given tensors (CUDA, or CPU with TRITON_INTERPRET=1).
+
+Every op takes ``backend="auto" | "triton" | "torch"``; both backends give bit-identical results (pure copies).
+"""
+
+from .dispatch import resolve_backend, triton_usable
+from .gather_rows import gather_rows, gather_rows_ref
+from .write_back_rows import write_back_rows, write_back_rows_ref
+
+__all__ = [
+    "gather_rows",
+    "gather_rows_ref",
+    "resolve_backend",
+    "triton_usable",
+    "write_back_rows",
+    "write_back_rows_ref",
+]

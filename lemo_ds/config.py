@@ -1,0 +1,211 @@
+"""The "lemo" section of a DeepSpeed JSON config.
+
+Written the way DeepSpeed writes its own config sections: a pydantic model derived from
+``DeepSpeedConfigModel`` (``extra="forbid"``, validated assignment), one docstring per field, bounds on
+every number and cross-field validators. It is read from one top-level key, ``"lemo"``::
+
+    {
+      "train_micro_batch_size_per_gpu": 1,
+      "zero_optimization": {"stage": 3},
+      "lemo": {"keep_ratio": 0.4, "scorer": "oracle", "schedule": {"dense_steps": 10, "ramp_steps": 100}}
+    }
+
+A config without a "lemo" key means "no token elimination"; ``"lemo": {}`` means "token elimination with
+every default".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from lemo_ds.errors import LemoConfigError
+
+LEMO_KEY = "lemo"
+
+SCORERS = ("oracle", "random", "norm", "predictor")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
+class LemoScheduleConfig(DeepSpeedConfigModel):
+    """Warm-up of the keep ratio, as DeepSpeed's random-LTD schedule does for its sequence length.
+
+    For optimizer step ``t``: keep 1.0 (dense) while ``t < dense_steps``; then a linear ramp from 1.0 down
+    to each layer's target over ``ramp_steps`` steps; then the target.
+    """
+
+    dense_steps: int = Field(0, ge=0)
+    """Steps at the start of training that run every layer dense."""
+
+    ramp_steps: int = Field(0, ge=0)
+    """Steps of the linear ramp from 1.0 to the target keep ratio after the dense steps (0: jump)."""
+
+
+class LemoConfig(DeepSpeedConfigModel):
+    """Contextual token sparsity (LeMo): which layers drop which blocks of tokens."""
+
+    enabled: bool = True
+    """Master switch. ``false`` keeps the section (and validates it) but leaves the model dense."""
+
+    block_size: int = Field(64, ge=1, le=65536)
+    """Tokens per block: the granularity of elimination. The sequence length must be at least one block."""
+
+    keep_ratio: float | list[float] = 0.4
+    """Share of blocks each sparse layer keeps, in (0, 1]. One number for every sparse layer, or one number
+    per decoder layer (then its length must equal the model's number of layers, and a layer with 1.0 is
+    dense)."""
+
+    dense_layers: Literal["auto"] | list[int] = "auto"
+    """Decoder layers that always run on every token. ``"auto"``: the first half and the last layer (the
+    LeMo artifact's choice for 32-layer Llama), or, when ``keep_ratio`` is a list, the layers whose ratio is
+    1.0. Negative indices count from the end (-1 is the last layer)."""
+
+    always_keep_blocks: list[int] = Field(default_factory=lambda: [0])
+    """Block indices kept in every sparse layer whatever their score (default: the first block, the
+    attention sink). Negative indices count from the end. They count toward the kept total."""
+
+    min_blocks: int = Field(1, ge=1)
+    """Fewest blocks a sparse layer keeps per sample: k = max(min_blocks, round(keep_ratio * n_blocks))."""
+
+    scorer: Literal["oracle", "random", "norm", "predictor"] = "oracle"
+    """How blocks are scored. ``oracle``: true informativeness from the layer's own queries and keys
+    (positive query-key scores, tile max, column sum); ``random``: uniform random (the random-LTD baseline);
+    ``norm``: mean hidden-state L2 norm of the block (an ablation); ``predictor``: learned predictors."""
+
+    oracle_chunk_tokens: int = Field(512, ge=1)
+    """Query rows the chunked oracle scorer processes at once (rounded up to a multiple of block_size). Its
+    working memory is about kv_groups x chunk x seq x 4 bytes."""
+
+    predictor_path: str | None = None
+    """File of trained predictors (``scorer: "predictor"``)."""
+
+    schedule: LemoScheduleConfig = Field(default_factory=LemoScheduleConfig)
+    """Warm-up of the keep ratio (dense steps, then a linear ramp)."""
+
+    apply_in_eval: bool = False
+    """Eliminate tokens in eval mode too. Default: evaluation and inference are dense."""
+
+    seed: int = Field(0, ge=0)
+    """Seed of the random scorer (combined with the layer index, step and micro-batch counter)."""
+
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Gather/write-back implementation. ``auto``: Triton where it can run (CUDA tensors, or CPU under
+    TRITON_INTERPRET=1), PyTorch elsewhere; ``triton``: Triton or an error; ``torch``: PyTorch only."""
+
+    inplace_writeback: bool = True
+    """Write kept rows back into the residual stream in place when autograd allows it (training, no
+    activation checkpointing of the layer, nobody holding the layer input); otherwise into a copy."""
+
+    @field_validator("keep_ratio")
+    @classmethod
+    def _ratio_in_range(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list; give one number, or one number per decoder layer")
+        for ratio in values:
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"{ratio} is out of range; allowed values are in (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> LemoConfig:
+        if self.scorer == "predictor" and self.predictor_path is not None and not self.predictor_path:
+            raise ValueError("predictor_path is an empty string; give the path of a predictors file or null")
+        if isinstance(self.keep_ratio, list) and isinstance(self.dense_layers, list):
+            for layer in self.dense_layers:
+                if -len(self.keep_ratio) <= layer < len(self.keep_ratio) and self.keep_ratio[layer] < 1.0:
+                    raise ValueError(
+                        f"dense_layers: layer {layer} is dense but keep_ratio[{layer}] = {self.keep_ratio[layer]}; "
+                        "set that ratio to 1.0 or drop the layer from dense_layers"
+                    )
+        return self
+
+    # ---- resolution against a model ---------------------------------------------------------------------
+
+    def layer_keep_ratios(self, num_layers: int) -> list[float]:
+        """Target keep ratio of every decoder layer (1.0 for dense layers), checked against the model."""
+        if isinstance(self.keep_ratio, list):
+            if len(self.keep_ratio) != num_layers:
+                raise LemoConfigError(
+                    f"lemo.keep_ratio: {len(self.keep_ratio)} values for a model with {num_layers} decoder layers; "
+                    f"give exactly {num_layers} values, or one number"
+                )
+            ratios = list(self.keep_ratio)
+            dense = {i for i, r in enumerate(ratios) if r >= 1.0} if self.dense_layers == "auto" else set()
+        else:
+            ratios = [float(self.keep_ratio)] * num_layers
+            dense = set(range(num_layers // 2)) | {num_layers - 1} if self.dense_layers == "auto" else set()
+        if isinstance(self.dense_layers, list):
+            for layer in self.dense_layers:
+                if not -num_layers <= layer < num_layers:
+                    raise LemoConfigError(
+                        f"lemo.dense_layers: layer {layer} does not exist; the model has layers 0..{num_layers - 1} "
+                        f"(negative indices from -{num_layers})"
+                    )
+                dense.add(layer % num_layers)
+        return [1.0 if i in dense else ratios[i] for i in range(num_layers)]
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(section)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(item["loc"][:-1])
+            lines.append(f"lemo.{where}: unknown key; allowed keys are: {', '.join(allowed)}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"lemo.{where}: {message} (got {item.get('input')!r})")
+    return "invalid \"lemo\" config section:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[DeepSpeedConfigModel] = LemoConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if isinstance(annotation, type) and issubclass(annotation, DeepSpeedConfigModel):
+            model = annotation
+    return sorted(model.model_fields)
+
+
+def parse_lemo_config(section: dict[str, Any] | LemoConfig | None) -> LemoConfig | None:
+    """Validate one "lemo" section; None stays None. Errors name the key and what is allowed."""
+    if section is None or isinstance(section, LemoConfig):
+        return section
+    if not isinstance(section, dict):
+        raise LemoConfigError(f'"lemo" must be a JSON object of settings, got {type(section).__name__}')
+    try:
+        return LemoConfig(strict=True, **section)
+    except ValidationError as error:
+        raise LemoConfigError(_format_validation_error(error)) from None
+
+
+def load_ds_config(config: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config as a dict, from a dict or a JSON/HJSON file path (as deepspeed accepts)."""
+    if isinstance(config, dict):
+        return dict(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise LemoConfigError(f"DeepSpeed config file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            import hjson
+
+            return dict(hjson.loads(text))
+        except Exception as error:  # noqa: BLE001 - report the JSON error, which is the one people expect
+            raise LemoConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
+
+
+def split_ds_config(config: str | os.PathLike | dict[str, Any]) -> tuple[LemoConfig | None, dict[str, Any]]:
+    """(validated "lemo" section or None, the DeepSpeed config without it)."""
+    ds_config = load_ds_config(config)
+    section = ds_config.pop(LEMO_KEY, None)
+    return parse_lemo_config(section), ds_config

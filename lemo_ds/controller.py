@@ -1,0 +1,86 @@
+"""The controller: per-model state of token elimination (schedule, counters, measured keep ratios).
+
+One controller hangs off the Hugging Face model that ``apply_lemo`` converted (``get_controller(model)``).
+It knows the optimizer step (bound to a DeepSpeed engine by ``lemo_ds.initialize``, or set by hand with
+``set_step``), counts model forwards (a key for the random scorer and the selection cache), turns the
+schedule into each layer's current keep ratio, and accumulates the share of tokens each layer really kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lemo_ds.config import LemoConfig
+
+
+class LemoController:
+    def __init__(self, config: LemoConfig, target_ratios: list[float]) -> None:
+        self.config = config
+        self.target_ratios = target_ratios  # per decoder layer; 1.0 = dense
+        self.step = 0
+        self.micro_step = 0
+        self._engine: Any = None
+        self._kept = [0] * len(target_ratios)
+        self._seen = [0] * len(target_ratios)
+
+    # ---- time ---------------------------------------------------------------------------------------
+
+    def bind_engine(self, engine: Any) -> None:
+        """Follow ``engine.global_steps`` (the optimizer steps DeepSpeed has taken)."""
+        self._engine = engine
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_model_forward(self) -> None:
+        """Called before every forward of the model (a forward pre-hook installed by apply_lemo)."""
+        if self._engine is not None:
+            self.step = int(self._engine.global_steps)
+        self.micro_step += 1
+
+    # ---- the schedule -------------------------------------------------------------------------------
+
+    def schedule_factor(self) -> float:
+        """1.0 while dense, then linearly down to 0.0 over the ramp: ratio = target + (1 - target) * factor."""
+        schedule = self.config.schedule
+        if self.step < schedule.dense_steps:
+            return 1.0
+        if schedule.ramp_steps == 0:
+            return 0.0
+        return max(0.0, 1.0 - (self.step - schedule.dense_steps) / schedule.ramp_steps)
+
+    def keep_ratio(self, layer_index: int, training: bool) -> float:
+        target = self.target_ratios[layer_index]
+        if not self.config.enabled or target >= 1.0 or (not training and not self.config.apply_in_eval):
+            return 1.0
+        factor = self.schedule_factor()
+        return target + (1.0 - target) * factor
+
+    # ---- measurement --------------------------------------------------------------------------------
+
+    def record(self, layer_index: int, kept_tokens: int, tokens: int) -> None:
+        self._kept[layer_index] += kept_tokens
+        self._seen[layer_index] += tokens
+
+    def record_dense(self, tokens: int) -> None:
+        """Dense layers are not converted; count their tokens once per forward for the per-layer table."""
+        for index, target in enumerate(self.target_ratios):
+            if target >= 1.0:
+                self.record(index, tokens, tokens)
+
+    def stats(self) -> dict[str, Any]:
+        """Measured share of tokens each layer processed since the last reset (1.0 before any forward)."""
+        per_layer = [kept / seen if seen else 1.0 for kept, seen in zip(self._kept, self._seen, strict=True)]
+        return {"mean_keep_ratio": sum(per_layer) / len(per_layer), "keep_ratio_per_layer": per_layer}
+
+    def reset_stats(self) -> None:
+        self._kept = [0] * len(self.target_ratios)
+        self._seen = [0] * len(self.target_ratios)
+
+
+def current_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0

@@ -1,0 +1,64 @@
+"""``lemo_ds.initialize``: ``deepspeed.initialize`` with the "lemo" section applied first."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import deepspeed
+
+from lemo_ds.config import split_ds_config
+from lemo_ds.inject import apply_lemo, get_controller
+
+
+def initialize(
+    args: Any = None,
+    model: Any = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: Any = None,
+    config_params: Any = None,
+    **kwargs: Any,
+) -> tuple:
+    """Same arguments and return value as ``deepspeed.initialize``.
+
+    The DeepSpeed config comes from ``config`` (a dict or a path), ``config_params``, or
+    ``args.deepspeed_config``, as deepspeed reads it. Its "lemo" section is validated and applied to
+    ``model`` (``apply_lemo``), removed from what DeepSpeed sees, and the model's controller is bound to the
+    engine so the keep-ratio schedule follows ``engine.global_steps``.
+    """
+    source = config if config is not None else config_params
+    if source is None and args is not None:
+        source = getattr(args, "deepspeed_config", None)
+    if source is not None:
+        lemo_config, ds_config = split_ds_config(source)
+        if lemo_config is not None:
+            apply_lemo(model, lemo_config)
+        if args is not None and getattr(args, "deepspeed_config", None) is not None:
+            # deepspeed refuses a config given both in args and as an argument: hand it ours alone.
+            args = copy.copy(args)
+            args.deepspeed_config = None
+        config, config_params = ds_config, None
+    result = deepspeed.initialize(
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        mpu=mpu,
+        dist_init_required=dist_init_required,
+        collate_fn=collate_fn,
+        config=config,
+        config_params=config_params,
+        **kwargs,
+    )
+    controller = get_controller(model)
+    if controller is not None:
+        controller.bind_engine(result[0])
+    return result

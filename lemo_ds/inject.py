@@ -1,0 +1,111 @@
+"""``apply_lemo``: convert a Hugging Face model's deeper decoder layers into sparse layers, in place.
+
+The policy of the model's family (``lemo_ds.policies``) locates the decoder layers; each layer whose keep
+ratio is below 1.0 gets its class swapped for the sparse subclass (``lemo_ds.sparse_layer``). DeepSpeed's
+``module_inject.replace_module`` traversal was considered and not used: it is the inference-injection path
+(it replaces modules by class with new instances and attaches ``reset_cache`` to every module it walks),
+while a policy that names the layer list directly needs no traversal and keeps every module object, so
+ZeRO-3 partitions, peft adapters and registered hooks stay as they were.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
+from lemo_ds.controller import LemoController
+from lemo_ds.errors import LemoConfigError
+from lemo_ds.policies import policy_for, unwrap_model
+from lemo_ds.scorers import build_scorer
+from lemo_ds.sparse_layer import SparseLayerState, is_sparse_layer, original_class_of, sparse_class_for
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+_CONTROLLER_ATTR = "_lemo_controller"
+_HOOK_ATTR = "_lemo_forward_hook"
+
+
+def _as_lemo_config(config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> LemoConfig | None:
+    """A LemoConfig from a LemoConfig, a "lemo" section dict, a whole DeepSpeed config dict (with a "lemo"
+    key) or the path of a DeepSpeed config file."""
+    if isinstance(config, (str, os.PathLike)):
+        return split_ds_config(config)[0]
+    if isinstance(config, dict) and "lemo" in config:
+        return parse_lemo_config(config["lemo"])
+    return parse_lemo_config(config)
+
+
+def get_controller(model: nn.Module) -> LemoController | None:
+    """The controller of a model converted by apply_lemo (through any peft or DeepSpeed wrapper), else None."""
+    return getattr(unwrap_model(model), _CONTROLLER_ATTR, None)
+
+
+def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> nn.Module:
+    """Convert ``model``'s sparse layers in place and return the model.
+
+    ``model``: a Hugging Face causal LM (possibly peft-wrapped, possibly built under deepspeed.zero.Init).
+    ``config``: the "lemo" section (dict or LemoConfig), a DeepSpeed config dict holding one, or a config file.
+    A missing section or ``"enabled": false`` leaves the model as it is.
+    """
+    lemo_config = _as_lemo_config(config)
+    if lemo_config is None or not lemo_config.enabled:
+        return model
+    base = unwrap_model(model)
+    if get_controller(base) is not None:
+        raise LemoConfigError("apply_lemo: this model is already converted; call lemo_ds.remove_lemo(model) first")
+    policy = policy_for(base)
+    attention = getattr(base.config, "_attn_implementation", None)
+    if attention not in SUPPORTED_ATTENTION:
+        raise LemoConfigError(
+            f"lemo_ds supports attn_implementation {' or '.join(repr(a) for a in SUPPORTED_ATTENTION)}; the model "
+            f"uses {attention!r}. Load it with attn_implementation=\"sdpa\"."
+        )
+    layers = policy.decoder_layers(base)
+    ratios = lemo_config.layer_keep_ratios(len(layers))
+    controller = LemoController(lemo_config, ratios)
+    scorer = build_scorer(lemo_config)
+    for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
+        if ratio < 1.0:
+            layer.__class__ = sparse_class_for(type(layer))
+            layer._lemo = SparseLayerState(index, controller, policy, scorer)
+    # A KV cache needs every token of every layer: training forwards must not build one. Generation still
+    # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
+    base.config.use_cache = False
+    setattr(base, _CONTROLLER_ATTR, controller)
+    setattr(base, _HOOK_ATTR, base.register_forward_pre_hook(_count_forward, with_kwargs=True))
+    return model
+
+
+def remove_lemo(model: nn.Module) -> nn.Module:
+    """Undo apply_lemo: every layer gets its original class back; the model is the plain model again."""
+    base = unwrap_model(model)
+    if get_controller(base) is None:
+        return model
+    for module in base.modules():
+        if is_sparse_layer(module):
+            module.__class__ = original_class_of(module)
+            del module._lemo
+    getattr(base, _HOOK_ATTR).remove()
+    delattr(base, _HOOK_ATTR)
+    delattr(base, _CONTROLLER_ATTR)
+    return model
+
+
+def _count_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    controller: LemoController = getattr(module, _CONTROLLER_ATTR)
+    controller.on_model_forward()
+    if module.training:
+        tokens = _tokens_in(args, kwargs)
+        if tokens:
+            controller.record_dense(tokens)
+
+
+def _tokens_in(args: tuple, kwargs: dict) -> int:
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is not None:
+        return input_ids.shape[-1]
+    embeds = kwargs.get("inputs_embeds")
+    return embeds.shape[1] if embeds is not None else 0

@@ -1,0 +1,35 @@
+"""Block scorers: how a sparse layer ranks its blocks. ``build_scorer`` makes the one the config names."""
+
+from __future__ import annotations
+
+from lemo_ds.config import LemoConfig
+from lemo_ds.errors import LemoConfigError
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
+from lemo_ds.scorers.norm import NormScorer
+from lemo_ds.scorers.oracle import OracleScorer, oracle_block_scores, oracle_block_scores_ref
+from lemo_ds.scorers.random import RandomScorer
+
+
+def build_scorer(config: LemoConfig) -> BlockScorer:
+    if config.scorer == "oracle":
+        return OracleScorer(config.oracle_chunk_tokens)
+    if config.scorer == "random":
+        return RandomScorer(config.seed)
+    if config.scorer == "norm":
+        return NormScorer()
+    raise LemoConfigError(
+        f'lemo.scorer: "{config.scorer}" is not available in this version of lemo_ds (learned predictors are '
+        'not implemented yet); use "oracle", "random" or "norm"'
+    )
+
+
+__all__ = [
+    "BlockScorer",
+    "NormScorer",
+    "OracleScorer",
+    "RandomScorer",
+    "ScoreContext",
+    "build_scorer",
+    "oracle_block_scores",
+    "oracle_block_scores_ref",
+]

@@ -1,0 +1,58 @@
+"""The scorer interface: a block score per sample from a sparse layer's input.
+
+A scorer returns ``[b, n_blocks]`` float scores (higher = keep), computed without gradients. It must be a
+deterministic function of the layer input and the context below, so recomputation under activation
+checkpointing would reproduce it (the sparse layer also caches the selection for the recompute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lemo_ds.policies.base import DecoderLayerPolicy
+
+
+@dataclass
+class ScoreContext:
+    layer_index: int
+    block_size: int
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin [b or 1, s, d]
+    attention_mask: torch.Tensor | None  # the layer's 4D mask [b or 1, 1, s, s] (bool or additive) or None
+    policy: DecoderLayerPolicy
+    step: int  # optimizer step
+    micro_step: int  # forward counter of the model
+    rank: int
+
+
+class BlockScorer(Protocol):
+    name: str
+
+    def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+        """[b, n_blocks] float scores for ``hidden_states`` [b, s, h]."""
+        ...
+
+
+def allowed_pairs(
+    attention_mask: torch.Tensor | None,  # [b or 1, 1, s, s] bool (True = attend) or additive float, or None
+    rows: slice,
+    keys: int,
+    batch: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which (query, key) pairs attend, for query rows ``rows`` and keys ``0..keys-1``: [b, rows, keys] bool.
+
+    The model's own mask already holds causality, padding and packed-document boundaries; with no mask the
+    attention is plainly causal.
+    """
+    query = torch.arange(rows.start, rows.stop, device=device)[:, None]  # [cq, 1]
+    causal = torch.arange(keys, device=device)[None, :] <= query  # [cq, keys]
+    if attention_mask is None:
+        return causal.expand(batch, -1, -1)
+    block = attention_mask[:, 0, rows, :keys]  # [b or 1, cq, keys]
+    allowed = block if block.dtype == torch.bool else block == 0
+    return (allowed & causal).expand(batch, -1, -1)

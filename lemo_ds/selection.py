@@ -1,0 +1,53 @@
+"""Which blocks a sparse layer keeps: the selection rule of the contract, in one place.
+
+For a sequence of ``s`` tokens split into ``n = ceil(s / B)`` blocks, a sparse layer with keep ratio ``r``
+keeps ``k = max(min_blocks, round(r * n))`` blocks per sample: the forced blocks (the always-kept ones, and
+the partial tail block when ``B`` does not divide ``s``, so that every sample keeps the same number of
+tokens) plus the best-scored others, sorted ascending so causal order is preserved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return math.ceil(seq_len / block_size)
+
+
+def forced_blocks(seq_len: int, block_size: int, always_keep: list[int]) -> list[int]:
+    """Sorted block indices kept whatever their score. Indices past the sequence are ignored (a short
+    sequence simply has no block 5); negative indices count from the end."""
+    n = num_blocks(seq_len, block_size)
+    forced = {i % n for i in always_keep if -n <= i < n}
+    if seq_len % block_size:
+        forced.add(n - 1)  # the partial tail block: keeps the kept-token count equal across the batch
+    return sorted(forced)
+
+
+def keep_block_count(n_blocks: int, keep_ratio: float, min_blocks: int, n_forced: int) -> int:
+    return min(n_blocks, max(min_blocks, n_forced, round(keep_ratio * n_blocks)))
+
+
+def select_blocks(
+    scores: torch.Tensor,  # [b, n] float, higher = more informative
+    keep: int,
+    forced: list[int],
+) -> torch.Tensor:
+    """Kept block indices [b, keep], int64, sorted ascending within each sample."""
+    work = torch.nan_to_num(scores.float(), nan=-math.inf)  # [b, n]
+    if forced:
+        work[:, forced] = math.inf
+    kept = work.topk(keep, dim=1, sorted=False).indices  # [b, keep]
+    return kept.sort(dim=1).values
+
+
+def token_index(block_index: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
+    """Kept token rows [b, K] from kept blocks [b, k] (sorted). A partial tail block is always the last kept
+    block, so its missing rows are exactly the last ``k * B - K`` entries, which are dropped."""
+    offsets = torch.arange(block_size, device=block_index.device)  # [B]
+    rows = (block_index[:, :, None] * block_size + offsets).flatten(1)  # [b, k * B]
+    overhang = num_blocks(seq_len, block_size) * block_size - seq_len
+    return rows[:, : rows.shape[1] - overhang] if overhang else rows

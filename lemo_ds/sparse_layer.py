@@ -1,0 +1,192 @@
+"""The sparse decoder layer: score blocks, gather the kept tokens, run the layer on them, write back.
+
+``apply_lemo`` converts a decoder layer in place by swapping its class for a subclass made here
+(``LemoLlamaDecoderLayer`` for ``LlamaDecoderLayer``, ...). Nothing else about the module changes: its
+parameters, their names (so checkpoints, peft adapters and ZeRO-3 partitions are untouched), its hooks, and
+``isinstance`` checks (so Hugging Face's hidden-state capture and gradient checkpointing still see a decoder
+layer). The subclass's ``forward`` implements the contract of LEMO.md:
+
+- eliminated rows are the layer input, exactly, in forward and backward (write-back of the kept rows only);
+- kept tokens keep their true positions (RoPE cos/sin and position ids gathered at their original rows);
+- attention among kept tokens is the model's own mask restricted to them (causal, padding, documents);
+- the selection is a function of the layer input; under activation checkpointing the selection made in the
+  forward is reused by the recompute, so both run on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lemo_ds.controller import LemoController, current_rank
+from lemo_ds.errors import LemoInputError
+from lemo_ds.kernels import gather_rows, write_back_rows
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
+from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
+
+if TYPE_CHECKING:
+    from lemo_ds.policies.base import DecoderLayerPolicy
+
+
+@dataclass
+class SparseLayerState:
+    """What one converted layer needs; stored on the module as ``_lemo`` (not a submodule, no parameters)."""
+
+    layer_index: int
+    controller: LemoController
+    policy: DecoderLayerPolicy
+    scorer: BlockScorer
+    # Selections made in a checkpointed forward, by the model's micro-step, for the recompute to reuse.
+    saved_selections: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _in_backward() -> bool:
+    # Recomputation under activation checkpointing runs inside the autograd engine's backward pass.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _capturing_hidden_states() -> bool:
+    """True while Hugging Face collects per-layer hidden states (output_hidden_states): it keeps a reference to
+    each layer's output, so the next layer must not overwrite it in place."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers: be safe
+        return True
+    collected = _active_collector.get()
+    return collected is not None and "hidden_states" in collected
+
+
+def gather_attention_mask(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The 4D mask [b or 1, 1, s, s] restricted to kept rows [b, K] as queries and keys: [b, 1, K, K]."""
+    batch, kept = rows.shape
+    full = mask.expand(batch, -1, -1, -1)  # [b, 1, s, s]
+    by_query = full.gather(2, rows[:, None, :, None].expand(-1, 1, -1, full.shape[-1]))  # [b, 1, K, s]
+    return by_query.gather(3, rows[:, None, None, :].expand(-1, 1, kept, -1))  # [b, 1, K, K]
+
+
+class SparseDecoderLayerMixin:
+    """Placed before the Hugging Face decoder layer class in the MRO of the converted layer's class."""
+
+    _lemo: SparseLayerState
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        state = self._lemo
+        policy = state.policy
+        if args:
+            raise TypeError(
+                f"{type(self).__name__}: pass everything after hidden_states as keyword arguments "
+                "(as Hugging Face models do)"
+            )
+        batch, seq = hidden_states.shape[:2]
+        ratio = state.controller.keep_ratio(state.layer_index, self.training)
+        if ratio >= 1.0:  # dense: a dense phase of the schedule, or evaluation
+            if self.training and not _in_backward():
+                state.controller.record(state.layer_index, seq, seq)
+            return super().forward(hidden_states, **kwargs)
+        if kwargs.get(policy.cache_kwarg) is not None:
+            raise LemoInputError(
+                "token elimination runs without a KV cache (a cache needs every token of every layer): call the "
+                "model with use_cache=False (apply_lemo sets config.use_cache = False; generation is dense unless "
+                "lemo.apply_in_eval is true)"
+            )
+
+        block = state.controller.config.block_size
+        if seq < block:
+            raise LemoInputError(
+                f"sequence of {seq} tokens is shorter than one lemo block ({block} tokens); use sequences of at "
+                f"least {block} tokens or a smaller lemo.block_size"
+            )
+        cos, sin = kwargs[policy.position_embeddings_kwarg]  # [b or 1, s, d]
+        mask = kwargs.get(policy.mask_kwarg)  # [b or 1, 1, s, s] or None
+        blocks = self._lemo_selection(hidden_states, ratio, mask, (cos, sin))  # [b, k]
+        rows = token_index(blocks, block, seq)  # [b, K]
+        backend = state.controller.config.kernels
+
+        kept_hidden, kept_cos, kept_sin = gather_rows(hidden_states, rows, cos, sin, backend=backend)  # [b, K, *]
+        kept_kwargs = dict(kwargs)
+        kept_kwargs[policy.position_embeddings_kwarg] = (kept_cos, kept_sin)
+        position_ids = kwargs.get(policy.position_ids_kwarg)  # [b or 1, s]
+        if position_ids is not None:
+            kept_kwargs[policy.position_ids_kwarg] = position_ids.expand(batch, -1).gather(1, rows)  # [b, K]
+        if mask is not None:
+            kept_kwargs[policy.mask_kwarg] = gather_attention_mask(mask, rows)  # [b, 1, K, K]
+        kept_out = super().forward(kept_hidden, **kept_kwargs)  # [b, K, h]
+        if isinstance(kept_out, tuple):  # families that still return (hidden_states, ...)
+            kept_out = kept_out[0]
+
+        inplace = (
+            state.controller.config.inplace_writeback
+            and not getattr(self, "gradient_checkpointing", False)  # the checkpoint keeps our input for recompute
+            and not _capturing_hidden_states()
+        )
+        if self.training and not _in_backward():  # a checkpoint's recompute is not a second pass of data
+            state.controller.record(state.layer_index, rows.shape[1], seq)
+        return write_back_rows(hidden_states, kept_out, rows, inplace=inplace, backend=backend)
+
+    def _lemo_selection(
+        self,
+        hidden_states: torch.Tensor,  # [b, s, h]
+        ratio: float,
+        mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Kept block indices [b, k]: reused from the forward when this is a checkpoint's recompute."""
+        state = self._lemo
+        controller = state.controller
+        checkpointed = self.training and getattr(self, "gradient_checkpointing", False)
+        if checkpointed and _in_backward():
+            saved = state.saved_selections.pop(controller.micro_step, None)
+            if saved is not None:
+                return saved
+        config = controller.config
+        seq = hidden_states.shape[1]
+        forced = forced_blocks(seq, config.block_size, config.always_keep_blocks)
+        n = num_blocks(seq, config.block_size)
+        keep = keep_block_count(n, ratio, config.min_blocks, len(forced))
+        context = ScoreContext(
+            layer_index=state.layer_index,
+            block_size=config.block_size,
+            position_embeddings=position_embeddings,
+            attention_mask=mask,
+            policy=state.policy,
+            step=controller.step,
+            micro_step=controller.micro_step,
+            rank=current_rank(),
+        )
+        with torch.no_grad():
+            scores = state.scorer.score(self, hidden_states.detach(), context)  # [b, n]
+            blocks = select_blocks(scores, keep, forced)  # [b, k]
+        if checkpointed and not _in_backward():
+            # Keep only recent entries: a forward whose backward never comes must not leak.
+            for stale in [key for key in state.saved_selections if key < controller.micro_step - 8]:
+                del state.saved_selections[stale]
+            state.saved_selections[controller.micro_step] = blocks
+        return blocks
+
+
+_SPARSE_CLASSES: dict[type, type] = {}
+
+
+def sparse_class_for(layer_class: type[nn.Module]) -> type[nn.Module]:
+    """``Lemo<Name>``: the layer class with the sparse forward in front. Made once per class and registered in
+    this module so that pickling finds it by name."""
+    if layer_class not in _SPARSE_CLASSES:
+        name = f"Lemo{layer_class.__name__}"
+        sparse = type(name, (SparseDecoderLayerMixin, layer_class), {"__module__": __name__, "__qualname__": name})
+        _SPARSE_CLASSES[layer_class] = sparse
+        globals()[name] = sparse
+    return _SPARSE_CLASSES[layer_class]
+
+
+def original_class_of(layer: nn.Module) -> type[nn.Module]:
+    for original, sparse in _SPARSE_CLASSES.items():
+        if type(layer) is sparse:
+            return original
+    return type(layer)
+
+
+def is_sparse_layer(layer: nn.Module) -> bool:
+    return isinstance(layer, SparseDecoderLayerMixin)

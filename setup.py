@@ -1,0 +1,36 @@
+"""lemo_ds packaging.
+
+``kernels/`` lives at the repository root (one file per op, Liger-Kernel style) and installs as
+``lemo_ds.kernels`` through ``package_dir``, so no bare top-level ``kernels`` module lands in site-packages.
+Development install: ``pip install -e ".[test]"``.
+"""
+
+from setuptools import setup
+
+setup(
+    name="lemo_ds",
+    version="0.1.0",
+    description="Contextual token sparsity (LeMo) for long-context LLM fine-tuning, as a DeepSpeed plugin",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=["lemo_ds", "lemo_ds.kernels", "lemo_ds.policies", "lemo_ds.scorers", "lemo_ds.training"],
+    package_dir={"lemo_ds": "lemo_ds", "lemo_ds.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.17",
+        "transformers>=5.0",
+        "pydantic>=2",
+        "peft>=0.15",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={
+        # Triton ships with CUDA builds of torch; on CPU it is only needed to run the kernels' tests
+        # under TRITON_INTERPRET=1.
+        "triton": ["triton>=3.2"],
+        "wandb": ["wandb"],
+        "bench": ["matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff", "matplotlib"],
+    },
+)
