@@ -19,8 +19,7 @@ BACKENDS = ("auto", "triton", "torch")
 @functools.lru_cache(maxsize=1)
 def _triton_importable() -> bool:
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (imports triton too)
     except ImportError:  # CPU-only torch wheels ship without Triton
         return False
     return True

@@ -89,7 +89,9 @@ def _check_write_back(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, 
     k = index.shape[1]
     if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (b, k, h):
         got = f"shape {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else f"a {type(rows).__name__}"
-        raise ValueError(f"rows must be [b, k, h] = [{b}, {k}, {h}] for x {tuple(x.shape)} and index {k} wide, got {got}")
+        raise ValueError(
+            f"rows must be [b, k, h] = [{b}, {k}, {h}] for x {tuple(x.shape)} and index {k} wide, got {got}"
+        )
     if rows.dtype != x.dtype:
         raise TypeError(f"rows dtype {rows.dtype} differs from x dtype {x.dtype}: cast rows first")
     if rows.device != x.device:

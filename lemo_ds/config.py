@@ -160,7 +160,7 @@ def _format_validation_error(error: ValidationError) -> str:
         else:
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"lemo.{where}: {message} (got {item.get('input')!r})")
-    return "invalid \"lemo\" config section:\n  " + "\n  ".join(lines)
+    return 'invalid "lemo" config section:\n  ' + "\n  ".join(lines)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

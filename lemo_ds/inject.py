@@ -61,7 +61,7 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
     if attention not in SUPPORTED_ATTENTION:
         raise LemoConfigError(
             f"lemo_ds supports attn_implementation {' or '.join(repr(a) for a in SUPPORTED_ATTENTION)}; the model "
-            f"uses {attention!r}. Load it with attn_implementation=\"sdpa\"."
+            f'uses {attention!r}. Load it with attn_implementation="sdpa".'
         )
     layers = policy.decoder_layers(base)
     ratios = lemo_config.layer_keep_ratios(len(layers))

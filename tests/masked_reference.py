@@ -69,8 +69,9 @@ def _no_grad_scores(*args):
     return block_scores(*args)
 
 
-def reference_forward(model, input_ids, padding=None, position_ids=None, *, ratios, block, scorer, min_blocks=1,
-                      always=(0,), record=None):
+def reference_forward(
+    model, input_ids, padding=None, position_ids=None, *, ratios, block, scorer, min_blocks=1, always=(0,), record=None
+):
     """Logits [b, s, V] of the masked reference. ``ratios``: keep ratio per layer (1.0 = dense)."""
     inner = model.model
     batch, seq = input_ids.shape
@@ -84,12 +85,18 @@ def reference_forward(model, input_ids, padding=None, position_ids=None, *, rati
 
     def as_model_mask(mask: torch.Tensor) -> torch.Tensor:
         # sdpa takes a bool mask (True = attend); eager adds a float mask.
-        return torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min) if eager else mask
+        return (
+            torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+            if eager
+            else mask
+        )
 
     for index, layer in enumerate(inner.layers):
         ratio = ratios[index]
         if ratio >= 1.0:
-            hidden = layer(hidden, attention_mask=as_model_mask(base), position_embeddings=(cos, sin), position_ids=position_ids)
+            hidden = layer(
+                hidden, attention_mask=as_model_mask(base), position_embeddings=(cos, sin), position_ids=position_ids
+            )
             continue
         scores = _no_grad_scores(scorer, layer, hidden.detach(), cos, sin, base, block)
         kept = kept_rows(scores, seq, block, ratio, min_blocks, list(always))  # [b, s]
@@ -97,6 +104,8 @@ def reference_forward(model, input_ids, padding=None, position_ids=None, *, rati
             record[index] = kept
         # Eliminated tokens are no keys; an eliminated query may see itself so its (discarded) row stays finite.
         mask = (base & kept[:, None, None, :]) | eye
-        out = layer(hidden, attention_mask=as_model_mask(mask), position_embeddings=(cos, sin), position_ids=position_ids)
+        out = layer(
+            hidden, attention_mask=as_model_mask(mask), position_embeddings=(cos, sin), position_ids=position_ids
+        )
         hidden = torch.where(kept[..., None], out, hidden)
     return model.lm_head(inner.norm(hidden))

@@ -1,18 +1,24 @@
-"""lemo_ds.kernels.gather_rows: the Triton kernel (run by Triton's CPU interpreter) against the torch reference."""
+"""lemo_ds.kernels.gather_rows: the Triton kernel against the torch reference.
+
+On a machine with CUDA the tensors live on the GPU and the kernels are compiled; elsewhere they run in Triton's
+CPU interpreter (TRITON_INTERPRET=1, set below before lemo_ds.kernels is imported).
+"""
 
 import importlib
 import os
 
-# Before Triton or lemo_ds.kernels is imported: Triton reads it when a kernel is decorated, at module import.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
-from lemo_ds.kernels import gather_rows, gather_rows_ref, resolve_backend, triton_usable
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    # Before lemo_ds.kernels is imported: Triton reads it when a kernel is decorated, at module import.
+    os.environ["TRITON_INTERPRET"] = "1"
 
-# The module, not the function of the same name that lemo_ds.kernels exports.
-gather_mod = importlib.import_module("lemo_ds.kernels.gather_rows")
+kernels = importlib.import_module("lemo_ds.kernels")
+gather_mod = importlib.import_module("lemo_ds.kernels.gather_rows")  # the module, not the function of its name
+gather_rows, gather_rows_ref = kernels.gather_rows, kernels.gather_rows_ref
+resolve_backend, triton_usable = kernels.resolve_backend, kernels.triton_usable
 
 # (b, s, h, k): degenerate, odd sizes, several column tiles, every row kept (k == s), one row kept.
 SMALL_SHAPES = [(1, 1, 1, 1), (2, 37, 33, 5), (2, 16, 24, 16), (2, 40, 8, 1)]
@@ -33,7 +39,7 @@ CASES = [
 def _kernels_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(gather_mod._gather_rows_kernel, InterpretedFunction):
+    if DEVICE == "cpu" and not isinstance(gather_mod._gather_rows_kernel, InterpretedFunction):
         pytest.fail(
             "lemo_ds.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were compiled for a GPU; "
             "set TRITON_INTERPRET=1 before any test imports lemo_ds (e.g. at the top of tests/conftest.py)"
@@ -55,11 +61,11 @@ def poison_empty(monkeypatch):
 
 def make_index(b, s, k, gen, dtype=torch.int64):
     """[b, k] sorted unique row indices per sample."""
-    return torch.stack([torch.randperm(s, generator=gen)[:k].sort().values for _ in range(b)]).to(dtype)
+    return torch.stack([torch.randperm(s, generator=gen)[:k].sort().values for _ in range(b)]).to(DEVICE, dtype)
 
 
 def rand(shape, dtype, gen):
-    return torch.randn(shape, generator=gen).to(dtype)  # never zeros: a missed copy shows
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype)  # never zeros: a missed copy shows
 
 
 def expected_gather(t, index):  # t [bc, s, n] -> [b, k, n], by explicit loop
@@ -68,7 +74,7 @@ def expected_gather(t, index):  # t [bc, s, n] -> [b, k, n], by explicit loop
 
 
 def expected_scatter(g, index, s):  # g [b, k, n] -> [b, s, n], zero on eliminated rows
-    out = torch.zeros(g.shape[0], s, g.shape[2], dtype=g.dtype)
+    out = torch.zeros(g.shape[0], s, g.shape[2], dtype=g.dtype, device=g.device)
     for bi in range(g.shape[0]):
         out[bi, index[bi].long()] = g[bi]
     return out
@@ -103,7 +109,7 @@ def check_gather(b, s, h, k, dtype, atol, rtol, rope, rope_grad):
 
     out_t = gather_rows(x, index, cos, sin, backend="triton")
     out_r = gather_rows(x, index, cos, sin, backend="torch")
-    for a, r, src in zip(out_t, out_r, (x, cos, sin)):
+    for a, r, src in zip(out_t, out_r, (x, cos, sin), strict=True):
         if src is None:
             assert a is None and r is None
             continue
@@ -114,7 +120,7 @@ def check_gather(b, s, h, k, dtype, atol, rtol, rope, rope_grad):
     grads_out = [rand(o.shape, dtype, gen) for o in out_r if o is not None and o.requires_grad]
     grads_t = torch.autograd.grad([o for o in out_t if o is not None and o.requires_grad], inputs, grads_out)
     grads_r = torch.autograd.grad([o for o in out_r if o is not None and o.requires_grad], inputs, grads_out)
-    for src, g_out, g_t, g_r in zip(inputs, grads_out, grads_t, grads_r):
+    for src, g_out, g_t, g_r in zip(inputs, grads_out, grads_t, grads_r, strict=True):
         assert g_t.shape == src.shape and g_t.dtype == src.dtype
         assert torch.equal(g_t, g_r)
         expected = expected_scatter(g_out, index, s)
@@ -122,7 +128,7 @@ def check_gather(b, s, h, k, dtype, atol, rtol, rope, rope_grad):
             expected = expected.float().sum(0, keepdim=True).to(dtype)
         torch.testing.assert_close(g_t, expected, atol=atol, rtol=rtol)
     # Eliminated rows get exactly zero gradient.
-    kept = torch.zeros(b, s, dtype=torch.bool)
+    kept = torch.zeros(b, s, dtype=torch.bool, device=DEVICE)
     kept.scatter_(1, index, True)
     assert (grads_t[0][~kept] == 0).all()
 
@@ -168,7 +174,7 @@ def test_strided_inputs_and_int32_index(index_dtype):
     sin = rand((b, d, s), torch.bfloat16, gen).transpose(1, 2)  # [b, s, d], column stride s
     out_t = gather_rows(x, index, cos, sin, backend="triton")
     out_r = gather_rows_ref(x, index, cos, sin)
-    assert all(torch.equal(a, r) for a, r in zip(out_t, out_r))
+    assert all(torch.equal(a, r) for a, r in zip(out_t, out_r, strict=True))
     (g_t,) = torch.autograd.grad(out_t[0].sum(), big)  # sum's backward hands over an expanded, stride-0 gradient
     (g_r,) = torch.autograd.grad(out_r[0].sum(), big)
     assert torch.equal(g_t, g_r)
@@ -184,16 +190,16 @@ def test_column_tiles(monkeypatch):
         cos, sin = rand((1, s, d), dtype, gen).requires_grad_(), rand((1, s, d), dtype, gen).requires_grad_()
         out_t = gather_rows(x, index, cos, sin, backend="triton")
         out_r = gather_rows_ref(x, index, cos, sin)
-        assert all(torch.equal(a, r) for a, r in zip(out_t, out_r))
+        assert all(torch.equal(a, r) for a, r in zip(out_t, out_r, strict=True))
         gs = [rand(o.shape, dtype, gen) for o in out_r]
         grads_t = torch.autograd.grad(out_t, (x, cos, sin), gs)
         grads_r = torch.autograd.grad(out_r, (x, cos, sin), gs)
-        assert all(torch.equal(a, r) for a, r in zip(grads_t, grads_r))
+        assert all(torch.equal(a, r) for a, r in zip(grads_t, grads_r, strict=True))
 
 
 def test_nothing_kept():
-    x = torch.randn(2, 5, 3, requires_grad=True)
-    index = torch.empty(2, 0, dtype=torch.int64)
+    x = torch.randn(2, 5, 3, device=DEVICE, requires_grad=True)
+    index = torch.empty(2, 0, dtype=torch.int64, device=DEVICE)
     x_kept, _, _ = gather_rows(x, index, backend="triton")
     assert x_kept.shape == (2, 0, 3)
     x_kept.sum().backward()
@@ -201,9 +207,9 @@ def test_nothing_kept():
 
 
 def test_input_errors():
-    x = torch.randn(2, 10, 4)
-    index = torch.tensor([[1, 3], [0, 9]])
-    cos = torch.randn(1, 10, 4)
+    x = torch.randn(2, 10, 4, device=DEVICE)
+    index = torch.tensor([[1, 3], [0, 9]], device=DEVICE)
+    cos = torch.randn(1, 10, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"x must be a \[b, s, h\]"):
         gather_rows(x[0], index)
     with pytest.raises(ValueError, match=r"index must be a \[b, k\]"):
@@ -213,39 +219,39 @@ def test_input_errors():
     with pytest.raises(ValueError, match="batch size"):
         gather_rows(x, index[:1])
     with pytest.raises(ValueError, match="only s=10"):
-        gather_rows(x, torch.arange(11).expand(2, 11))
+        gather_rows(x, torch.arange(11, device=DEVICE).expand(2, 11))
     with pytest.raises(ValueError, match="both cos and sin"):
         gather_rows(x, index, cos, None)
     with pytest.raises(ValueError, match="cos has shape"):
-        gather_rows(x, index, torch.randn(3, 10, 4), torch.randn(3, 10, 4))
+        gather_rows(x, index, torch.randn(3, 10, 4, device=DEVICE), torch.randn(3, 10, 4, device=DEVICE))
     with pytest.raises(ValueError, match="same shape"):
-        gather_rows(x, index, cos, torch.randn(1, 10, 5))
+        gather_rows(x, index, cos, torch.randn(1, 10, 5, device=DEVICE))
     with pytest.raises(ValueError, match="is on"):
         gather_rows(x, index.to("meta"))
 
 
 def test_resolve_backend(monkeypatch):
-    cpu = torch.zeros(1)
-    assert triton_usable(cpu)
-    assert resolve_backend("auto", cpu, None) == "triton"
-    assert resolve_backend("triton", cpu) == "triton"
-    assert resolve_backend("torch", cpu) == "torch"
+    dev = torch.zeros(1, device=DEVICE)  # where the kernels run here: CUDA, or CPU under the interpreter
+    assert triton_usable(dev)
+    assert resolve_backend("auto", dev, None) == "triton"
+    assert resolve_backend("triton", dev) == "triton"
+    assert resolve_backend("torch", dev) == "torch"
     with pytest.raises(ValueError, match="'auto', 'triton', 'torch'"):
-        resolve_backend("cuda", cpu)
+        resolve_backend("cuda", dev)
+    meta = torch.empty(1, device="meta")
+    assert not triton_usable(dev, meta)  # neither all CUDA nor all CPU
+    with pytest.raises(RuntimeError, match="all of them on CUDA"):
+        resolve_backend("triton", dev, meta)
 
-    monkeypatch.delenv("TRITON_INTERPRET")  # read per call: CPU tensors are no longer Triton's
+    # CPU tensors without the interpreter (the env var is read per call) are not Triton's.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.zeros(1)
     assert not triton_usable(cpu)
     assert resolve_backend("auto", cpu) == "torch"
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set.*'auto'.*'torch'"):
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1 is not set.*'auto'.*'torch'"):
         resolve_backend("triton", cpu)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is not set"):
         gather_rows(torch.randn(1, 4, 2), torch.tensor([[1]]), backend="triton")
     # "auto" falls back to the reference, which gives the same values.
     x, index = torch.randn(2, 4, 3), torch.tensor([[0, 2], [1, 3]])
     assert torch.equal(gather_rows(x, index)[0], expected_gather(x, index))
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    meta = torch.empty(1, device="meta")
-    assert not triton_usable(cpu, meta)  # neither all CUDA nor all CPU
-    with pytest.raises(RuntimeError, match="all of them on CUDA"):
-        resolve_backend("triton", cpu, meta)

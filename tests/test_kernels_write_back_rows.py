@@ -1,19 +1,25 @@
-"""lemo_ds.kernels.write_back_rows: the Triton kernels (run by Triton's CPU interpreter) against the torch reference."""
+"""lemo_ds.kernels.write_back_rows: the Triton kernels against the torch reference.
+
+On a machine with CUDA the tensors live on the GPU and the kernels are compiled; elsewhere they run in Triton's
+CPU interpreter (TRITON_INTERPRET=1, set below before lemo_ds.kernels is imported).
+"""
 
 import importlib
 import os
 
-# Before Triton or lemo_ds.kernels is imported: Triton reads it when a kernel is decorated, at module import.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
-from lemo_ds.kernels import write_back_rows, write_back_rows_ref
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    # Before lemo_ds.kernels is imported: Triton reads it when a kernel is decorated, at module import.
+    os.environ["TRITON_INTERPRET"] = "1"
 
+kernels = importlib.import_module("lemo_ds.kernels")
 # The modules, not the functions of the same names that lemo_ds.kernels exports.
 gather_mod = importlib.import_module("lemo_ds.kernels.gather_rows")
 write_back_mod = importlib.import_module("lemo_ds.kernels.write_back_rows")
+write_back_rows, write_back_rows_ref = kernels.write_back_rows, kernels.write_back_rows_ref
 
 # (b, s, h, k): degenerate, odd sizes, several column tiles, every row kept (k == s), one row kept.
 SMALL_SHAPES = [(1, 1, 1, 1), (2, 37, 33, 5), (2, 16, 24, 16), (2, 40, 8, 1)]
@@ -38,7 +44,7 @@ INPLACE_CASES = [
 def _kernels_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(write_back_mod._scatter_rows_kernel, InterpretedFunction):
+    if DEVICE == "cpu" and not isinstance(write_back_mod._scatter_rows_kernel, InterpretedFunction):
         pytest.fail(
             "lemo_ds.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were compiled for a GPU; "
             "set TRITON_INTERPRET=1 before any test imports lemo_ds (e.g. at the top of tests/conftest.py)"
@@ -60,15 +66,15 @@ def poison_empty(monkeypatch):
 
 def make_index(b, s, k, gen, dtype=torch.int64):
     """[b, k] sorted unique row indices per sample."""
-    return torch.stack([torch.randperm(s, generator=gen)[:k].sort().values for _ in range(b)]).to(dtype)
+    return torch.stack([torch.randperm(s, generator=gen)[:k].sort().values for _ in range(b)]).to(DEVICE, dtype)
 
 
 def rand(shape, dtype, gen):
-    return torch.randn(shape, generator=gen).to(dtype)  # never zeros: a missed copy shows
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype)  # never zeros: a missed copy shows
 
 
 def kept_mask(index, s):  # [b, s] bool
-    mask = torch.zeros(index.shape[0], s, dtype=torch.bool)
+    mask = torch.zeros(index.shape[0], s, dtype=torch.bool, device=index.device)
     return mask.scatter_(1, index.long(), True)
 
 
@@ -108,7 +114,7 @@ def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):
     grads_t = torch.autograd.grad(out_t, (x, rows), g)
     grads_r = torch.autograd.grad(out_r, (x, rows), g)
     assert torch.equal(g, g_before)  # the incoming gradient is never modified (autograd may share it)
-    for g_t, g_r, g_e, src in zip(grads_t, grads_r, expected_grads(g, index), (x, rows)):
+    for g_t, g_r, g_e, src in zip(grads_t, grads_r, expected_grads(g, index), (x, rows), strict=True):
         assert g_t.shape == src.shape and g_t.dtype == dtype
         assert torch.equal(g_t, g_r)
         torch.testing.assert_close(g_t, g_e, atol=atol, rtol=rtol)
@@ -139,7 +145,7 @@ def test_inplace(b, s, h, k, dtype, atol, rtol, poison_empty):
         outs.append(out.detach())
         grads.append(torch.autograd.grad(out, (leaf, rows), g))
     assert torch.equal(outs[0], outs[1])
-    for g_t, g_r, g_e in zip(grads[0], grads[1], expected_grads(g, index)):
+    for g_t, g_r, g_e in zip(grads[0], grads[1], expected_grads(g, index), strict=True):
         assert torch.equal(g_t, g_r)
         torch.testing.assert_close(g_t, g_e, atol=atol, rtol=rtol)
 
@@ -152,7 +158,7 @@ def test_inplace_leaf_errors(backend):
     rows = rand((b, k, h), torch.float32, gen)
     leaf = rand((b, s, h), torch.float32, gen).requires_grad_()
     before = leaf.detach().clone()
-    with pytest.raises(RuntimeError, match="x is a leaf tensor that requires grad.*inplace=False"):
+    with pytest.raises(RuntimeError, match=r"x is a leaf tensor that requires grad.*inplace=False"):
         write_back_rows(leaf, rows, index, inplace=True, backend=backend)
     with pytest.raises(RuntimeError, match="x is a view of a leaf tensor that requires grad"):
         write_back_rows(leaf[:, 1:], rows, index, inplace=True, backend=backend)
@@ -184,7 +190,7 @@ def test_inplace_into_view_of_non_leaf():
         x = base[:, 3:, 1 : 1 + h]  # [b, s, h], non-contiguous
         write_back_rows(x, rows, index, inplace=True, backend=backend)
         results.append((base.detach(), *torch.autograd.grad(base, (leaf, rows), g)))
-    for a, r in zip(*results):
+    for a, r in zip(*results, strict=True):
         assert torch.equal(a, r)
 
 
@@ -216,7 +222,7 @@ def test_strided_inputs_and_int32_index(index_dtype):
         x = big[:, ::2, 2 : 2 + h]  # [b, s, h], non-contiguous
         out = write_back_rows(x, rows, index, backend=backend)
         results.append((out.detach(), *torch.autograd.grad(out.sum(), (big, rows))))
-    for a, r in zip(*results):
+    for a, r in zip(*results, strict=True):
         assert torch.equal(a, r)
     grad_big, grad_rows = results[0][1:]
     assert torch.equal(grad_rows, torch.ones_like(rows))
@@ -237,30 +243,45 @@ def test_column_tiles(monkeypatch):
             for backend in ("triton", "torch"):
                 out = write_back_rows(leaf * 1, rows, index, inplace=inplace, backend=backend)
                 results.append((out.detach(), *torch.autograd.grad(out, (leaf, rows), g)))
-            for a, r in zip(*results):
+            for a, r in zip(*results, strict=True):
                 assert torch.equal(a, r)
 
 
+def test_without_autograd(poison_empty):
+    """Nothing requires grad (or no_grad): the kernels run without the autograd Function, same results."""
+    gen = torch.Generator().manual_seed(9)
+    b, s, h, k = 2, 15, 7, 6
+    index = make_index(b, s, k, gen)
+    x, rows = rand((b, s, h), torch.bfloat16, gen), rand((b, k, h), torch.bfloat16, gen)
+    expected = expected_out(x, rows, index)
+    out = write_back_rows(x, rows, index, backend="triton")
+    assert torch.equal(out, expected) and not out.requires_grad and out is not x
+    with torch.no_grad():
+        out = write_back_rows(x.requires_grad_(), rows, index, backend="triton")
+    assert torch.equal(out, expected) and not out.requires_grad
+    assert torch.equal(write_back_rows(x.detach(), rows, index, inplace=True, backend="triton"), expected)
+
+
 def test_nothing_kept():
-    x = torch.randn(2, 5, 3, requires_grad=True)
-    rows = torch.randn(2, 0, 3, requires_grad=True)
-    index = torch.empty(2, 0, dtype=torch.int64)
+    x = torch.randn(2, 5, 3, device=DEVICE, requires_grad=True)
+    rows = torch.randn(2, 0, 3, device=DEVICE, requires_grad=True)
+    index = torch.empty(2, 0, dtype=torch.int64, device=DEVICE)
     out = write_back_rows(x, rows, index, backend="triton")
     assert torch.equal(out, x)
-    g = torch.randn(2, 5, 3)
+    g = torch.randn(2, 5, 3, device=DEVICE)
     out.backward(g)
     assert torch.equal(x.grad, g) and rows.grad.shape == (2, 0, 3)
 
 
 def test_input_errors():
-    x = torch.randn(2, 10, 4)
-    index = torch.tensor([[1, 3], [0, 9]])
-    rows = torch.randn(2, 2, 4)
+    x = torch.randn(2, 10, 4, device=DEVICE)
+    index = torch.tensor([[1, 3], [0, 9]], device=DEVICE)
+    rows = torch.randn(2, 2, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"rows must be \[b, k, h\] = \[2, 2, 4\]"):
         write_back_rows(x, rows[:, :1], index)
     with pytest.raises(ValueError, match="rows must be"):
         write_back_rows(x, rows[..., :3], index)
-    with pytest.raises(TypeError, match="rows dtype torch.bfloat16 differs from x dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"rows dtype torch\.bfloat16 differs from x dtype torch\.float32"):
         write_back_rows(x, rows.bfloat16(), index)
     with pytest.raises(TypeError, match="int64 or int32"):
         write_back_rows(x, rows, index.float())
@@ -277,7 +298,7 @@ def test_input_errors():
 
 
 def test_backend_torch_without_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read per call: CPU tensors are no longer Triton's
     x, rows, index = torch.randn(2, 6, 3), torch.randn(2, 2, 3), torch.tensor([[0, 5], [2, 3]])
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         write_back_rows(x, rows, index, backend="triton")

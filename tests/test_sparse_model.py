@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # run the Triton gather/write-back kernels on the CPU
-
 import pytest
 import torch
 from masked_reference import reference_forward
@@ -76,9 +74,10 @@ def test_eval_is_dense_by_default():
     sparse = lemo_copy(model, keep_ratio=0.25, dense_layers=[0], scorer="norm").eval()
     with torch.no_grad():
         torch.testing.assert_close(sparse(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
-        applied = lemo_ds.apply_lemo(copy.deepcopy(model), {"block_size": BLOCK, "keep_ratio": 0.25,
-                                                            "dense_layers": [0], "scorer": "norm",
-                                                            "apply_in_eval": True}).eval()
+        applied = lemo_ds.apply_lemo(
+            copy.deepcopy(model),
+            {"block_size": BLOCK, "keep_ratio": 0.25, "dense_layers": [0], "scorer": "norm", "apply_in_eval": True},
+        ).eval()
         assert not torch.allclose(applied(input_ids=ids).logits, model(input_ids=ids).logits)
         # A KV cache needs every token of every layer: asking for one with elimination on is a clear error.
         with pytest.raises(lemo_ds.LemoInputError, match="use_cache=False"):
@@ -118,8 +117,9 @@ def test_matches_masked_reference_with_padding(side):
     positions = (padding.cumsum(1) - 1).clamp_min(0)  # as generate() does for left padding
     sparse = lemo_copy(model, keep_ratio=0.5, dense_layers=[0], scorer="oracle")
     ours = loss_and_grads(sparse, ids, weights, attention_mask=padding, position_ids=positions)
-    expected_logits = reference_forward(model, ids, padding, positions, ratios=[1.0, 0.5, 0.5, 0.5], block=BLOCK,
-                                        scorer="oracle")
+    expected_logits = reference_forward(
+        model, ids, padding, positions, ratios=[1.0, 0.5, 0.5, 0.5], block=BLOCK, scorer="oracle"
+    )
     (expected_logits * weights).sum().backward()
     torch.testing.assert_close(ours[0] * valid, expected_logits.detach() * valid, atol=1e-10, rtol=1e-8)
     for name, param in model.named_parameters():
@@ -132,8 +132,9 @@ def test_matches_masked_reference_with_packed_documents():
     positions = packed_position_ids(2, [20, 33, 19])  # documents starting mid-block
     sparse = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="oracle")
     ours = loss_and_grads(sparse, ids, weights, position_ids=positions)
-    expected_logits = reference_forward(model, ids, None, positions, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK,
-                                        scorer="oracle")
+    expected_logits = reference_forward(
+        model, ids, None, positions, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="oracle"
+    )
     (expected_logits * weights).sum().backward()
     expected = (expected_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert_same(ours, expected, atol=1e-10, rtol=1e-8)
@@ -243,12 +244,19 @@ def test_deepspeed_activation_checkpointing_gives_the_same_gradients():
     plain = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
     checkpointed = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
     if not torch.distributed.is_initialized():  # DeepSpeed's checkpointing asks for its communication backend
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(29400 + os.getpid() % 500),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+        )
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
     checkpointed.gradient_checkpointing_enable()
-    checkpointed._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
+    checkpointed._set_gradient_checkpointing(
+        enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint
+    )
     checkpointed.enable_input_require_grads()
     assert_same(loss_and_grads(checkpointed, ids, weights), loss_and_grads(plain, ids, weights))
 
@@ -278,7 +286,9 @@ def test_peft_lora_model():
             if "lora_B" in name:
                 param.normal_()  # a non-zero adapter, so the comparison sees it
     reference = copy.deepcopy(lora)
-    converted = lemo_ds.apply_lemo(lora, {"block_size": BLOCK, "keep_ratio": 0.3, "min_blocks": 1000, "scorer": "oracle"})
+    converted = lemo_ds.apply_lemo(
+        lora, {"block_size": BLOCK, "keep_ratio": 0.3, "min_blocks": 1000, "scorer": "oracle"}
+    )
     assert converted is lora and lemo_ds.get_controller(lora) is not None
     ours, theirs = loss_and_grads(converted, ids, weights), loss_and_grads(reference, ids, weights)
     assert_same(ours, theirs)

@@ -31,8 +31,9 @@ def tiny_config(family: str = "llama", layers: int = 4, attn: str = "sdpa", **ov
     return config
 
 
-def tiny_model(family: str = "llama", layers: int = 4, attn: str = "sdpa", dtype=torch.float64, seed: int = 0,
-               **overrides):
+def tiny_model(
+    family: str = "llama", layers: int = 4, attn: str = "sdpa", dtype=torch.float64, seed: int = 0, **overrides
+):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, layers, attn, **overrides), attn_implementation=attn)
     # Break the symmetry of the default init a little so attention has structure worth scoring.

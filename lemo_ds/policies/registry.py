@@ -47,7 +47,7 @@ def check_supported(model_type: str | None) -> None:
         raise UnsupportedModelError(
             f"lemo_ds has no injection policy for model type {model_type!r}; supported model types: "
             f"{', '.join(supported_model_types())}. Add a DecoderLayerPolicy subclass with "
-            "@register_policy (see lemo_ds/policies/llama.py), or drop the \"lemo\" section to train dense."
+            '@register_policy (see lemo_ds/policies/llama.py), or drop the "lemo" section to train dense.'
         )
 
 

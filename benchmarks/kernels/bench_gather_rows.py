@@ -1,0 +1,259 @@
+"""Benchmark lemo_ds.kernels.gather_rows: the Triton kernel against the torch reference, on CUDA.
+
+    python benchmarks/kernels/bench_gather_rows.py [--out DIR_OR_FILE.json] [--seqlens 8192 32768 131072]
+        [--hidden 4096] [--head-dim 128] [--keep 0.4] [--block 64] [--batch 1] [--dtype bf16]
+
+For each sequence length it times, with ``triton.testing.do_bench`` (median and 20th/80th percentiles, in ms):
+``fwd`` (gather x and cos/sin, nothing requires grad) and ``fwd_bwd`` (x requires grad, cos/sin do not, as in the
+layer; the backward scatters the gradient into a zero [b, s, h]). It records the peak CUDA memory each step
+allocates above what was allocated before it, the bytes the step must move at least (reads + writes, the
+``model_bytes``) and the bandwidth that implies. Kept rows are whole blocks of ``--block`` tokens chosen at random,
+as LeMo keeps them. Everything goes to a JSON file (GPU, versions, git commit, exact command); a table is printed
+last.
+"""
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+OP = "gather_rows"
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_out = REPO / "benchmarks" / "results" / f"kernels_{OP}.json"
+    p.add_argument(
+        "--out", default=str(default_out), help="JSON file, or a directory to write kernels_gather_rows.json into"
+    )
+    p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--head-dim", type=int, default=128, help="width of cos/sin (0: no cos/sin)")
+    p.add_argument("--keep", type=float, default=0.4, help="share of blocks kept")
+    p.add_argument("--block", type=int, default=64, help="tokens per kept block")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def import_kernels():
+    """lemo_ds.kernels when installed; else kernels/ of this checkout, loaded as a package on its own (its imports
+    are relative), so the benchmark also runs where lemo_ds's own dependencies (DeepSpeed, ...) are missing."""
+    try:
+        return importlib.import_module("lemo_ds.kernels")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "lemo_kernels_checkout",
+            REPO / "kernels" / "__init__.py",
+            submodule_search_locations=[str(REPO / "kernels")],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(kernels):
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "gpu_sm_count": props.multi_processor_count,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "cwd": os.getcwd(),
+        "kernels_module": kernels.__file__,
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def kept_index(b, s, keep, block, gen):
+    """[b, k] int64 on CUDA: whole blocks of `block` tokens, round(keep * blocks) of them per sample, ascending."""
+    n_blocks = -(-s // block)
+    n_keep = max(1, round(keep * n_blocks))
+    rows = []
+    for _ in range(b):
+        blocks = torch.randperm(n_blocks, generator=gen)[:n_keep].sort().values  # [n_keep]
+        tokens = (blocks[:, None] * block + torch.arange(block)).flatten()  # [n_keep * block]
+        rows.append(tokens[tokens < s])
+    k = min(len(r) for r in rows)  # a short last block can make samples differ by a few tokens
+    return torch.stack([r[:k] for r in rows]).cuda()
+
+
+def measure(fn, grad_to_none, warmup, rep):
+    """do_bench quantiles (ms), then the peak memory of one more call above what was allocated before it."""
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=QUANTILES)
+    for t in grad_to_none or []:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    for t in grad_to_none or []:
+        t.grad = None
+    return {
+        "ms_median": median,
+        "ms_p20": p20,
+        "ms_p80": p80,
+        "peak_alloc_mib": peak / 2**20,
+        "peak_above_inputs_mib": (peak - before) / 2**20,
+    }
+
+
+def bench_seqlen(kernels, args, s, gen):
+    dtype = DTYPES[args.dtype]
+    b, h, d = args.batch, args.hidden, args.head_dim
+    index = kept_index(b, s, args.keep, args.block, gen)  # [b, k]
+    k = index.shape[1]
+    x = torch.randn(b, s, h, generator=gen).to("cuda", dtype)  # [b, s, h]
+    cos = sin = None
+    if d:
+        cos = torch.randn(1, s, d, generator=gen).to("cuda", dtype)  # [1, s, d], shared by the batch as in HF
+        sin = torch.randn(1, s, d, generator=gen).to("cuda", dtype)
+    grad = torch.randn(b, k, h, generator=gen).to("cuda", dtype)  # [b, k, h]
+
+    # Sanity before timing: both backends are pure copies, so they must agree bit for bit.
+    out_t = kernels.gather_rows(x, index, cos, sin, backend="triton")
+    out_r = kernels.gather_rows_ref(x, index, cos, sin)
+    match = all((a is None and r is None) or torch.equal(a, r) for a, r in zip(out_t, out_r, strict=True))
+    xg = x.detach().requires_grad_()
+    g_t = torch.autograd.grad(kernels.gather_rows(xg, index, cos, sin, backend="triton")[0], xg, grad)[0]
+    g_r = torch.autograd.grad(kernels.gather_rows_ref(xg, index, cos, sin)[0], xg, grad)[0]
+    match = match and torch.equal(g_t, g_r)
+    del out_t, out_r, g_t, g_r
+    if not match:
+        raise SystemExit(f"{OP}: Triton and torch results differ at s={s}: not timing a wrong kernel")
+
+    es = x.element_size()
+    rope_bytes = 2 * 2 * b * k * d * es if d else 0  # cos and sin rows: read + write
+    fwd_bytes = 2 * b * k * h * es + rope_bytes + index.numel() * index.element_size()
+    bwd_bytes = b * k * h * es + b * s * h * es  # read the kept gradient rows, write the whole zero-filled grad_x
+    results = []
+    for backend in ("triton", "torch"):
+        gather = kernels.gather_rows if backend == "triton" else kernels.gather_rows_ref
+        kw = {"backend": "triton"} if backend == "triton" else {}
+
+        def fwd(gather=gather, kw=kw):
+            gather(x, index, cos, sin, **kw)
+
+        def fwd_bwd(gather=gather, kw=kw):
+            gather(xg, index, cos, sin, **kw)[0].backward(grad)
+
+        for mode, fn, grads, nbytes in (
+            ("fwd", fwd, None, fwd_bytes),
+            ("fwd_bwd", fwd_bwd, [xg], fwd_bytes + bwd_bytes),
+        ):
+            r = measure(fn, grads, args.warmup, args.rep)
+            r.update(
+                {
+                    "op": OP,
+                    "mode": mode,
+                    "backend": backend,
+                    "b": b,
+                    "s": s,
+                    "h": h,
+                    "k": k,
+                    "head_dim": d,
+                    "dtype": args.dtype,
+                    "model_bytes": nbytes,
+                    "gbps_at_median": nbytes / (r["ms_median"] * 1e-3) / 1e9,
+                }
+            )
+            results.append(r)
+            print(f"  s={s:>7} {mode:<8} {backend:<6} {r['ms_median']:.4f} ms", flush=True)
+    return results
+
+
+def write_json(path_arg, payload):
+    path = Path(path_arg)
+    if path.suffix != ".json":  # a directory
+        path = path / f"kernels_{OP}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(results):
+    by_key = {(r["s"], r["mode"], r["backend"]): r for r in results}
+    header = (
+        f"{'s':>7} {'k':>7} {'mode':<8} {'backend':<7} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>7} "
+        f"{'peak+MiB':>9} {'vs torch':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ref = by_key[(r["s"], r["mode"], "torch")]
+        speedup = ref["ms_median"] / r["ms_median"]
+        print(
+            f"{r['s']:>7} {r['k']:>7} {r['mode']:<8} {r['backend']:<7} {r['ms_median']:>10.4f} {r['ms_p20']:>8.4f} "
+            f"{r['ms_p80']:>8.4f} {r['gbps_at_median']:>7.0f} {r['peak_above_inputs_mib']:>9.1f} {speedup:>7.2f}x"
+        )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"bench_{OP}: needs a CUDA GPU (it times the Triton kernels on the device); none is available here")
+    kernels = import_kernels()
+    env = environment(kernels)
+    print(f"bench_{OP}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    results = []
+    for s in args.seqlens:
+        results.extend(bench_seqlen(kernels, args, s, gen))
+        torch.cuda.empty_cache()
+    payload = {
+        "op": OP,
+        "environment": env,
+        "config": vars(args),
+        "quantiles": QUANTILES,
+        "notes": "ms from triton.testing.do_bench (L2 flushed between calls); peak_above_inputs_mib: "
+        "max_memory_allocated during one call minus memory_allocated before it; model_bytes: least bytes read + "
+        "written; fwd: nothing requires grad; fwd_bwd: x requires grad, cos/sin do not.",
+        "results": results,
+    }
+    path = write_json(args.out, payload)
+    print(f"\nwrote {path}\n")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
