@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lemo_ds.errors import LemoConfigError
 
@@ -31,7 +32,13 @@ SCORERS = ("oracle", "random", "norm", "predictor")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
-class LemoScheduleConfig(DeepSpeedConfigModel):
+class _LemoSection(DeepSpeedConfigModel):
+    # DeepSpeed's settings (extra="forbid", validated assignment), plus each field's docstring as its description
+    # so that the README's reference table is generated from this file (``python -m lemo_ds.config``).
+    model_config = ConfigDict(**DeepSpeedConfigModel.model_config, use_attribute_docstrings=True)
+
+
+class LemoScheduleConfig(_LemoSection):
     """Warm-up of the keep ratio, as DeepSpeed's random-LTD schedule does for its sequence length.
 
     For optimizer step ``t``: keep 1.0 (dense) while ``t < dense_steps``; then a linear ramp from 1.0 down
@@ -45,7 +52,7 @@ class LemoScheduleConfig(DeepSpeedConfigModel):
     """Steps of the linear ramp from 1.0 to the target keep ratio after the dense steps (0: jump)."""
 
 
-class LemoConfig(DeepSpeedConfigModel):
+class LemoConfig(_LemoSection):
     """Contextual token sparsity (LeMo): which layers drop which blocks of tokens."""
 
     enabled: bool = True
@@ -209,3 +216,37 @@ def split_ds_config(config: str | os.PathLike | dict[str, Any]) -> tuple[LemoCon
     ds_config = load_ds_config(config)
     section = ds_config.pop(LEMO_KEY, None)
     return parse_lemo_config(section), ds_config
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def config_reference_markdown() -> str:
+    """The "lemo" section as a Markdown table (key, type, default, meaning), from the models' docstrings."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[DeepSpeedConfigModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, DeepSpeedConfigModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = info.get_default(call_default_factory=True)
+            kind = _type_name(annotation).replace("|", "\\|")
+            meaning = " ".join((info.description or "").split())
+            rows.append(f"| `{prefix}{name}` | `{kind}` | `{json.dumps(default)}` | {meaning} |")
+
+    walk(LemoConfig, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

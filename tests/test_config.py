@@ -1,0 +1,78 @@
+"""The "lemo" config section: defaults, validation errors that name the key, resolution against a model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lemo_ds.config import config_reference_markdown, parse_lemo_config, split_ds_config
+from lemo_ds.errors import LemoConfigError
+
+
+def test_defaults_follow_the_paper_artifact():
+    config = parse_lemo_config({})
+    assert (config.block_size, config.keep_ratio, config.always_keep_blocks, config.min_blocks) == (64, 0.4, [0], 1)
+    assert not config.apply_in_eval
+    # 32-layer Llama: layers 0..15 and 31 dense, 16..30 sparse at 0.4 (the artifact keeps layers 15..30 sparse).
+    ratios = config.layer_keep_ratios(32)
+    assert [i for i, r in enumerate(ratios) if r < 1.0] == list(range(16, 31))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"keep_ratios": 0.4}, r"lemo\.keep_ratios: unknown key; allowed keys are: .*keep_ratio"),
+        (
+            {"schedule": {"warmup": 3}},
+            r"lemo\.schedule\.warmup: unknown key; allowed keys are: dense_steps, ramp_steps",
+        ),
+        ({"keep_ratio": 0.0}, r"lemo\.keep_ratio: .*out of range; allowed values are in \(0, 1\]"),
+        ({"keep_ratio": [0.5, 1.2]}, r"lemo\.keep_ratio: .*1\.2 is out of range"),
+        ({"keep_ratio": []}, r"lemo\.keep_ratio: an empty list"),
+        ({"block_size": 0}, r"lemo\.block_size: .*greater than or equal to 1"),
+        ({"min_blocks": 0}, r"lemo\.min_blocks"),
+        ({"scorer": "attention"}, r"lemo\.scorer: Input should be 'oracle', 'random', 'norm' or 'predictor'"),
+        ({"kernels": "cuda"}, r"lemo\.kernels: Input should be 'auto', 'triton' or 'torch'"),
+        ({"keep_ratio": [1.0, 0.4], "dense_layers": [1]}, r"dense_layers: layer 1 is dense but keep_ratio\[1\] = 0.4"),
+    ],
+)
+def test_bad_sections_name_the_key_and_what_is_allowed(section, message):
+    with pytest.raises(LemoConfigError, match=message):
+        parse_lemo_config(section)
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(LemoConfigError, match='"lemo" must be a JSON object'):
+        parse_lemo_config([0.4])
+
+
+def test_per_layer_ratios_and_dense_layers_against_the_model():
+    config = parse_lemo_config({"keep_ratio": [1.0, 0.5, 0.3, 1.0]})
+    assert config.layer_keep_ratios(4) == [1.0, 0.5, 0.3, 1.0]
+    with pytest.raises(LemoConfigError, match="4 values for a model with 6 decoder layers"):
+        config.layer_keep_ratios(6)
+    config = parse_lemo_config({"keep_ratio": 0.5, "dense_layers": [0, -1]})
+    assert config.layer_keep_ratios(4) == [1.0, 0.5, 0.5, 1.0]
+    with pytest.raises(LemoConfigError, match="layer 7 does not exist; the model has layers 0..3"):
+        parse_lemo_config({"dense_layers": [7]}).layer_keep_ratios(4)
+
+
+def test_split_ds_config_from_a_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "lemo": {"keep_ratio": 0.25}}))
+    lemo, ds = split_ds_config(path)
+    assert lemo.keep_ratio == 0.25 and ds == {"train_micro_batch_size_per_gpu": 1}
+    lemo, ds = split_ds_config({"train_micro_batch_size_per_gpu": 1})
+    assert lemo is None
+    with pytest.raises(LemoConfigError, match="DeepSpeed config file not found"):
+        split_ds_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LemoConfigError, match="not valid JSON"):
+        split_ds_config(tmp_path / "bad.json")
+
+
+def test_reference_table_lists_every_key():
+    table = config_reference_markdown()
+    for key in ("block_size", "keep_ratio", "dense_layers", "schedule.dense_steps", "schedule.ramp_steps", "scorer"):
+        assert f"| `{key}` |" in table
