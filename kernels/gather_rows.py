@@ -51,32 +51,23 @@ if triton is not None:
     def _gather_rows_kernel(
         x_ptr,  # [b, s, h]
         index_ptr,  # [b, k], contiguous, int32 or int64
-        out_ptr,  # [b, k, h]
+        out_ptr,  # [b, k, h], contiguous (allocated by the launcher: no stride arguments, each costs launch time)
         cos_ptr,  # [bc, s, d]; batch stride 0 when bc == 1
         sin_ptr,  # [bc, s, d]
-        cos_out_ptr,  # [b, k, d]
-        sin_out_ptr,  # [b, k, d]
+        cos_out_ptr,  # [b, k, d], contiguous
+        sin_out_ptr,  # [b, k, d], contiguous
         K,
         H,
         D,
         x_sb,
         x_ss,
         x_sh,
-        out_sb,
-        out_sk,
-        out_sh,
         cos_sb,
         cos_ss,
         cos_sd,
         sin_sb,
         sin_ss,
         sin_sd,
-        cos_out_sb,
-        cos_out_sk,
-        cos_out_sd,
-        sin_out_sb,
-        sin_out_sk,
-        sin_out_sd,
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
         HAS_ROPE: tl.constexpr,
@@ -88,28 +79,28 @@ if triton is not None:
         pid = tl.program_id(0)
         tile = tl.program_id(1)
         bi = (pid // K).to(tl.int64)
-        j = (pid % K).to(tl.int64)
+        out_row = pid.to(tl.int64)  # row of the contiguous [b * k, ·] outputs
         row = tl.load(index_ptr + pid).to(tl.int64)  # 64-bit offsets: b * s * h can exceed 2**31
 
         cols = (tile * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         cmask = cols < H
         v = tl.load(x_ptr + bi * x_sb + row * x_ss + cols * x_sh, mask=cmask)
-        tl.store(out_ptr + bi * out_sb + j * out_sk + cols * out_sh, v, mask=cmask)
+        tl.store(out_ptr + out_row * H + cols, v, mask=cmask)
 
         if HAS_ROPE:
             dcols = (tile * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
             dmask = dcols < D
             c = tl.load(cos_ptr + bi * cos_sb + row * cos_ss + dcols * cos_sd, mask=dmask)
-            tl.store(cos_out_ptr + bi * cos_out_sb + j * cos_out_sk + dcols * cos_out_sd, c, mask=dmask)
+            tl.store(cos_out_ptr + out_row * D + dcols, c, mask=dmask)
             sn = tl.load(sin_ptr + bi * sin_sb + row * sin_ss + dcols * sin_sd, mask=dmask)
-            tl.store(sin_out_ptr + bi * sin_out_sb + j * sin_out_sk + dcols * sin_out_sd, sn, mask=dmask)
+            tl.store(sin_out_ptr + out_row * D + dcols, sn, mask=dmask)
 
     @triton.jit
     def _merge_rows_kernel(
         base_ptr,  # [b, s, h]: the eliminated rows' source (unused unless OTHERS_FROM_BASE)
         rows_ptr,  # [b, k, h]: the kept rows' source (unused unless KEPT_FROM_ROWS)
         pos_ptr,  # [b, s] int32, contiguous: j where index[b, j] == r, else -1
-        out_ptr,  # [b, s, h]
+        out_ptr,  # [b, s, h], contiguous (allocated by the launcher)
         S,
         H,
         base_sb,
@@ -118,9 +109,6 @@ if triton is not None:
         rows_sb,
         rows_sk,
         rows_sh,
-        out_sb,
-        out_ss,
-        out_sh,
         BLOCK_H: tl.constexpr,
         KEPT_FROM_ROWS: tl.constexpr,
         OTHERS_FROM_BASE: tl.constexpr,
@@ -148,7 +136,7 @@ if triton is not None:
             v = from_rows
         else:
             v = from_base
-        tl.store(out_ptr + bi * out_sb + r * out_ss + cols * out_sh, v, mask=cmask)
+        tl.store(out_ptr + pid.to(tl.int64) * H + cols, v, mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,13 +230,11 @@ def _gather_rows_launch(
         cos_strides = (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2))
         sin_strides = (0 if sin.shape[0] == 1 else sin.stride(0), sin.stride(1), sin.stride(2))
         rope_args = (cos, sin, cos_kept, sin_kept)
-        rope_out_strides = (*cos_kept.stride(), *sin_kept.stride())
     else:
         # Never dereferenced (HAS_ROPE is a constexpr False): any tensor serves as a placeholder pointer.
         block_d, d = 1, 0
         cos_strides = sin_strides = (0, 0, 0)
         rope_args = (x, x, x_kept, x_kept)
-        rope_out_strides = (0,) * 6
 
     _gather_rows_kernel[(b * k, n_tiles)](
         x,
@@ -259,10 +245,8 @@ def _gather_rows_launch(
         h,
         d,
         *x.stride(),
-        *x_kept.stride(),
         *cos_strides,
         *sin_strides,
-        *rope_out_strides,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         HAS_ROPE=has_rope,
@@ -296,7 +280,6 @@ def _merge_rows_launch(
         h,
         *(base.stride() if base is not None else (0, 0, 0)),
         *(rows.stride() if rows is not None else (0, 0, 0)),
-        *out.stride(),
         BLOCK_H=block_h,
         KEPT_FROM_ROWS=rows is not None,
         OTHERS_FROM_BASE=base is not None,
@@ -372,16 +355,17 @@ def gather_rows_ref(
     """
     _check_rows_index(x, index)
     _check_rope(x, cos, sin)
-    b, s, h = x.shape
-    k = index.shape[1]
-    idx = index.long()  # torch.gather takes int64 only
-    x_kept = torch.gather(x, 1, idx.unsqueeze(-1).expand(b, k, h))  # [b, k, h]
+    b, s, _ = x.shape
+    idx = index.long()
+    batch = torch.arange(b, device=x.device)[:, None]  # [b, 1]
+    # Advanced indexing rather than torch.gather: its backward keeps only x's shape, while torch.gather saves x
+    # itself, which would forbid the in-place write-back into x that follows in a sparse layer.
+    x_kept = x[batch, idx]  # [b, k, h]
     if cos is None:
         return x_kept, None, None
     d = cos.shape[2]
-    idx_d = idx.unsqueeze(-1).expand(b, k, d)
-    cos_kept = torch.gather(cos.expand(b, s, d), 1, idx_d)  # [b, k, d]
-    sin_kept = torch.gather(sin.expand(b, s, d), 1, idx_d)  # [b, k, d]
+    cos_kept = cos.expand(b, s, d)[batch, idx]  # [b, k, d]
+    sin_kept = sin.expand(b, s, d)[batch, idx]  # [b, k, d]
     return x_kept, cos_kept, sin_kept
 
 

@@ -22,6 +22,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -113,11 +114,20 @@ def kept_index(b, s, keep, block, gen):
     return torch.stack([r[:k] for r in rows]).cuda()
 
 
-def measure(fn, grad_to_none, warmup, rep):
-    """do_bench quantiles (ms), then the peak memory of one more call above what was allocated before it."""
+def measure(fn, grad_to_none, warmup, rep, host_calls=50):
+    """do_bench quantiles (ms); the host (CPU) time of one call, launches only, no sync: where it exceeds the GPU
+    time the op is launch-bound in isolation (in a training step the CPU runs ahead and hides it); then the peak
+    memory of one more call above what was allocated before it."""
     from triton.testing import do_bench
 
     median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=QUANTILES)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(host_calls):
+        fn()
+        for t in grad_to_none or []:
+            t.grad = None
+    host_us = (time.perf_counter() - start) / host_calls * 1e6
     for t in grad_to_none or []:
         t.grad = None
     torch.cuda.synchronize()
@@ -133,6 +143,7 @@ def measure(fn, grad_to_none, warmup, rep):
         "ms_median": median,
         "ms_p20": p20,
         "ms_p80": p80,
+        "host_us_per_call": host_us,
         "peak_alloc_mib": peak / 2**20,
         "peak_above_inputs_mib": (peak - before) / 2**20,
     }
@@ -215,7 +226,7 @@ def print_table(results):
     by_key = {(r["s"], r["mode"], r["backend"]): r for r in results}
     header = (
         f"{'s':>7} {'k':>7} {'mode':<8} {'backend':<7} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>7} "
-        f"{'peak+MiB':>9} {'vs torch':>8}"
+        f"{'peak+MiB':>9} {'host us':>8} {'vs torch':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -224,7 +235,8 @@ def print_table(results):
         speedup = ref["ms_median"] / r["ms_median"]
         print(
             f"{r['s']:>7} {r['k']:>7} {r['mode']:<8} {r['backend']:<7} {r['ms_median']:>10.4f} {r['ms_p20']:>8.4f} "
-            f"{r['ms_p80']:>8.4f} {r['gbps_at_median']:>7.0f} {r['peak_above_inputs_mib']:>9.1f} {speedup:>7.2f}x"
+            f"{r['ms_p80']:>8.4f} {r['gbps_at_median']:>7.0f} {r['peak_above_inputs_mib']:>9.1f} "
+            f"{r['host_us_per_call']:>8.1f} {speedup:>7.2f}x"
         )
 
 
@@ -246,8 +258,9 @@ def main(argv=None):
         "config": vars(args),
         "quantiles": QUANTILES,
         "notes": "ms from triton.testing.do_bench (L2 flushed between calls); peak_above_inputs_mib: "
-        "max_memory_allocated during one call minus memory_allocated before it; model_bytes: least bytes read + "
-        "written; fwd: nothing requires grad; fwd_bwd: x requires grad, cos/sin do not.",
+        "max_memory_allocated during one call minus memory_allocated before it; host_us_per_call: CPU time to "
+        "issue one call (no sync), the floor of ms_median when the GPU work is shorter; model_bytes: least bytes "
+        "read + written; fwd: nothing requires grad; fwd_bwd: x requires grad, cos/sin do not.",
         "results": results,
     }
     path = write_json(args.out, payload)
