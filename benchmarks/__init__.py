@@ -1,0 +1,1 @@
+"""lemo_ds benchmarks: one harness for memory, step time and longest context (see benchmarks/run.py)."""

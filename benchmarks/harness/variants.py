@@ -1,0 +1,110 @@
+"""The compared variants, declared as data, and switching one model object between them.
+
+A variant is (name, gradient checkpointing on/off, loss, lemo section or None). A suite lists variants by
+name; a new one is one line in ``VARIANTS`` (or ``Variant(...)`` in the suite itself)::
+
+    Variant("lemo-norm+ckpt", checkpointing=True, loss="hf", lemo={"keep_ratio": 0.4, "scorer": "norm"})
+
+Switching happens on the same model object, between steps: ``lemo_ds.apply_lemo`` / ``remove_lemo`` (class
+swap of the sparse layers, in place) and HF's ``gradient_checkpointing_enable/disable`` (non-reentrant), with
+the embedding output requiring grad only while checkpointing is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from benchmarks.harness.model import BenchModel
+
+DEFAULT_KEEP_RATIO = 0.4
+DEFAULT_BLOCK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    checkpointing: bool = False
+    loss: Literal["hf", "chunked"] = "hf"
+    lemo: dict[str, Any] | None = field(default=None, hash=False)  # the "lemo" section for apply_lemo, or None
+
+    @property
+    def is_lemo(self) -> bool:
+        return self.lemo is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpointing": self.checkpointing, "loss": self.loss, "lemo": self.lemo}
+
+
+def dense_variant(checkpointing: bool = False, chunked_loss: bool = False) -> Variant:
+    return Variant(_name("dense", checkpointing, chunked_loss), checkpointing, "chunked" if chunked_loss else "hf")
+
+
+def lemo_variant(scorer: str, checkpointing: bool = False, chunked_loss: bool = False,
+                 keep_ratio: float = DEFAULT_KEEP_RATIO, **lemo_keys: Any) -> Variant:
+    """``lemo-<scorer>[+ckpt][+chunked-loss]``: the dense variant with the same memory features, plus LeMo in the
+    deeper half (lemo_ds's "auto" dense layers: the first half and the last layer stay dense)."""
+    section = {"keep_ratio": keep_ratio, "scorer": scorer, "block_size": DEFAULT_BLOCK_SIZE, **lemo_keys}
+    name = _name(f"lemo-{scorer}", checkpointing, chunked_loss)
+    if keep_ratio != DEFAULT_KEEP_RATIO:
+        name += f"@{keep_ratio:g}"
+    return Variant(name, checkpointing, "chunked" if chunked_loss else "hf", section)
+
+
+def _name(stem: str, checkpointing: bool, chunked_loss: bool) -> str:
+    return stem + ("+ckpt" if checkpointing else "") + ("+chunked-loss" if chunked_loss else "")
+
+
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        dense_variant(),
+        dense_variant(checkpointing=True),
+        dense_variant(checkpointing=True, chunked_loss=True),
+        *(lemo_variant(scorer) for scorer in ("norm", "random", "oracle")),
+        *(lemo_variant(scorer, checkpointing=True) for scorer in ("norm", "random", "oracle")),
+        *(lemo_variant(scorer, checkpointing=True, chunked_loss=True) for scorer in ("norm", "random", "oracle")),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def activate(bench: BenchModel, variant: Variant) -> None:
+    """Switch the model to ``variant`` (a no-op when it is already active)."""
+    current: Variant | None = bench.active_variant
+    if current is not None and current.name == variant.name:
+        return
+    deactivate(bench)
+    if variant.checkpointing:
+        # HF's enable also makes the embedding output require grad (enable_input_require_grads), which peft +
+        # checkpointing needs so that gradients reach the LoRA weights through checkpointed layers.
+        bench.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not getattr(bench.causal_lm, "_require_grads_hooks", None):
+            bench.causal_lm.enable_input_require_grads()
+    if variant.lemo is not None:
+        import lemo_ds  # only lemo variants need it (and it imports DeepSpeed)
+
+        lemo_ds.apply_lemo(bench.model, dict(variant.lemo))
+    bench.active_variant = variant
+
+
+def deactivate(bench: BenchModel) -> None:
+    """Back to the plain dense model without checkpointing (drops lemo_ds's per-layer state too)."""
+    current: Variant | None = bench.active_variant
+    if current is None:
+        return
+    if current.lemo is not None:
+        import lemo_ds
+
+        lemo_ds.remove_lemo(bench.model)
+    if current.checkpointing:
+        bench.causal_lm.gradient_checkpointing_disable()
+        # HF's disable leaves the input-grad hook in place (it removes it only for its own peft integration), and
+        # each enable adds one more: remove it, so variants without checkpointing run exactly as plain LoRA.
+        bench.causal_lm.disable_input_require_grads()
+    bench.active_variant = None
