@@ -14,6 +14,8 @@ import lemo_ds
 from lemo_ds.sparse_layer import is_sparse_layer
 
 BLOCK = 8
+# Where the Triton kernels run: CUDA when there is a GPU, else the CPU under TRITON_INTERPRET=1 (conftest.py).
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def lemo_copy(model, **section):
@@ -53,8 +55,9 @@ def batch(b=2, s=61, seed=1):
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 def test_all_blocks_kept_equals_hf_model(family, kernels):
     """keep 1.0 through the whole gather / layer / write-back path (min_blocks forces every block)."""
-    model = tiny_model(family)
-    ids, weights = batch()
+    device = KERNEL_DEVICE if kernels == "triton" else torch.device("cpu")
+    model = tiny_model(family).to(device)
+    ids, weights = (t.to(device) for t in batch())
     sparse = lemo_copy(model, keep_ratio=0.3, min_blocks=1000, scorer="norm", kernels=kernels)
     assert sum(is_sparse_layer(m) for m in sparse.modules()) == 1  # layers 0, 1 and 3 stay dense by default
     assert_same(loss_and_grads(sparse, ids, weights), loss_and_grads(model, ids, weights))
@@ -239,8 +242,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(scorer, reentrant):
 def test_deepspeed_activation_checkpointing_gives_the_same_gradients():
     import deepspeed
 
-    model = tiny_model("llama")
-    ids, weights = batch(s=56)
+    # DeepSpeed's checkpointing keeps its RNG states on the accelerator: run where DeepSpeed's accelerator is.
+    model = tiny_model("llama").to(KERNEL_DEVICE)
+    ids, weights = (t.to(KERNEL_DEVICE) for t in batch(s=56))
     plain = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
     checkpointed = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
     if not torch.distributed.is_initialized():  # DeepSpeed's checkpointing asks for its communication backend
