@@ -114,8 +114,9 @@ def test_ranks_take_disjoint_interleaved_shards(tmp_path, world_size, micro_batc
     per_rank = []
     for rank in range(world_size):
         rows = data.packed_rows(files, TOK, 16, 0)
-        batches = list(islice(data.rank_batches(rows, rank=rank, world_size=world_size, micro_batch=micro_batch),
-                              steps))
+        batches = list(
+            islice(data.rank_batches(rows, rank=rank, world_size=world_size, micro_batch=micro_batch), steps)
+        )
         for batch in batches:
             assert set(batch) == {"input_ids", "labels", "position_ids"}
             for tensor in batch.values():
@@ -133,8 +134,17 @@ def test_ranks_take_disjoint_interleaved_shards(tmp_path, world_size, micro_batc
 
 
 def test_folder_is_searched_recursively_for_text_suffixes(tmp_path):
-    _corpus(tmp_path, {"a.txt": "a", "sub/b.py": "b", "sub/deeper/c.md": "c", "d.jsonl": '{"text": "d"}\n',
-                       "skip.bin": "x", "skip.json": "{}"})
+    _corpus(
+        tmp_path,
+        {
+            "a.txt": "a",
+            "sub/b.py": "b",
+            "sub/deeper/c.md": "c",
+            "d.jsonl": '{"text": "d"}\n',
+            "skip.bin": "x",
+            "skip.json": "{}",
+        },
+    )
     names = [p.relative_to(tmp_path).as_posix() for p in data.discover_files(str(tmp_path))]
     assert names == ["a.txt", "d.jsonl", "sub/b.py", "sub/deeper/c.md"]
 
@@ -199,8 +209,10 @@ def test_corpus_shorter_than_one_row_is_an_error(tmp_path):
     data.check_corpus(files, TOK, 6, str(tmp_path))  # exactly one row is enough
 
 
-@pytest.mark.parametrize("line,match", [('{"txt": "x"}', 'string "text" field'), ("{not json", "not valid JSON"),
-                                        ('["x"]', 'string "text" field')])
+@pytest.mark.parametrize(
+    "line,match",
+    [('{"txt": "x"}', 'string "text" field'), ("{not json", "not valid JSON"), ('["x"]', 'string "text" field')],
+)
 def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, match):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")

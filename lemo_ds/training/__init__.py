@@ -1,0 +1,14 @@
+"""The training job behind launch/train.py, one job per module.
+
+- ``data``: text files -> documents -> packed rows (position ids restart per document) -> rank shards
+- ``tokenizer``: the byte-level tokenizer of the presets, an adapter for Hugging Face tokenizers
+- ``presets``: model configs built in code (tiny ones for CPU, real 7B/8B shapes for GPU benchmarks)
+- ``model``: resolve ``--model``, build it (under ZeRO-3 partitioning), add LoRA
+- ``checkpointing``: activation checkpointing, transformers' or DeepSpeed's
+- ``precision``: bf16 "auto" resolved against the hardware
+- ``flags``: what the flags change in the DeepSpeed config
+- ``launch_env``: a world of one without a launcher; CPU threads per rank
+- ``resume``: DeepSpeed checkpoints with the data position; resuming
+- ``metrics``: metrics.jsonl, summary.json, peak memory
+- ``tracking``: wandb, when the DeepSpeed config's monitor section enables it
+"""

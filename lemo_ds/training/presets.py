@@ -31,50 +31,55 @@ _TINY = dict(
 )
 
 
-def _tiny_llama() -> PretrainedConfig:
-    return LlamaConfig(**_TINY)
+def _tiny_llama(**overrides) -> PretrainedConfig:
+    return LlamaConfig(**{**_TINY, **overrides})
 
 
-def _tiny_mistral() -> PretrainedConfig:
-    return MistralConfig(**_TINY, sliding_window=None)
+def _tiny_mistral(**overrides) -> PretrainedConfig:
+    return MistralConfig(**{**_TINY, "sliding_window": None, **overrides})
 
 
-def _tiny_qwen2() -> PretrainedConfig:
+def _tiny_qwen2(**overrides) -> PretrainedConfig:
     # Qwen2 ties the embeddings in its small sizes and has biases on the q/k/v projections.
-    return Qwen2Config(**{**_TINY, "tie_word_embeddings": True}, use_sliding_window=False)
+    return Qwen2Config(**{**_TINY, "tie_word_embeddings": True, "use_sliding_window": False, **overrides})
 
 
-def _llama_2_7b() -> PretrainedConfig:
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-    )
+_LLAMA_2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    tie_word_embeddings=False,
+)
+
+_LLAMA_3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    tie_word_embeddings=False,
+)
 
 
-def _llama_3_8b() -> PretrainedConfig:
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        tie_word_embeddings=False,
-    )
+def _llama_2_7b(**overrides) -> PretrainedConfig:
+    return LlamaConfig(**{**_LLAMA_2_7B, **overrides})
 
 
-PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
+def _llama_3_8b(**overrides) -> PretrainedConfig:
+    return LlamaConfig(**{**_LLAMA_3_8B, **overrides})
+
+
+PRESETS: dict[str, Callable[..., PretrainedConfig]] = {
     "tiny-llama": _tiny_llama,
     "tiny-mistral": _tiny_mistral,
     "tiny-qwen2": _tiny_qwen2,
@@ -84,6 +89,8 @@ PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
 DEFAULT_PRESET = "tiny-llama"
 
 
-def preset_config(name: str) -> PretrainedConfig:
-    """A fresh config of preset ``name`` (KeyError if there is none; see ``PRESETS``)."""
-    return PRESETS[name]()
+def preset_config(name: str, **overrides) -> PretrainedConfig:
+    """A fresh config of preset ``name`` with ``overrides`` (e.g. ``num_hidden_layers=4``) applied at
+    construction, so derived fields (such as Qwen2's per-layer ``layer_types``) follow them. KeyError if
+    there is no such preset (see ``PRESETS``)."""
+    return PRESETS[name](**overrides)

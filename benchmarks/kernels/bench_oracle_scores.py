@@ -1,0 +1,382 @@
+"""Benchmark lemo_ds.kernels.oracle_scores: the fused Triton kernel against attention itself and the torch oracles.
+
+    python benchmarks/kernels/bench_oracle_scores.py [--out DIR_OR_FILE.json] [--seqlens 8192 32768 65536]
+        [--heads 32] [--kv-heads 8] [--head-dim 128] [--block 64] [--batch 1] [--dtype bf16] [--doc-len 0]
+        [--sweep] [--torch-max-seq 65536]
+
+Defaults are Llama-3-8B's attention (H = 32, KV = 8, d = 128), one sample, bf16, queries and keys laid out as
+Hugging Face hands them over ([b, s, H, d] transposed to [b, H, s, d]). For each sequence length it times, with
+``triton.testing.do_bench`` (median and 20th/80th percentiles, in ms):
+
+- ``triton``: ``oracle_scores(..., backend="triton")``, the block scores [b, n];
+- ``triton_tiles``: the same with ``return_tiles=True`` (the [b, n, n] labels of predictor training);
+- ``sdpa_flash``: the forward of causal attention at the same shape (torch SDPA, flash backend, GQA), the
+  yardstick: the target is ``triton`` at most 1.2x ``sdpa_flash``;
+- ``torch_chunked``: the chunked torch path of the same module (``backend="torch"``);
+- ``scorer_oracle``: lemo_ds.scorers.oracle.oracle_block_scores, the scorer's current implementation (when
+  lemo_ds imports here; causal only, since it takes a dense [b, 1, s, s] mask);
+- with ``--sweep``, the kernel under other tilings (``triton[m..n..h..s..w..c..]``; see OracleKernelConfig).
+
+The torch oracles are skipped above ``--torch-max-seq``. Before timing, the kernel is checked against the torch
+path (relative error and the overlap of the top-40% blocks each selects); a mismatch stops the run. It records the
+peak CUDA memory of one call above what was allocated before it, the flops (the oracle's q.k over the causal pairs;
+attention's two matmuls over them) and the TFLOP/s they imply. Everything goes to a JSON file (GPU, versions, git
+commit, exact command); a table is printed last.
+"""
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OP = "oracle_scores"
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTILES = [0.5, 0.2, 0.8]
+TARGET_VS_SDPA = 1.2
+KEEP = 0.4  # share of blocks the selection check keeps (LeMo's artifact keeps 40%)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_out = REPO / "benchmarks" / "results" / f"kernels_{OP}.json"
+    p.add_argument("--out", default=str(default_out), help=f"JSON file, or a directory to write kernels_{OP}.json into")
+    p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536])
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--doc-len", type=int, default=0, help="pack documents of this many tokens (0: one document)")
+    p.add_argument("--sweep", action="store_true", help="also time the kernel under other tilings")
+    p.add_argument("--torch-max-seq", type=int, default=65536, help="skip the torch oracles above this length")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def import_kernels():
+    """lemo_ds.kernels when installed; else kernels/ of this checkout, loaded as a package on its own (its imports
+    are relative), so the benchmark also runs where lemo_ds's own dependencies (DeepSpeed, ...) are missing."""
+    try:
+        return importlib.import_module("lemo_ds.kernels")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "lemo_kernels_checkout",
+            REPO / "kernels" / "__init__.py",
+            submodule_search_locations=[str(REPO / "kernels")],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def import_scorer_oracle():
+    """lemo_ds.scorers.oracle.oracle_block_scores, or None where lemo_ds does not import (missing dependencies)."""
+    try:
+        return importlib.import_module("lemo_ds.scorers.oracle").oracle_block_scores
+    except ImportError:
+        return None
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(kernels):
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "gpu_sm_count": props.multi_processor_count,
+        "gpu_capability": list(torch.cuda.get_device_capability(0)),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "cwd": os.getcwd(),
+        "kernels_module": kernels.__file__,
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def measure(fn, warmup, rep, host_calls=10):
+    """do_bench quantiles (ms); the host (CPU) time of one call, launches only; the peak memory of one more call
+    above what was allocated before it."""
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(host_calls):
+        fn()
+    host_us = (time.perf_counter() - start) / host_calls * 1e6
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {
+        "ms_median": median,
+        "ms_p20": p20,
+        "ms_p80": p80,
+        "host_us_per_call": host_us,
+        "peak_alloc_mib": peak / 2**20,
+        "peak_above_inputs_mib": (peak - before) / 2**20,
+    }
+
+
+def doc_ids_for(b, s, doc_len):
+    """[b, s] int32 document index per token (None for one document): documents of doc_len tokens, shifted by a
+    different offset per sample so that boundaries fall mid-block."""
+    if not doc_len:
+        return None
+    pos = torch.arange(s, device="cuda")
+    rows = [((pos + (bi * 37) % doc_len) // doc_len).to(torch.int32) for bi in range(b)]
+    return torch.stack(rows)
+
+
+def sdpa_callable(q, k, v):
+    """Causal flash-attention forward at this shape; (fn, how GQA is fed). Flash with enable_gqa where this torch
+    supports it, else with K/V repeated to H heads beforehand (outside the timing)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+
+    def run(k_, v_, **kw):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k_, v_, is_causal=True, **kw)
+
+    if k.shape[1] == q.shape[1]:
+        return (lambda: run(k, v)), "none"
+    try:
+        run(k, v, enable_gqa=True)
+        return (lambda: run(k, v, enable_gqa=True)), "enable_gqa"
+    except (RuntimeError, TypeError):
+        group = q.shape[1] // k.shape[1]
+        k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return (lambda: run(k_rep, v_rep)), "repeat_interleave"
+
+
+def sweep_configs(mod, default, auto_chunk):
+    """Tilings to try besides the default (see OracleKernelConfig); those that do not fit the GPU are recorded as
+    errors. Shared memory per stage is (heads_per_step * 64 * m + 64 * n) * d * 2 bytes at B = 64."""
+    C = mod.OracleKernelConfig
+    configs = [
+        C(m_sub=1, n_sub=2, heads_per_step=1, num_warps=8, num_stages=3),
+        C(m_sub=1, n_sub=2, heads_per_step=1, num_warps=8, num_stages=4),
+        C(m_sub=1, n_sub=2, heads_per_step=2, num_warps=8, num_stages=2),
+        C(m_sub=1, n_sub=2, heads_per_step=2, num_warps=4, num_stages=3),
+        C(m_sub=1, n_sub=1, heads_per_step=1, num_warps=4, num_stages=3),  # 64 x 64: two programs per SM fit
+        C(m_sub=1, n_sub=1, heads_per_step=1, num_warps=8, num_stages=3),  # the same at 8 warps (127 registers)
+        C(m_sub=1, n_sub=1, heads_per_step=2, num_warps=8, num_stages=3),
+        C(m_sub=2, n_sub=1, heads_per_step=1, num_warps=8, num_stages=3),
+        C(m_sub=2, n_sub=2, heads_per_step=1, num_warps=8, num_stages=3),
+        C(m_sub=1, n_sub=4, heads_per_step=1, num_warps=8, num_stages=2),
+        # The default tiling with chunks 4x smaller / larger than the automatic choice.
+        C(**{**default.__dict__, "chunk": max(1, auto_chunk // 4)}),
+        C(**{**default.__dict__, "chunk": auto_chunk * 4}),
+    ]
+    return [c for c in configs if c != default]
+
+
+def config_name(c, chunk):
+    return f"triton[m{c.m_sub}n{c.n_sub}h{c.heads_per_step}s{c.num_stages}w{c.num_warps}c{chunk}]"
+
+
+def check_against_torch(kernels, q, k, block, doc_ids):
+    """Relative max error of the kernel's scores against the torch path, and the overlap of the top-40% blocks."""
+    got = kernels.oracle_scores(q, k, block, doc_ids, backend="triton")
+    ref = kernels.oracle_scores(q, k, block, doc_ids, backend="torch")
+    rel = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    keep = max(1, round(KEEP * ref.shape[1]))
+    top_got, top_ref = got.topk(keep, dim=1).indices, ref.topk(keep, dim=1).indices
+    overlap = (
+        sum(len(set(a.tolist()) & set(r.tolist())) for a, r in zip(top_got, top_ref, strict=True)) / top_ref.numel()
+    )
+    return rel, overlap
+
+
+def bench_seqlen(kernels, scorer_oracle, args, s):
+    mod = importlib.import_module(kernels.__name__ + ".oracle_scores")
+    dtype = DTYPES[args.dtype]
+    b, heads, kv, d, block = args.batch, args.heads, args.kv_heads, args.head_dim, args.block
+    gen = torch.Generator(device="cuda").manual_seed(args.seed + s)
+    # [b, s, H, d] transposed to [b, H, s, d], as Hugging Face attention hands them over.
+    q = torch.randn(b, s, heads, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+    k = torch.randn(b, s, kv, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+    v = torch.randn(b, s, kv, d, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+    doc_ids = doc_ids_for(b, s, args.doc_len)
+    n = math.ceil(s / block)
+    pairs = b * s * (s + 1) / 2  # causal (query, key) pairs, documents ignored
+    flops = {"oracle": 2 * heads * d * pairs, "attention": 4 * heads * d * pairs}
+
+    run_torch = s <= args.torch_max_seq
+    check = {}
+    if run_torch:
+        rel, overlap = check_against_torch(kernels, q, k, block, doc_ids)
+        check = {"rel_err_vs_torch": rel, "top40_overlap_vs_torch": overlap}
+        print(f"  s={s:>7} check: rel err {rel:.2e}, top-40% overlap {overlap:.4f}", flush=True)
+        # bf16: the torch path rounds every q.k to bf16 (~0.4%); the kernel keeps fp32.
+        if rel > (2e-2 if dtype != torch.float32 else 1e-4):
+            raise SystemExit(f"{OP}: Triton and torch scores differ at s={s} (rel err {rel:.3e}): not timing")
+
+    def chunk_of(cfg):  # the query tiles per program the launcher uses for this tiling
+        n_key_tiles, n_query_tiles = math.ceil(s / (cfg.n_sub * block)), math.ceil(s / (cfg.m_sub * block))
+        return cfg.chunk or mod._pick_chunk(n_key_tiles, n_query_tiles, b, q.device)
+
+    default = mod.default_config(block, heads // kv, d, q.element_size(), q.device)
+    auto_chunk = chunk_of(default)
+    variants = [
+        ("triton", lambda: kernels.oracle_scores(q, k, block, doc_ids, backend="triton"), "oracle", default),
+        (
+            "triton_tiles",
+            lambda: kernels.oracle_scores(q, k, block, doc_ids, return_tiles=True, backend="triton"),
+            "oracle",
+            default,
+        ),
+    ]
+    sdpa, gqa_mode = sdpa_callable(q, k, v)
+    variants.append(("sdpa_flash", sdpa, "attention", None))
+    if run_torch:
+        variants.append(
+            ("torch_chunked", lambda: kernels.oracle_scores(q, k, block, doc_ids, backend="torch"), "oracle", None)
+        )
+        if scorer_oracle is not None and doc_ids is None:
+            variants.append(("scorer_oracle", lambda: scorer_oracle(q, k, block, None), "oracle", None))
+    if args.sweep:
+        for cfg in sweep_configs(mod, default, auto_chunk):
+
+            def fn(cfg=cfg):
+                with torch.no_grad():
+                    mod._oracle_scores_launch(q, k, block, doc_ids, False, cfg)
+
+            variants.append((config_name(cfg, chunk_of(cfg)), fn, "oracle", cfg))
+
+    results = []
+    for name, fn, kind, cfg in variants:
+        record = {
+            "op": OP,
+            "variant": name,
+            "b": b,
+            "s": s,
+            "heads": heads,
+            "kv_heads": kv,
+            "head_dim": d,
+            "block": block,
+            "n_blocks": n,
+            "dtype": args.dtype,
+            "doc_len": args.doc_len,
+            "flops": flops[kind],
+            **check,
+        }
+        if cfg is not None:
+            record["config"] = {**cfg.__dict__, "chunk": chunk_of(cfg)}
+        if name == "sdpa_flash":
+            record["gqa"] = gqa_mode
+        try:
+            r = measure(fn, args.warmup, args.rep)
+        except Exception as e:  # a sweep tiling that does not fit this GPU (shared memory, registers)
+            record["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  s={s:>7} {name:<40} error: {record['error'][:100]}", flush=True)
+            results.append(record)
+            torch.cuda.empty_cache()
+            continue
+        r["tflops_at_median"] = flops[kind] / (r["ms_median"] * 1e-3) / 1e12
+        record.update(r)
+        results.append(record)
+        print(f"  s={s:>7} {name:<40} {r['ms_median']:9.3f} ms", flush=True)
+        torch.cuda.empty_cache()
+    return results
+
+
+def write_json(path_arg, payload):
+    path = Path(path_arg)
+    if path.suffix != ".json":  # a directory
+        path = path / f"kernels_{OP}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(results):
+    sdpa = {r["s"]: r for r in results if r["variant"] == "sdpa_flash" and "ms_median" in r}
+    header = (
+        f"{'s':>7} {'variant':<40} {'median ms':>10} {'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'peak+MiB':>9} "
+        f"{'vs SDPA':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if "ms_median" not in r:
+            print(f"{r['s']:>7} {r['variant']:<40} {'error':>10}")
+            continue
+        ref = sdpa.get(r["s"])
+        ratio = f"{r['ms_median'] / ref['ms_median']:7.2f}x" if ref else f"{'-':>8}"
+        print(
+            f"{r['s']:>7} {r['variant']:<40} {r['ms_median']:>10.3f} {r['ms_p20']:>9.3f} {r['ms_p80']:>9.3f} "
+            f"{r['tflops_at_median']:>8.1f} {r['peak_above_inputs_mib']:>9.1f} {ratio}"
+        )
+    print(f"(target: triton at most {TARGET_VS_SDPA}x sdpa_flash; peak+MiB: memory above the inputs)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"bench_{OP}: needs a CUDA GPU (it times the Triton kernel on the device); none is available here")
+    kernels = import_kernels()
+    scorer_oracle = import_scorer_oracle()
+    env = environment(kernels)
+    print(f"bench_{OP}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
+    results = []
+    for s in args.seqlens:
+        results.extend(bench_seqlen(kernels, scorer_oracle, args, s))
+        torch.cuda.empty_cache()
+    payload = {
+        "op": OP,
+        "environment": env,
+        "config": vars(args),
+        "quantiles": QUANTILES,
+        "target": f"triton median <= {TARGET_VS_SDPA} x sdpa_flash median at the same shape; memory O(s)",
+        "notes": "ms from triton.testing.do_bench (L2 flushed between calls); peak_above_inputs_mib: "
+        "max_memory_allocated during one call minus memory_allocated before it; flops: oracle 2*H*d per causal "
+        "(query, key) pair, attention 4*H*d (documents ignored); sdpa_flash is causal attention over the whole "
+        "sequence whatever --doc-len; rel_err_vs_torch: max |kernel - torch path| / max |torch path| (bf16: the "
+        "torch path rounds q.k to bf16); top40_overlap_vs_torch: share of the top-40% blocks both select.",
+        "results": results,
+    }
+    path = write_json(args.out, payload)
+    print(f"\nwrote {path}\n")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

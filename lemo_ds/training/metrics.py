@@ -1,0 +1,101 @@
+"""Per-step metrics (OUTPUT_DIR/metrics.jsonl), the run summary (OUTPUT_DIR/summary.json), peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory(device_type: str) -> tuple[int, str]:
+    """(bytes, kind): the accelerator's peak allocation on CUDA, else this process's peak resident set."""
+    if device_type == "cuda":
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "host_max_rss"  # Linux reports KiB
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.2f}{unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Append-only JSON lines, one record per optimizer step.
+
+    A fresh run starts the file over. A resumed run keeps the records up to the step it resumes from and
+    drops later ones (written by the interrupted run after its last checkpoint), so the file stays one
+    record per step.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line + "\n")
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+        self.path.write_text("".join(kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class RunTotals:
+    """Running totals of the steps this process trained, for the summary."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.final_loss: float | None = None
+        self.timed_tokens = 0
+        self.timed_s = 0.0
+        self._keep_sum: list[float] | None = None
+
+    def add(self, loss: float, keep_per_layer: list[float], tokens: int, seconds: float, timed: bool) -> None:
+        """One step; ``timed`` False leaves it out of the throughput (a process's first, warm-up step)."""
+        self.steps += 1
+        self.final_loss = loss
+        if timed:
+            self.timed_tokens += tokens
+            self.timed_s += seconds
+        if self._keep_sum is None:
+            self._keep_sum = list(keep_per_layer)
+        else:
+            self._keep_sum = [a + b for a, b in zip(self._keep_sum, keep_per_layer, strict=True)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_tokens / self.timed_s if self.timed_s else 0.0
+
+    @property
+    def keep_ratio_per_layer(self) -> list[float] | None:
+        return [k / self.steps for k in self._keep_sum] if self._keep_sum else None
+
+    @property
+    def mean_keep_ratio(self) -> float | None:
+        per_layer = self.keep_ratio_per_layer
+        return sum(per_layer) / len(per_layer) if per_layer else None
