@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,8 @@ def test_reference_table_lists_every_key():
     table = config_reference_markdown()
     for key in ("block_size", "keep_ratio", "dense_layers", "schedule.dense_steps", "schedule.ramp_steps", "scorer"):
         assert f"| `{key}` |" in table
+
+
+def test_readme_config_reference_is_up_to_date():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert config_reference_markdown() in readme, "regenerate the README table with: python -m lemo_ds.config"
