@@ -12,7 +12,7 @@ from lemo_ds.scorers.random import RandomScorer
 
 def build_scorer(config: LemoConfig) -> BlockScorer:
     if config.scorer == "oracle":
-        return OracleScorer(config.oracle_chunk_tokens)
+        return OracleScorer(config.oracle_chunk_tokens, config.kernels)
     if config.scorer == "random":
         return RandomScorer(config.seed)
     if config.scorer == "norm":

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemo_ds.kernels import oracle_scores
 from lemo_ds.scorers.base import ScoreContext, allowed_pairs
 from lemo_ds.selection import num_blocks
 
@@ -74,11 +75,18 @@ def oracle_block_scores_ref(
 
 
 class OracleScorer:
+    """Plain causal attention (no mask tensor: no padding, no packed documents, no sliding window) takes the fused
+    Triton kernel ``lemo_ds.kernels.oracle_scores`` where it runs; a layer with a mask tensor takes the chunked
+    PyTorch path above, which reads the mask as it is (whatever it encodes)."""
+
     name = "oracle"
 
-    def __init__(self, chunk_tokens: int) -> None:
+    def __init__(self, chunk_tokens: int, kernels: str = "auto") -> None:
         self.chunk_tokens = chunk_tokens
+        self.kernels = kernels
 
     def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
         query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
+        if context.attention_mask is None and self.kernels != "torch":
+            return oracle_scores(query, key, context.block_size, backend=self.kernels)
         return oracle_block_scores(query, key, context.block_size, context.attention_mask, self.chunk_tokens)
