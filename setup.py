@@ -31,6 +31,6 @@ setup(
         "triton": ["triton>=3.2"],
         "wandb": ["wandb"],
         "bench": ["matplotlib"],
-        "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff", "matplotlib", "wandb"],
     },
 )
