@@ -52,6 +52,36 @@ class LemoScheduleConfig(_LemoSection):
     """Steps of the linear ramp from 1.0 to the target keep ratio after the dense steps (0: jump)."""
 
 
+class LemoMemoryConfig(_LemoSection):
+    """The memory stack: what besides token elimination keeps long sequences in memory. Every feature also
+    works with every keep ratio at 1.0, so a dense model can be compared like with like."""
+
+    segment_loss: bool = True
+    """LM head and cross-entropy over segments of the sequence, never the full [seq, vocab] logits (exact loss
+    and gradients). A forward given ``labels`` then returns the loss and ``logits=None``."""
+
+    segment_tokens: int = Field(4096, ge=1)
+    """Positions per segment of the segment loss (its working memory is about segment x vocab x 4 bytes)."""
+
+    segment_loss_impl: Literal["auto", "liger", "torch"] = "auto"
+    """``liger``: Liger-Kernel's fused linear cross-entropy (CUDA, LM head not partitioned by ZeRO-3);
+    ``torch``: lemo_ds's segmented PyTorch loss (works everywhere, ZeRO-3 included); ``auto``: Liger where it
+    fits and is installed, else torch."""
+
+    sparse_checkpointing: bool = True
+    """Under activation checkpointing, a sparse layer stores only the kept rows of its input (and recomputes
+    only on them) instead of its whole input: stored activations grow with (dense layers + sum of keep
+    ratios) x seq x hidden."""
+
+    tiled_mlp: bool = False
+    """Run every decoder layer's MLP in tiles along the sequence (DeepSpeed's TiledMLP: each tile recomputed
+    in backward), so the MLP's [seq, intermediate] activations never exist whole. Costs one more MLP
+    forward; worth it at long context."""
+
+    tiled_mlp_tokens: int = Field(8192, ge=1)
+    """Tokens per MLP tile."""
+
+
 class LemoConfig(_LemoSection):
     """Contextual token sparsity (LeMo): which layers drop which blocks of tokens."""
 
@@ -89,6 +119,9 @@ class LemoConfig(_LemoSection):
 
     predictor_path: str | None = None
     """File of trained predictors (``scorer: "predictor"``)."""
+
+    memory: LemoMemoryConfig = Field(default_factory=LemoMemoryConfig)
+    """The memory stack (segment loss, sparsity-aware checkpointing, tiled MLP)."""
 
     schedule: LemoScheduleConfig = Field(default_factory=LemoScheduleConfig)
     """Warm-up of the keep ratio (dense steps, then a linear ramp)."""

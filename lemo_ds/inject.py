@@ -15,12 +15,15 @@ from typing import Any
 
 from torch import nn
 
+from lemo_ds.class_swap import swap_in, swap_out
 from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
 from lemo_ds.controller import LemoController
 from lemo_ds.errors import LemoConfigError
+from lemo_ds.memory.causal_lm import SegmentLossCausalLMMixin
+from lemo_ds.memory.tiled_mlp import TiledMLPMixin
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.scorers import build_scorer
-from lemo_ds.sparse_layer import SparseLayerState, is_sparse_layer, original_class_of, sparse_class_for
+from lemo_ds.sparse_layer import SparseDecoderLayerMixin, SparseLayerState
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -69,8 +72,12 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
     scorer = build_scorer(lemo_config)
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
         if ratio < 1.0:
-            layer.__class__ = sparse_class_for(type(layer))
-            layer._lemo = SparseLayerState(index, controller, policy, scorer)
+            swap_in(layer, SparseDecoderLayerMixin)._lemo = SparseLayerState(index, controller, policy, scorer)
+        if lemo_config.memory.tiled_mlp:
+            swap_in(policy.mlp(layer), TiledMLPMixin)._lemo_tile_tokens = lemo_config.memory.tiled_mlp_tokens
+    if lemo_config.memory.segment_loss:
+        swap_in(base, SegmentLossCausalLMMixin)
+        base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still
     # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
     base.config.use_cache = False
@@ -85,9 +92,11 @@ def remove_lemo(model: nn.Module) -> nn.Module:
     if get_controller(base) is None:
         return model
     for module in base.modules():
-        if is_sparse_layer(module):
-            module.__class__ = original_class_of(module)
-            del module._lemo
+        if isinstance(module, (SparseDecoderLayerMixin, TiledMLPMixin, SegmentLossCausalLMMixin)):
+            swap_out(module)
+        for attribute in ("_lemo", "_lemo_tile_tokens", "_lemo_memory", "_lemo_policy"):
+            if attribute in module.__dict__:
+                delattr(module, attribute)
     getattr(base, _HOOK_ATTR).remove()
     delattr(base, _HOOK_ATTR)
     delattr(base, _CONTROLLER_ATTR)

@@ -1,7 +1,8 @@
 """The sparse decoder layer: score blocks, gather the kept tokens, run the layer on them, write back.
 
-``apply_lemo`` converts a decoder layer in place by swapping its class for a subclass made here
-(``LemoLlamaDecoderLayer`` for ``LlamaDecoderLayer``, ...). Nothing else about the module changes: its
+``apply_lemo`` converts a decoder layer in place by swapping its class for a subclass with the mixin below in
+front (``SparseDecoderLayerLlamaDecoderLayer`` for ``LlamaDecoderLayer``, ...; see ``lemo_ds.class_swap``).
+Nothing else about the module changes: its
 parameters, their names (so checkpoints, peft adapters and ZeRO-3 partitions are untouched), its hooks, and
 ``isinstance`` checks (so Hugging Face's hidden-state capture and gradient checkpointing still see a decoder
 layer). The subclass's ``forward`` implements the contract of LEMO.md:
@@ -16,6 +17,7 @@ layer). The subclass's ``forward`` implements the contract of LEMO.md:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +74,24 @@ class SparseDecoderLayerMixin:
 
     _lemo: SparseLayerState
 
+    def _lemo_checkpoints_kept_rows(self) -> bool:
+        """Sparsity-aware checkpointing: instead of checkpointing the whole layer call (which stores the whole
+        input [b, s, h] for the recompute), checkpoint only the original layer on the kept rows [b, K, h]. The
+        gather and the write-back need nothing stored (their gradients are a scatter and a gather by index),
+        so the layer stores K rows instead of s."""
+        state = self._lemo
+        return (
+            self.training
+            and getattr(self, "gradient_checkpointing", False)
+            and state.controller.config.memory.sparse_checkpointing
+            and state.controller.keep_ratio(state.layer_index, self.training) < 1.0
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._lemo_checkpoints_kept_rows():
+            return nn.Module.__call__(self, *args, **kwargs)  # the checkpoint is taken inside forward
+        return super().__call__(*args, **kwargs)  # Hugging Face's GradientCheckpointingLayer.__call__
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         state = self._lemo
         policy = state.policy
@@ -113,13 +133,19 @@ class SparseDecoderLayerMixin:
             kept_kwargs[policy.position_ids_kwarg] = position_ids.expand(batch, -1).gather(1, rows)  # [b, K]
         if mask is not None:
             kept_kwargs[policy.mask_kwarg] = gather_attention_mask(mask, rows)  # [b, 1, K, K]
-        kept_out = super().forward(kept_hidden, **kept_kwargs)  # [b, K, h]
+        layer_forward = partial(super().forward, **kept_kwargs)
+        kept_only = self._lemo_checkpoints_kept_rows()
+        if kept_only:
+            kept_out = self._gradient_checkpointing_func(layer_forward, kept_hidden)  # [b, K, h]
+        else:
+            kept_out = layer_forward(kept_hidden)  # [b, K, h]
         if isinstance(kept_out, tuple):  # families that still return (hidden_states, ...)
             kept_out = kept_out[0]
 
+        whole_layer_checkpointed = self.training and getattr(self, "gradient_checkpointing", False) and not kept_only
         inplace = (
             state.controller.config.inplace_writeback
-            and not getattr(self, "gradient_checkpointing", False)  # the checkpoint keeps our input for recompute
+            and not whole_layer_checkpointed  # that checkpoint keeps our input for the recompute
             and not _capturing_hidden_states()
         )
         if self.training and not _in_backward():  # a checkpoint's recompute is not a second pass of data
@@ -165,27 +191,6 @@ class SparseDecoderLayerMixin:
                 del state.saved_selections[stale]
             state.saved_selections[controller.micro_step] = blocks
         return blocks
-
-
-_SPARSE_CLASSES: dict[type, type] = {}
-
-
-def sparse_class_for(layer_class: type[nn.Module]) -> type[nn.Module]:
-    """``Lemo<Name>``: the layer class with the sparse forward in front. Made once per class and registered in
-    this module so that pickling finds it by name."""
-    if layer_class not in _SPARSE_CLASSES:
-        name = f"Lemo{layer_class.__name__}"
-        sparse = type(name, (SparseDecoderLayerMixin, layer_class), {"__module__": __name__, "__qualname__": name})
-        _SPARSE_CLASSES[layer_class] = sparse
-        globals()[name] = sparse
-    return _SPARSE_CLASSES[layer_class]
-
-
-def original_class_of(layer: nn.Module) -> type[nn.Module]:
-    for original, sparse in _SPARSE_CLASSES.items():
-        if type(layer) is sparse:
-            return original
-    return type(layer)
 
 
 def is_sparse_layer(layer: nn.Module) -> bool:

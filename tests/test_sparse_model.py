@@ -239,15 +239,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(scorer, reentrant):
     assert_same(loss_and_grads(checkpointed, ids, weights), loss_and_grads(plain, ids, weights))
 
 
-def test_deepspeed_activation_checkpointing_gives_the_same_gradients():
+def _init_single_process_deepspeed():
+    """A one-rank gloo group and DeepSpeed's checkpointing configured: what deepspeed.checkpointing needs."""
     import deepspeed
 
-    # DeepSpeed's checkpointing keeps its RNG states on the accelerator: run where DeepSpeed's accelerator is.
-    model = tiny_model("llama").to(KERNEL_DEVICE)
-    ids, weights = (t.to(KERNEL_DEVICE) for t in batch(s=56))
-    plain = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
-    checkpointed = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
-    if not torch.distributed.is_initialized():  # DeepSpeed's checkpointing asks for its communication backend
+    if not torch.distributed.is_initialized():
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(29400 + os.getpid() % 500),
@@ -257,6 +253,17 @@ def test_deepspeed_activation_checkpointing_gives_the_same_gradients():
         )
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
+
+
+def test_deepspeed_activation_checkpointing_gives_the_same_gradients():
+    import deepspeed
+
+    # DeepSpeed's checkpointing keeps its RNG states on the accelerator: run where DeepSpeed's accelerator is.
+    model = tiny_model("llama").to(KERNEL_DEVICE)
+    ids, weights = (t.to(KERNEL_DEVICE) for t in batch(s=56))
+    plain = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
+    checkpointed = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="random", seed=3)
+    _init_single_process_deepspeed()
     checkpointed.gradient_checkpointing_enable()
     checkpointed._set_gradient_checkpointing(
         enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint

@@ -36,6 +36,12 @@ class DecoderLayerPolicy:
     def rotary_embedding(self, model: nn.Module) -> nn.Module:
         return self.decoder_model(model).rotary_emb
 
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
     # ---- the layer's call convention -----------------------------------------------------------------
 
     mask_kwarg: ClassVar[str] = "attention_mask"

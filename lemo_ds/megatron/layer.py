@@ -1,0 +1,405 @@
+"""The sparse Megatron-core transformer layer: score blocks, gather the kept tokens, run the layer, write back.
+
+``LemoTransformerLayer`` is Megatron-core's ``TransformerLayer`` with the forward of LEMO.md's contract in front
+(``lemo_layer_class`` makes the same for any ``TransformerLayer`` subclass a spec names). Its submodules, their
+parameters and their names are the stock layer's, so checkpoints, optimizers and distributed wrappers see an
+ordinary layer. Megatron's conventions and how each is honoured:
+
+- Hidden states are ``[s, b, h]``, sequence first. The kept rows are gathered through the flat ``[s * b, h]`` view
+  (row ``r`` of sample ``i`` is flat row ``r * b + i``), so the kept tokens come out as a contiguous ``[K, b, h]``
+  in one gather, with no transpose copy, and are written back the same way.
+- RoPE arrives as angles, ``rotary_pos_emb`` ``[s, 1, 1, d]`` (or a (query, key) pair of them). Gathering a
+  sample's kept rows makes the angles per sample, ``[K, b, 1, d]``. Megatron-core 0.16's unfused RoPE
+  (``_apply_rotary_pos_emb_bshd``: ``t * cos(freqs) + rotate_half(t) * sin(freqs)``) broadcasts that against
+  ``[K, b, heads, d]``, so the layer runs once for the whole batch. Transformer Engine's fused RoPE
+  (``apply_rope_fusion``, ``fused_single_qkv_rope``) checks ``freqs.size(1) == 1`` (one table shared by the
+  batch), and its packed-sequence kernel restarts positions at every sequence; so when the gathered angles are
+  per sample (b > 1) or per token (packed), the layer's call runs with those two flags off (unfused RoPE, exact
+  positions). With b == 1 and no packing the fused kernel takes the gathered ``[K, 1, 1, d]`` as it is.
+- Attention masks are bool, True = masked out, ``[b or 1, 1, s or 1, s]``: restricted to the kept rows and
+  columns. No mask means causal (the attention's ``attn_mask_type``), which the kept tokens, in ascending order,
+  keep without a mask.
+- Packed sequences (``PackedSeqParams``, ``qkv_format="thd"``, hidden ``[t, 1, h]``): blocks are scored and kept
+  over the whole packed row; every document keeps its kept tokens in order, documents left with no kept token
+  are dropped, and ``cu_seqlens`` / ``max_seqlen`` are recomputed. A kept token keeps the RoPE angle of its true
+  position: the position Megatron's THD RoPE would have given it (its offset in its document, or its row when
+  the angle table covers the whole pack), passed as a per-token table that Megatron applies by exact mapping.
+- Activation checkpointing (``recompute_granularity="full"``): the forward runs inside Megatron's
+  ``CheckpointFunction`` under ``no_grad``, and its recompute inside the backward. The selection made in the
+  forward is queued per layer and the recompute takes it back in order (Megatron's schedules run the backward
+  passes of micro-batches in the order of their forwards), so both run on the same tokens whatever the scorer.
+- Tensor parallelism: each rank's oracle scores cover its own heads; they are summed over the tensor-parallel
+  group, and the selection is broadcast from its first rank so all ranks of a layer keep the same tokens.
+  Sequence parallelism and context parallelism are refused (the sequence is split across ranks there).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_viewless_tensor
+
+from lemo_ds.controller import LemoController, current_rank
+from lemo_ds.errors import LemoConfigError, LemoInputError
+from lemo_ds.kernels import gather_rows, oracle_scores, write_back_rows
+from lemo_ds.scorers import build_scorer
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
+from lemo_ds.scorers.oracle import oracle_block_scores
+from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
+
+# Keyword arguments of TransformerLayer.forward a sparse layer cannot honour on a subset of tokens.
+_REFUSED_KWARGS = {
+    "inference_context": "token elimination runs without a KV cache; run inference and generation dense",
+    "inference_params": "token elimination runs without a KV cache; run inference and generation dense",
+    "context": "cross-attention is not supported by the sparse layer",
+    "attention_bias": "an attention bias is not supported by the sparse layer",
+    "rotary_pos_cos": "precomputed RoPE cos/sin (inference only) are not supported; pass rotary_pos_emb",
+    "rotary_pos_sin": "precomputed RoPE cos/sin (inference only) are not supported; pass rotary_pos_emb",
+    "rotary_pos_cos_sin": "precomputed RoPE cos/sin (inference only) are not supported; pass rotary_pos_emb",
+    "sequence_len_offset": "a sequence offset (inference only) is not supported",
+}
+
+
+@dataclass
+class MegatronLemoState:
+    """What one sparse layer needs; stored on the module as ``_lemo`` (not a submodule, no parameters)."""
+
+    layer_index: int  # global, 0-based (Megatron's layer_number - 1)
+    controller: LemoController
+    scorer: BlockScorer | None  # None: the oracle, computed here from the layer's own queries and keys
+    # Selections made in checkpointed forwards, oldest first, as (optimizer step, kept blocks [b, k]).
+    pending: collections.deque = field(default_factory=collections.deque)
+
+
+def _in_backward() -> bool:
+    # Megatron's recompute runs inside the autograd engine's backward pass.
+    return torch._C._current_graph_task_id() != -1
+
+
+class LemoTransformerLayerMixin:
+    """Placed before a Megatron-core ``TransformerLayer`` class in the MRO of the sparse layer's class."""
+
+    _lemo: MegatronLemoState
+
+    def __init__(self, *args: Any, lemo_controller: LemoController, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.config
+        if getattr(config, "multi_latent_attention", False):
+            raise LemoConfigError("lemo_ds.megatron: multi-latent attention is not supported by the sparse layer")
+        if config.sequence_parallel:
+            raise LemoConfigError(
+                "lemo_ds.megatron: sequence_parallel splits the sequence across tensor-parallel ranks, which the "
+                "sparse layer does not support; turn sequence_parallel off"
+            )
+        if config.context_parallel_size > 1:
+            raise LemoConfigError("lemo_ds.megatron: context parallelism is not supported by the sparse layer")
+        index = self.layer_number - 1
+        if not 0 <= index < len(lemo_controller.target_ratios):
+            raise LemoConfigError(
+                f"lemo_ds.megatron: layer {self.layer_number} is outside the {len(lemo_controller.target_ratios)} "
+                "layers the lemo spec was made for; pass the model's num_layers to the spec function"
+            )
+        lemo = lemo_controller.config
+        self._lemo = MegatronLemoState(
+            layer_index=index,
+            controller=lemo_controller,
+            scorer=None if lemo.scorer == "oracle" else build_scorer(lemo),
+        )
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        if len(args) > 1:
+            raise TypeError(
+                f"{type(self).__name__}: pass everything after hidden_states as keyword arguments "
+                "(as Megatron's TransformerBlock does)"
+            )
+        hidden_states = args[0] if args else kwargs.pop("hidden_states")  # [s, b, h] or [t, 1, h] (packed)
+        state = self._lemo
+        controller = state.controller
+        seq, batch, width = hidden_states.shape
+        ratio = controller.keep_ratio(state.layer_index, self.training)
+        if ratio >= 1.0:  # dense: a dense phase of the schedule, or evaluation
+            if self.training and not _in_backward():
+                controller.record(state.layer_index, seq, seq)
+            return super().forward(hidden_states=hidden_states, **kwargs)
+        for name, reason in _REFUSED_KWARGS.items():
+            if kwargs.get(name) is not None:
+                raise LemoInputError(f"{type(self).__name__} (layer {self.layer_number}): {reason}")
+        config = controller.config
+        block = config.block_size
+        if seq < block:
+            raise LemoInputError(
+                f"sequence of {seq} tokens is shorter than one lemo block ({block} tokens); use sequences of at "
+                f"least {block} tokens or a smaller lemo.block_size"
+            )
+
+        packed: PackedSeqParams | None = kwargs.get("packed_seq_params")
+        mask: torch.Tensor | None = kwargs.get("attention_mask")  # bool, True = masked out
+        rotary = kwargs.get("rotary_pos_emb")  # [s, 1, 1, d] angles, a (query, key) pair of them, or None
+        docs = _Documents.of(packed, hidden_states) if packed is not None else None
+        if docs is not None:
+            if batch != 1:
+                raise LemoInputError(f"packed (thd) hidden states must be [t, 1, h], got {tuple(hidden_states.shape)}")
+            if mask is not None:
+                raise LemoInputError("pass either packed_seq_params or an attention_mask to a sparse layer, not both")
+            # Angles of each token's true position, [t, 1, 1, d]: the scorer's RoPE and the gather take these.
+            rotary = _map_rotary(rotary, lambda table: docs.token_angles(table))
+
+        blocks = self._lemo_selection(hidden_states, ratio, mask, rotary, docs)  # [b, k]
+        rows = token_index(blocks, block, seq)  # [b, K] ascending
+        kept = rows.shape[1]
+
+        # Row r of sample i is row r * b + i of the flat [s * b, h] view: one gather yields [K, b, h] contiguous.
+        flat_rows = (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(1, kept * batch)  # [1, K*b]
+        flat = hidden_states.reshape(1, seq * batch, width)  # [1, s*b, h]; a view of a contiguous input
+        backend = config.kernels
+        kept_hidden = gather_rows(flat, flat_rows, backend=backend)[0].view(kept, batch, width)  # [K, b, h]
+
+        kept_kwargs = dict(kwargs)
+        kept_kwargs["rotary_pos_emb"] = _map_rotary(rotary, lambda table: _gather_angles(table, rows, seq))
+        if mask is not None:
+            kept_kwargs["attention_mask"] = _gather_mask(mask, rows, seq)  # [b, 1, K or 1, K]
+        if kwargs.get("padding_mask") is not None:  # [b, s], MoE routing
+            kept_kwargs["padding_mask"] = kwargs["padding_mask"].gather(1, rows)  # [b, K]
+        if docs is not None:
+            kept_kwargs["packed_seq_params"] = docs.kept_params(rows[0])
+
+        with self._rope_for_gathered_angles(per_sample=batch > 1 or docs is not None):
+            kept_out, context = super().forward(hidden_states=kept_hidden, **kept_kwargs)  # [K, b, h]
+
+        inplace = (
+            config.inplace_writeback
+            and self.config.recompute_granularity != "full"  # the checkpoint keeps our input for the recompute
+            and not (hidden_states.is_leaf and hidden_states.requires_grad)  # a pipeline stage's received input
+            and flat._base is not None  # flat is a view of hidden_states, not a copy
+        )
+        if self.training and not _in_backward():  # a recompute is not a second pass of data
+            controller.record(state.layer_index, kept, seq)
+        out = write_back_rows(flat, kept_out.reshape(1, kept * batch, width), flat_rows, inplace=inplace, backend=backend)
+        # Megatron's pipeline schedules free stage outputs and insist they are not views.
+        return make_viewless_tensor(out.view(seq, batch, width), requires_grad=True, keep_graph=True), context
+
+    @contextlib.contextmanager
+    def _rope_for_gathered_angles(self, per_sample: bool):
+        """Unfused RoPE for this call when the gathered angles are per sample or per token: Transformer Engine's
+        fused kernels take one [s, 1, 1, d] table shared by the batch (and restart positions per packed
+        sequence). The flags live on the config shared by every layer, so they are restored on the way out."""
+        config = self.config
+        fused = {name: True for name in ("apply_rope_fusion", "fused_single_qkv_rope") if getattr(config, name, False)}
+        if not per_sample or not fused:
+            yield
+            return
+        for name in fused:
+            setattr(config, name, False)
+        try:
+            yield
+        finally:
+            for name, value in fused.items():
+                setattr(config, name, value)
+
+    # ---- selection -------------------------------------------------------------------------------------------
+
+    def _lemo_selection(
+        self,
+        hidden_states: torch.Tensor,  # [s, b, h]
+        ratio: float,
+        mask: torch.Tensor | None,  # [b or 1, 1, s or 1, s] bool, True = masked out
+        rotary: Any,  # angles [s, 1 or b, 1, d] (or a pair), per token [t, 1, 1, d] when packed, or None
+        docs: _Documents | None,
+    ) -> torch.Tensor:
+        """Kept block indices [b, k], ascending; the forward's own when this is a checkpoint's recompute."""
+        state = self._lemo
+        controller = state.controller
+        checkpointed = self.training and self.config.recompute_granularity == "full"
+        if checkpointed and _in_backward():
+            while state.pending and state.pending[0][0] != controller.step:  # left by forwards with no backward
+                state.pending.popleft()
+            if state.pending:
+                return state.pending.popleft()[1]
+        config = controller.config
+        seq = hidden_states.shape[0]
+        forced = forced_blocks(seq, config.block_size, config.always_keep_blocks)
+        keep = keep_block_count(num_blocks(seq, config.block_size), ratio, config.min_blocks, len(forced))
+        with torch.no_grad():
+            scores = self._lemo_scores(hidden_states.detach(), mask, rotary, docs)  # [b, n]
+            tp_group = self.pg_collection.tp
+            if tp_group is not None and tp_group.size() > 1:
+                if state.scorer is None:  # each rank's oracle covers its own heads: sum them
+                    torch.distributed.all_reduce(scores, group=tp_group)
+            blocks = select_blocks(scores, keep, forced)  # [b, k]
+            if tp_group is not None and tp_group.size() > 1:  # one selection for every rank of the layer
+                torch.distributed.broadcast(blocks, src=torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
+        if checkpointed and not torch.is_grad_enabled():  # inside Megatron's checkpointed forward
+            state.pending.append((controller.step, blocks))
+        return blocks
+
+    def _lemo_scores(
+        self,
+        hidden_states: torch.Tensor,  # [s, b, h]
+        mask: torch.Tensor | None,
+        rotary: Any,
+        docs: _Documents | None,
+    ) -> torch.Tensor:
+        """Block scores [b, n] float32 of the layer input."""
+        state = self._lemo
+        controller = state.controller
+        config = controller.config
+        if state.scorer is not None:  # norm, random: they read the input as [b, s, h]
+            context = ScoreContext(
+                layer_index=state.layer_index,
+                block_size=config.block_size,
+                position_embeddings=None,
+                attention_mask=None,
+                policy=None,
+                step=controller.step,
+                micro_step=controller.micro_step,
+                rank=current_rank(),
+            )
+            return state.scorer.score(self, hidden_states.transpose(0, 1), context)
+        query, key = self._lemo_query_key(hidden_states, rotary)  # [b, H, s, d], [b, KV, s, d]
+        if mask is not None:
+            seq, batch = hidden_states.shape[:2]
+            allowed = ~mask.expand(batch, 1, seq, seq)  # [b, 1, s, s], True = attend
+            return oracle_block_scores(query, key, config.block_size, allowed, config.oracle_chunk_tokens)
+        doc_ids = docs.doc_ids[None] if docs is not None else None  # [1, t]
+        return oracle_scores(query, key, config.block_size, doc_ids=doc_ids, backend=config.kernels)
+
+    def _lemo_query_key(self, hidden_states: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's queries [b, H, s, d] and keys [b, KV, s, d] after RoPE, as its attention makes them."""
+        attention = self.self_attention
+        normed = self.input_layernorm(hidden_states)  # [s, b, h]
+        query, key = attention.get_query_key_value_tensors(normed, None)[:2]  # [s, b, H, d], [s, b, KV, d]
+        if rotary is not None:
+            q_angles, k_angles = rotary if isinstance(rotary, tuple) else (rotary, rotary)
+            mscale = _yarn_get_concentration_factor_from_config(self.config)
+            cp_group = self.pg_collection.cp
+            if q_angles is not None:
+                query = apply_rotary_pos_emb(query, q_angles, config=self.config, mscale=mscale, cp_group=cp_group)
+            if k_angles is not None:
+                key = apply_rotary_pos_emb(key, k_angles, config=self.config, mscale=mscale, cp_group=cp_group)
+        return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3)
+
+
+class LemoTransformerLayer(LemoTransformerLayerMixin, TransformerLayer):
+    """Megatron-core's TransformerLayer with LeMo token elimination (see the module docstring)."""
+
+
+_SPARSE_CLASSES: dict[type, type] = {TransformerLayer: LemoTransformerLayer}
+
+
+def lemo_layer_class(layer_class: type[TransformerLayer]) -> type[TransformerLayer]:
+    """``Lemo<Name>``: a TransformerLayer (sub)class with the sparse forward in front. Made once per class and
+    registered in this module so that pickling finds it by name."""
+    if not (isinstance(layer_class, type) and issubclass(layer_class, TransformerLayer)):
+        raise LemoConfigError(
+            f"lemo_ds.megatron: the layer spec's module must be a megatron.core TransformerLayer (sub)class, got "
+            f"{layer_class!r}"
+        )
+    if issubclass(layer_class, LemoTransformerLayerMixin):
+        return layer_class
+    if layer_class not in _SPARSE_CLASSES:
+        name = f"Lemo{layer_class.__name__}"
+        sparse = type(name, (LemoTransformerLayerMixin, layer_class), {"__module__": __name__, "__qualname__": name})
+        _SPARSE_CLASSES[layer_class] = sparse
+        globals()[name] = sparse
+    return _SPARSE_CLASSES[layer_class]
+
+
+# ---- gathers ---------------------------------------------------------------------------------------------------
+
+
+def _map_rotary(rotary: Any, fn) -> Any:
+    """Apply ``fn`` to the angle table(s) of ``rotary_pos_emb``: a tensor, a (query, key) pair, or None."""
+    if rotary is None:
+        return None
+    if isinstance(rotary, tuple):
+        return tuple(None if table is None else fn(table) for table in rotary)
+    return fn(rotary)
+
+
+def _gather_angles(table: torch.Tensor, rows: torch.Tensor, seq: int) -> torch.Tensor:
+    """RoPE angles of the kept rows: table [>= s, 1 or b, 1, d], rows [b, K] -> [K, b, 1, d] (per sample)."""
+    batch, kept = rows.shape
+    angles = table[:seq, :, 0, :]  # [s, 1 or b, d]
+    angles = angles.expand(seq, batch, angles.shape[-1])  # [s, b, d]
+    index = rows.t()[:, :, None].expand(kept, batch, angles.shape[-1])  # [K, b, d]
+    return angles.gather(0, index).unsqueeze(2)  # [K, b, 1, d]
+
+
+def _gather_mask(mask: torch.Tensor, rows: torch.Tensor, seq: int) -> torch.Tensor:
+    """A bool mask [b or 1, 1, s or 1, s] restricted to the kept rows [b, K] (queries and keys)."""
+    batch, kept = rows.shape
+    out = mask.expand(batch, *mask.shape[1:])  # [b, 1, s or 1, s]
+    if out.shape[2] == seq:  # a [.., 1, s] key-padding mask has no query dimension to gather
+        out = out.gather(2, rows[:, None, :, None].expand(batch, out.shape[1], kept, out.shape[3]))
+    return out.gather(3, rows[:, None, None, :].expand(batch, out.shape[1], out.shape[2], kept))
+
+
+@dataclass
+class _Documents:
+    """The documents of a packed (thd) row of t tokens."""
+
+    params: PackedSeqParams
+    cu_seqlens: torch.Tensor  # [n_docs + 1] int32
+    doc_ids: torch.Tensor  # [t] int64: the document of every token
+
+    @classmethod
+    def of(cls, params: PackedSeqParams, hidden_states: torch.Tensor) -> _Documents:
+        if params.qkv_format != "thd":
+            raise LemoInputError(
+                f"packed_seq_params with qkv_format={params.qkv_format!r}: the sparse layer supports packed "
+                "sequences in the 'thd' format only"
+            )
+        cu = params.cu_seqlens_q
+        for name in ("cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            other = getattr(params, name)
+            if other is not None and not torch.equal(other, cu):
+                raise LemoInputError(
+                    f"packed_seq_params.{name} differs from cu_seqlens_q; the sparse layer supports self-attention "
+                    "over unpadded packed documents only"
+                )
+        tokens = hidden_states.shape[0]
+        if int(cu[-1]) != tokens:
+            raise LemoInputError(f"cu_seqlens_q ends at {int(cu[-1])} but the packed row has {tokens} tokens")
+        positions = torch.arange(tokens, device=cu.device)
+        doc_ids = torch.searchsorted(cu[1:].long(), positions, right=True)  # [t]
+        return cls(params, cu, doc_ids)
+
+    def token_angles(self, table: torch.Tensor) -> torch.Tensor:
+        """Each token's RoPE angles [t, 1, 1, d], at the position Megatron's THD RoPE gives it: its offset in its
+        document, or its row when the table has one entry per token of the pack (Megatron's exact mapping)."""
+        tokens = self.doc_ids.shape[0]
+        rows = torch.arange(tokens, device=self.doc_ids.device)
+        positions = rows if table.shape[0] == tokens else rows - self.cu_seqlens.long()[self.doc_ids]
+        return table[positions]
+
+    def kept_params(self, rows: torch.Tensor) -> PackedSeqParams:
+        """PackedSeqParams of the kept tokens (rows [K], ascending): each document's kept tokens, empty documents
+        dropped (a zero-length sequence is no sequence), lengths recomputed. Megatron then applies the per-token
+        angle table by exact mapping, as its size equals the new cu_seqlens[-1]."""
+        counts = torch.bincount(self.doc_ids[rows], minlength=self.cu_seqlens.shape[0] - 1)  # [n_docs]
+        counts = counts[counts > 0]
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # [n_kept_docs + 1]
+        longest = int(counts.max())
+        return dataclasses.replace(
+            self.params,
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=None,
+            cu_seqlens_kv_padded=None,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )

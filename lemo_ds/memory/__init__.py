@@ -1,0 +1,1 @@
+"""The memory stack: segment loss, sparsity-aware checkpointing (in sparse_layer), tiled MLP."""

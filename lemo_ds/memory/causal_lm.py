@@ -1,0 +1,30 @@
+"""The causal LM's forward with the segment loss: given labels, no full [b, s, V] logits are ever made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lemo_ds.config import LemoMemoryConfig
+from lemo_ds.memory.segment_loss import segment_lm_loss
+
+
+class SegmentLossCausalLMMixin:
+    """Placed before the ``*ForCausalLM`` class; ``_lemo_memory`` and ``_lemo_policy`` are set by apply_lemo."""
+
+    _lemo_memory: LemoMemoryConfig
+
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any):
+        if labels is None:  # logits wanted (generation, evaluation without labels): the model's own forward
+            return super().forward(input_ids=input_ids, **kwargs)
+        memory = self._lemo_memory
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)  # no logits are made
+        decoder = self._lemo_policy.decoder_model(self)
+        outputs = decoder(input_ids=input_ids, **kwargs)
+        loss = segment_lm_loss(self._lemo_policy.lm_head(self), outputs.last_hidden_state, labels,
+                               memory.segment_tokens, num_items, memory.segment_loss_impl)
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)

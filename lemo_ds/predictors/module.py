@@ -1,0 +1,171 @@
+"""One layer's block-score predictor, and the bank of them (one per sparse layer), in plain PyTorch.
+
+The predictor estimates LeMo's oracle scores (``lemo_ds.kernels.oracle_scores``) from the layer input alone::
+
+    x~_t   = x_t / rms(x_t)                                 token t, [h] (parameter-free: W1 absorbs the norm's gain)
+    u_t    = relu(W1q x~_t + b1q), v_t = relu(W1k x~_t + b1k)      [r1q], [r1k]  (per token)
+    q^_I   = Wq [max_{t in I} u_t ; mean_{t in I} u_t]             [r2]  (pooled per block, then projected)
+    k^_J   = Wk [max_{t in J} v_t ; mean_{t in J} v_t]             [r2]
+    T^(I,J) = relu(q^_I . k^_J / sqrt(r2) + beta[bucket(I - J)])   for allowed block pairs, else 0
+    S^(J)  = sum over I of T^(I, J)
+
+``T^`` estimates the oracle's tile maxima normalised by their mean over the allowed tiles of the sample, ``S^``
+its block scores in the same unit. Only the ranking of ``S^`` within a sample matters for selection.
+
+Why this shape:
+
+- Per-token first layer, then pooling: a block is informative when one of its tokens is a strong key (the oracle
+  takes a max over each 64 x 64 tile), and a mean over 64 tokens dilutes a single token 64-fold; the max of a
+  ReLU unit over the block keeps it. The mean keeps the block's average content.
+- Block-level products afterwards: O(n^2 r2) per sample (n = s / 64), against O(s^2 r) for token-level
+  products with a tile max, and a plain differentiable matmul to train.
+- beta, a learned bias per log-spaced block distance, carries what the content cannot: RoPE makes near tiles
+  (the diagonal) score high whatever the content.
+- The column sum is causal and respects documents: only block pairs the layer's attention allows contribute
+  (``allowed`` from :func:`block_pair_allowed`), so the positional trend of the oracle (an early block has more
+  query blocks below it) comes for free.
+- x~ is parameter-free: the predictor never reads the model's parameters, so it needs no ZeRO-3 gather, and
+  the RMSNorm gain is a per-channel scale that W1 absorbs.
+
+Parameters live outside the model (``PredictorBank`` is owned by the scorer, not a submodule of a decoder
+layer): ZeRO-3 must not partition them and the model's optimizer must not train them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RMS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class PredictorDesign:
+    """Sizes of a predictor. ``hidden_rank``: ReLU units per side (q and k) before pruning; ``out_rank``: width
+    of q^ and k^; ``distance_buckets``: learned biases by log-spaced block distance."""
+
+    hidden_rank: int = 64
+    out_rank: int = 32
+    distance_buckets: int = 20
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def distance_bucket(distance: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Log-spaced bucket of a block distance d >= 0: floor(2 log2(d + 1)), capped at ``buckets - 1`` (20 buckets
+    reach d = 723 blocks, 46K tokens at B = 64)."""
+    d = distance.clamp_min(0).float()
+    return torch.floor(2.0 * torch.log2(d + 1.0)).long().clamp_(0, buckets - 1)
+
+
+def rms_normalize(hidden_states: torch.Tensor) -> torch.Tensor:
+    """[b, s, h] -> [b, s, h] float32 with unit root-mean-square per token."""
+    x = hidden_states.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+
+def pool_blocks(units: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[b, s, r] (>= 0) -> [b, n, 2r]: per block the max and the mean of each unit over the block's tokens (the
+    partial tail block averages over its own tokens; zero padding is neutral for the max of ReLU outputs)."""
+    batch, seq, rank = units.shape
+    n = math.ceil(seq / block_size)
+    padded = F.pad(units, (0, 0, 0, n * block_size - seq)).view(batch, n, block_size, rank)  # [b, n, B, r]
+    counts = torch.full((n, 1), float(block_size), device=units.device)
+    counts[-1] = seq - (n - 1) * block_size
+    return torch.cat([padded.amax(2), padded.sum(2) / counts], dim=-1)  # [b, n, 2r]
+
+
+def block_pair_allowed(
+    lo_block: torch.Tensor | None, n: int, batch: int, device: torch.device
+) -> torch.Tensor:  # [b, n, n] bool
+    """Block pairs (I, J) with at least one attended token pair: J <= I and J >= lo_block[I] (the first key
+    block query block I can reach: 0 for plain causal attention, the document's first block when packed)."""
+    idx = torch.arange(n, device=device)
+    allowed = idx[None, :] <= idx[:, None]  # [n, n] causal
+    if lo_block is None:
+        return allowed.expand(batch, -1, -1)
+    return allowed & (idx[None, None, :] >= lo_block[:, :, None])  # [b, n, n]
+
+
+class LayerPredictor(nn.Module):
+    """The predictor of one decoder layer (see the module docstring). ``hidden_q`` / ``hidden_k``: ReLU units per
+    side, smaller than ``design.hidden_rank`` after elastic pruning."""
+
+    def __init__(
+        self, hidden_size: int, design: PredictorDesign, hidden_q: int | None = None, hidden_k: int | None = None
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.design = design
+        r1q = design.hidden_rank if hidden_q is None else hidden_q
+        r1k = design.hidden_rank if hidden_k is None else hidden_k
+        r2 = design.out_rank
+        # Unit-variance pre-activations for unit-RMS inputs; the second layer sees 2r1 pooled features.
+        self.w1q = nn.Parameter(torch.randn(r1q, hidden_size) / math.sqrt(hidden_size))  # [r1q, h]
+        self.b1q = nn.Parameter(torch.zeros(r1q))
+        self.w1k = nn.Parameter(torch.randn(r1k, hidden_size) / math.sqrt(hidden_size))  # [r1k, h]
+        self.b1k = nn.Parameter(torch.zeros(r1k))
+        self.wq = nn.Parameter(torch.randn(r2, 2 * r1q) / math.sqrt(2 * max(r1q, 1)))  # [r2, 2 r1q]
+        self.wk = nn.Parameter(torch.randn(r2, 2 * r1k) / math.sqrt(2 * max(r1k, 1)))  # [r2, 2 r1k]
+        self.dist_bias = nn.Parameter(torch.zeros(design.distance_buckets))  # [nb]
+
+    @property
+    def hidden_units(self) -> tuple[int, int]:
+        return self.w1q.shape[0], self.w1k.shape[0]
+
+    def units(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ReLU units of both sides: ([b, s, r1q], [b, s, r1k])."""
+        x = rms_normalize(hidden_states)  # [b, s, h]
+        return F.relu(x @ self.w1q.t() + self.b1q), F.relu(x @ self.w1k.t() + self.b1k)
+
+    def block_embeddings(self, hidden_states: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q^ and k^ per block: ([b, n, r2], [b, n, r2])."""
+        u, v = self.units(hidden_states)
+        return pool_blocks(u, block_size) @ self.wq.t(), pool_blocks(v, block_size) @ self.wk.t()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [b, s, h], the layer input
+        block_size: int,
+        lo_block: torch.Tensor | None = None,  # [b, n] int: first key block each query block reaches, or None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted tiles [b, n, n] float32, zero outside the allowed pairs; predicted block scores [b, n])."""
+        q_hat, k_hat = self.block_embeddings(hidden_states, block_size)  # [b, n, r2] each
+        batch, n, r2 = q_hat.shape
+        idx = torch.arange(n, device=q_hat.device)
+        bias = self.dist_bias[distance_bucket(idx[:, None] - idx[None, :], self.design.distance_buckets)]  # [n, n]
+        logits = q_hat @ k_hat.transpose(1, 2) / math.sqrt(r2) + bias  # [b, n, n]
+        allowed = block_pair_allowed(lo_block, n, batch, q_hat.device)
+        tiles = F.relu(logits) * allowed
+        return tiles, tiles.sum(1)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class PredictorBank(nn.Module):
+    """One :class:`LayerPredictor` per sparse decoder layer, keyed by the layer's index."""
+
+    def __init__(self, hidden_size: int, design: PredictorDesign, layers: list[int] | None = None) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.design = design
+        self.predictors = nn.ModuleDict({str(i): LayerPredictor(hidden_size, design) for i in layers or []})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(key) for key in self.predictors)
+
+    def __contains__(self, layer_index: int) -> bool:
+        return str(layer_index) in self.predictors
+
+    def get(self, layer_index: int) -> LayerPredictor:
+        return self.predictors[str(layer_index)]
+
+    def set(self, layer_index: int, predictor: LayerPredictor) -> None:
+        self.predictors[str(layer_index)] = predictor

@@ -1,0 +1,205 @@
+"""The memory stack: segment loss, sparsity-aware checkpointing, tiled MLP; each alone and together."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import VOCAB, packed_position_ids, tiny_model
+
+import lemo_ds
+from lemo_ds.memory.segment_loss import IGNORE_INDEX, hf_causal_lm_loss_ref, segment_lm_loss
+
+BLOCK = 8
+MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False}
+
+
+def labelled_batch(b=2, s=64, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (b, s), generator=generator)
+    labels = ids.clone()
+    labels[0, :5] = IGNORE_INDEX  # a prompt that is not trained on
+    labels[1, 30] = IGNORE_INDEX  # a document start in a packed row
+    return ids, labels
+
+
+def loss_and_grads(model, ids, labels, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **inputs)
+    out.loss.backward()
+    return out, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(ours, theirs, atol=1e-6, rtol=1e-6):
+    # Hugging Face computes the cross-entropy in float32 whatever the model dtype (logits.float()): float64
+    # models agree to float32 rounding of differently ordered sums.
+    torch.testing.assert_close(ours[1], theirs[1], atol=atol, rtol=rtol)
+    assert ours[2].keys() == theirs[2].keys()
+    for name in theirs[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], atol=atol, rtol=rtol, msg=name)
+
+
+# ---- segment loss ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol", "rtol"),
+    [(torch.float64, 1e-6, 1e-6), (torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)],
+)
+@pytest.mark.parametrize(("tokens", "segment"), [(2, 1), (37, 8), (64, 64), (130, 17)])
+@pytest.mark.parametrize("num_items", [None, 50])
+def test_segment_loss_equals_hf_loss(dtype, atol, rtol, tokens, segment, num_items):
+    generator = torch.Generator().manual_seed(tokens)
+    head = torch.nn.Linear(24, 53, bias=False).to(dtype)
+    hidden = torch.randn(2, tokens, 24, generator=generator).to(dtype).requires_grad_()
+    labels = torch.randint(0, 53, (2, tokens), generator=generator)
+    labels[0, : tokens // 3] = IGNORE_INDEX
+    reference = copy.deepcopy(head)
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    expected = hf_causal_lm_loss_ref(reference(hidden_ref), labels, num_items)
+    ours = segment_lm_loss(head, hidden, labels, segment_tokens=segment, num_items_in_batch=num_items, impl="torch")
+    scale = torch.tensor(1.7)  # a non-unit upstream gradient (loss scaling, accumulation)
+    (expected * scale).backward()
+    (ours * scale).backward()
+    torch.testing.assert_close(ours, expected.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(hidden.grad, hidden_ref.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(head.weight.grad, reference.weight.grad, atol=atol, rtol=rtol)
+
+
+def test_segment_loss_rejects_unknown_implementation():
+    with pytest.raises(ValueError, match="allowed values are auto, liger, torch"):
+        segment_lm_loss(torch.nn.Linear(4, 5), torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), impl="cuda")
+
+
+@pytest.mark.parametrize("full_finetuning", [False, True])
+def test_model_with_segment_loss_equals_hf_model(full_finetuning):
+    """Dense model (keep 1.0 everywhere) + segment loss against the unmodified model: packed documents, ignored
+    positions, loss and every gradient; no full logits come back."""
+    model = tiny_model("llama")
+    # With a KV cache in training, Hugging Face skips the packed-document mask (it detects packing only when no
+    # cache is passed); apply_lemo turns the cache off, so the reference must too.
+    model.config.use_cache = False
+    if not full_finetuning:  # LoRA-like: only some weights train, the LM head is frozen
+        for name, param in model.named_parameters():
+            param.requires_grad_("q_proj" in name or "v_proj" in name)
+    ids, labels = labelled_batch()
+    positions = packed_position_ids(2, [30, 34])
+    ours = lemo_ds.apply_lemo(copy.deepcopy(model), {"keep_ratio": 1.0, "memory": {"segment_tokens": 16}})
+    result = loss_and_grads(ours, ids, labels, position_ids=positions)
+    assert result[0].logits is None
+    assert_same(result, loss_and_grads(model, ids, labels, position_ids=positions))
+    with torch.no_grad():  # without labels the model gives its logits as usual
+        assert ours(input_ids=ids).logits.shape == (2, 64, VOCAB)
+
+
+# ---- sparsity-aware checkpointing -------------------------------------------------------------------------
+
+
+def _checkpointed(model, how):
+    if how == "deepspeed":
+        import deepspeed
+        from test_sparse_model import _init_single_process_deepspeed
+
+        _init_single_process_deepspeed()
+        model.gradient_checkpointing_enable()
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": how == "reentrant"})
+    model.enable_input_require_grads()
+    return model
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "deepspeed"])
+@pytest.mark.parametrize("sparse_checkpointing", [True, False])
+def test_sparse_checkpointing_gives_the_gradients_of_no_checkpointing(how, sparse_checkpointing):
+    model = tiny_model("llama", layers=6)
+    ids, labels = labelled_batch()
+    section = {
+        "block_size": BLOCK,
+        "keep_ratio": 0.4,
+        "dense_layers": [0],
+        "scorer": "oracle",
+        "memory": {**MEMORY_OFF, "sparse_checkpointing": sparse_checkpointing},
+    }
+    plain = lemo_ds.apply_lemo(copy.deepcopy(model), section)
+    checkpointed = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), section), how)
+    assert_same(loss_and_grads(checkpointed, ids, labels), loss_and_grads(plain, ids, labels))
+
+
+def _saved_bytes(model, ids, labels) -> int:
+    """Bytes of the tensors autograd saves for backward during one forward (saved-tensor hooks), each storage
+    counted once (the gather and the write-back save the same index tensor)."""
+    total, seen = 0, set()
+
+    def pack(tensor):
+        nonlocal total
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return total
+
+
+def test_stored_activations_follow_the_formula():
+    """Under (reentrant) checkpointing a dense layer stores its input [b, s, h]; a sparse layer its kept rows
+    [b, K, h] and their indices [b, K]: stored bytes = (dense layers x s + sum of kept rows) x b x h x bytes +
+    the indices, plus what lies outside the layers (embedding, final norm, loss), measured on the dense model."""
+    layers, seq, batch, hidden, item = 6, 64, 2, 32, 8
+    model = tiny_model("llama", layers=layers)
+    ids, labels = labelled_batch(b=batch, s=seq)
+    memory = {**MEMORY_OFF, "sparse_checkpointing": True}
+    dense = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), {"keep_ratio": 1.0, "memory": memory}), "reentrant")
+    outside = _saved_bytes(dense, ids, labels) - layers * batch * seq * hidden * item
+    section = {"block_size": BLOCK, "keep_ratio": [1.0, 0.5, 0.25, 0.5, 0.25, 1.0], "scorer": "norm", "memory": memory}
+    sparse = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), section), "reentrant")
+    kept_rows = [seq if r == 1.0 else round(r * seq / BLOCK) * BLOCK for r in section["keep_ratio"]]
+    indices = sum(k for k, r in zip(kept_rows, section["keep_ratio"]) if r < 1.0) * batch * 8  # int64 kept rows
+    assert _saved_bytes(sparse, ids, labels) == outside + sum(kept_rows) * batch * hidden * item + indices
+    # Without sparsity-aware checkpointing every layer stores its whole input, as in the dense model.
+    section["memory"] = MEMORY_OFF
+    whole = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), section), "reentrant")
+    assert _saved_bytes(whole, ids, labels) == outside + layers * seq * batch * hidden * item
+
+
+# ---- tiled MLP, and everything together --------------------------------------------------------------------
+
+
+def test_tiled_mlp_equals_the_plain_mlp():
+    model = tiny_model("qwen2")
+    ids, labels = labelled_batch(s=70)
+    ours = lemo_ds.apply_lemo(
+        copy.deepcopy(model), {"keep_ratio": 1.0, "memory": {**MEMORY_OFF, "tiled_mlp": True, "tiled_mlp_tokens": 16}}
+    )
+    assert_same(loss_and_grads(ours, ids, labels), loss_and_grads(model, ids, labels))
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "deepspeed"])
+def test_all_features_together_equal_each_alone(how):
+    """Elimination + segment loss + sparsity-aware checkpointing + tiled MLP against elimination alone."""
+    model = tiny_model("llama", layers=6)
+    ids, labels = labelled_batch(s=72)
+    base = {"block_size": BLOCK, "keep_ratio": 0.4, "dense_layers": [0, 5], "scorer": "oracle"}
+    alone = lemo_ds.apply_lemo(copy.deepcopy(model), {**base, "memory": MEMORY_OFF})
+    everything = {
+        "segment_loss": True,
+        "segment_tokens": 24,
+        "sparse_checkpointing": True,
+        "tiled_mlp": True,
+        "tiled_mlp_tokens": 16,
+    }
+    stacked = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), {**base, "memory": everything}), how)
+    assert_same(loss_and_grads(stacked, ids, labels), loss_and_grads(alone, ids, labels), atol=1e-10, rtol=1e-8)
+
+
+def test_remove_lemo_undoes_every_feature():
+    model = tiny_model("llama")
+    converted = lemo_ds.apply_lemo(copy.deepcopy(model), {"keep_ratio": 0.5, "memory": {"tiled_mlp": True}})
+    lemo_ds.remove_lemo(converted)
+    assert type(converted) is type(model)
+    assert [type(m) for m in converted.modules()] == [type(m) for m in model.modules()]
