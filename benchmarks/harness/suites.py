@@ -70,6 +70,21 @@ SUITES: dict[str, Suite] = {
             variants=_variants("dense+ckpt", "lemo-norm+ckpt", "lemo-oracle+ckpt"),
         ),
         Suite(
+            "memory-paper",
+            "The memory stack in the paper's setting: Llama-2-7B shape, 8K, no checkpointing, LoRA r=8: dense, dense "
+            "with the memory stack, LeMo alone and LeMo with the stack (segment loss, tiled MLP).",
+            configs=_grid(("llama2-7b",), (8 * K,)),
+            variants=_variants("dense", "dense+stack", "lemo-oracle", "lemo-oracle+stack"),
+        ),
+        Suite(
+            "memory-long",
+            "The memory stack at long context: Llama-3-8B shape, checkpointing: the strongest dense stack (Liger "
+            "loss), dense with lemo_ds's stack, LeMo with the stack (segment loss, sparsity-aware checkpointing, "
+            "tiled MLP).",
+            configs=_grid(("llama3-8b",), (128 * K,)),
+            variants=_variants("dense+ckpt+chunked-loss", "dense+ckpt+stack", "lemo-oracle+ckpt+stack"),
+        ),
+        Suite(
             "paper",
             "The paper's setting: Llama-2-7B and Llama-3-8B shapes, 4K/8K/16K, no checkpointing, LoRA r=8.",
             configs=_grid(("llama2-7b", "llama3-8b"), (4 * K, 8 * K, 16 * K)),
@@ -98,7 +113,8 @@ SUITES: dict[str, Suite] = {
             "A tiny Llama on CPU (or GPU), 256 tokens, every variant kind, for the tests.",
             configs=_grid(("tiny-llama",), (256,)),
             variants=_variants("dense", "dense+ckpt", "dense+ckpt+chunked-loss", "lemo-norm", "lemo-random",
-                               "lemo-oracle", "lemo-norm+ckpt", "lemo-oracle+ckpt+chunked-loss"),
+                               "lemo-oracle", "lemo-norm+ckpt", "lemo-oracle+ckpt+chunked-loss", "dense+stack",
+                               "lemo-oracle+ckpt+stack"),
             warmup=1,
             steps=2,
             dtype="fp32",

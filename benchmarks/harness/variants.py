@@ -40,15 +40,31 @@ def dense_variant(checkpointing: bool = False, chunked_loss: bool = False) -> Va
     return Variant(_name("dense", checkpointing, chunked_loss), checkpointing, "chunked" if chunked_loss else "hf")
 
 
+# lemo_ds's memory stack (segment loss, sparsity-aware checkpointing, tiled MLP) is on by default in lemo_ds; the
+# plain lemo variants switch it off so that they differ from their dense variant by token elimination alone.
+MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False}
+# The stack variants: every memory feature. MLP tiles of 2048 tokens: at 8K a dense Llama-2-7B layer's MLP
+# activations (gate, up, product: 3 x 8K x 11008 bf16 = 0.5 GiB) shrink to a quarter.
+MEMORY_STACK = {"segment_loss": True, "sparse_checkpointing": True, "tiled_mlp": True, "tiled_mlp_tokens": 2048}
+
+
 def lemo_variant(scorer: str, checkpointing: bool = False, chunked_loss: bool = False,
-                 keep_ratio: float = DEFAULT_KEEP_RATIO, **lemo_keys: Any) -> Variant:
+                 keep_ratio: float = DEFAULT_KEEP_RATIO, stack: bool = False, **lemo_keys: Any) -> Variant:
     """``lemo-<scorer>[+ckpt][+chunked-loss]``: the dense variant with the same memory features, plus LeMo in the
-    deeper half (lemo_ds's "auto" dense layers: the first half and the last layer stay dense)."""
-    section = {"keep_ratio": keep_ratio, "scorer": scorer, "block_size": DEFAULT_BLOCK_SIZE, **lemo_keys}
-    name = _name(f"lemo-{scorer}", checkpointing, chunked_loss)
+    deeper half (lemo_ds's "auto" dense layers: the first half and the last layer stay dense).
+    ``lemo-<scorer>[+ckpt]+stack``: LeMo with lemo_ds's whole memory stack (its own segment loss)."""
+    section = {"keep_ratio": keep_ratio, "scorer": scorer, "block_size": DEFAULT_BLOCK_SIZE,
+               "memory": dict(MEMORY_STACK if stack else MEMORY_OFF), **lemo_keys}
+    name = _name(f"lemo-{scorer}", checkpointing, chunked_loss) + ("+stack" if stack else "")
     if keep_ratio != DEFAULT_KEEP_RATIO:
         name += f"@{keep_ratio:g}"
     return Variant(name, checkpointing, "chunked" if chunked_loss else "hf", section)
+
+
+def dense_stack_variant(checkpointing: bool = False) -> Variant:
+    """``dense[+ckpt]+stack``: the dense model (keep 1.0 everywhere) with lemo_ds's memory stack: like with like."""
+    section = {"keep_ratio": 1.0, "memory": dict(MEMORY_STACK)}
+    return Variant(_name("dense", checkpointing, False) + "+stack", checkpointing, "hf", section)
 
 
 def _name(stem: str, checkpointing: bool, chunked_loss: bool) -> str:
@@ -64,6 +80,10 @@ VARIANTS: dict[str, Variant] = {
         *(lemo_variant(scorer) for scorer in ("norm", "random", "oracle")),
         *(lemo_variant(scorer, checkpointing=True) for scorer in ("norm", "random", "oracle")),
         *(lemo_variant(scorer, checkpointing=True, chunked_loss=True) for scorer in ("norm", "random", "oracle")),
+        dense_stack_variant(),
+        dense_stack_variant(checkpointing=True),
+        *(lemo_variant(scorer, stack=True) for scorer in ("norm", "oracle")),
+        *(lemo_variant(scorer, checkpointing=True, stack=True) for scorer in ("norm", "oracle")),
     )
 }
 
