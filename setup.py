@@ -5,7 +5,7 @@
 Development install: ``pip install -e ".[test]"``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="lemo_ds",
@@ -13,7 +13,8 @@ setup(
     description="Contextual token sparsity (LeMo) for long-context LLM fine-tuning, as a DeepSpeed plugin",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=["lemo_ds", "lemo_ds.kernels", "lemo_ds.policies", "lemo_ds.scorers", "lemo_ds.training"],
+    # every subpackage of lemo_ds/, found rather than listed (a listed one is easily forgotten), plus kernels/
+    packages=[*find_packages(include=["lemo_ds", "lemo_ds.*"]), "lemo_ds.kernels"],
     package_dir={"lemo_ds": "lemo_ds", "lemo_ds.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
@@ -31,6 +32,8 @@ setup(
         "triton": ["triton>=3.2"],
         "wandb": ["wandb"],
         "bench": ["matplotlib"],
+        # lemo_ds.megatron (Megatron-core GPT layer specs); its local spec also runs on CPU (lemo_ds/megatron/cpu.py).
+        "megatron": ["megatron-core==0.16.1"],
         "test": ["pytest>=8", "pytest-timeout", "triton>=3.2", "ruff", "matplotlib", "wandb"],
     },
 )
