@@ -97,11 +97,13 @@ def test_model_with_segment_loss_equals_hf_model(full_finetuning):
 
 
 def _checkpointed(model, how):
-    if how == "deepspeed":
+    if how.startswith("deepspeed"):
         import deepspeed
         from test_sparse_model import _init_single_process_deepspeed
 
         _init_single_process_deepspeed()
+        # "deepspeed-cpu": DeepSpeed's CPU checkpointing, which moves the stored inputs to host memory.
+        deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=how == "deepspeed-cpu")
         model.gradient_checkpointing_enable()
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=deepspeed.checkpointing.checkpoint)
     else:
@@ -110,7 +112,23 @@ def _checkpointed(model, how):
     return model
 
 
-@pytest.mark.parametrize("how", ["non-reentrant", "reentrant", "deepspeed"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "non-reentrant",
+        "reentrant",
+        "deepspeed",
+        # DeepSpeed 0.19.8's CPU checkpointing breaks transformers 5.17 layers even on the plain dense model (the
+        # recomputed attention input loses its batch dimension: IndexError in LlamaAttention.forward). Kept as a
+        # strict expected failure so the day it works this test says so.
+        pytest.param(
+            "deepspeed-cpu",
+            marks=pytest.mark.xfail(
+                raises=IndexError, strict=True, reason="DeepSpeed CPU checkpointing vs transformers 5.17"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("sparse_checkpointing", [True, False])
 def test_sparse_checkpointing_gives_the_gradients_of_no_checkpointing(how, sparse_checkpointing):
     model = tiny_model("llama", layers=6)
