@@ -28,8 +28,9 @@ ordinary layer. Megatron's conventions and how each is honoured:
   ``CheckpointFunction`` under ``no_grad``, and its recompute inside the backward. The selection made in the
   forward is queued per layer and the recompute takes it back in order (Megatron's schedules run the backward
   passes of micro-batches in the order of their forwards), so both run on the same tokens whatever the scorer.
-- Tensor parallelism: each rank's oracle scores cover its own heads; they are summed over the tensor-parallel
-  group, and the selection is broadcast from its first rank so all ranks of a layer keep the same tokens.
+- Tensor parallelism: each rank holds some of the heads; the oracle scorer all-gathers the queries and keys of
+  every head over the tensor-parallel group, and the selection is broadcast from the group's first rank, so all
+  ranks of a layer keep the same tokens.
   Sequence parallelism and context parallelism are refused (the sequence is split across ranks there).
 """
 
@@ -112,6 +113,10 @@ class LemoTransformerLayerMixin:
                 "layers the lemo spec was made for; pass the model's num_layers to the spec function"
             )
         lemo = lemo_controller.config
+        if lemo.scorer == "predictor":  # predictors are trained on, and read, Hugging Face layers
+            raise LemoConfigError(
+                'lemo.scorer: "predictor" is not available for Megatron layers; use "oracle", "random" or "norm"'
+            )
         self._lemo = MegatronLemoState(
             layer_index=index,
             controller=lemo_controller,
@@ -188,7 +193,8 @@ class LemoTransformerLayerMixin:
         )
         if self.training and not _in_backward():  # a recompute is not a second pass of data
             controller.record(state.layer_index, kept, seq)
-        out = write_back_rows(flat, kept_out.reshape(1, kept * batch, width), flat_rows, inplace=inplace, backend=backend)
+        kept_flat = kept_out.reshape(1, kept * batch, width)  # [1, K*b, h], row j * b + i = kept row j of sample i
+        out = write_back_rows(flat, kept_flat, flat_rows, inplace=inplace, backend=backend)  # [1, s*b, h]
         # Megatron's pipeline schedules free stage outputs and insist they are not views.
         return make_viewless_tensor(out.view(seq, batch, width), requires_grad=True, keep_graph=True), context
 
@@ -235,11 +241,8 @@ class LemoTransformerLayerMixin:
         keep = keep_block_count(num_blocks(seq, config.block_size), ratio, config.min_blocks, len(forced))
         with torch.no_grad():
             scores = self._lemo_scores(hidden_states.detach(), mask, rotary, docs)  # [b, n]
-            tp_group = self.pg_collection.tp
-            if tp_group is not None and tp_group.size() > 1:
-                if state.scorer is None:  # each rank's oracle covers its own heads: sum them
-                    torch.distributed.all_reduce(scores, group=tp_group)
             blocks = select_blocks(scores, keep, forced)  # [b, k]
+            tp_group = self.pg_collection.tp
             if tp_group is not None and tp_group.size() > 1:  # one selection for every rank of the layer
                 torch.distributed.broadcast(blocks, src=torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
         if checkpointed and not torch.is_grad_enabled():  # inside Megatron's checkpointed forward
@@ -290,6 +293,11 @@ class LemoTransformerLayerMixin:
                 query = apply_rotary_pos_emb(query, q_angles, config=self.config, mscale=mscale, cp_group=cp_group)
             if k_angles is not None:
                 key = apply_rotary_pos_emb(key, k_angles, config=self.config, mscale=mscale, cp_group=cp_group)
+        tp_group = self.pg_collection.tp
+        if tp_group is not None and tp_group.size() > 1:
+            # Each rank holds a contiguous slice of the heads (and of the key groups): the oracle needs all of them
+            # (the tile max of the head average is not a sum of per-rank maxima).
+            query, key = _all_heads(query, tp_group), _all_heads(key, tp_group)
         return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3)
 
 
@@ -319,6 +327,13 @@ def lemo_layer_class(layer_class: type[TransformerLayer]) -> type[TransformerLay
 
 
 # ---- gathers ---------------------------------------------------------------------------------------------------
+
+
+def _all_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """[s, b, heads / tp, d] on each tensor-parallel rank -> [s, b, heads, d] in the global head order."""
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=2)
 
 
 def _map_rotary(rotary: Any, fn) -> Any:
