@@ -121,9 +121,12 @@ def test_resume_needs_a_latest_checkpoint(tmp_path):
     with pytest.raises(TrainingSetupError, match="no checkpoint"):
         resume.require_checkpoint(tmp_path)
     (tmp_path / "latest").write_text("step7")
-    with pytest.raises(TrainingSetupError, match="step7"):
+    with pytest.raises(TrainingSetupError, match="no checkpoint"):  # latest names a folder that is not there
         resume.require_checkpoint(tmp_path)
     (tmp_path / "step7").mkdir()
+    with pytest.raises(TrainingSetupError, match="no complete checkpoint.*step7"):  # a save that never finished
+        resume.require_checkpoint(tmp_path)
+    (tmp_path / "step7" / resume.COMPLETE).write_text('{"step": 7}')
     resume.require_checkpoint(tmp_path)
 
 
