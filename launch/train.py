@@ -16,7 +16,8 @@ Run from the repository root:
     deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --model /models/Meta-Llama-3-8B \
         --data corpus.jsonl --lora-r 0 --seq-len 16384 --max-steps 200 --output-dir outputs/llama3
 
-    # continue a run from its latest checkpoint (same --output-dir), up to 40 steps
+    # continue a run from its latest checkpoint (same --output-dir), up to 40 steps; "--resume auto" also
+    # starts fresh when there is no complete checkpoint yet (a requeued Slurm job: launch/slurm/)
     deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 40 --resume
 
     # one process, without the launcher
@@ -48,6 +49,7 @@ from tqdm import tqdm  # noqa: E402
 import lemo_ds  # noqa: E402
 from lemo_ds.config import load_ds_config, split_ds_config  # noqa: E402
 from lemo_ds.errors import LemoError  # noqa: E402
+from lemo_ds.predictors import job as predictor_job  # noqa: E402
 from lemo_ds.scorers import build_scorer  # noqa: E402
 from lemo_ds.training import (  # noqa: E402
     checkpointing,
@@ -97,7 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='activation checkpointing; auto: DeepSpeed\'s if the config has "activation_checkpointing", else off',
     )
     add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
-    add("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
+    add(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=(resume.AUTO,),
+        help="continue from the latest complete checkpoint in OUTPUT_DIR/checkpoints; "
+        "'--resume auto': the same, or start fresh if there is none",
+    )
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add("--no-save", action="store_true", help="write no checkpoint at all (benchmarks)")
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps")
@@ -161,11 +171,19 @@ def build(args: argparse.Namespace) -> Run:
     # -- data, from step 0 or from the checkpoint's step and data position ------------------------------------
     run.start_step, start_row = 0, 0
     if args.resume:
-        state = resume.load(run.engine, run.ckpt_dir, args, run.log)
-        run.start_step, start_row = state["step"], state["rows_consumed"]
+        state = resume.load(run.engine, run.ckpt_dir, args, run.log)  # None: --resume auto found nothing
+        # From here on args.resume says whether this run continues a checkpoint (metrics.jsonl, summary).
+        args.resume = state is not None
+        if state is not None:
+            run.start_step, start_row = state["step"], state["rows_consumed"]
     run.rows_per_step = run.world_size * run.micro_batch * run.grad_accum
     rows = data.packed_rows(run.files, run.tokenizer, args.seq_len, args.seed, start=start_row)
     run.batches = data.rank_batches(rows, rank=run.rank, world_size=run.world_size, micro_batch=run.micro_batch)
+    # Predictors without a file: trained on this rank's first micro-batches (model frozen, oracle labels), read
+    # from a second iterator so that training still sees exactly the rows it would have seen.
+    first_rows = data.packed_rows(run.files, run.tokenizer, args.seq_len, args.seed, start=start_row)
+    first = data.rank_batches(first_rows, rank=run.rank, world_size=run.world_size, micro_batch=run.micro_batch)
+    predictor_job.calibrate_before_training(run.engine, first, run.lemo, run.engine.device, run.log)
 
     run.metrics = run.wandb = None
     if run.rank == 0:
@@ -197,7 +215,9 @@ def check_inputs(args: argparse.Namespace) -> Run:
     run.source = model.resolve_model(args.model)
     if run.lemo is not None:
         lemo_ds.policies.check_supported(run.source.config.model_type)
-        build_scorer(run.lemo)  # an unavailable scorer or a bad predictors file fails here, not mid-build
+        scorer = build_scorer(run.lemo)  # an unavailable scorer or a bad predictors file fails here, not mid-build
+        if hasattr(scorer, "bind"):
+            scorer.bind(run.source.config)  # a predictors file made for another model fails here too
         if args.seq_len < run.lemo.block_size:
             raise TrainingSetupError(
                 f"--seq-len {args.seq_len} is shorter than one lemo block (block_size {run.lemo.block_size}); "
@@ -212,7 +232,7 @@ def check_inputs(args: argparse.Namespace) -> Run:
     run.files = data.discover_files(args.data)
     data.check_corpus(run.files, run.tokenizer, args.seq_len, args.data)
     run.ckpt_dir = Path(args.output_dir) / "checkpoints"
-    if args.resume:
+    if args.resume is True:  # --resume auto may find nothing, and then starts fresh
         resume.require_checkpoint(run.ckpt_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     run.use_wandb = tracking.prepare_wandb(ds_config, args.output_dir)
@@ -236,7 +256,7 @@ def train(run: Run) -> None:
     if run.controller is not None:
         run.controller.reset_stats()
 
-    step = run.start_step
+    step, recall_note = run.start_step, ""
     for step in range(run.start_step + 1, args.max_steps + 1):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside engine.step)
@@ -260,11 +280,13 @@ def train(run: Run) -> None:
 
         if args.save_every and step % args.save_every == 0 and not args.no_save:
             resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args)
+        refreshed = predictor_job.refresh_record(engine)  # online refresh of the predictors: recall (all ranks)
+        recall_note = f" | recall {refreshed['predictor_recall']:.3f}" if refreshed else recall_note
         if run.rank == 0:
             peak, _ = metrics.peak_memory(run.device_type)
             record = {"step": step, "loss": loss_value, "tokens": tokens_per_step, "step_time_s": step_s,
                       "tokens_per_s": tokens_per_step / step_s, "lr": lr, "mean_keep_ratio": mean_keep,
-                      "keep_ratio_per_layer": keep_per_layer, "peak_mem_bytes": peak}  # fmt: skip
+                      "keep_ratio_per_layer": keep_per_layer, "peak_mem_bytes": peak, **refreshed}  # fmt: skip
             run.metrics.write(record)
             if run.wandb is not None:
                 run.wandb.log(record)
@@ -272,7 +294,7 @@ def train(run: Run) -> None:
             if step % args.log_every == 0 or step == args.max_steps:
                 bar.set_postfix_str(
                     f"loss {loss_value:.4f} | {tokens_per_step / step_s:,.0f} tok/s | keep {mean_keep:.2f} | "
-                    f"{mem_label} {metrics.format_bytes(peak)}"
+                    f"{mem_label} {metrics.format_bytes(peak)}{recall_note}"
                 )
     bar.close()
 

@@ -82,6 +82,43 @@ class LemoMemoryConfig(_LemoSection):
     """Tokens per MLP tile."""
 
 
+class LemoPredictorConfig(_LemoSection):
+    """Learned predictors of block scores (``scorer: "predictor"``): their size, and how they are trained when
+    no file is given (calibration on the first batches) and while the model trains (online refresh)."""
+
+    hidden_rank: int = Field(64, ge=1, le=4096)
+    """ReLU units per side (queries, keys) of each layer's predictor before pruning. Parameters per layer are
+    about 2 x hidden_rank x hidden_size: 0.24% of a Llama-3-8B layer at 64."""
+
+    out_rank: int = Field(32, ge=1, le=1024)
+    """Width of the predicted block query and key embeddings."""
+
+    distance_buckets: int = Field(20, ge=1, le=64)
+    """Learned biases by log-spaced block distance (20 reach 723 blocks)."""
+
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    """Adam learning rate of predictor training (calibration and refresh)."""
+
+    rank_weight: float = Field(1.0, ge=0.0, le=100.0)
+    """Weight of the ranking loss against the tile regression loss (0: tile regression only, as LeMo)."""
+
+    calibration_batches: int = Field(8, ge=0, le=100000)
+    """Without ``predictor_path``: micro-batches that train the predictors from scratch. launch/train.py runs
+    them before training (model frozen, layers dense, oracle labels); elsewhere an uncalibrated layer calibrates
+    on the fly on its first this-many training micro-batches, which the oracle selects meanwhile."""
+
+    calibration_updates: int = Field(20, ge=1, le=10000)
+    """Optimizer steps of each layer's predictor per calibration micro-batch."""
+
+    refresh_every: int = Field(0, ge=0)
+    """Online refresh: every this many optimizer steps, the first micro-batch of the step is scored by the
+    oracle (its selection uses the oracle's scores), the predictors' recall on it is logged, and they take
+    ``refresh_updates`` steps on it, so they follow the weights as fine-tuning changes them. 0: off."""
+
+    refresh_updates: int = Field(4, ge=1, le=10000)
+    """Optimizer steps of each layer's predictor per refresh."""
+
+
 class LemoConfig(_LemoSection):
     """Contextual token sparsity (LeMo): which layers drop which blocks of tokens."""
 
@@ -118,7 +155,11 @@ class LemoConfig(_LemoSection):
     working memory is about kv_groups x chunk x seq x 4 bytes."""
 
     predictor_path: str | None = None
-    """File of trained predictors (``scorer: "predictor"``)."""
+    """File of trained predictors (``scorer: "predictor"``, written by launch/train_predictor.py). Without
+    it, predictors are calibrated at the start of training (see ``predictor.calibration_batches``)."""
+
+    predictor: LemoPredictorConfig = Field(default_factory=LemoPredictorConfig)
+    """Learned predictors: size, calibration, online refresh."""
 
     memory: LemoMemoryConfig = Field(default_factory=LemoMemoryConfig)
     """The memory stack (segment loss, sparsity-aware checkpointing, tiled MLP)."""
@@ -155,6 +196,14 @@ class LemoConfig(_LemoSection):
     def _cross_field_checks(self) -> LemoConfig:
         if self.scorer == "predictor" and self.predictor_path is not None and not self.predictor_path:
             raise ValueError("predictor_path is an empty string; give the path of a predictors file or null")
+        if self.predictor_path is not None and self.scorer != "predictor":
+            raise ValueError(f'predictor_path is set but scorer is "{self.scorer}"; set scorer to "predictor"')
+        trains = self.predictor.calibration_batches > 0 or self.predictor.refresh_every > 0
+        if self.scorer == "predictor" and self.predictor_path is None and not trains:
+            raise ValueError(
+                'scorer "predictor" without predictor_path, calibration_batches 0 and refresh_every 0: nothing '
+                "would train the predictors; give predictor_path or set predictor.calibration_batches >= 1"
+            )
         if isinstance(self.keep_ratio, list) and isinstance(self.dense_layers, list):
             for layer in self.dense_layers:
                 if -len(self.keep_ratio) <= layer < len(self.keep_ratio) and self.keep_ratio[layer] < 1.0:

@@ -12,6 +12,7 @@ the embedding output requiring grad only while checkpointing is on.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,6 +62,17 @@ def lemo_variant(scorer: str, checkpointing: bool = False, chunked_loss: bool = 
     return Variant(name, checkpointing, "chunked" if chunked_loss else "hf", section)
 
 
+# The predictor variants: no predictors file; lemo_ds calibrates each sparse layer's predictor on the fly on the
+# variant's first scored step (its warm-up: oracle selection and 20 predictor updates), and every later step scores
+# with the predictors. Measurement rounds re-apply lemo_ds at each switch, so ``deactivate`` keeps the calibrated
+# predictors in a file that the next ``activate`` loads (bench.info["predictor_files"]).
+PREDICTOR_ON_THE_FLY = {"calibration_batches": 1, "calibration_updates": 20}
+
+
+def predictor_variant(checkpointing: bool = False, chunked_loss: bool = False, stack: bool = False) -> Variant:
+    return lemo_variant("predictor", checkpointing, chunked_loss, stack=stack, predictor=dict(PREDICTOR_ON_THE_FLY))
+
+
 def dense_stack_variant(checkpointing: bool = False) -> Variant:
     """``dense[+ckpt]+stack``: the dense model (keep 1.0 everywhere) with lemo_ds's memory stack: like with like."""
     section = {"keep_ratio": 1.0, "memory": dict(MEMORY_STACK)}
@@ -84,6 +96,10 @@ VARIANTS: dict[str, Variant] = {
         dense_stack_variant(checkpointing=True),
         *(lemo_variant(scorer, stack=True) for scorer in ("norm", "oracle")),
         *(lemo_variant(scorer, checkpointing=True, stack=True) for scorer in ("norm", "oracle")),
+        predictor_variant(),
+        predictor_variant(checkpointing=True),
+        predictor_variant(checkpointing=True, chunked_loss=True),
+        predictor_variant(checkpointing=True, stack=True),
     )
 }
 
@@ -109,7 +125,11 @@ def activate(bench: BenchModel, variant: Variant) -> None:
     if variant.lemo is not None:
         import lemo_ds  # only lemo variants need it (and it imports DeepSpeed)
 
-        lemo_ds.apply_lemo(bench.model, dict(variant.lemo))
+        section = dict(variant.lemo)
+        saved = bench.info.get("predictor_files", {}).get(variant.name)
+        if section.get("scorer") == "predictor" and saved is not None:
+            section["predictor_path"] = saved  # calibrated at an earlier activation of this variant
+        lemo_ds.apply_lemo(bench.model, section)
     bench.active_variant = variant
 
 
@@ -121,6 +141,8 @@ def deactivate(bench: BenchModel) -> None:
     if current.lemo is not None:
         import lemo_ds
 
+        if current.lemo.get("scorer") == "predictor":
+            _keep_predictors(bench, current)
         lemo_ds.remove_lemo(bench.model)
     if current.checkpointing:
         bench.causal_lm.gradient_checkpointing_disable()
@@ -128,3 +150,19 @@ def deactivate(bench: BenchModel) -> None:
         # each enable adds one more: remove it, so variants without checkpointing run exactly as plain LoRA.
         bench.causal_lm.disable_input_require_grads()
     bench.active_variant = None
+
+
+def _keep_predictors(bench: BenchModel, variant: Variant) -> None:
+    """Save the variant's calibrated predictors for its next activation (once: later activations load them)."""
+    import tempfile
+
+    from lemo_ds.scorers.predictor import find_predictor_scorer
+
+    files = bench.info.setdefault("predictor_files", {})
+    scorer = find_predictor_scorer(bench.model)
+    if variant.name in files or scorer is None or not scorer.bound or scorer.trained != set(scorer.bank.layers):
+        return
+    handle, path = tempfile.mkstemp(prefix="lemo_predictors_", suffix=".safetensors")
+    os.close(handle)
+    scorer.save(path, {"calibrated": "on the fly, benchmark warm-up"})
+    files[variant.name] = path

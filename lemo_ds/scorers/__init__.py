@@ -17,10 +17,12 @@ def build_scorer(config: LemoConfig) -> BlockScorer:
         return RandomScorer(config.seed)
     if config.scorer == "norm":
         return NormScorer()
-    raise LemoConfigError(
-        f'lemo.scorer: "{config.scorer}" is not available in this version of lemo_ds (learned predictors are '
-        'not implemented yet); use "oracle", "random" or "norm"'
-    )
+    if config.scorer == "predictor":
+        # Imported here: lemo_ds.predictors imports lemo_ds.scorers.base, so a module-level import would cycle.
+        from lemo_ds.scorers.predictor import PredictorScorer
+
+        return PredictorScorer(config)  # loads and checks predictor_path, if any
+    raise LemoConfigError(f'lemo.scorer: unknown scorer "{config.scorer}"; use oracle, random, norm or predictor')
 
 
 __all__ = [

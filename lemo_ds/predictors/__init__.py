@@ -1,0 +1,39 @@
+"""Learned predictors of block informativeness (LeMo's pattern prediction), one small model per sparse layer.
+
+- ``module``: the predictor (per-token ReLU units, block max/mean pooling, low-rank q^ and k^, softplus tiles with
+  a learned distance bias, causal column sums) and the bank of them
+- ``labels``: oracle labels of a layer input (scores, block-pair tiles, the reach of each query block)
+- ``loss``: tile regression plus a ranking term
+- ``recall``: top-k recall against the oracle under the contract's selection rule
+- ``trainer``: streaming training, a few steps per observed batch, gradients averaged over data-parallel ranks
+- ``calibrate``: training a converted model's predictors from a few batches, the model frozen
+- ``prune``: elastic pruning of ReLU units that are almost never active
+- ``fingerprint`` / ``io``: the model a predictors file fits; safetensors files with JSON metadata
+
+The scorer that uses them is ``lemo_ds.scorers.predictor.PredictorScorer`` (``scorer: "predictor"``).
+"""
+
+from lemo_ds.predictors.calibrate import calibrate
+from lemo_ds.predictors.fingerprint import check_fingerprint, model_fingerprint
+from lemo_ds.predictors.io import load_predictors, read_metadata, save_predictors
+from lemo_ds.predictors.labels import OracleLabels, oracle_labels
+from lemo_ds.predictors.module import LayerPredictor, PredictorBank, PredictorDesign
+from lemo_ds.predictors.recall import topk_recall
+from lemo_ds.predictors.trainer import PredictorTrainer, SelectionRule
+
+__all__ = [
+    "LayerPredictor",
+    "OracleLabels",
+    "PredictorBank",
+    "PredictorDesign",
+    "PredictorTrainer",
+    "SelectionRule",
+    "calibrate",
+    "check_fingerprint",
+    "load_predictors",
+    "model_fingerprint",
+    "oracle_labels",
+    "read_metadata",
+    "save_predictors",
+    "topk_recall",
+]

@@ -1,0 +1,225 @@
+"""Predictor scorer: learned per-layer predictors estimate the oracle's block scores from the layer input.
+
+The predictors (``lemo_ds.predictors``) come from a file (``predictor_path``, written by
+launch/train_predictor.py) or are trained at the start of training (``lemo_ds.predictors.calibrate``, which
+launch/train.py runs when no file is given). A layer that nobody calibrated calibrates on the fly, on its first
+``predictor.calibration_batches`` training micro-batches, which the oracle selects meanwhile (one warning); an
+untrained layer outside training is scored by the oracle. Inference is the fused kernel
+``lemo_ds.kernels.predictor_scores`` (two launches per layer).
+A layer whose predictor recalled less than the positional prior (the column length of each block, which every
+oracle score carries) over its last observations is scored by that prior instead (``prefers_prior``).
+
+Online refresh (``predictor.refresh_every = K``): on the first micro-batch of every K-th optimizer step, each sparse
+layer is scored by the oracle instead (its selection is exact that step), the predictor's recall on that batch is
+recorded (:meth:`PredictorScorer.pop_refresh_log`), and the predictor takes a few optimizer steps on it, with the
+gradients averaged over data-parallel ranks. Every rank reaches every sparse layer at the same step in the same
+order, so the all-reduces match.
+
+The bank of predictors is the scorer's, never a submodule of the model: ZeRO-3 does not partition it and the
+model's optimizer does not see it. It moves to the layer input's device on first use and stays fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lemo_ds.config import LemoConfig
+from lemo_ds.errors import LemoConfigError
+from lemo_ds.kernels.predictor_scores import predictor_scores
+from lemo_ds.predictors.fingerprint import check_fingerprint, model_fingerprint
+from lemo_ds.predictors.io import load_predictors, save_predictors
+from lemo_ds.predictors.labels import lo_block_from_mask, oracle_labels
+from lemo_ds.predictors.module import PredictorBank, PredictorDesign
+from lemo_ds.predictors.trainer import PredictorTrainer, SelectionRule, positional_prior
+from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.scorers.oracle import OracleScorer
+from lemo_ds.selection import num_blocks
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class PredictorScorer:
+    name = "predictor"
+
+    def __init__(self, config: LemoConfig) -> None:
+        self.config = config
+        self.settings = config.predictor
+        self.design = PredictorDesign(
+            self.settings.hidden_rank, self.settings.out_rank, self.settings.distance_buckets
+        )
+        self.bank: PredictorBank | None = None
+        self.meta: dict[str, Any] | None = None
+        self.trained: set[int] = set()  # layers whose predictor has been trained (from the file, or observed)
+        self.prior_layers: set[int] = set()  # from a file: layers its writer found better served by the prior
+        if config.predictor_path is not None:
+            self.bank, self.meta = load_predictors(config.predictor_path)
+            self.design = self.bank.design
+            self.trained = set(self.bank.layers)
+            self.prior_layers = set(self.meta.get("prior_layers", []))
+        self.trainer: PredictorTrainer | None = None
+        self.fingerprint: dict[str, Any] | None = None
+        self.refresh_log: list[dict[str, float]] = []
+        self._last_refresh: dict[int, int] = {}
+        self._packed: dict[tuple, Any] = {}
+        self._versions: dict[int, int] = {}
+        self._warned: set[str] = set()
+        self._on_the_fly_left: dict[int, int] = {}  # calibration micro-batches left to layers nobody calibrated
+        self._oracle = OracleScorer(config.oracle_chunk_tokens, config.kernels)
+
+    # ---- binding to a model -----------------------------------------------------------------------------
+
+    @property
+    def bound(self) -> bool:
+        return self.trainer is not None
+
+    def bind(self, model_config: Any) -> None:
+        """Check the predictors against the model (fingerprint, sparse layers) and make the missing ones.
+
+        Called with the Hugging Face config by launch/train.py before anything starts, else on the first score.
+        """
+        fingerprint = model_fingerprint(model_config, self.config.block_size)
+        ratios = self.config.layer_keep_ratios(fingerprint["num_hidden_layers"])
+        sparse = [i for i, ratio in enumerate(ratios) if ratio < 1.0]
+        if self.meta is not None:
+            check_fingerprint(self.meta["fingerprint"], fingerprint, self.config.predictor_path)
+            missing = [i for i in sparse if i not in self.bank]
+            if missing:
+                raise LemoConfigError(
+                    f"predictors file {self.config.predictor_path} has predictors for layers {self.bank.layers}, "
+                    f"but the lemo config makes layers {sparse} sparse (missing: {missing}); train predictors for "
+                    "these layers or change keep_ratio/dense_layers"
+                )
+        if self.bank is None:
+            self.bank = PredictorBank(fingerprint["hidden_size"], self.design, sparse, seed=self.config.seed)
+        rule = SelectionRule(
+            self.config.block_size,
+            {i: ratios[i] for i in sparse},
+            self.config.min_blocks,
+            tuple(self.config.always_keep_blocks),
+        )
+        self.trainer = PredictorTrainer(self.bank, rule, self.settings.lr, self.settings.rank_weight)
+        self.fingerprint = fingerprint
+
+    def to(self, device: torch.device) -> None:
+        """Move the predictors (fp32) to ``device``; optimizer state starts afresh there."""
+        current = next(self.bank.parameters()).device
+        if current != device:
+            self.bank.to(device)
+            self.trainer.optimizers.clear()
+            self._packed.clear()
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+
+    def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+        if not self.bound:
+            self.bind(context.policy.attention(layer).config)
+        self.to(hidden_states.device)
+        index = context.layer_index
+        if self._refresh_due(layer, index, context.step):
+            return self.refresh(layer, hidden_states, context)
+        if index not in self.trained and index not in self._on_the_fly_left:
+            self._on_the_fly_left[index] = self.settings.calibration_batches
+        if self._on_the_fly_left.get(index, 0) > 0 and layer.training and not _in_backward():
+            # Nobody calibrated this layer (no file, no lemo_ds.predictors.calibrate): calibrate on the fly on its
+            # first scored training micro-batches, which the oracle selects meanwhile.
+            self._on_the_fly_left[index] -= 1
+            self._warn_once(
+                f"lemo predictor scorer: layer {index} has no trained predictor; calibrating on the fly on its first "
+                f"{self.settings.calibration_batches} training micro-batches (selected by the oracle meanwhile)"
+            )
+            scores, _ = self.observe(layer, hidden_states, context, self.settings.calibration_updates)
+            return scores
+        if index not in self.trained:
+            self._warn_once(f"lemo predictor scorer: layer {index} has no trained predictor yet; scoring with oracle")
+            return self._oracle.score(layer, hidden_states, context)
+        return self.predict(index, hidden_states, context.block_size, context.attention_mask)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            warnings.warn(message, stacklevel=3)
+            self._warned.add(message)
+
+    def predict(
+        self,
+        index: int,
+        hidden_states: torch.Tensor,  # [b, s, h]
+        block_size: int,
+        attention_mask: torch.Tensor | None = None,  # [b or 1, 1, s, s] or None
+    ) -> torch.Tensor:
+        """Predicted block scores [b, n] of layer ``index`` (the fused kernel where it runs)."""
+        seq = hidden_states.shape[1]
+        n = num_blocks(seq, block_size)
+        lo = lo_block_from_mask(attention_mask, block_size, seq)
+        if self.prefers_prior(index):
+            return positional_prior(lo, n, hidden_states.shape[0], hidden_states.device)
+        predictor = self.bank.get(index)
+        key = (index, hidden_states.dtype, hidden_states.device, n)
+        version = self._versions.get(index, 0)
+        cached = self._packed.get(key)
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                cached = (version, predictor.packed(hidden_states.dtype), predictor.dist_table(n, hidden_states.device))
+            self._packed[key] = cached
+        _, packed, dist = cached
+        return predictor_scores(hidden_states, packed, dist, block_size, lo, backend=self.config.kernels)
+
+    def prefers_prior(self, index: int) -> bool:
+        """Score layer ``index`` with the positional prior: its predictor recalled less than the prior over its
+        latest observations, or (none yet) the predictors file says so."""
+        if self.trainer.history.get(index):
+            return self.trainer.prefers_prior(index)
+        return index in self.prior_layers
+
+    def save(self, path: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the predictors (with the model's fingerprint and the layers scored by the prior) to ``path``."""
+        prior = [i for i in self.bank.layers if self.prefers_prior(i)]
+        return save_predictors(path, self.bank, self.fingerprint, info, prior)
+
+    # ---- training -----------------------------------------------------------------------------------------
+
+    def observe(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext, updates: int):
+        """Oracle labels for this layer input, recall of the current predictor on them, then ``updates`` steps.
+        Returns (oracle scores [b, n], the trainer's Observation)."""
+        if not self.bound:
+            self.bind(context.policy.attention(layer).config)
+        self.to(hidden_states.device)
+        index = context.layer_index
+        labels = oracle_labels(layer, hidden_states, context, backend=self.config.kernels)
+        observation = self.trainer.observe(index, hidden_states, labels, updates)
+        self.trained.add(index)
+        self._versions[index] = self._versions.get(index, 0) + 1
+        return labels.scores, observation
+
+    def _refresh_due(self, layer: nn.Module, index: int, step: int) -> bool:
+        every = self.settings.refresh_every
+        if every <= 0 or step <= 0 or step % every or not layer.training or _in_backward():
+            return False
+        return self._last_refresh.get(index) != step
+
+    def refresh(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
+        """One online refresh of this layer's predictor; returns the oracle's scores for this batch."""
+        self._last_refresh[context.layer_index] = context.step
+        scores, observation = self.observe(layer, hidden_states, context, self.settings.refresh_updates)
+        self.refresh_log.append({"step": context.step, "layer": context.layer_index, "recall": observation.recall,
+                                 "prior_recall": observation.prior_recall})  # fmt: skip
+        return scores
+
+    def pop_refresh_log(self) -> list[dict[str, float]]:
+        """The refreshes since the last call: [{"step", "layer", "recall"}]."""
+        log, self.refresh_log = self.refresh_log, []
+        return log
+
+
+def find_predictor_scorer(model: nn.Module) -> PredictorScorer | None:
+    """The predictor scorer of a model converted by apply_lemo (through peft or DeepSpeed wrappers), or None."""
+    for module in model.modules():
+        state = getattr(module, "_lemo", None)
+        if state is not None and isinstance(getattr(state, "scorer", None), PredictorScorer):
+            return state.scorer
+    return None

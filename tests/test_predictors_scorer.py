@@ -1,0 +1,213 @@
+"""The predictor scorer inside real (tiny) Hugging Face models: calibration, files, fingerprints, online refresh,
+data-parallel averaging (two CPU ranks over gloo)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tiny_models import tiny_model
+
+import lemo_ds
+from lemo_ds.errors import LemoConfigError
+from lemo_ds.predictors import calibrate, load_predictors, save_predictors
+from lemo_ds.predictors.fingerprint import model_fingerprint
+from lemo_ds.predictors.labels import oracle_labels
+from lemo_ds.predictors.layer_inputs import for_each_layer_input
+from lemo_ds.predictors.recall import topk_recall
+from lemo_ds.scorers.predictor import PredictorScorer, find_predictor_scorer
+
+SEQ, BLOCK = 256, 16  # 16 blocks
+SECTION = {"scorer": "predictor", "block_size": BLOCK, "keep_ratio": 0.4, "kernels": "torch",
+           "predictor": {"hidden_rank": 16, "out_rank": 16, "calibration_updates": 10}}  # fmt: skip
+
+
+def batches(count: int, seed: int, batch: int = 2) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 97, (batch, SEQ), generator=gen)} for _ in range(count)]
+
+
+def converted(section: dict | None = None, layers: int = 4, **model_kwargs):
+    model = tiny_model(layers=layers, dtype=torch.float32, **model_kwargs)
+    lemo_ds.apply_lemo(model, {**SECTION, **(section or {})})
+    return model
+
+
+def spy_on(model, layer_index: int) -> dict:
+    """Record what the scorer returns at one layer, with the oracle's scores and the layer input beside it."""
+    scorer = find_predictor_scorer(model)
+    captured: dict = {}
+    original = scorer.score
+
+    def spy(layer, hidden, context):
+        captured["scores"] = original(layer, hidden, context)
+        if context.layer_index == layer_index:
+            captured["oracle"] = scorer._oracle.score(layer, hidden, context)
+            captured["hidden"] = hidden.clone()  # the layer writes its kept rows back into its input, in place
+        return captured["scores"]
+
+    for layer in model.model.layers:
+        if hasattr(layer, "_lemo"):
+            layer._lemo.scorer.score = spy
+    return captured
+
+
+def test_uncalibrated_layers_calibrate_on_the_fly_with_oracle_selection():
+    model = converted({"predictor": {**SECTION["predictor"], "calibration_batches": 2}})
+    scorer = find_predictor_scorer(model)
+    assert isinstance(scorer, PredictorScorer) and not scorer.bound
+    captured = spy_on(model, 2)
+    ids = batches(1, seed=9)[0]
+    with pytest.warns(UserWarning, match="layer 2 has no trained predictor; calibrating on the fly on its first 2"):
+        model(**ids)
+    for calls in (1, 2):
+        torch.testing.assert_close(captured["scores"], captured["oracle"])  # the oracle selects meanwhile
+        assert len(scorer.trainer.history[2]) == calls and scorer.trained == {2}
+        if calls == 1:
+            model(**ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = model(**ids, labels=ids["input_ids"]).loss  # the third micro-batch: the predictor scores it
+    torch.testing.assert_close(captured["scores"], scorer.predict(2, captured["hidden"], BLOCK))
+    assert not torch.allclose(captured["scores"], captured["oracle"]) or scorer.prefers_prior(2)
+    loss.backward()  # the predictors are not the model's: no gradient reaches them
+    assert all(p.grad is None for p in scorer.bank.parameters())
+    assert not any(p is q for p in scorer.bank.parameters() for q in model.parameters())
+
+
+def test_explicit_calibration_and_the_oracle_fallback_without_any():
+    # No calibration at all (only an online refresh, later): the oracle scores the untrained layer.
+    model = converted({"predictor": {**SECTION["predictor"], "calibration_batches": 0, "refresh_every": 10}})
+    captured = spy_on(model, 2)
+    with pytest.warns(UserWarning, match="layer 2 has no trained predictor yet; scoring with oracle"):
+        model(**batches(1, seed=9)[0])
+    torch.testing.assert_close(captured["scores"], captured["oracle"])
+    recall = calibrate(model, batches(3, seed=1))
+    scorer = find_predictor_scorer(model)
+    assert set(recall) == {2} and 0.0 <= recall[2] <= 1.0  # layers 0, 1 dense (first half), 3 dense (last)
+    assert scorer.trained == {2} and len(scorer.trainer.history[2]) == 3 and model.training  # mode restored
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batches(1, seed=9)[0])
+    torch.testing.assert_close(captured["scores"], scorer.predict(2, captured["hidden"], BLOCK))
+
+
+def test_calibrated_scorer_does_not_fall_below_the_positional_prior():
+    """On a tiny random Llama (weights N(0, 0.2)) the oracle is nearly all position: the positional prior (column
+    lengths) recalls ~0.95, and a dozen small calibration batches leave the predictor below it (recall ~0.85). The
+    scorer notices (recall of both, measured before training on each batch) and scores with the prior."""
+    model = converted({"predictor": {**SECTION["predictor"], "calibration_updates": 20}})
+    calibrate(model, batches(12, seed=2))
+    scorer = find_predictor_scorer(model)
+    history = scorer.trainer.history[2]
+    assert len(history) == 12 and all(0 <= obs.prior_recall <= 1 for obs in history)
+    held_out = []
+    def collect(layer, hidden, context) -> None:
+        held_out.append((hidden.clone(), oracle_labels(layer, hidden, context, backend="torch").scores))
+
+    for_each_layer_input(model, batches(4, seed=3), [2], BLOCK, collect)
+
+    def recall(score) -> float:
+        return torch.cat([topk_recall(score(h), s, SEQ, BLOCK, 0.4) for h, s in held_out]).mean().item()
+
+    n = SEQ // BLOCK
+    prior = recall(lambda h: (n - torch.arange(n)).float().expand(h.shape[0], -1))
+    chosen = recall(lambda h: scorer.predict(2, h, BLOCK))
+    assert chosen >= prior - 0.05, (chosen, prior, scorer.trainer.prefers_prior(2))
+
+
+def test_file_round_trip_into_another_model_instance(tmp_path):
+    model = converted()
+    calibrate(model, batches(3, seed=4))
+    scorer = find_predictor_scorer(model)
+    path = tmp_path / "p.safetensors"
+    meta = scorer.save(str(path), {"recall": {"2": 0.9}})
+    assert meta["prior_layers"] == ([2] if scorer.prefers_prior(2) else [])
+    fresh = converted({"predictor_path": str(path)}, seed=5)
+    loaded = find_predictor_scorer(fresh)
+    assert loaded.trained == {2}
+    ids = batches(1, seed=6)[0]
+    fresh(**ids, labels=ids["input_ids"]).loss.backward()  # scores with the file's predictors, no warning
+    hidden = torch.randn(2, SEQ, 32)
+    torch.testing.assert_close(loaded.predict(2, hidden, BLOCK), scorer.predict(2, hidden, BLOCK))
+    scorer.prior_layers, scorer.trainer.history = {2}, {}  # as a file that lists layer 2 under prior_layers
+    n = SEQ // BLOCK
+    torch.testing.assert_close(scorer.predict(2, hidden, BLOCK), (n - torch.arange(n)).float().expand(2, -1))
+
+
+def test_a_file_for_another_model_is_a_clear_error(tmp_path):
+    model = converted()
+    calibrate(model, batches(1, seed=4), updates=1)
+    scorer = find_predictor_scorer(model)
+    path = tmp_path / "p.safetensors"
+    save_predictors(path, scorer.bank, scorer.fingerprint)
+    other = converted({"predictor_path": str(path)}, hidden_size=48)
+    with pytest.raises(LemoConfigError, match=r"trained for another model: hidden_size 32 \(file\) vs 48 \(model\)"):
+        other(**batches(1, seed=0)[0])
+    qwen = tiny_model("qwen2", layers=4, dtype=torch.float32)
+    qwen_scorer = lemo_ds.scorers.build_scorer(lemo_ds.parse_lemo_config({**SECTION, "predictor_path": str(path)}))
+    with pytest.raises(LemoConfigError, match=r"model_type 'llama' \(file\) vs 'qwen2' \(model\)"):
+        qwen_scorer.bind(qwen.config)
+    # The same model with more sparse layers than the file has predictors for.
+    deeper = lemo_ds.scorers.build_scorer(
+        lemo_ds.parse_lemo_config({**SECTION, "predictor_path": str(path), "dense_layers": [0, 3]})
+    )
+    with pytest.raises(LemoConfigError, match=r"has predictors for layers \[2\].*missing: \[1\]"):
+        deeper.bind(model.config)
+    assert model_fingerprint(model.config, BLOCK)["num_key_value_heads"] == 2
+
+
+def test_online_refresh_uses_the_oracle_logs_recall_and_updates_the_predictor():
+    model = converted({"predictor": {**SECTION["predictor"], "refresh_every": 2, "refresh_updates": 3}})
+    calibrate(model, batches(2, seed=7))
+    scorer = find_predictor_scorer(model)
+    controller = lemo_ds.get_controller(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    before = [p.detach().clone() for p in scorer.bank.parameters()]
+    steps_refreshed = []
+    for step, ids in enumerate(batches(5, seed=8)):
+        controller.set_step(step)
+        model(**ids, labels=ids["input_ids"]).loss.backward()  # the recompute in backward must not refresh
+        steps_refreshed += [entry["step"] for entry in scorer.pop_refresh_log()]
+    assert steps_refreshed == [2, 4]  # step 0 never refreshes (calibrated or loaded just before)
+    assert len(scorer.trainer.history[2]) == 2 + 2  # two calibration batches, two refreshes
+    assert any(not torch.equal(a, b) for a, b in zip(before, scorer.bank.parameters()))
+
+
+def _rank_calibrates(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = converted()
+        recall = calibrate(model, batches(2, seed=100 + rank))  # every rank its own data
+        scorer = find_predictor_scorer(model)
+        torch.save({"params": [p.detach() for p in scorer.bank.parameters()], "recall": recall}, f"{out}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_ranks_end_with_the_same_predictors(tmp_path):
+    from launch_util import free_port
+
+    mp.start_processes(_rank_calibrates, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    zero, one = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(zero["params"], one["params"], strict=True))
+    assert zero["recall"] == one["recall"]  # averaged over the ranks
+    single = converted()
+    calibrate(single, batches(2, seed=100))
+    alone = list(find_predictor_scorer(single).bank.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(zero["params"], alone))  # rank 1's data counted
+
+
+def test_loaded_file_records_what_the_table_needs(tmp_path):
+    model = converted()
+    calibrate(model, batches(1, seed=4), updates=1)
+    scorer = find_predictor_scorer(model)
+    save_predictors(tmp_path / "p.safetensors", scorer.bank, scorer.fingerprint, {"keep_ratio": {"2": 0.4}})
+    bank, meta = load_predictors(tmp_path / "p.safetensors")
+    assert meta["fingerprint"]["block_size"] == BLOCK and meta["layers"]["2"]["hidden_q"] == 16
+    assert meta["info"]["keep_ratio"] == {"2": 0.4} and bank.layers == [2]
