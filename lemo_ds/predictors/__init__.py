@@ -5,8 +5,11 @@
 - ``labels``: oracle labels of a layer input (scores, block-pair tiles, the reach of each query block)
 - ``loss``: tile regression plus a ranking term
 - ``recall``: top-k recall against the oracle under the contract's selection rule
-- ``trainer``: streaming training, a few steps per observed batch, gradients averaged over data-parallel ranks
+- ``trainer``: streaming training, a few steps per observed batch, gradients averaged over data-parallel ranks; the
+  positional prior each predictor must beat
+- ``layer_inputs``: a frozen model's forward over batches, every sparse layer's input handed to a callback
 - ``calibrate``: training a converted model's predictors from a few batches, the model frozen
+- ``job``: what launch/train.py does with them (calibration before training, refresh metrics)
 - ``prune``: elastic pruning of ReLU units that are almost never active
 - ``fingerprint`` / ``io``: the model a predictors file fits; safetensors files with JSON metadata
 
