@@ -54,6 +54,7 @@ from lemo_ds.scorers import build_scorer  # noqa: E402
 from lemo_ds.training import (  # noqa: E402
     checkpointing,
     data,
+    evaluate,
     flags,
     launch_env,
     metrics,
@@ -98,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help='activation checkpointing; auto: DeepSpeed\'s if the config has "activation_checkpointing", else off',
     )
+    add("--eval-data", default=None, help="held-out text (same forms as --data): dense perplexity after training")
+    add("--eval-rows", type=int, default=32, help="held-out rows of --seq-len tokens to evaluate (at most one pass)")
     add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
     add(
         "--resume",
@@ -113,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps")
     add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
-    for name in ("seq_len", "max_steps", "log_every"):
+    for name in ("seq_len", "max_steps", "log_every", "eval_rows"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.lora_r < 0 or args.save_every < 0:
@@ -231,6 +234,10 @@ def check_inputs(args: argparse.Namespace) -> Run:
         )
     run.files = data.discover_files(args.data)
     data.check_corpus(run.files, run.tokenizer, args.seq_len, args.data)
+    run.eval_files = None
+    if args.eval_data is not None:
+        run.eval_files = data.discover_files(args.eval_data, flag="--eval-data")
+        data.check_corpus(run.eval_files, run.tokenizer, args.seq_len, args.eval_data, flag="--eval-data")
     run.ckpt_dir = Path(args.output_dir) / "checkpoints"
     if args.resume is True:  # --resume auto may find nothing, and then starts fresh
         resume.require_checkpoint(run.ckpt_dir)
@@ -303,8 +310,9 @@ def train(run: Run) -> None:
     if totals.steps == 0:
         run.log(f"nothing to train: the run is at step {step} and --max-steps is {args.max_steps}")
         return
+    evaluation = heldout_evaluation(run)
     if run.rank == 0:
-        summary = _summary(run, step, totals, time.perf_counter() - started)
+        summary = {**_summary(run, step, totals, time.perf_counter() - started), **evaluation}
         metrics.write_json_atomic(Path(args.output_dir) / "summary.json", summary)
         loss, keep = summary["final_loss"], summary["mean_keep_ratio"]
         run.log(
@@ -312,6 +320,29 @@ def train(run: Run) -> None:
             f"{summary['tokens_per_s']:,.0f} tok/s, mean keep ratio {'n/a' if keep is None else f'{keep:.3f}'}; "
             f"wrote {Path(args.output_dir) / 'summary.json'}"
         )
+
+
+def heldout_evaluation(run: Run) -> dict:
+    """With --eval-data: dense perplexity on the held-out rows and, with the predictor scorer, the predictors'
+    recall against the oracle on the same rows (every rank takes part; rank 0 logs)."""
+    if run.eval_files is None:
+        return {}
+    args = run.args
+
+    def batches():
+        rows = data.heldout_rows(run.eval_files, run.tokenizer, args.seq_len, args.seed, limit=args.eval_rows)
+        return data.rank_batches(rows, rank=run.rank, world_size=run.world_size, micro_batch=run.micro_batch)
+
+    started = time.perf_counter()
+    result = evaluate.heldout_perplexity(run.engine, batches())
+    if run.lemo is not None and run.lemo.scorer == "predictor":
+        result.update(evaluate.heldout_recall(run.engine, batches()))
+    recall = f", predictor recall {result['predictor_recall']:.3f}" if "predictor_recall" in result else ""
+    run.log(
+        f"held-out: {result['eval_tokens']:,} tokens, loss {result['eval_loss']:.4f}, perplexity "
+        f"{result['eval_ppl']:.3f}{recall} (dense evaluation, {time.perf_counter() - started:.1f} s)"
+    )
+    return result
 
 
 def _keep_ratios(run: Run) -> torch.Tensor:

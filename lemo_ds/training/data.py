@@ -47,8 +47,9 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def discover_files(data: str | None) -> list[Path]:
-    """The corpus files of ``--data`` (None: the standard library), sorted so every rank sees one list."""
+def discover_files(data: str | None, flag: str = "--data") -> list[Path]:
+    """The corpus files of ``--data`` (None: the standard library), sorted so every rank sees one list; errors
+    name ``flag``."""
     if data is None:
         root = stdlib_dir()
         files = _walk(root, (".py",), prune=_NOT_STDLIB)
@@ -58,15 +59,15 @@ def discover_files(data: str | None) -> list[Path]:
     path = Path(data)
     if not path.exists():
         raise TrainingSetupError(
-            f'--data {data}: no such file or folder; give a text file, a .jsonl file with a "text" field, '
+            f'{flag} {data}: no such file or folder; give a text file, a .jsonl file with a "text" field, '
             "or a folder of *.txt/*.py/*.md/*.jsonl files (or leave --data out to train on the Python stdlib)"
         )
     if path.is_dir():
         files = _walk(path, TEXT_SUFFIXES)
         if not files:
             raise TrainingSetupError(
-                f"--data {data}: the folder holds no {'/'.join('*' + s for s in TEXT_SUFFIXES)} files; "
-                "add text files or point --data elsewhere"
+                f"{flag} {data}: the folder holds no {'/'.join('*' + s for s in TEXT_SUFFIXES)} files; "
+                f"add text files or point {flag} elsewhere"
             )
         return files
     return [path]
@@ -113,12 +114,15 @@ def read_documents(path: Path, rng: np.random.Generator | None = None) -> list[s
     return docs
 
 
-def document_tokens(files: list[Path], tokenizer: Tokenizer, seed: int) -> Iterator[np.ndarray]:
-    """Endless stream of tokenized documents ``[BOS] ids [EOS]``, epoch after epoch: [n_i] int64 each."""
+def document_tokens(
+    files: list[Path], tokenizer: Tokenizer, seed: int, epochs: int | None = None
+) -> Iterator[np.ndarray]:
+    """Stream of tokenized documents ``[BOS] ids [EOS]``, epoch after epoch (endless when ``epochs`` is None):
+    [n_i] int64 each."""
     prefix = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     suffix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     epoch = 0
-    while True:
+    while epochs is None or epoch < epochs:
         rng = np.random.default_rng([seed, epoch])
         for file_index in rng.permutation(len(files)):
             doc_rng = np.random.default_rng([seed, epoch, int(file_index)])
@@ -129,7 +133,9 @@ def document_tokens(files: list[Path], tokenizer: Tokenizer, seed: int) -> Itera
         epoch += 1
 
 
-def check_corpus(files: list[Path], tokenizer: Tokenizer, seq_len: int, data: str | None) -> None:
+def check_corpus(
+    files: list[Path], tokenizer: Tokenizer, seq_len: int, data: str | None, flag: str = "--data"
+) -> None:
     """Fail early (before any collective) unless one pass over the corpus fills at least one row."""
     specials = (tokenizer.bos_id is not None) + (tokenizer.eos_id is not None)
     total = 0
@@ -141,9 +147,9 @@ def check_corpus(files: list[Path], tokenizer: Tokenizer, seq_len: int, data: st
                 return
     where = data if data is not None else str(stdlib_dir())
     if total == 0:
-        raise TrainingSetupError(f"--data {where}: the corpus holds no text; add documents or point --data elsewhere")
+        raise TrainingSetupError(f"{flag} {where}: the corpus holds no text; add documents or point {flag} elsewhere")
     raise TrainingSetupError(
-        f"--data {where}: the corpus holds {total} tokens, fewer than one sequence of --seq-len {seq_len}; "
+        f"{flag} {where}: the corpus holds {total} tokens, fewer than one sequence of --seq-len {seq_len}; "
         f"add text or lower --seq-len"
     )
 
@@ -179,6 +185,11 @@ def pack_rows(documents: Iterable[np.ndarray], seq_len: int) -> Iterator[Row]:
 def packed_rows(files: list[Path], tokenizer: Tokenizer, seq_len: int, seed: int, start: int = 0) -> Iterator[Row]:
     """Global rows ``start, start + 1, ...`` of the corpus (identical on every rank and in every run)."""
     return islice(pack_rows(document_tokens(files, tokenizer, seed), seq_len), start, None)
+
+
+def heldout_rows(files: list[Path], tokenizer: Tokenizer, seq_len: int, seed: int, limit: int) -> Iterator[Row]:
+    """At most ``limit`` rows of one pass over a held-out corpus (never a row twice; identical on every rank)."""
+    return islice(pack_rows(document_tokens(files, tokenizer, seed, epochs=1), seq_len), limit)
 
 
 def rank_batches(

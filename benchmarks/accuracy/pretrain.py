@@ -1,0 +1,150 @@
+"""Pretrain the reference model (a small Llama) on the train books at the short context, then derive the
+context-extended model (RoPE linear scaling): two Hugging Face model directories with the tokenizer.
+
+Plain PyTorch on one device: random windows of ``short_seq`` tokens from the concatenated train books (documents
+joined by </s><s>), AdamW, linear warm-up then cosine decay to 10%, bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.accuracy.recipe import Recipe
+
+
+def tokenize_books(tokenizer, books: list[Path]) -> np.ndarray:
+    """All books as one id stream, each book as <s> ids </s>: [n] int32."""
+    texts = [path.read_text(encoding="utf-8") for path in books]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    parts = [np.asarray([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id], np.int32) for ids in encoded]
+    return np.concatenate(parts)
+
+
+def llama_config(recipe: Recipe, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads,
+        max_position_embeddings=recipe.short_seq,
+        rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.device, log) -> torch.nn.Module:
+    """The reference model after ``recipe.pretrain_steps`` steps (fp32 weights, training mode off)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM._from_config(llama_config(recipe, tokenizer), attn_implementation="sdpa").to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=recipe.pretrain_lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+
+    def lr_at(step: int) -> float:
+        if step < recipe.pretrain_warmup:
+            return recipe.pretrain_lr * (step + 1) / recipe.pretrain_warmup
+        progress = (step - recipe.pretrain_warmup) / max(recipe.pretrain_steps - recipe.pretrain_warmup, 1)
+        return recipe.pretrain_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    rng = np.random.default_rng(recipe.seed)
+    stream = torch.from_numpy(train_ids.astype(np.int64))
+    window = recipe.short_seq
+    started, last = time.perf_counter(), 0.0
+    model.train()
+    for step in range(recipe.pretrain_steps):
+        starts = torch.from_numpy(rng.integers(0, len(stream) - window, size=recipe.pretrain_batch))
+        batch = torch.stack([stream[s : s + window] for s in starts.tolist()]).to(device)  # [b, s]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        if step == recipe.pretrain_steps - 1 or now - last > 15:
+            last = now
+            log(f"pretrain step {step + 1}/{recipe.pretrain_steps}: loss {loss.item():.3f} ({now - started:.0f} s)")
+    return model.eval()
+
+
+def save_reference(model, tokenizer, out: Path, recipe: Recipe, meta: dict) -> None:
+    """The reference model directory (bf16 weights, tokenizer, recipe), written under a temporary name and
+    renamed, so an interrupted run never leaves a half-written model that a later run would trust."""
+    tmp = out.with_name(out.name + ".tmp")
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lemo_accuracy.json").write_text(json.dumps({"reference_key": recipe.reference_key(), **meta}, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def write_extended(reference: Path, out: Path, recipe: Recipe) -> None:
+    """The same weights with RoPE linear scaling by ``recipe.extension`` (position interpolation): the model
+    that the fine-tuning runs start from."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(reference, tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": float(recipe.extension),
+                                 "rope_theta": recipe.rope_theta}  # fmt: skip
+    config["max_position_embeddings"] = recipe.long_seq
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def reference_is_cached(out: Path, recipe: Recipe) -> bool:
+    meta = out / "lemo_accuracy.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("reference_key") == recipe.reference_key()
+
+
+@torch.no_grad()
+def perplexity(model_dir: Path, books: list[Path], seq_len: int, rows: int, device: torch.device, seed: int) -> float:
+    """Dense perplexity of a model directory on ``rows`` held-out rows of ``seq_len`` tokens, packed exactly as
+    launch/train.py's --eval-data packs them (same function and seed), so the figures compare."""
+    from transformers import AutoModelForCausalLM
+
+    from lemo_ds.training import data
+    from lemo_ds.training.tokenizer import load_hf_tokenizer
+
+    tokenizer = load_hf_tokenizer(model_dir)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    loss_sum, tokens = 0.0, 0
+    for row in data.heldout_rows(books, tokenizer, seq_len, seed, limit=rows):
+        batch = {k: torch.from_numpy(getattr(row, k))[None].to(device) for k in ("input_ids", "labels", "position_ids")}
+        counted = int((batch["labels"][:, 1:] != -100).sum())
+        loss_sum += float(model(**batch).loss) * counted
+        tokens += counted
+    return math.exp(loss_sum / tokens)

@@ -1,0 +1,96 @@
+"""The experiment's settings, as data: the full recipe (one H200, under 10 minutes) and a tiny one (CPU tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    # -- corpus ----------------------------------------------------------------------------------------------
+    heldout_every: int = 8  # every 8th book (name order) is held out: 9 of the 74
+    book_limit: int | None = None  # None: every book
+    finetune_books: int = 16  # train books the fine-tuning runs read (each run reads the same ones, same order)
+    # -- reference model (Llama architecture, GQA) -------------------------------------------------------------
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    layers: int = 12  # lemo_ds's "auto" dense layers: 0-5 and 11 dense, 6-10 sparse
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate_size: int = 1536
+    rope_theta: float = 10000.0
+    # -- pretraining at the short context ----------------------------------------------------------------------
+    short_seq: int = 1024
+    pretrain_steps: int = 1200
+    pretrain_batch: int = 32  # rows of short_seq tokens per step
+    pretrain_lr: float = 2e-3
+    pretrain_warmup: int = 60
+    # -- context extension: RoPE linear scaling by ``extension`` and LoRA fine-tuning through launch/train.py -----
+    extension: int = 8
+    finetune_steps: int = 150
+    finetune_lr: float = 1e-3
+    lora_r: int = 8
+    block_size: int = 64
+    keep_ratio: float = 0.4  # the headline comparison
+    scorers: tuple[str, ...] = ("predictor", "oracle", "norm", "random")
+    sweep: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "predictor": (0.2, 0.3, 0.6, 0.8),
+            "oracle": (0.2, 0.6),
+            "norm": (0.2, 0.6),
+            "random": (0.2, 0.6),
+        }
+    )
+    eval_rows: int = 40  # held-out rows of short_seq * extension tokens
+    parallel: int = 8  # fine-tuning runs at once on the one GPU (small model: one run leaves it mostly idle)
+    threads_per_run: int = 2
+    seed: int = 0
+
+    @property
+    def long_seq(self) -> int:
+        return self.short_seq * self.extension
+
+    def reference_key(self) -> str:
+        """Hash of every field the reference model depends on: a cached model is reused only when it matches."""
+        fields = ("heldout_every", "book_limit", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
+                  "intermediate_size", "rope_theta", "short_seq", "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                  "pretrain_warmup", "seed")  # fmt: skip
+        blob = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FULL = Recipe("full")
+# Seconds on two CPU cores: a 4-layer model of width 64, 256-token pretraining rows, 2x extension, a few steps.
+TINY = Recipe(
+    "tiny",
+    heldout_every=4,
+    book_limit=8,
+    finetune_books=2,
+    vocab_size=512,
+    hidden_size=64,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    intermediate_size=128,
+    short_seq=128,
+    pretrain_steps=30,
+    pretrain_batch=4,
+    pretrain_lr=3e-3,
+    pretrain_warmup=5,
+    extension=2,
+    finetune_steps=3,
+    block_size=16,
+    scorers=("predictor", "random"),
+    sweep={},
+    eval_rows=2,
+    parallel=2,
+    threads_per_run=1,
+)
+RECIPES = {recipe.name: recipe for recipe in (FULL, TINY)}

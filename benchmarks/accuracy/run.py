@@ -1,0 +1,230 @@
+"""The accuracy experiment in one command: LeMo's context extension in miniature, on real books.
+
+    # one H200: pretrain (cached in outputs/accuracy), 8x context extension for every scorer and keep ratio,
+    # held-out perplexity and predictor recall; results in benchmarks/results/accuracy-<stamp>.{json,md,png}
+    python benchmarks/accuracy/run.py
+
+    # the tiny recipe (CPU, about two minutes; what tests/test_accuracy.py runs)
+    python benchmarks/accuracy/run.py --recipe tiny --work /tmp/acc --out /tmp/acc/results
+
+Steps: (1) strip the Gutenberg header and licence of ../shared/data/gutenberg's books and split them by book into
+train and held-out; (2) train a byte-level BPE tokenizer on the train books; (3) pretrain a small Llama at the
+short context (1K); (4) give it RoPE linear scaling by 8 (the extended model); (5) LoRA fine-tune the extended
+model at 8K through launch/train.py, once per variant with the same data, steps and seed: dense, and lemo with
+each scorer (predictor, oracle, norm, random) at keep 0.4 plus a keep-ratio sweep; several runs share the GPU at
+once; (6) every run evaluates dense perplexity on the held-out books at 8K (launch/train.py --eval-data) and, with
+the predictor scorer, the predictors' top-k recall against the oracle on the same held-out rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.accuracy import corpus, pretrain, report  # noqa: E402
+from benchmarks.accuracy.recipe import RECIPES, Recipe  # noqa: E402
+from benchmarks.accuracy.tokenizer import train_tokenizer  # noqa: E402
+from benchmarks.harness import results  # noqa: E402
+
+DEFAULT_BOOKS = REPO.parent / "shared" / "data" / "gutenberg"
+BASE_CONFIG = REPO / "ds_configs" / "zero2_lemo.json"
+
+
+def log(message: str) -> None:
+    print(f"[accuracy {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="full")
+    parser.add_argument("--books", default=str(DEFAULT_BOOKS), help="folder of Project Gutenberg books (pg*.txt)")
+    parser.add_argument("--work", default=str(REPO / "outputs" / "accuracy"), help="corpus, models, runs (cache)")
+    parser.add_argument("--out", default=str(results.DEFAULT_RESULTS_DIR), help="where the result files go")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (pretraining and baselines)")
+    parser.add_argument("--only", default=None, help="comma-separated run names (default: every run)")
+    return parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    name: str  # "dense" or "<scorer>@<keep>"
+    scorer: str | None  # None: dense
+    keep_ratio: float | None
+
+
+def fine_tunes(recipe: Recipe) -> list[FineTune]:
+    runs = [FineTune("dense", None, None)]
+    runs += [FineTune(f"{s}@{recipe.keep_ratio:g}", s, recipe.keep_ratio) for s in recipe.scorers]
+    for scorer, keeps in recipe.sweep.items():
+        runs += [FineTune(f"{scorer}@{keep:g}", scorer, keep) for keep in keeps]
+    return runs
+
+
+def ds_config(run: FineTune, recipe: Recipe) -> dict:
+    """ZeRO-2 on one GPU (launch/train.py's AdamW and schedule), with this run's "lemo" section."""
+    config = json.loads(BASE_CONFIG.read_text())
+    config.pop("_comment", None)
+    config.pop("lemo")
+    if run.scorer is not None:
+        config["lemo"] = {"keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size}
+    return config
+
+
+def prepare_models(recipe: Recipe, split: corpus.Split, work: Path, device: torch.device) -> tuple[Path, Path, dict]:
+    """(reference dir, extended dir, pretraining facts): trained now, or reused when the recipe matches."""
+    reference, extended = work / "reference", work / "extended"
+    if pretrain.reference_is_cached(reference, recipe):
+        log(f"reference model: cached in {reference}")
+        facts = json.loads((reference / "lemo_accuracy.json").read_text())
+    else:
+        started = time.perf_counter()
+        tokenizer = train_tokenizer(split.train, recipe.vocab_size)
+        log(f"tokenizer: {len(tokenizer)} ids, trained in {time.perf_counter() - started:.1f} s")
+        ids = pretrain.tokenize_books(tokenizer, split.train)
+        log(f"train books: {len(split.train)}, {len(ids):,} tokens")
+        t0 = time.perf_counter()
+        model = pretrain.pretrain(recipe, tokenizer, ids, device, log)
+        facts = {"train_tokens": int(len(ids)), "pretrain_s": time.perf_counter() - t0,
+                 "tokens_seen": recipe.pretrain_steps * recipe.pretrain_batch * recipe.short_seq}  # fmt: skip
+        pretrain.save_reference(model, tokenizer, reference, recipe, facts)
+        del model
+    pretrain.write_extended(reference, extended, recipe)
+    return reference, extended, facts
+
+
+def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path, work: Path):
+    run_dir = work / "runs" / run.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    config_path = run_dir / "ds_config.json"
+    config_path.write_text(json.dumps(ds_config(run, recipe), indent=1))
+    command = [sys.executable, str(REPO / "launch" / "train.py"), "--deepspeed", str(config_path),
+               "--model", str(extended), "--data", str(finetune_dir), "--eval-data", str(heldout_dir),
+               "--eval-rows", str(recipe.eval_rows), "--seq-len", str(recipe.long_seq),
+               "--max-steps", str(recipe.finetune_steps), "--lora-r", str(recipe.lora_r),
+               "--lr", str(recipe.finetune_lr), "--seed", str(recipe.seed), "--grad-ckpt", "off",
+               "--output-dir", str(run_dir), "--no-save", "--log-every", "10"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(recipe.threads_per_run), "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):  # each run is its own world
+        env.pop(key, None)
+    handle = (run_dir / "train.log").open("w")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO), handle, command
+
+
+def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path,
+            work: Path) -> dict[str, dict]:  # fmt: skip
+    """Every fine-tuning run, ``recipe.parallel`` at a time; {name: record}."""
+    pending, active, records = list(runs), {}, {}
+    while pending or active:
+        while pending and len(active) < recipe.parallel:
+            run = pending.pop(0)
+            active[run.name] = (run, time.perf_counter(), *launch(run, recipe, extended, finetune_dir,
+                                                                  heldout_dir, work))  # fmt: skip
+        time.sleep(1.0)
+        for name, (run, started, process, handle, command) in list(active.items()):
+            if process.poll() is None:
+                continue
+            handle.close()
+            del active[name]
+            records[name] = collect(run, work / "runs" / name, process.returncode, time.perf_counter() - started,
+                                    command)  # fmt: skip
+            status = "ok" if records[name]["ok"] else f"FAILED (exit {process.returncode}, see train.log)"
+            ppl = records[name].get("eval_ppl")
+            log(f"run {name}: {status}" + (f", held-out perplexity {ppl:.3f}" if ppl else ""))
+    return records
+
+
+def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: list[str]) -> dict:
+    record = {"name": run.name, "scorer": run.scorer or "dense", "keep_ratio": run.keep_ratio, "exit_code": code,
+              "wall_s": wall_s, "command": " ".join(command), "ok": False}  # fmt: skip
+    summary_path = run_dir / "summary.json"
+    if code == 0 and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        keys = ("eval_loss", "eval_ppl", "eval_tokens", "final_loss", "mean_keep_ratio", "keep_ratio_per_layer",
+                "tokens_per_s", "peak_mem_bytes", "predictor_recall")  # fmt: skip
+        record.update({key: summary.get(key) for key in keys})
+        record["predictor_recall_per_layer"] = {k.removeprefix("predictor_recall_layer"): v for k, v in summary.items()
+                                                if k.startswith("predictor_recall_layer")}  # fmt: skip
+        record["ok"] = summary.get("eval_ppl") is not None
+    else:
+        tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
+        record["log_tail"] = tail
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    work, out = Path(args.work), Path(args.out)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    try:
+        split = corpus.prepare(Path(args.books), work / "books", recipe.heldout_every, recipe.book_limit)
+    except corpus.CorpusError as error:
+        print(f"accuracy: error: {error}", file=sys.stderr)
+        return 2
+    finetune_dir = work / "finetune"
+    finetune_dir.mkdir(parents=True, exist_ok=True)
+    for book in split.train[: recipe.finetune_books]:
+        if not (finetune_dir / book.name).exists():
+            shutil.copyfile(book, finetune_dir / book.name)
+    log(f"books: {len(split.train)} train, {len(split.heldout)} held-out; fine-tuning reads {recipe.finetune_books}")
+    timings["corpus_s"] = time.perf_counter() - started
+
+    reference, extended, facts = prepare_models(recipe, split, work, device)
+    timings["reference_s"] = time.perf_counter() - started - timings["corpus_s"]
+    heldout_dir = work / "books" / "heldout"
+    baselines = {
+        "reference_short_ppl": pretrain.perplexity(reference, split.heldout, recipe.short_seq, recipe.eval_rows
+                                                   * recipe.extension, device, recipe.seed),  # fmt: skip
+        "extended_long_ppl_before_finetune": pretrain.perplexity(extended, split.heldout, recipe.long_seq,
+                                                                 recipe.eval_rows, device, recipe.seed),  # fmt: skip
+    }
+    log(f"held-out perplexity: reference at {recipe.short_seq} tokens {baselines['reference_short_ppl']:.3f}; "
+        f"extended model at {recipe.long_seq} before fine-tuning {baselines['extended_long_ppl_before_finetune']:.3f}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    runs = fine_tunes(recipe)
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [run for run in runs if run.name in wanted]
+    t0 = time.perf_counter()
+    records = run_all(runs, recipe, extended, finetune_dir, heldout_dir, work)
+    timings["fine_tuning_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+
+    document = {
+        "suite": "accuracy",
+        "status": "complete" if all(r["ok"] for r in records.values()) else "failed runs",
+        "command": results.command_line(),
+        "environment": results.environment(include_device=device.type == "cuda"),
+        "recipe": recipe.as_dict(),
+        "reference": {**facts, **baselines},
+        "timings": timings,
+        "runs": [records[run.name] for run in runs],
+    }
+    paths = report.write(document, out, f"accuracy-{recipe.name}-{results.timestamp()}")
+    print(report.markdown(document))
+    log(f"done in {timings['total_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    return 0 if document["status"] == "complete" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
