@@ -167,6 +167,17 @@ class LemoConfig(_LemoSection):
     schedule: LemoScheduleConfig = Field(default_factory=LemoScheduleConfig)
     """Warm-up of the keep ratio (dense steps, then a linear ramp)."""
 
+    loss_tokens: Literal["all", "processed"] = "all"
+    """Which positions the training loss counts. ``all``: every labelled token (LeMo). ``processed``: only the
+    positions whose row ran through every sparse layer of the forward: the others skipped layers, so their
+    predictions come from a shallower network than the dense model that is evaluated, and training on them
+    teaches the weights to make up for layers that are there at evaluation. Needs ``memory.segment_loss``."""
+
+    nested_selection: bool = False
+    """A block that one sparse layer eliminates stays eliminated in the later sparse layers of the same forward
+    (token dropping, as in random-LTD): the positions that run through every sparse layer are then exactly the
+    last sparse layer's kept share, instead of the intersection of independent choices."""
+
     apply_in_eval: bool = False
     """Eliminate tokens in eval mode too. Default: evaluation and inference are dense."""
 
@@ -196,6 +207,8 @@ class LemoConfig(_LemoSection):
     def _cross_field_checks(self) -> LemoConfig:
         if self.scorer == "predictor" and self.predictor_path is not None and not self.predictor_path:
             raise ValueError("predictor_path is an empty string; give the path of a predictors file or null")
+        if self.loss_tokens == "processed" and not self.memory.segment_loss:
+            raise ValueError('loss_tokens "processed" needs memory.segment_loss true (lemo_ds masks the loss there)')
         if self.predictor_path is not None and self.scorer != "predictor":
             raise ValueError(f'predictor_path is set but scorer is "{self.scorer}"; set scorer to "predictor"')
         trains = self.predictor.calibration_batches > 0 or self.predictor.refresh_every > 0

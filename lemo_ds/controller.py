@@ -24,6 +24,9 @@ class LemoController:
         self._engine: Any = None
         self._kept = [0] * len(target_ratios)
         self._seen = [0] * len(target_ratios)
+        # This forward's selections (training forwards only; a checkpoint's recompute reuses its selection):
+        self.processed_rows: torch.Tensor | None = None  # [b, s] bool: the row ran through every sparse layer
+        self.last_kept_blocks: torch.Tensor | None = None  # [b, k] the latest sparse layer's kept blocks
 
     # ---- time ---------------------------------------------------------------------------------------
 
@@ -39,6 +42,14 @@ class LemoController:
         if self._engine is not None:
             self.step = int(self._engine.global_steps)
         self.micro_step += 1
+        self.processed_rows = self.last_kept_blocks = None
+
+    def note_selection(self, blocks: torch.Tensor, rows: torch.Tensor, seq: int) -> None:
+        """A sparse layer of this forward kept ``blocks`` [b, k] = token ``rows`` [b, K] of ``seq``."""
+        kept = torch.zeros(rows.shape[0], seq, dtype=torch.bool, device=rows.device)  # [b, s]
+        kept.scatter_(1, rows, True)
+        self.processed_rows = kept if self.processed_rows is None else self.processed_rows & kept
+        self.last_kept_blocks = blocks
 
     # ---- the schedule -------------------------------------------------------------------------------
 

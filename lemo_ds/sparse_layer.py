@@ -150,6 +150,7 @@ class SparseDecoderLayerMixin:
         )
         if self.training and not _in_backward():  # a checkpoint's recompute is not a second pass of data
             state.controller.record(state.layer_index, rows.shape[1], seq)
+            state.controller.note_selection(blocks, rows, seq)
         return write_back_rows(hidden_states, kept_out, rows, inplace=inplace, backend=backend)
 
     def _lemo_selection(
@@ -184,6 +185,11 @@ class SparseDecoderLayerMixin:
         )
         with torch.no_grad():
             scores = state.scorer.score(self, hidden_states.detach(), context)  # [b, n]
+            earlier = controller.last_kept_blocks  # [b, k'] kept by the previous sparse layer of this forward
+            if config.nested_selection and earlier is not None and earlier.shape[0] == scores.shape[0]:
+                # Blocks eliminated earlier rank below every block still in play (kept blocks first).
+                allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, earlier, True)  # [b, n]
+                scores = torch.where(allowed, scores.float(), torch.finfo(torch.float32).min)
             blocks = select_blocks(scores, keep, forced)  # [b, k]
         if checkpointed and not _in_backward():
             # Keep only recent entries: a forward whose backward never comes must not leak.

@@ -45,6 +45,9 @@ class Recipe:
             "random": (0.2, 0.6),
         }
     )
+    # Loss/selection modes beyond LeMo's (lemo section keys), each a run per scorer at keep_ratio, named
+    # "<scorer>@<keep>+<mode>": "processed" counts the loss only where a row ran through every sparse layer.
+    modes: dict[str, dict] = field(default_factory=dict)
     eval_rows: int = 40  # held-out rows of short_seq * extension tokens
     parallel: int = 8  # fine-tuning runs at once on the one GPU (small model: one run leaves it mostly idle)
     threads_per_run: int = 2

@@ -25,7 +25,9 @@ def markdown(document: dict[str, Any]) -> str:
         "| run | scorer | keep | held-out ppl | vs dense | predictor recall | final train loss | tokens/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for run in sorted(document["runs"], key=lambda r: (r["scorer"] != "dense", r["scorer"], r["keep_ratio"] or 1)):
+    order = sorted(document["runs"], key=lambda r: (r["scorer"] != "dense", r.get("mode", ""), r["scorer"],
+                                                    r["keep_ratio"] or 1))  # fmt: skip
+    for run in order:
         if not run["ok"]:
             lines.append(f"| {run['name']} | {run['scorer']} | {run['keep_ratio']} | failed | | | | |")
             continue
@@ -48,10 +50,13 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    scorers = sorted({r["scorer"] for r in document["runs"] if r["scorer"] != "dense" and r["ok"]})
-    for scorer in scorers:
-        points = sorted((r["keep_ratio"], r["eval_ppl"]) for r in document["runs"] if r["scorer"] == scorer and r["ok"])
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"lemo, {scorer}")
+    lines = sorted({(r["scorer"], r.get("mode", "")) for r in document["runs"] if r["scorer"] != "dense" and r["ok"]})
+    for scorer, mode in lines:
+        points = sorted((r["keep_ratio"], r["eval_ppl"]) for r in document["runs"]
+                        if (r["scorer"], r.get("mode", "")) == (scorer, mode) and r["ok"])  # fmt: skip
+        label = f"lemo, {scorer}" + (f" + {mode}" if mode else "")
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="-" if not mode else ":",
+                  label=label)  # fmt: skip
     dense = _dense_ppl(document)
     if dense is not None:
         axis.axhline(dense, color="black", linestyle="--", label="dense")

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,21 +55,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(results.DEFAULT_RESULTS_DIR), help="where the result files go")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (pretraining and baselines)")
     parser.add_argument("--only", default=None, help="comma-separated run names (default: every run)")
+    parser.add_argument("--mode", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help='an extra mode (lemo keys; JSON values), e.g. "processed:loss_tokens=processed"')
     return parser.parse_args(argv)
 
 
 @dataclass(frozen=True)
 class FineTune:
-    name: str  # "dense" or "<scorer>@<keep>"
+    name: str  # "dense", "<scorer>@<keep>" or "<scorer>@<keep>+<mode>"
     scorer: str | None  # None: dense
     keep_ratio: float | None
+    mode: str = ""
+    extra: dict = field(default_factory=dict, hash=False)  # more "lemo" keys
 
 
-def fine_tunes(recipe: Recipe) -> list[FineTune]:
+def parse_modes(specs: list[str]) -> dict[str, dict]:
+    """``NAME:KEY=VALUE,...`` -> {NAME: {KEY: VALUE}} (values as JSON, else strings)."""
+    modes = {}
+    for spec in specs:
+        name, _, pairs = spec.partition(":")
+        settings = {}
+        for pair in filter(None, pairs.split(",")):
+            key, _, value = pair.partition("=")
+            try:
+                settings[key] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[key] = value
+        modes[name] = settings
+    return modes
+
+
+def fine_tunes(recipe: Recipe, modes: dict[str, dict]) -> list[FineTune]:
     runs = [FineTune("dense", None, None)]
     runs += [FineTune(f"{s}@{recipe.keep_ratio:g}", s, recipe.keep_ratio) for s in recipe.scorers]
     for scorer, keeps in recipe.sweep.items():
         runs += [FineTune(f"{scorer}@{keep:g}", scorer, keep) for keep in keeps]
+    for mode, extra in modes.items():
+        runs += [FineTune(f"{s}@{recipe.keep_ratio:g}+{mode}", s, recipe.keep_ratio, mode, extra)
+                 for s in recipe.scorers]  # fmt: skip
     return runs
 
 
@@ -79,7 +102,8 @@ def ds_config(run: FineTune, recipe: Recipe) -> dict:
     config.pop("_comment", None)
     config.pop("lemo")
     if run.scorer is not None:
-        config["lemo"] = {"keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size}
+        config["lemo"] = {"keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size,
+                          **run.extra}  # fmt: skip
     return config
 
 
@@ -149,7 +173,8 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, finetune_dir: 
 
 
 def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: list[str]) -> dict:
-    record = {"name": run.name, "scorer": run.scorer or "dense", "keep_ratio": run.keep_ratio, "exit_code": code,
+    record = {"name": run.name, "scorer": run.scorer or "dense", "keep_ratio": run.keep_ratio, "mode": run.mode,
+              "lemo_extra": run.extra, "exit_code": code,
               "wall_s": wall_s, "command": " ".join(command), "ok": False}  # fmt: skip
     summary_path = run_dir / "summary.json"
     if code == 0 and summary_path.is_file():
@@ -201,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    runs = fine_tunes(recipe)
+    runs = fine_tunes(recipe, {**recipe.modes, **parse_modes(args.mode)})
     if args.only:
         wanted = set(args.only.split(","))
         runs = [run for run in runs if run.name in wanted]

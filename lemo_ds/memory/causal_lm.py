@@ -24,6 +24,13 @@ class SegmentLossCausalLMMixin:
         kwargs.pop("logits_to_keep", None)  # no logits are made
         decoder = self._lemo_policy.decoder_model(self)
         outputs = decoder(input_ids=input_ids, **kwargs)
+        controller = getattr(self, "_lemo_controller", None)
+        if (self.training and controller is not None and controller.config.loss_tokens == "processed"
+                and controller.processed_rows is not None):  # fmt: skip
+            # Position t's hidden row predicts label t + 1: drop the labels whose predicting row skipped a layer.
+            skipped = ~controller.processed_rows[:, :-1]  # [b, s - 1]
+            labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(skipped.to(labels.device), -100)], dim=1)
+            num_items = None  # the count changed: the mean over the counted tokens
         loss = segment_lm_loss(self._lemo_policy.lm_head(self), outputs.last_hidden_state, labels,
                                memory.segment_tokens, num_items, memory.segment_loss_impl)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,

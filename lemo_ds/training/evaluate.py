@@ -56,9 +56,10 @@ def heldout_recall(engine: nn.Module, batches: Iterator[dict[str, torch.Tensor]]
         for layer, value in recall.items():
             sums[layer] = sums.get(layer, 0.0) + value
 
-    calibrate(engine, batches, updates=0, on_batch=on_batch)
-    layers = sorted(sums)
     device = next(p for p in engine.parameters()).device
+    on_device = ({key: value.to(device) for key, value in batch.items()} for batch in batches)
+    calibrate(engine, on_device, updates=0, on_batch=on_batch)
+    layers = sorted(sums)
     values = torch.tensor([sums[layer] / max(count, 1) for layer in layers], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
