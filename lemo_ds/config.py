@@ -173,6 +173,12 @@ class LemoConfig(_LemoSection):
     predictions come from a shallower network than the dense model that is evaluated, and training on them
     teaches the weights to make up for layers that are there at evaluation. Needs ``memory.segment_loss``."""
 
+    selection_window: int = Field(0, ge=0)
+    """Stratified selection: each window of this many blocks keeps about the keep ratio of its blocks (the
+    scorer picks which ones), instead of one top-k over the whole sequence. Column-sum scores (oracle,
+    predictor) favour early blocks, which have more queries; a window spreads the kept tokens over every
+    position. 0: one global top-k (LeMo)."""
+
     nested_selection: bool = False
     """A block that one sparse layer eliminates stays eliminated in the later sparse layers of the same forward
     (token dropping, as in random-LTD): the positions that run through every sparse layer are then exactly the

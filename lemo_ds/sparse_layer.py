@@ -27,7 +27,14 @@ from lemo_ds.controller import LemoController, current_rank
 from lemo_ds.errors import LemoInputError
 from lemo_ds.kernels import gather_rows, write_back_rows
 from lemo_ds.scorers.base import BlockScorer, ScoreContext
-from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
+from lemo_ds.selection import (
+    forced_blocks,
+    keep_block_count,
+    num_blocks,
+    select_blocks,
+    stratified_priority,
+    token_index,
+)
 
 if TYPE_CHECKING:
     from lemo_ds.policies.base import DecoderLayerPolicy
@@ -185,6 +192,8 @@ class SparseDecoderLayerMixin:
         )
         with torch.no_grad():
             scores = state.scorer.score(self, hidden_states.detach(), context)  # [b, n]
+            if config.selection_window:
+                scores = stratified_priority(scores, config.selection_window)  # [b, n]
             earlier = controller.last_kept_blocks  # [b, k'] kept by the previous sparse layer of this forward
             if config.nested_selection and earlier is not None and earlier.shape[0] == scores.shape[0]:
                 # Blocks eliminated earlier rank below every block still in play (kept blocks first).

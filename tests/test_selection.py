@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -85,3 +87,35 @@ def test_oracle_prefers_the_block_every_query_attends_to():
     query[0, 0, 20:] += direction
     scores = oracle_block_scores(query, key, 8)
     assert scores.argmax().item() == 2
+
+
+# ---- stratified selection (lemo selection_window) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "window", "keep"), [(32, 8, 13), (37, 8, 15), (16, 4, 4), (10, 3, 5)])
+def test_stratified_selection_spreads_the_kept_blocks_over_every_window(n, window, keep):
+    from lemo_ds.selection import stratified_priority
+
+    generator = torch.Generator().manual_seed(n + window)
+    # Column-sum-like scores: early blocks score far higher, so a global top-k keeps only early blocks.
+    scores = torch.rand(3, n, generator=generator) + torch.linspace(10.0, 0.0, n)  # [b, n]
+    kept = select_blocks(stratified_priority(scores, window), keep, forced=[])  # [b, k]
+    assert kept.shape == (3, keep)
+    for b in range(3):
+        per_window = torch.bincount(kept[b] // window, minlength=math.ceil(n / window))
+        full = per_window[: n // window]
+        assert full.max() - full.min() <= 1, per_window  # every full window keeps its share, within one block
+        for w in range(math.ceil(n / window)):  # inside a window, the scorer's best blocks
+            members = torch.arange(w * window, min((w + 1) * window, n))
+            chosen = [i for i in kept[b].tolist() if i in members.tolist()]
+            best = scores[b, members].topk(len(chosen)).indices + w * window
+            assert sorted(chosen) == sorted(best.tolist())
+    global_kept = select_blocks(scores, keep, forced=[])
+    assert global_kept.max() < n // 2  # the global top-k would have kept the first half only
+
+
+def test_one_window_over_the_whole_sequence_is_the_global_top_k():
+    from lemo_ds.selection import stratified_priority
+
+    scores = torch.randn(2, 20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(select_blocks(stratified_priority(scores, 32), 7, [0]), select_blocks(scores, 7, [0]))

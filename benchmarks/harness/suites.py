@@ -100,6 +100,16 @@ SUITES: dict[str, Suite] = {
                                "lemo-oracle+ckpt+chunked-loss"),
         ),
         Suite(
+            "predictor-overhead",
+            "The learned predictors' cost in the training step: Llama-3-8B shape, 32K, checkpointing, chunked loss, "
+            "keep 0.4. lemo-random does the same sparse work with a free scorer, so predictor minus random is "
+            "the predictors' own time (calibrated on the fly in the warm-up step).",
+            configs=_grid(("llama3-8b",), (32 * K,)),
+            variants=_variants("lemo-random+ckpt+chunked-loss", "lemo-predictor+ckpt+chunked-loss",
+                               "lemo-norm+ckpt+chunked-loss", "lemo-oracle+ckpt+chunked-loss"),
+            steps=4,
+        ),
+        Suite(
             "maxctx",
             "Longest context (4K granularity) whose training step fits on one GPU, Llama-3-8B shape: the "
             "strongest dense stack (checkpointing + chunked loss) and the LeMo stack. Each probe is a fresh "

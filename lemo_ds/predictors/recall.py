@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks
+from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, stratified_priority
 
 
 def free_choice(n: int, seq: int, block_size: int, keep_ratio: float, min_blocks: int, always_keep: list[int]):
@@ -41,9 +41,13 @@ def topk_recall(
     keep_ratio: float,
     min_blocks: int = 1,
     always_keep: list[int] | tuple[int, ...] = (0,),
+    window: int = 0,
 ) -> torch.Tensor:
-    """Recall per sample [b] (float32), as the module docstring defines it."""
+    """Recall per sample [b] (float32), as the module docstring defines it; ``window``: the layer's stratified
+    selection (lemo ``selection_window``), applied to both sides."""
     n = num_blocks(seq, block_size)
+    if window:
+        predicted, oracle = stratified_priority(predicted, window), stratified_priority(oracle, window)
     forced, choose = free_choice(n, seq, block_size, keep_ratio, min_blocks, list(always_keep))
     if choose <= 0:
         return torch.ones(predicted.shape[0])

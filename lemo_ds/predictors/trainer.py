@@ -35,6 +35,7 @@ class SelectionRule:
     keep_ratios: dict[int, float]  # target keep ratio per sparse layer
     min_blocks: int = 1
     always_keep: tuple[int, ...] = (0,)
+    window: int = 0  # stratified selection (lemo selection_window), 0: global top-k
 
 
 @dataclass
@@ -102,7 +103,7 @@ class PredictorTrainer:
             prior = positional_prior(labels.lo_block, predicted.shape[1], predicted.shape[0], predicted.device)
             recall = torch.stack(
                 [topk_recall(scores, labels.scores, seq, rule.block_size, ratio, rule.min_blocks,
-                             rule.always_keep).mean() for scores in (predicted, prior)]
+                             rule.always_keep, rule.window).mean() for scores in (predicted, prior)]
             ).to(hidden_states.device)  # [2]: predictor, prior  # fmt: skip
         optimizer = self._optimizer(layer)
         loss_value = float("nan")

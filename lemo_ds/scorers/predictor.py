@@ -102,6 +102,7 @@ class PredictorScorer:
             {i: ratios[i] for i in sparse},
             self.config.min_blocks,
             tuple(self.config.always_keep_blocks),
+            self.config.selection_window,
         )
         self.trainer = PredictorTrainer(self.bank, rule, self.settings.lr, self.settings.rank_weight)
         self.fingerprint = fingerprint
