@@ -11,9 +11,11 @@ Steps: (1) strip the Gutenberg header and licence of ../shared/data/gutenberg's 
 train and held-out; (2) train a byte-level BPE tokenizer on the train books; (3) pretrain a small Llama at the
 short context (1K); (4) give it RoPE linear scaling by 8 (the extended model); (5) LoRA fine-tune the extended
 model at 8K through launch/train.py, once per variant with the same data, steps and seed: dense, and lemo with
-each scorer (predictor, oracle, norm, random) at keep 0.4 plus a keep-ratio sweep; several runs share the GPU at
-once; (6) every run evaluates dense perplexity on the held-out books at 8K (launch/train.py --eval-data) and, with
-the predictor scorer, the predictors' top-k recall against the oracle on the same held-out rows.
+each scorer (predictor, oracle, norm, random) at keep 0.4 under LeMo's selection rule and under lemo_ds's
+"nested" rule (recipe.NESTED), plus a keep-ratio sweep of the predictor; several runs share the GPU at once; the
+predictors are trained offline first (launch/train_predictor.py on the extended model); (6) every run evaluates
+dense perplexity on the held-out books at 8K (launch/train.py --eval-data) and, with the predictor scorer, the
+predictors' top-k recall against the oracle on the same held-out rows.
 """
 
 from __future__ import annotations
@@ -85,14 +87,15 @@ def parse_modes(specs: list[str]) -> dict[str, dict]:
     return modes
 
 
-def fine_tunes(recipe: Recipe, modes: dict[str, dict]) -> list[FineTune]:
+def fine_tunes(recipe: Recipe, extra_modes: dict[str, dict]) -> list[FineTune]:
+    """dense, the recipe's runs, and each extra mode (``--mode``) for every scorer of the recipe at its keep ratio."""
+    modes = {**recipe.modes, **extra_modes}
+    specs = list(recipe.runs)
+    scorers = sorted({scorer for scorer, _, _ in recipe.runs})
+    specs += [(scorer, recipe.keep_ratio, mode) for mode in extra_modes for scorer in scorers]
     runs = [FineTune("dense", None, None)]
-    runs += [FineTune(f"{s}@{recipe.keep_ratio:g}", s, recipe.keep_ratio) for s in recipe.scorers]
-    for scorer, keeps in recipe.sweep.items():
-        runs += [FineTune(f"{scorer}@{keep:g}", scorer, keep) for keep in keeps]
-    for mode, extra in modes.items():
-        runs += [FineTune(f"{s}@{recipe.keep_ratio:g}+{mode}", s, recipe.keep_ratio, mode, extra)
-                 for s in recipe.scorers]  # fmt: skip
+    for scorer, keep, mode in specs:
+        runs.append(FineTune(f"{scorer}@{keep:g}" + (f"+{mode}" if mode else ""), scorer, keep, mode, modes[mode]))
     return runs
 
 
@@ -129,7 +132,27 @@ def prepare_models(recipe: Recipe, split: corpus.Split, work: Path, device: torc
     return reference, extended, facts
 
 
-def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path, work: Path):
+def train_predictors(recipe: Recipe, extended: Path, finetune_dir: Path, work: Path):
+    """launch/train_predictor.py on the extended model (frozen) and the fine-tuning books: the predictors file
+    that every predictor run loads. Returns (process, log handle, command, file)."""
+    job_dir = work / "predictors"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    config = {"lemo": {"keep_ratio": recipe.keep_ratio, "scorer": "predictor", "block_size": recipe.block_size}}
+    (job_dir / "ds_config.json").write_text(json.dumps(config))
+    out = job_dir / "predictors.safetensors"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(REPO / "launch" / "train_predictor.py"), "--model", str(extended),
+               "--data", str(finetune_dir), "--deepspeed", str(job_dir / "ds_config.json"),
+               "--seq-len", str(recipe.long_seq), "--batches", str(recipe.predictor_batches),
+               "--eval-batches", str(recipe.predictor_eval_batches), "--seed", str(recipe.seed),
+               "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(recipe.threads_per_run), "PYTHONUNBUFFERED": "1"}
+    handle = (job_dir / "train_predictor.log").open("w")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO), handle, command, out
+
+
+def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path, work: Path,
+           predictors: Path | None = None):  # fmt: skip
     run_dir = work / "runs" / run.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -142,6 +165,8 @@ def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, he
                "--max-steps", str(recipe.finetune_steps), "--lora-r", str(recipe.lora_r),
                "--lr", str(recipe.finetune_lr), "--seed", str(recipe.seed), "--grad-ckpt", "off",
                "--output-dir", str(run_dir), "--no-save", "--log-every", "10"]  # fmt: skip
+    if run.scorer == "predictor" and predictors is not None:
+        command += ["--predictor", str(predictors)]
     env = {**os.environ, "OMP_NUM_THREADS": str(recipe.threads_per_run), "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):  # each run is its own world
         env.pop(key, None)
@@ -150,14 +175,32 @@ def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, he
 
 
 def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path,
-            work: Path) -> dict[str, dict]:  # fmt: skip
-    """Every fine-tuning run, ``recipe.parallel`` at a time; {name: record}."""
+            work: Path) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
+    """Every fine-tuning run, ``recipe.parallel`` at a time (the predictor runs once the predictors are trained,
+    the others meanwhile); ({name: record}, the predictor training's record or None)."""
     pending, active, records = list(runs), {}, {}
-    while pending or active:
-        while pending and len(active) < recipe.parallel:
-            run = pending.pop(0)
+    job = train_predictors(recipe, extended, finetune_dir, work) if any(r.scorer == "predictor" for r in runs) else None
+    job_started, job_record, predictors = time.perf_counter(), None, None
+    while pending or active or (job is not None and job_record is None):
+        if job is not None and job_record is None and job[0].poll() is not None:
+            job[1].close()
+            ok = job[0].returncode == 0 and job[3].is_file()
+            job_record = {"ok": ok, "exit_code": job[0].returncode, "wall_s": time.perf_counter() - job_started,
+                          "command": " ".join(job[2]),
+                          "log_tail": _tail(job[3].parent / "train_predictor.log", 40)}  # fmt: skip
+            predictors = job[3] if ok else None
+            log(f"predictors: {'trained' if ok else 'FAILED (see ' + str(job[3].parent) + '/train_predictor.log)'}")
+        waiting = job is not None and job_record is None
+        for run in [r for r in pending if not (waiting and r.scorer == "predictor")]:
+            if len(active) >= recipe.parallel:
+                break
+            pending.remove(run)
+            if run.scorer == "predictor" and predictors is None:
+                records[run.name] = {"name": run.name, "scorer": run.scorer, "keep_ratio": run.keep_ratio,
+                                     "mode": run.mode, "ok": False, "log_tail": ["no predictors file"]}  # fmt: skip
+                continue
             active[run.name] = (run, time.perf_counter(), *launch(run, recipe, extended, finetune_dir,
-                                                                  heldout_dir, work))  # fmt: skip
+                                                                  heldout_dir, work, predictors))  # fmt: skip
         time.sleep(1.0)
         for name, (run, started, process, handle, command) in list(active.items()):
             if process.poll() is None:
@@ -169,7 +212,11 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, finetune_dir: 
             status = "ok" if records[name]["ok"] else f"FAILED (exit {process.returncode}, see train.log)"
             ppl = records[name].get("eval_ppl")
             log(f"run {name}: {status}" + (f", held-out perplexity {ppl:.3f}" if ppl else ""))
-    return records
+    return records, job_record
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    return path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else []
 
 
 def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: list[str]) -> dict:
@@ -186,8 +233,7 @@ def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: lis
                                                 if k.startswith("predictor_recall_layer")}  # fmt: skip
         record["ok"] = summary.get("eval_ppl") is not None
     else:
-        tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-        record["log_tail"] = tail
+        record["log_tail"] = _tail(run_dir / "train.log", 15)
     return record
 
 
@@ -226,23 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    runs = fine_tunes(recipe, {**recipe.modes, **parse_modes(args.mode)})
+    runs = fine_tunes(recipe, parse_modes(args.mode))
     if args.only:
         wanted = set(args.only.split(","))
         runs = [run for run in runs if run.name in wanted]
     t0 = time.perf_counter()
-    records = run_all(runs, recipe, extended, finetune_dir, heldout_dir, work)
+    records, predictor_job = run_all(runs, recipe, extended, finetune_dir, heldout_dir, work)
     timings["fine_tuning_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
     document = {
         "suite": "accuracy",
         "status": "complete" if all(r["ok"] for r in records.values()) else "failed runs",
+        "modes": {**recipe.modes, **parse_modes(args.mode)},
         "command": results.command_line(),
         "environment": results.environment(include_device=device.type == "cuda"),
         "recipe": recipe.as_dict(),
         "reference": {**facts, **baselines},
         "timings": timings,
+        "predictor_training": predictor_job,
         "runs": [records[run.name] for run in runs],
     }
     paths = report.write(document, out, f"accuracy-{recipe.name}-{results.timestamp()}")
