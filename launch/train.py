@@ -16,6 +16,9 @@ Run from the repository root:
     deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --model /models/Meta-Llama-3-8B \
         --data corpus.jsonl --lora-r 0 --seq-len 16384 --max-steps 200 --output-dir outputs/llama3
 
+    # held-out evaluation at the end: dense perplexity (and predictor recall) on 32 rows of held-out text
+    deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --data train/ --eval-data heldout/
+
     # continue a run from its latest checkpoint (same --output-dir), up to 40 steps; "--resume auto" also
     # starts fresh when there is no complete checkpoint yet (a requeued Slurm job: launch/slurm/)
     deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 40 --resume
@@ -415,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             message += line if not message else (" " if message.endswith(":") else "; ") + line
         print(f"lemo_ds: error: {message}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise (see there)
     close(run)
     return 0
 

@@ -18,9 +18,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_command(script: str | Path, *args: str, ranks: int = 2) -> list[str]:
+def deepspeed_command(script: str | Path, *args: str, ranks: int = 2, port: int | None = None) -> list[str]:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
+    port = free_port() if port is None else port
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), str(script), *args]
+
+
+def remove_cpu_comm_buffers(port: int | str) -> None:
+    """DeepSpeed's CPU backend leaves a 66 MB /dev/shm buffer per rank of every job (see
+    lemo_ds.training.launch_env.release_cpu_comm_buffer); a killed or crashed job cannot release its own."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def run_deepspeed(script: str | Path, *args: str, ranks: int = 2, timeout: float = 300, env: dict | None = None):
@@ -28,14 +36,18 @@ def run_deepspeed(script: str | Path, *args: str, ranks: int = 2, timeout: float
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if "CUDA_VISIBLE_DEVICES" not in environment and not _has_cuda():
         environment.setdefault("DS_ACCELERATOR", "cpu")
-    return subprocess.run(
-        deepspeed_command(script, *args, ranks=ranks),
-        cwd=REPO,
-        env=environment,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
+    port = free_port()
+    try:
+        return subprocess.run(
+            deepspeed_command(script, *args, ranks=ranks, port=port),
+            cwd=REPO,
+            env=environment,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+    finally:
+        remove_cpu_comm_buffers(port)
 
 
 def _has_cuda() -> bool:

@@ -1,0 +1,110 @@
+"""The accuracy benchmark: the Gutenberg corpus split, held-out evaluation in launch/train.py, and the whole
+pipeline on the tiny recipe (real books, real tokenizer training, real pretraining and launch/train.py runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.accuracy.corpus import CorpusError, prepare, strip_gutenberg
+from lemo_ds.training.evaluate import heldout_perplexity
+
+REPO = Path(__file__).resolve().parent.parent
+BOOKS = REPO.parent / "shared" / "data" / "gutenberg"
+
+BOOK = """The Project Gutenberg eBook of Something\r
+licence text\r
+*** START OF THE PROJECT GUTENBERG EBOOK SOMETHING ***\r
+Chapter 1\r
+It was a dark night.\r
+*** END OF THE PROJECT GUTENBERG EBOOK SOMETHING ***\r
+more licence\r
+"""
+
+
+def test_strip_gutenberg_keeps_only_the_book():
+    assert strip_gutenberg(BOOK) == "Chapter 1\nIt was a dark night.\n"
+    # the other spelling of the markers
+    other = BOOK.replace("*** START OF THE", "***START OF THIS").replace("*** END OF THE", "***END OF THIS")
+    assert strip_gutenberg(other) == "Chapter 1\nIt was a dark night.\n"
+    with pytest.raises(CorpusError, match="START OF"):
+        strip_gutenberg("no markers here", "x.txt")
+
+
+def test_split_is_by_whole_book_and_disjoint(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(9):
+        (source / f"pg{i}_book.txt").write_text(BOOK.replace("dark night", f"night number {i}"))
+    split = prepare(source, tmp_path / "out", heldout_every=4)
+    assert [p.name for p in split.heldout] == ["pg3_book.txt", "pg7_book.txt"]
+    assert not {p.name for p in split.train} & {p.name for p in split.heldout}
+    assert len(split.train) + len(split.heldout) == 9
+    assert "licence" not in split.train[0].read_text()
+    with pytest.raises(CorpusError, match="fewer than heldout_every"):
+        prepare(source, tmp_path / "out2", heldout_every=20)
+
+
+def test_heldout_perplexity_is_the_token_weighted_mean():
+    """Two batches with different numbers of counted tokens: the result weights each token equally (a mean of the
+    batch means would not), computed against logits by hand."""
+    from tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("llama").eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for ignored in (0, 20):
+        ids = torch.randint(1, VOCAB, (1, 32), generator=generator)
+        labels = ids.clone()
+        labels[0, 1 : 1 + ignored] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    result = heldout_perplexity(model, batches)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"]).logits[0, :-1].double()  # [s - 1, V]
+            targets = batch["labels"][0, 1:]
+            keep = targets != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert result["eval_tokens"] == count == 31 + 11
+    assert result["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["eval_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert model.training is False
+
+
+@pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/data/gutenberg")
+def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
+    """benchmarks/accuracy/run.py --recipe tiny: corpus, tokenizer, pretraining, extended model, the predictors
+    trained offline, and every fine-tuning run through launch/train.py with held-out evaluation."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "accuracy" / "run.py"), "--recipe", "tiny", "--work",
+         str(tmp_path / "work"), "--out", str(out), "--books", str(BOOKS)],  # fmt: skip
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (result_path,) = out.glob("accuracy-tiny-*.json")
+    document = json.loads(result_path.read_text())
+    assert document["status"] == "complete"
+    names = {run["name"] for run in document["runs"]}
+    assert names == {"dense", "predictor@0.4", "random@0.4", "predictor@0.4+nested"}
+    for run in document["runs"]:
+        assert run["ok"] and math.isfinite(run["eval_ppl"]) and run["eval_tokens"] > 0
+        assert run["eval_tokens"] == document["runs"][0]["eval_tokens"]  # every run evaluates the same rows
+        if run["scorer"] == "predictor":
+            assert 0.0 <= run["predictor_recall"] <= 1.0
+            assert "--predictor" in run["command"]  # the offline-trained file
+        if run["scorer"] != "dense":
+            assert run["mean_keep_ratio"] < 1.0
+    nested = next(r for r in document["runs"] if r["mode"] == "nested")
+    assert nested["lemo_extra"] == {"loss_tokens": "processed", "nested_selection": True, "selection_window": 8}
+    assert document["predictor_training"]["ok"]
+    assert (out / result_path.name.replace(".json", ".md")).read_text().count("| ") > 4
+    assert document["reference"]["reference_short_ppl"] > 1.0
