@@ -72,3 +72,30 @@ def test_forced_blocks_are_global_and_counts_are_equal():
     # only block 0: the second shard forces nothing but still counts one toward k
     assert shard_forced_blocks(4, 2, 1, [0]) == ([], 1)
     assert shard_forced_blocks(4, 2, 0, [0, 1, 9]) == ([0, 1], 2)  # 9 is past the sequence: ignored
+
+
+def test_train_launch_with_sequence_parallelism(tmp_path):
+    """launch/train.py with ds_configs/zero3_lemo_sp.json on two ranks (one SP group of 2): trains, eliminates
+    per shard, and reports the SP layout."""
+    out = tmp_path / "run"
+    result = run_deepspeed(
+        REPO / "launch/train.py", "--deepspeed", str(REPO / "ds_configs/zero3_lemo_sp.json"), "--max-steps", "2",
+        "--seq-len", "256", "--output-dir", str(out), "--no-save", env=ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sequence_parallel_size"] == 2 and summary["world_size"] == 2
+    # 128 tokens per shard = 2 blocks; round(0.4 x 2) = 1 block kept per shard in the sparse layers 4..6
+    assert summary["keep_ratio_per_layer"] == [1.0] * 4 + [0.5] * 3 + [1.0]
+    assert summary["final_loss"] is not None and summary["final_loss"] > 0
+
+
+def test_train_launch_rejects_a_length_that_does_not_shard_into_blocks(tmp_path):
+    result = run_deepspeed(
+        REPO / "launch/train.py", "--deepspeed", str(REPO / "ds_configs/zero3_lemo_sp.json"), "--max-steps", "1",
+        "--seq-len", "192", "--output-dir", str(tmp_path / "run"), env=ENV,
+    )  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lemo_ds: error:")]
+    assert len(errors) == 2, result.stderr[-3000:]  # every rank, before any collective
+    assert "multiple of sequence_parallel_size x block_size = 128" in errors[0]
