@@ -124,8 +124,12 @@ def measure(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:  # one process without a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 1000))  # fmt: skip
+        import socket
+
+        with socket.socket() as sock:  # a free port: one-GPU probes run side by side
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != args.sp:
