@@ -198,6 +198,9 @@ def measure(args: argparse.Namespace) -> int:
             reported = loss.detach()
         loss.backward()
         if state is not None:  # the SP group's gradient is the sum of its ranks' (lemo_ds.sequence_parallel)
+            for p in trainable:
+                if p.grad is None:  # every rank must contribute every parameter to the one all-reduce
+                    p.grad = torch.zeros_like(p)
             flat = torch.cat([p.grad.reshape(-1) for p in trainable])
             dist.all_reduce(flat, group=state.group)
             for p, g in zip(trainable, flat.split([p.numel() for p in trainable]), strict=True):

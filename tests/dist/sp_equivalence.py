@@ -6,6 +6,7 @@ row of 64 tokens (three documents, one of them across the shard boundary), fed t
 full (gathered) gradient with a single-process reference that every rank computes alone on the whole row:
 
 - ``--mode dense`` (every keep ratio 1.0): the reference is the plain Hugging Face model (SP=1).
+- ``--mode plain`` (no "lemo" section: Hugging Face's own loss given shift_labels): the same reference.
 - ``--mode sparse`` (keep 0.5, oracle scores): the reference is an independent masked model: unmodified layers
   on every token, eliminated tokens removed as keys by the mask and their rows reset to the layer input, with
   the per-shard selection computed by its own code (each shard's blocks scored by the shard's queries, the
@@ -115,20 +116,23 @@ def per_shard_masked_forward(model, ids, position, lemo) -> torch.Tensor:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)
-    parser.add_argument("--mode", choices=("dense", "sparse"), required=True)
+    parser.add_argument("--mode", choices=("dense", "sparse", "plain"), required=True)
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=3)
     parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    lemo = SPARSE if args.mode == "sparse" else DENSE
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "sequence_parallel_size": SP,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": args.zero_stage, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
-        "lemo": lemo,
     }
+    if args.mode != "plain":
+        ds_config["lemo"] = SPARSE if args.mode == "sparse" else DENSE
+    if args.zero_stage != 3:
+        del ds_config["zero_optimization"]["stage3_param_persistence_threshold"]
     sequence_parallel.check_dims(sp=SP, world_size=2, seq_len=SEQ, block_size=BLOCK, heads=4, kv_heads=2)
 
     reference = build(seed=0)  # plain, on every rank
@@ -136,7 +140,7 @@ def main() -> int:
     # The reference runs before SP is set up: Ulysses replaces the process-wide "sdpa" attention function.
     ref_loss = reference_loss(reference, rows[0], SPARSE if args.mode == "sparse" else None)
     ref_loss.backward()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.zero_stage == 3):
         model = build(seed=0)
     for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         with deepspeed.zero.GatheredParameters([ours], modifier_rank=0), torch.no_grad():
@@ -161,7 +165,7 @@ def main() -> int:
     ok = abs(group_loss.item() - ref_loss.item()) < 1e-5 and worst < 1e-5 * max(1.0, scale)
     if args.mode == "sparse":
         ok = ok and keep[0] == 1.0 and max(keep[1:]) < 0.6
-    report = {"rank": rank, "mode": args.mode, "loss": group_loss.item(), "reference_loss": ref_loss.item(),
+    report = {"rank": rank, "mode": args.mode, "zero_stage": args.zero_stage, "loss": group_loss.item(), "reference_loss": ref_loss.item(),
               "max_grad_diff": worst, "grad_scale": scale, "keep_ratio_per_layer": keep, "ok": ok}  # fmt: skip
     print(json.dumps(report), flush=True)
     return 0 if ok else 1
