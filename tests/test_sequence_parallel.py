@@ -28,7 +28,7 @@ def _reports(result) -> list[dict]:
 def test_sp2_with_every_keep_ratio_one_equals_sp1(mode):
     """SP=2 with every keep ratio 1.0 ("dense": lemo_ds's segment loss; "plain": no lemo section, Hugging Face's
     loss) equals the plain single-process model on the whole row: loss and every gradient."""
-    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", "--mode", mode, env=ENV)):
+    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", "--mode", mode, env=ENV, timeout=600)):
         assert report["ok"], report
         assert report["keep_ratio_per_layer"] == ([1.0] * 4 if mode == "dense" else None)
 
@@ -39,7 +39,7 @@ def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, z
     the per-shard selection rule, with and without activation checkpointing, under ZeRO-3 and ZeRO-2 (whose
     gradient reductions scale SP gradients differently)."""
     args = ["--mode", "sparse", "--zero-stage", str(zero_stage)] + (["--checkpointing"] if checkpointing else [])
-    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV)):
+    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV, timeout=600)):
         assert report["ok"], report
         assert report["keep_ratio_per_layer"][0] == 1.0 and max(report["keep_ratio_per_layer"][1:]) == 0.5
 
