@@ -62,6 +62,7 @@ from lemo_ds.training import (  # noqa: E402
     launch_env,
     metrics,
     model,
+    parallel,
     precision,
     resume,
     tracking,
@@ -167,7 +168,8 @@ def build(args: argparse.Namespace) -> Run:
     # lemo_ds.initialize = deepspeed.initialize after converting the sparse layers ("lemo" section, if any).
     config = {**ds_config, **({"lemo": run.lemo_section} if run.lemo_section is not None else {})}
     params = [p for p in net.parameters() if p.requires_grad]
-    run.engine, _, _, _ = lemo_ds.initialize(model=net, model_parameters=params, config=config)
+    mpu = parallel.setup(run, net)  # Ulysses sequence parallelism when the config's sequence_parallel_size > 1
+    run.engine, _, _, _ = lemo_ds.initialize(model=net, model_parameters=params, config=config, mpu=mpu)
     run.controller = lemo_ds.get_controller(run.engine)
     if run.controller is not None:
         run.log(f"lemo: keep ratio per layer {run.controller.target_ratios}, scorer {run.lemo.scorer}")
@@ -182,9 +184,9 @@ def build(args: argparse.Namespace) -> Run:
         args.resume = state is not None
         if state is not None:
             run.start_step, start_row = state["step"], state["rows_consumed"]
-    run.rows_per_step = run.world_size * run.micro_batch * run.grad_accum
+    run.rows_per_step = run.dp_size * run.micro_batch * run.grad_accum  # an SP group shares its rows
     rows = data.packed_rows(run.files, run.tokenizer, args.seq_len, args.seed, start=start_row)
-    run.batches = data.rank_batches(rows, rank=run.rank, world_size=run.world_size, micro_batch=run.micro_batch)
+    run.batches = parallel.rank_batches(run, rows, run.engine.device)
     # Predictors without a file: trained on this rank's first micro-batches (model frozen, oracle labels), read
     # from a second iterator so that training still sees exactly the rows it would have seen.
     first_rows = data.packed_rows(run.files, run.tokenizer, args.seq_len, args.seed, start=start_row)
@@ -249,6 +251,7 @@ def check_inputs(args: argparse.Namespace) -> Run:
     run.grad_ckpt = checkpointing.resolve_mode(args.grad_ckpt, ds_config)
     run.ds_config, run.precision_note = ds_config, precision_note
     run.lemo_section = raw.get("lemo")
+    parallel.check(run, args, ds_config)
     return run
 
 
@@ -273,10 +276,10 @@ def train(run: Run) -> None:
         loss_sum = torch.zeros((), device=engine.device)
         for _ in range(run.grad_accum):  # engine.step() only updates at the accumulation boundary
             batch = {k: v.to(engine.device) for k, v in next(run.batches).items()}  # [b, s] each
-            loss = engine(**batch).loss
+            loss, reported = parallel.forward_loss(run, engine, batch)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float()
+            loss_sum += reported.float()
         # One all-reduce: loss and per-layer keep ratios [1 + L], averaged over the data-parallel ranks, so
         # every rank reports the same numbers.
         reduced = torch.cat([loss_sum.reshape(1) / run.grad_accum, _keep_ratios(run).to(engine.device)])
@@ -370,6 +373,7 @@ def _summary(run: Run, step: int, totals: metrics.RunTotals, elapsed: float) -> 
         "mean_keep_ratio": totals.mean_keep_ratio,
         "keep_ratio_per_layer": totals.keep_ratio_per_layer,
         "world_size": run.world_size,
+        "sequence_parallel_size": run.sp_size,
         "zero_stage": run.zero_stage,
         "model": args.model,
         "model_type": run.source.config.model_type,

@@ -28,6 +28,19 @@ def forced_blocks(seq_len: int, block_size: int, always_keep: list[int]) -> list
     return sorted(forced)
 
 
+def shard_forced_blocks(n_local: int, sp_size: int, sp_rank: int, always_keep: list[int]) -> tuple[list[int], int]:
+    """Sequence parallelism: the always-kept blocks are GLOBAL block indices of the whole sequence of
+    ``n_local * sp_size`` blocks; returns (the local indices of those in shard ``sp_rank``, sorted; the largest
+    number of them in any one shard). Counting the largest number toward every rank's k keeps k equal on all
+    ranks (equal all-to-all splits). Every shard is whole blocks, so there is no partial tail block."""
+    n = n_local * sp_size
+    forced = {i % n for i in always_keep if -n <= i < n}
+    per_shard = [
+        sorted(g - r * n_local for g in forced if r * n_local <= g < (r + 1) * n_local) for r in range(sp_size)
+    ]
+    return per_shard[sp_rank], max(len(blocks) for blocks in per_shard)
+
+
 def keep_block_count(n_blocks: int, keep_ratio: float, min_blocks: int, n_forced: int) -> int:
     return min(n_blocks, max(min_blocks, n_forced, round(keep_ratio * n_blocks)))
 

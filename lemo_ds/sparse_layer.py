@@ -32,9 +32,12 @@ from lemo_ds.selection import (
     keep_block_count,
     num_blocks,
     select_blocks,
+    shard_forced_blocks,
     stratified_priority,
     token_index,
 )
+from lemo_ds.sequence_parallel import DOC_KWARG
+from lemo_ds.sequence_parallel import active as sequence_parallel
 
 if TYPE_CHECKING:
     from lemo_ds.policies.base import DecoderLayerPolicy
@@ -126,9 +129,20 @@ class SparseDecoderLayerMixin:
                 f"sequence of {seq} tokens is shorter than one lemo block ({block} tokens); use sequences of at "
                 f"least {block} tokens or a smaller lemo.block_size"
             )
+        sp = sequence_parallel()
+        if sp is not None and seq % block:
+            raise LemoInputError(
+                f"under sequence parallelism each rank's shard must be whole lemo blocks: this shard has {seq} "
+                f"tokens, block_size is {block}; use a sequence length that is a multiple of "
+                f"{sp.size} x {block}"
+            )
         cos, sin = kwargs[policy.position_embeddings_kwarg]  # [b or 1, s, d]
         mask = kwargs.get(policy.mask_kwarg)  # [b or 1, 1, s, s] or None
+        # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
+        # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
         blocks = self._lemo_selection(hidden_states, ratio, mask, (cos, sin))  # [b, k]
+        if sp is not None:
+            mask = None
         rows = token_index(blocks, block, seq)  # [b, K]
         backend = state.controller.config.kernels
 
@@ -140,6 +154,10 @@ class SparseDecoderLayerMixin:
             kept_kwargs[policy.position_ids_kwarg] = position_ids.expand(batch, -1).gather(1, rows)  # [b, K]
         if mask is not None:
             kept_kwargs[policy.mask_kwarg] = gather_attention_mask(mask, rows)  # [b, 1, K, K]
+        elif sp is not None:
+            kept_kwargs[policy.mask_kwarg] = None
+        if kwargs.get(DOC_KWARG) is not None:  # document keys travel with the kept rows (sequence parallel)
+            kept_kwargs[DOC_KWARG] = kwargs[DOC_KWARG].expand(batch, -1).gather(1, rows)  # [b, K]
         layer_forward = partial(super().forward, **kept_kwargs)
         kept_only = self._lemo_checkpoints_kept_rows()
         if kept_only:
@@ -177,9 +195,15 @@ class SparseDecoderLayerMixin:
                 return saved
         config = controller.config
         seq = hidden_states.shape[1]
-        forced = forced_blocks(seq, config.block_size, config.always_keep_blocks)
-        n = num_blocks(seq, config.block_size)
-        keep = keep_block_count(n, ratio, config.min_blocks, len(forced))
+        sp = sequence_parallel()
+        if sp is None:
+            forced = forced_blocks(seq, config.block_size, config.always_keep_blocks)
+            n = num_blocks(seq, config.block_size)
+            keep = keep_block_count(n, ratio, config.min_blocks, len(forced))
+        else:
+            n = num_blocks(seq, config.block_size)
+            forced, most_forced = shard_forced_blocks(n, sp.size, sp.rank, config.always_keep_blocks)
+            keep = keep_block_count(n, ratio, config.min_blocks, most_forced)  # equal on every SP rank
         context = ScoreContext(
             layer_index=state.layer_index,
             block_size=config.block_size,

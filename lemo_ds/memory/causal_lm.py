@@ -22,6 +22,8 @@ class SegmentLossCausalLMMixin:
         memory = self._lemo_memory
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)  # no logits are made
+        # Targets shifted before sequence-parallel sharding (Hugging Face's loss takes them the same way).
+        targets = kwargs.pop("shift_labels", None)
         decoder = self._lemo_policy.decoder_model(self)
         outputs = decoder(input_ids=input_ids, **kwargs)
         controller = getattr(self, "_lemo_controller", None)
@@ -32,6 +34,7 @@ class SegmentLossCausalLMMixin:
             labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(skipped.to(labels.device), -100)], dim=1)
             num_items = None  # the count changed: the mean over the counted tokens
         loss = segment_lm_loss(self._lemo_policy.lm_head(self), outputs.last_hidden_state, labels,
-                               memory.segment_tokens, num_items, memory.segment_loss_impl)
+                               memory.segment_tokens, num_items, memory.segment_loss_impl,
+                               shift_labels=targets)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)

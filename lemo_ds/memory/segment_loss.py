@@ -33,6 +33,9 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+_shift = shift_labels  # segment_lm_loss's argument of the same name shadows it
+
+
 def hf_causal_lm_loss_ref(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Reference: Hugging Face's loss from full logits [b, s, V] (for tests)."""
     targets = shift_labels(labels).reshape(-1)
@@ -108,12 +111,14 @@ def segment_lm_loss(
     segment_tokens: int = 4096,
     num_items_in_batch: int | torch.Tensor | None = None,
     impl: str = "auto",
+    shift_labels: torch.Tensor | None = None,  # [b, s] targets already shifted (sequence-parallel shards)
 ) -> torch.Tensor:
-    """Hugging Face's causal-LM loss without full logits (see the module docstring)."""
+    """Hugging Face's causal-LM loss without full logits (see the module docstring). ``shift_labels``, as in
+    Hugging Face's loss, replaces the shifted ``labels``."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"segment loss implementation {impl!r}: allowed values are {', '.join(IMPLEMENTATIONS)}")
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, h]
-    targets = shift_labels(labels).reshape(-1).to(hidden.device)  # [N]
+    targets = (shift_labels if shift_labels is not None else _shift(labels)).reshape(-1).to(hidden.device)  # [N]
     if num_items_in_batch is None:
         divisor = (targets != IGNORE_INDEX).sum().to(torch.float32)
     else:

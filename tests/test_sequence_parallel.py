@@ -1,0 +1,104 @@
+"""Ulysses sequence parallelism with per-rank token elimination (lemo_ds.sequence_parallel), on two CPU ranks
+over gloo with real DeepSpeed engines (ZeRO-3). See tests/dist/sp_equivalence.py for what each run compares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from launch_util import REPO, run_deepspeed
+
+from lemo_ds.errors import LemoConfigError
+from lemo_ds.selection import shard_forced_blocks
+from lemo_ds.sequence_parallel import check_dims, check_zero_config
+
+ENV = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def _reports(result) -> list[dict]:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # two ranks may print onto one line: split on the record boundary
+    text = result.stdout.replace('}{"rank"', '}\n{"rank"')
+    reports = [json.loads(line) for line in text.splitlines() if line.startswith('{"rank"')]
+    assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-3000:]
+    return reports
+
+
+@pytest.mark.parametrize("mode", ["dense", "plain"])
+def test_sp2_with_every_keep_ratio_one_equals_sp1(mode):
+    """SP=2 with every keep ratio 1.0 ("dense": lemo_ds's segment loss; "plain": no lemo section, Hugging Face's
+    loss) equals the plain single-process model on the whole row: loss and every gradient."""
+    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", "--mode", mode, env=ENV, timeout=600)):
+        assert report["ok"], report
+        assert report["keep_ratio_per_layer"] == ([1.0] * 4 if mode == "dense" else None)
+
+
+@pytest.mark.parametrize(("checkpointing", "zero_stage"), [(False, 3), (True, 3), (False, 2)])
+def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, zero_stage):
+    """SP=2 with elimination (oracle, keep 0.5) equals an independent masked single-process model that applies
+    the per-shard selection rule, with and without activation checkpointing, under ZeRO-3 and ZeRO-2 (whose
+    gradient reductions scale SP gradients differently)."""
+    args = ["--mode", "sparse", "--zero-stage", str(zero_stage)] + (["--checkpointing"] if checkpointing else [])
+    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV, timeout=600)):
+        assert report["ok"], report
+        assert report["keep_ratio_per_layer"][0] == 1.0 and max(report["keep_ratio_per_layer"][1:]) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "message"),
+    [
+        (101, "does not divide by sequence_parallel_size 2"),
+        (192, "multiple of sequence_parallel_size x block_size = 128"),
+    ],
+)
+def test_bad_sequence_length_is_a_clear_error(seq_len, message):
+    with pytest.raises(LemoConfigError, match=message):
+        check_dims(sp=2, world_size=2, seq_len=seq_len, block_size=64, heads=4, kv_heads=2)
+    # dense: the shards need not be whole blocks
+    check_dims(sp=2, world_size=2, seq_len=192, block_size=None, heads=4, kv_heads=2)
+
+
+def test_parallel_dims_are_checked():
+    with pytest.raises(LemoConfigError, match="does not divide the world size 3"):
+        check_dims(sp=2, world_size=3, seq_len=256, block_size=64, heads=4, kv_heads=2)
+    with pytest.raises(LemoConfigError, match="attention heads"):
+        check_dims(sp=4, world_size=4, seq_len=512, block_size=64, heads=6, kv_heads=2)
+    check_dims(sp=4, world_size=8, seq_len=512, block_size=64, heads=32, kv_heads=8)  # 2 data x 4 sequence
+    with pytest.raises(LemoConfigError, match="reduce_scatter"):
+        check_zero_config({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, 2)
+
+
+def test_forced_blocks_are_global_and_counts_are_equal():
+    # 2 shards of 4 blocks; always keep global blocks 0 and -1 (= 7): one in each shard
+    assert shard_forced_blocks(4, 2, 0, [0, -1]) == ([0], 1)
+    assert shard_forced_blocks(4, 2, 1, [0, -1]) == ([3], 1)
+    # only block 0: the second shard forces nothing but still counts one toward k
+    assert shard_forced_blocks(4, 2, 1, [0]) == ([], 1)
+    assert shard_forced_blocks(4, 2, 0, [0, 1, 9]) == ([0, 1], 2)  # 9 is past the sequence: ignored
+
+
+def test_train_launch_with_sequence_parallelism(tmp_path):
+    """launch/train.py with ds_configs/zero3_lemo_sp.json on two ranks (one SP group of 2): trains, eliminates
+    per shard, and reports the SP layout."""
+    out = tmp_path / "run"
+    result = run_deepspeed(
+        REPO / "launch/train.py", "--deepspeed", str(REPO / "ds_configs/zero3_lemo_sp.json"), "--max-steps", "2",
+        "--seq-len", "256", "--output-dir", str(out), "--no-save", env=ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sequence_parallel_size"] == 2 and summary["world_size"] == 2
+    # 128 tokens per shard = 2 blocks; round(0.4 x 2) = 1 block kept per shard in the sparse layers 4..6
+    assert summary["keep_ratio_per_layer"] == [1.0] * 4 + [0.5] * 3 + [1.0]
+    assert summary["final_loss"] is not None and summary["final_loss"] > 0
+
+
+def test_train_launch_rejects_a_length_that_does_not_shard_into_blocks(tmp_path):
+    result = run_deepspeed(
+        REPO / "launch/train.py", "--deepspeed", str(REPO / "ds_configs/zero3_lemo_sp.json"), "--max-steps", "1",
+        "--seq-len", "192", "--output-dir", str(tmp_path / "run"), env=ENV,
+    )  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lemo_ds: error:")]
+    assert len(errors) == 2, result.stderr[-3000:]  # every rank, before any collective
+    assert "multiple of sequence_parallel_size x block_size = 128" in errors[0]
