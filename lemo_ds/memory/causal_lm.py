@@ -29,9 +29,12 @@ class SegmentLossCausalLMMixin:
         controller = getattr(self, "_lemo_controller", None)
         if (self.training and controller is not None and controller.config.loss_tokens == "processed"
                 and controller.processed_rows is not None):  # fmt: skip
-            # Position t's hidden row predicts label t + 1: drop the labels whose predicting row skipped a layer.
-            skipped = ~controller.processed_rows[:, :-1]  # [b, s - 1]
-            labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(skipped.to(labels.device), -100)], dim=1)
+            # Row t predicts label t + 1 (target t once shifted): drop the targets whose predicting row skipped a layer.
+            skipped = ~controller.processed_rows.to(labels.device)  # [b, s]
+            if targets is not None:  # already shifted (sequence parallelism): target t belongs to row t
+                targets = targets.masked_fill(skipped, -100)
+            else:
+                labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(skipped[:, :-1], -100)], dim=1)
             num_items = None  # the count changed: the mean over the counted tokens
         loss = segment_lm_loss(self._lemo_policy.lm_head(self), outputs.last_hidden_state, labels,
                                memory.segment_tokens, num_items, memory.segment_loss_impl,

@@ -40,6 +40,12 @@ def check(run: Any, args: Any, ds_config: dict[str, Any]) -> None:
         sequence_parallel.check_zero_config(ds_config, run.sp_size)
     except ValueError as error:
         raise TrainingSetupError(f"--seq-len {args.seq_len}, {world} ranks: {error}") from None
+    if run.lemo is not None and run.lemo.loss_tokens == "processed":
+        # Each shard would divide by its own count of processed positions: a mean of means, not the group's mean.
+        raise TrainingSetupError(
+            'lemo loss_tokens "processed" is not supported with sequence parallelism yet; use loss_tokens "all" '
+            "or sequence_parallel_size 1"
+        )
     if run.lemo is not None and run.lemo.scorer == "predictor" and run.lemo.predictor_path is None:
         raise TrainingSetupError(
             'sequence parallelism with lemo scorer "predictor" needs a trained predictors file (--predictor FILE, '
