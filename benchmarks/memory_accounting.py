@@ -1,0 +1,210 @@
+"""Where the bytes go: what autograd stores for one decoder layer of the real shapes, counted on CPU.
+
+    PYTHONPATH=. python benchmarks/memory_accounting.py [--out benchmarks/results/memory_accounting.json]
+
+One decoder layer of the Llama-2-7B / Llama-3-8B shape (bf16, SDPA, peft LoRA r=8 on q/k/v/o with float32
+adapters, as benchmarks/harness/model.py builds it), a short sequence (320 tokens; blocks of 32 so that keep 0.4 is
+exactly 4 of 10 blocks), forward + backward under saved-tensor hooks that count every stored storage once, measured
+when the forward ends (so offloaded inputs count 0). Per token and layer, in units of hidden-size bytes, for:
+dense and sparse (keep 0.4), each with lemo_ds's memory stack off, with saved-tensor compaction, with compaction +
+tiled MLP; under checkpointing the stored input per layer, with and without offload. Then it extrapolates to the
+32-layer model at 8K and 128K (17 dense layers, 15 at keep 0.4) and puts the estimates next to the H200 peaks
+measured in benchmarks/results/memory-*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness.model import LORA_TARGETS  # noqa: E402
+from benchmarks.harness.shapes import get_shape  # noqa: E402
+
+GIB = 2**30
+SEQ, BLOCK = 320, 32
+OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
+COMPACT = {**OFF, "compact_saves": True}
+STACK = {**COMPACT, "segment_loss": True, "tiled_mlp": True, "tiled_mlp_tokens": 64, "sparse_checkpointing": True}
+# Measured on one H200 (benchmarks/results/memory-paper-20261122-000308.json, memory-long-20261122-000352.json).
+MEASURED = {
+    "llama2-7b@8192": {"dense": 63.83, "dense+stack(old)": 47.40, "lemo-oracle": 50.28,
+                       "lemo-oracle+stack(old)": 37.84},
+    "llama3-8b@131072": {"dense+ckpt+chunked-loss": 83.69, "dense+ckpt+stack(old)": 72.69,
+                         "lemo-oracle+ckpt+stack(old)": 64.08},
+}
+
+
+def build(shape_name: str, vocab: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    shape = get_shape(shape_name)
+    config = shape.to_config(SEQ)
+    config.num_hidden_layers, config.vocab_size = 1, vocab
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    model.train()
+    return shape, model
+
+
+def stored_bytes(model, ids, checkpointing: str | None = None) -> dict[str, int]:
+    """Bytes autograd holds for backward at the end of the forward, inside the decoder layer and outside it."""
+    import lemo_ds  # noqa: F401
+
+    layer = model.get_base_model().model.layers[0]
+    where = {"inside": False}
+    packed: list[tuple[str, torch.Tensor]] = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        packed.append(("layer" if where["inside"] else "outside", tensor))
+        return tensor
+
+    pre = layer.register_forward_pre_hook(lambda *a: where.update(inside=True))
+    post = layer.register_forward_hook(lambda *a: where.update(inside=False))
+    inputs = []
+    if checkpointing is not None:  # the layer's stored input: what the checkpoint keeps (a closure or ctx)
+        original = layer._gradient_checkpointing_func
+        def spy(function, *args, **kwargs):  # noqa: E306
+            inputs.extend(a for a in args if isinstance(a, torch.Tensor))
+            return original(function, *args, **kwargs)
+        layer._gradient_checkpointing_func = spy
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        seen, out = set(), {"layer": 0, "outside": 0, "checkpoint_input": 0}
+        for kind, tensor in [*packed, *(("checkpoint_input", t) for t in inputs)]:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in seen or key in params or storage.nbytes() == 0:
+                continue
+            seen.add(key)
+            out[kind] += storage.nbytes()
+        loss.backward()
+    finally:
+        pre.remove()
+        post.remove()
+        if checkpointing is not None:
+            layer._gradient_checkpointing_func = original
+    return out
+
+
+def variant(model, keep: float | None, memory: dict | None, checkpointing: str | None = None):
+    import lemo_ds
+
+    model = copy.deepcopy(model)
+    # The embedding output requires grad, so the one layer stores what a middle layer of the model stores.
+    model.get_base_model().enable_input_require_grads()
+    if checkpointing is not None:
+        model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    if keep is not None:
+        lemo_ds.apply_lemo(model, {"keep_ratio": keep, "dense_layers": [], "block_size": BLOCK, "scorer": "norm",
+                                   "inplace_writeback": False,  # the one layer's input is a leaf here
+                                   "memory": memory})
+    return model
+
+
+def account(shape_name: str) -> dict:
+    vocab = 32000  # the LM head's share is computed separately (it does not depend on the layer)
+    shape, model = build(shape_name, vocab)
+    h = shape.hidden
+    ids = torch.randint(0, vocab, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    rows = {}
+    cases = {
+        "dense": (None, None, None), "dense+compact": (1.0, COMPACT, None),
+        "dense+compact+tiled-mlp": (1.0, {**COMPACT, "tiled_mlp": True, "tiled_mlp_tokens": 64}, None),
+        "sparse0.4": (0.4, OFF, None), "sparse0.4+compact": (0.4, COMPACT, None),
+        "sparse0.4+compact+tiled-mlp": (0.4, {**COMPACT, "tiled_mlp": True, "tiled_mlp_tokens": 64}, None),
+        "dense+ckpt": (None, None, "non-reentrant"), "dense+ckpt+offload": (1.0, {**STACK, "offload_checkpoints": True},
+                                                                            "non-reentrant"),
+        "sparse0.4+ckpt(kept rows)": (0.4, STACK, "non-reentrant"),
+        "sparse0.4+ckpt+offload": (0.4, {**STACK, "offload_checkpoints": True}, "non-reentrant"),
+    }
+    for name, (keep, memory, ckpt) in cases.items():
+        counted = stored_bytes(variant(model, keep, memory, ckpt), ids, ckpt)
+        stored_layer = counted["layer"] + counted["checkpoint_input"]
+        rows[name] = {"layer_bytes": stored_layer, "outside_bytes": counted["outside"],
+                      "per_token_per_layer_in_h": round(stored_layer / SEQ / h, 2),
+                      "outside_per_token_in_h": round(counted["outside"] / SEQ / h, 2)}
+        print(f"{shape_name:10s} {name:30s} layer {rows[name]['per_token_per_layer_in_h']:6.2f} h B/token   "
+              f"outside {rows[name]['outside_per_token_in_h']:6.2f} h B/token", flush=True)
+    params = full_params(shape)
+    return {"shape": shape.describe(), "seq": SEQ, "block_size": BLOCK, "rows": rows, "params": params}
+
+
+def full_params(shape) -> int:
+    """Parameters of the 32-layer model (embedding, layers, final norm, LM head; LoRA adds 0.1%)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return shape.layers * layer + 2 * shape.vocab * h + h
+
+
+def extrapolate(result: dict, seq: int) -> dict:
+    """GiB of stored activations of the 32-layer model (17 dense layers, 15 at keep 0.4) at ``seq`` tokens."""
+    shape, rows = result["shape"], result["rows"]
+    h, n_dense, n_sparse = shape["hidden"], 17, 15
+    weights = (sum_params := result["params"]) * 2 / GIB
+    per_token = {name: row["per_token_per_layer_in_h"] * h for name, row in rows.items()}
+
+    def model_gib(dense_row: str, sparse_row: str) -> float:
+        return seq * (n_dense * per_token[dense_row] + n_sparse * per_token[sparse_row]) / GIB
+
+    est = {
+        "weights_gib": round(weights, 2), "params": sum_params,
+        "no_ckpt": {
+            "dense": model_gib("dense", "dense"),
+            "dense+compact": model_gib("dense+compact", "dense+compact"),
+            "dense+compact+tiled-mlp": model_gib("dense+compact+tiled-mlp", "dense+compact+tiled-mlp"),
+            "lemo": model_gib("dense", "sparse0.4"),
+            "lemo+compact": model_gib("dense+compact", "sparse0.4+compact"),
+            "lemo+compact+tiled-mlp": model_gib("dense+compact+tiled-mlp", "sparse0.4+compact+tiled-mlp"),
+        },
+        "ckpt_stored_inputs": {
+            "dense": seq * 32 * per_token["dense+ckpt"] / GIB,
+            "lemo(kept rows)": model_gib("dense+ckpt", "sparse0.4+ckpt(kept rows)"),
+            "lemo+offload": model_gib("dense+ckpt+offload", "sparse0.4+ckpt+offload"),
+        },
+        "ckpt_one_dense_layer_recompute": {
+            "plain": seq * per_token["dense"] / GIB,
+            "compact+tiled-mlp": seq * per_token["dense+compact+tiled-mlp"] / GIB,
+        },
+    }
+    for group in ("no_ckpt", "ckpt_stored_inputs", "ckpt_one_dense_layer_recompute"):
+        est[group] = {k: round(v, 2) for k, v in est[group].items()}
+    return est
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/memory_accounting.json")
+    parser.add_argument("--shapes", default="llama2-7b,llama3-8b")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    report = {"command": "PYTHONPATH=. python benchmarks/memory_accounting.py", "measured_h200_gib": MEASURED,
+              "shapes": {}}
+    for name in args.shapes.split(","):
+        result = account(name)
+        result["extrapolated"] = {str(seq): extrapolate(result, seq) for seq in (8192, 131072)}
+        report["shapes"][name] = result
+        print(json.dumps(result["extrapolated"], indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
