@@ -84,7 +84,7 @@ def stored_bytes(model, ids, checkpointing: str | None = None) -> dict[str, int]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(input_ids=ids, labels=ids).loss
         seen, out = set(), {"layer": 0, "outside": 0, "checkpoint_input": 0}
-        for kind, tensor in [*packed, *(("checkpoint_input", t) for t in inputs)]:
+        for kind, tensor in [*(("checkpoint_input", t) for t in inputs), *packed]:
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key in seen or key in params or storage.nbytes() == 0:
@@ -122,14 +122,17 @@ def account(shape_name: str) -> dict:
     h = shape.hidden
     ids = torch.randint(0, vocab, (1, SEQ), generator=torch.Generator().manual_seed(0))
     rows = {}
+    tiles = {"tiled_mlp": True, "tiled_mlp_tokens": 64}
+    old_stack = {**OFF, "segment_loss": True, "sparse_checkpointing": True, **tiles}  # before this change
+    exact = {**COMPACT, "segment_loss": True, "sparse_checkpointing": True}  # no matmul recomputed in the layers
     cases = {
-        "dense": (None, None, None), "dense+compact": (1.0, COMPACT, None),
-        "dense+compact+tiled-mlp": (1.0, {**COMPACT, "tiled_mlp": True, "tiled_mlp_tokens": 64}, None),
-        "sparse0.4": (0.4, OFF, None), "sparse0.4+compact": (0.4, COMPACT, None),
-        "sparse0.4+compact+tiled-mlp": (0.4, {**COMPACT, "tiled_mlp": True, "tiled_mlp_tokens": 64}, None),
-        "dense+ckpt": (None, None, "non-reentrant"), "dense+ckpt+offload": (1.0, {**STACK, "offload_checkpoints": True},
-                                                                            "non-reentrant"),
-        "sparse0.4+ckpt(kept rows)": (0.4, STACK, "non-reentrant"),
+        "dense": (None, None, None),
+        "dense+oldstack": (1.0, old_stack, None), "dense+exact": (1.0, exact, None), "dense+stack": (1.0, STACK, None),
+        "sparse0.4": (0.4, OFF, None), "sparse0.4+oldstack": (0.4, old_stack, None),
+        "sparse0.4+exact": (0.4, exact, None), "sparse0.4+stack": (0.4, STACK, None),
+        "dense+ckpt": (None, None, "non-reentrant"),
+        "sparse0.4+ckpt+stack": (0.4, STACK, "non-reentrant"),
+        "dense+ckpt+offload": (1.0, {**STACK, "offload_checkpoints": True}, "non-reentrant"),
         "sparse0.4+ckpt+offload": (0.4, {**STACK, "offload_checkpoints": True}, "non-reentrant"),
     }
     for name, (keep, memory, ckpt) in cases.items():
@@ -141,7 +144,8 @@ def account(shape_name: str) -> dict:
         print(f"{shape_name:10s} {name:30s} layer {rows[name]['per_token_per_layer_in_h']:6.2f} h B/token   "
               f"outside {rows[name]['outside_per_token_in_h']:6.2f} h B/token", flush=True)
     params = full_params(shape)
-    return {"shape": shape.describe(), "seq": SEQ, "block_size": BLOCK, "rows": rows, "params": params}
+    return {"name": shape_name, "shape": shape.describe(), "seq": SEQ, "block_size": BLOCK, "rows": rows,
+            "params": params}
 
 
 def full_params(shape) -> int:
@@ -151,39 +155,86 @@ def full_params(shape) -> int:
     return shape.layers * layer + 2 * shape.vocab * h + h
 
 
-def extrapolate(result: dict, seq: int) -> dict:
-    """GiB of stored activations of the 32-layer model (17 dense layers, 15 at keep 0.4) at ``seq`` tokens."""
+LORA_AND_ADAM_GIB = 0.13  # r=8 on q/k/v/o of 32 layers: 8.4M float32 parameters x (value, grad, 2 Adam moments)
+
+
+def extrapolate(result: dict, seq: int, vocab: int, segment: int = 4096) -> dict:
+    """The 32-layer model (17 dense layers, 15 at keep 0.4) at ``seq`` tokens: stored activations, and peak
+    estimates = weights + LoRA/Adam + stored + the loss's transient (HF: [s, V] float32 gradient + bf16 copy, 6 B;
+    segment loss: one [segment, V] block, logits + gradient in float32 + bf16, 10 B). Under checkpointing: the
+    stored layer inputs + one dense layer's recompute (its no-checkpointing bytes) + what lies outside + a backward
+    transient T calibrated on the measured lemo-oracle+ckpt+stack (old stack) peak, reused for the new stacks."""
     shape, rows = result["shape"], result["rows"]
     h, n_dense, n_sparse = shape["hidden"], 17, 15
-    weights = (sum_params := result["params"]) * 2 / GIB
-    per_token = {name: row["per_token_per_layer_in_h"] * h for name, row in rows.items()}
+    weights = result["params"] * 2 / GIB
+    tok = {name: row["per_token_per_layer_in_h"] * h for name, row in rows.items()}
+    out = {name: row["outside_per_token_in_h"] * h for name, row in rows.items()}
+    hf_loss, seg_loss = seq * vocab * 6 / GIB, min(seq, segment) * vocab * 10 / GIB
+    fixed = weights + LORA_AND_ADAM_GIB
 
-    def model_gib(dense_row: str, sparse_row: str) -> float:
-        return seq * (n_dense * per_token[dense_row] + n_sparse * per_token[sparse_row]) / GIB
+    def no_ckpt(dense_row: str, sparse_row: str | None, loss: float) -> dict:
+        layers = seq * (n_dense * tok[dense_row] + n_sparse * tok[sparse_row or dense_row]) / GIB
+        outside = seq * out[dense_row] / GIB
+        return {"layers_gib": round(layers, 2), "outside_gib": round(outside, 2),
+                "peak_estimate_gib": round(fixed + layers + outside + loss, 2)}
 
-    est = {
-        "weights_gib": round(weights, 2), "params": sum_params,
-        "no_ckpt": {
-            "dense": model_gib("dense", "dense"),
-            "dense+compact": model_gib("dense+compact", "dense+compact"),
-            "dense+compact+tiled-mlp": model_gib("dense+compact+tiled-mlp", "dense+compact+tiled-mlp"),
-            "lemo": model_gib("dense", "sparse0.4"),
-            "lemo+compact": model_gib("dense+compact", "sparse0.4+compact"),
-            "lemo+compact+tiled-mlp": model_gib("dense+compact+tiled-mlp", "sparse0.4+compact+tiled-mlp"),
-        },
-        "ckpt_stored_inputs": {
-            "dense": seq * 32 * per_token["dense+ckpt"] / GIB,
-            "lemo(kept rows)": model_gib("dense+ckpt", "sparse0.4+ckpt(kept rows)"),
-            "lemo+offload": model_gib("dense+ckpt+offload", "sparse0.4+ckpt+offload"),
-        },
-        "ckpt_one_dense_layer_recompute": {
-            "plain": seq * per_token["dense"] / GIB,
-            "compact+tiled-mlp": seq * per_token["dense+compact+tiled-mlp"] / GIB,
-        },
-    }
-    for group in ("no_ckpt", "ckpt_stored_inputs", "ckpt_one_dense_layer_recompute"):
-        est[group] = {k: round(v, 2) for k, v in est[group].items()}
+    est = {"weights_gib": round(weights, 2), "params": result["params"], "no_ckpt": {
+        "dense (HF loss)": no_ckpt("dense", None, hf_loss),
+        "dense+oldstack": no_ckpt("dense+oldstack", None, seg_loss),
+        "dense+exact": no_ckpt("dense+exact", None, seg_loss),
+        "dense+stack": no_ckpt("dense+stack", None, seg_loss),
+        "lemo (HF loss)": no_ckpt("dense", "sparse0.4", hf_loss),
+        "lemo+oldstack": no_ckpt("dense+oldstack", "sparse0.4+oldstack", seg_loss),
+        "lemo+exact": no_ckpt("dense+exact", "sparse0.4+exact", seg_loss),
+        "lemo+stack": no_ckpt("dense+stack", "sparse0.4+stack", seg_loss),
+    }}
+    input_bytes = 2 * h  # a layer input [s, h] in bf16
+    kept_inputs = seq * (n_dense + n_sparse * 0.4) * input_bytes / GIB
+    old = {"stored_inputs": kept_inputs, "recompute": seq * tok["dense+oldstack"] / GIB,
+           "outside": seq * out["dense+oldstack"] / GIB}
+    measured_old = MEASURED.get(f"{result['name']}@{seq}", {}).get("lemo-oracle+ckpt+stack(old)")
+    transient = None if measured_old is None else measured_old - fixed - sum(old.values())
+    ckpt = {"lemo+ckpt+oldstack": old,
+            "dense+ckpt+oldstack": {**old, "stored_inputs": seq * 32 * input_bytes / GIB},
+            "lemo+ckpt+stack": {"stored_inputs": kept_inputs, "recompute": seq * tok["dense+stack"] / GIB,
+                                "outside": seq * out["dense+ckpt+offload"] / GIB},
+            # two layer inputs on the device: the one being recomputed and the prefetched one
+            "lemo+ckpt+offload": {"stored_inputs": 2 * seq * input_bytes / GIB,
+                                  "recompute": seq * tok["dense+stack"] / GIB,
+                                  "outside": seq * out["dense+ckpt+offload"] / GIB},
+            "dense+ckpt+offload": {"stored_inputs": 2 * seq * input_bytes / GIB,
+                                   "recompute": seq * tok["dense+stack"] / GIB,
+                                   "outside": seq * out["dense+ckpt+offload"] / GIB}}
+    for parts in ckpt.values():
+        for key in list(parts):
+            parts[key] = round(parts[key], 2)
+        if transient is not None:
+            parts["peak_estimate_gib"] = round(fixed + sum(parts.values()) + transient, 2)
+    est["ckpt"] = ckpt
+    est["ckpt_backward_transient_gib"] = None if transient is None else round(transient, 2)
+    est["host_pinned_gib"] = {"lemo+ckpt+offload": round(kept_inputs, 2),
+                              "dense+ckpt+offload": round(seq * 32 * input_bytes / GIB, 2)}
     return est
+
+
+def table(report: dict) -> str:
+    lines = ["| shape | tokens | setting | layers GiB | peak estimate GiB | measured GiB |",
+             "|---|---|---|---|---|---|"]
+    for name, result in report["shapes"].items():
+        for seq, est in result["extrapolated"].items():
+            measured = MEASURED.get(f"{name}@{seq}", {})
+            for setting, row in est["no_ckpt"].items():
+                key = {"dense (HF loss)": "dense", "lemo (HF loss)": "lemo-oracle",
+                       "dense+oldstack": "dense+stack(old)", "lemo+oldstack": "lemo-oracle+stack(old)"}.get(setting)
+                lines.append(f"| {name} | {int(seq) // 1024}K | {setting}, no ckpt | {row['layers_gib']} | "
+                             f"{row['peak_estimate_gib']} | {measured.get(key, '')} |")
+            for setting, row in est["ckpt"].items():
+                key = {"lemo+ckpt+oldstack": "lemo-oracle+ckpt+stack(old)",
+                       "dense+ckpt+oldstack": "dense+ckpt+stack(old)"}.get(setting)
+                lines.append(f"| {name} | {int(seq) // 1024}K | {setting} | {row['stored_inputs']} stored + "
+                             f"{row['recompute']} recompute | {row.get('peak_estimate_gib', '')} | "
+                             f"{measured.get(key, '')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -197,9 +248,10 @@ def main(argv=None) -> int:
               "shapes": {}}
     for name in args.shapes.split(","):
         result = account(name)
-        result["extrapolated"] = {str(seq): extrapolate(result, seq) for seq in (8192, 131072)}
+        vocab = get_shape(name).vocab
+        result["extrapolated"] = {str(seq): extrapolate(result, seq, vocab) for seq in (8192, 131072)}
         report["shapes"][name] = result
-        print(json.dumps(result["extrapolated"], indent=1), flush=True)
+    print(table(report), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"-> {args.out}")

@@ -11,7 +11,7 @@ set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 status=0
-timeout 120 python3 -m pytest -q -x tests/test_memory.py -k "offload or compact" -p no:cacheprovider \
+timeout 120 python3 -m pytest -q -x tests/test_memory.py -k "cuda" -p no:cacheprovider \
   > "$OUT/memory-gpu-tests.log" 2>&1 || status=1
 tail -3 "$OUT/memory-gpu-tests.log"
 timeout 170 python3 benchmarks/run.py --suite memory-paper --out "$OUT" || status=1

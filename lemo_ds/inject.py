@@ -91,6 +91,9 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
         if lemo_config.memory.tiled_mlp:
             swap_in(policy.mlp(layer), TiledMLPMixin)._lemo_tile_tokens = lemo_config.memory.tiled_mlp_tokens
     if lemo_config.memory.segment_loss:
+        final_norm = getattr(policy.decoder_model(base), "norm", None)
+        if memory.compact_saves and final_norm is not None and is_rms_norm(final_norm):
+            swap_in(final_norm, RecordedNormMixin)
         swap_in(base, SegmentLossCausalLMMixin)
         base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still

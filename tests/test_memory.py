@@ -237,9 +237,13 @@ def lora_model(layers=4, dtype=torch.bfloat16, device="cpu"):
 
 
 def assert_identical(ours, theirs):
-    """Bit-identical loss and gradients (compaction and offload change where bytes live, not the arithmetic)."""
-    assert torch.equal(ours[1], theirs[1]), (ours[1], theirs[1])
+    """Bit-identical loss and gradients (compaction and offload change where bytes live, not the arithmetic). On
+    CUDA two runs of the same step may differ in the last bits (atomics in attention's backward): close there."""
     assert ours[2].keys() == theirs[2].keys() and ours[2]
+    if ours[1].is_cuda:
+        assert_same(ours, theirs, atol=2e-3, rtol=2e-2)
+        return
+    assert torch.equal(ours[1], theirs[1]), (ours[1], theirs[1])
     for name in theirs[2]:
         assert torch.equal(ours[2][name], theirs[2][name]), name
 
@@ -249,14 +253,23 @@ def _section(keep, **memory):
             "memory": {**MEMORY_OFF, "sparse_checkpointing": True, **memory}}
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
 @pytest.mark.parametrize("how", [None, "non-reentrant", "reentrant", "deepspeed"])
 @pytest.mark.parametrize("keep", [1.0, 0.4])
-def test_compaction_gives_identical_loss_and_gradients(how, keep):
-    model = lora_model()
-    ids, labels = labelled_batch()
+@pytest.mark.parametrize("segment_loss", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compaction_gives_identical_loss_and_gradients(how, keep, segment_loss, device):
+    """With the segment loss the final norm and the loss are compacted too (the loss stores the norm's input)."""
+    if device == "cuda" and how == "deepspeed":
+        pytest.skip("DeepSpeed's checkpoint on CUDA is covered by the benchmarks")
+    model = lora_model(device=device)
+    ids, labels = (t.to(device) for t in labelled_batch())
     results = []
     for compact in (False, True):
-        converted = lemo_ds.apply_lemo(copy.deepcopy(model), _section(keep, compact_saves=compact))
+        section = _section(keep, compact_saves=compact, segment_loss=segment_loss, segment_tokens=24)
+        converted = lemo_ds.apply_lemo(copy.deepcopy(model), section)
         results.append(loss_and_grads(converted if how is None else _checkpointed(converted, how), ids, labels))
     assert_identical(results[1], results[0])
 
@@ -281,9 +294,6 @@ def test_compaction_stores_less():
     compact = _stored_bytes(lemo_ds.apply_lemo(copy.deepcopy(model), _section(1.0, compact_saves=True)), ids, labels)
     # Per layer and token (h = 32, I = 64): 32h + 6I = 1408 bytes -> 12h + 4I = 640 bytes (accounting's formula).
     assert compact < 0.6 * plain, (compact, plain)
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
