@@ -115,13 +115,17 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "maxctx-stack",
-            "Longest context of the LeMo memory stacks, Llama-3-8B shape (the dense reference is the maxctx suite's "
-            "dense+ckpt+chunked-loss, ~224-232K by GPU.md's slope of 0.54 GiB per 1K tokens). The 2x target is 448K+; "
-            "with offload the device holds weights + one layer's recompute, so the probe starts there. Host memory "
-            "bounds the offload variant: (17 + 15 x 0.4) x s x 8 KiB = 92 GiB pinned at 512K.",
+            "Does the LeMo memory stack fit 2x the strongest dense stack's longest context? Llama-3-8B shape; the "
+            "dense reference (maxctx suite, dense+ckpt+chunked-loss) extrapolates to ~232K (GPU.md: 0.54 GiB per 1K "
+            "tokens over 15 GiB of weights), so 2x is 464K. One probe each at 464K (max_seq = start): +offload "
+            "(device ~80 GiB estimated; host: (17 + 15 x 0.4) x s x 8 KiB = 82 GiB pinned) and +stack without "
+            "offload (estimated to need ~150 GiB: expected out of memory, it bounds what offload buys). A probe at "
+            "464K takes about 7-9 minutes: run with --probe-timeout 590.",
             kind="maxctx",
-            maxctx=(MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+offload", start=448 * K, granularity=32 * K),
-                    MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+stack", start=256 * K, granularity=16 * K)),
+            maxctx=(MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+offload", start=464 * K, granularity=16 * K,
+                                 max_seq=464 * K),
+                    MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+stack", start=384 * K, granularity=16 * K,
+                                 max_seq=464 * K)),
         ),
         Suite(
             "smoke",

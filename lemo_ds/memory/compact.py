@@ -129,8 +129,9 @@ def compaction() -> Iterator[Derivations]:
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
-    # Under an outer hook (PyTorch's non-reentrant checkpoint) every pack must reach it once and be unpacked once.
-    share = outer_pack is None
+    # Under an outer hook (PyTorch's non-reentrant checkpoint) every pack must reach it once and be unpacked once;
+    # an outer compaction (the causal LM's, around the layers') has no such rule.
+    share = outer_pack is None or getattr(outer_pack, "lemo_compaction", False)
 
     def pack(tensor: torch.Tensor) -> _Packed:
         packed = registry.memo.get(tensor) if share else None
@@ -144,6 +145,8 @@ def compaction() -> Iterator[Derivations]:
         if share:
             registry.memo[tensor] = packed
         return packed
+
+    pack.lemo_compaction = True
 
     def unpack(packed: _Packed) -> torch.Tensor:
         if packed.kind is None:
