@@ -17,8 +17,8 @@ it is given (PyTorch's reentrant and non-reentrant checkpoint, DeepSpeed's ``che
   traffic overlaps the recompute and backward of this layer instead of serializing with them.
 
 At most two layers' inputs are on the device at a time (the one being recomputed and the prefetched one). Host
-buffers are pinned and pooled by shape across steps (the first step pays for pinning). Without CUDA (the tests) the
-"host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
+buffers are pinned and pooled by shape across steps and models (the first step pays for pinning). Without CUDA (the
+tests) the "host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class _Entry:
     index: int = 0
 
 
+# Pinned host buffers by (shape, dtype), shared by every offloader of the process: a model converted again (the
+# benchmark harness re-applies lemo_ds at every switch of variant) does not pin its 23-32 GiB again.
+_SHARED_POOL: dict[tuple, list[torch.Tensor]] = {}
+
+
 @dataclass(eq=False)
 class CheckpointOffloader:
     """One per model. ``generation``: a callable giving the model's forward counter (a new forward starts a new list
@@ -60,8 +65,8 @@ class CheckpointOffloader:
 
     generation: Callable[[], int] = lambda: 0
     entries: list[_Entry] = field(default_factory=list)
-    pool: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
-    pinned_bytes: int = 0  # host memory this offloader holds (pool + in flight), for reports
+    pool: dict[tuple, list[torch.Tensor]] = field(default_factory=lambda: _SHARED_POOL)
+    pinned_bytes: int = 0  # host memory this offloader allocated, for reports
     offloaded_bytes: int = 0  # device bytes moved out by the current forward
     _stream: Any = None
     _generation: int = -1
@@ -157,7 +162,7 @@ class CheckpointOffloader:
     # ---- pinned host buffers --------------------------------------------------------------------------
 
     def _host_buffer(self, data: torch.Tensor) -> torch.Tensor:
-        key = (tuple(data.shape), data.dtype)
+        key = (tuple(data.shape), data.dtype, data.is_cuda)  # pinned buffers for CUDA data only
         free = self.pool.get(key)
         if free:
             return free.pop()
@@ -168,7 +173,7 @@ class CheckpointOffloader:
         # Reused by a later forward's copy on the side stream, which is ordered after this entry's copies back
         # (the side stream waits on the current stream before every offload).
         for host in entry.hosts:
-            self.pool.setdefault((tuple(host.shape), host.dtype), []).append(host)
+            self.pool.setdefault((tuple(host.shape), host.dtype, host.is_pinned()), []).append(host)
         entry.hosts = []
 
     def _side_stream(self, device: torch.device):
