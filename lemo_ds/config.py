@@ -81,6 +81,20 @@ class LemoMemoryConfig(_LemoSection):
     tiled_mlp_tokens: int = Field(8192, ge=1)
     """Tokens per MLP tile."""
 
+    compact_saves: bool = True
+    """Inside every decoder layer, store the source of a tensor that autograd saves when that tensor is a cheap
+    exact function of it, and recompute it in backward: float32 copies of bf16 inputs (each LoRA adapter's, each
+    RMSNorm's), SiLU's output (from gate), the norms' outputs (from their inputs). Bit-identical gradients, no
+    matmul recomputed. Counted for a Llama-2-7B layer with LoRA: 48 -> 23 x hidden bytes per token (see
+    benchmarks/memory_accounting.py). On by default: exact, and the elementwise recompute costs little."""
+
+    offload_checkpoints: bool = False
+    """Under activation checkpointing (Hugging Face's or DeepSpeed's), move each layer's stored input (a sparse
+    layer's kept rows) to pinned host memory after its forward, with asynchronous copies, and back during backward
+    with the previous layer's input prefetched. Off by default: it needs (dense layers + sum of keep ratios) x seq
+    x hidden x 2 bytes of pinned host memory (23 GiB for LeMo, 32 GiB dense, Llama-3-8B at 128K) and pays off only
+    where stored inputs set the peak (long context); at short context it only adds PCIe traffic."""
+
 
 class LemoPredictorConfig(_LemoSection):
     """Learned predictors of block scores (``scorer: "predictor"``): their size, and how they are trained when
@@ -162,7 +176,8 @@ class LemoConfig(_LemoSection):
     """Learned predictors: size, calibration, online refresh."""
 
     memory: LemoMemoryConfig = Field(default_factory=LemoMemoryConfig)
-    """The memory stack (segment loss, sparsity-aware checkpointing, tiled MLP)."""
+    """The memory stack (segment loss, sparsity-aware checkpointing, tiled MLP, saved-tensor compaction, checkpoint
+    offload)."""
 
     schedule: LemoScheduleConfig = Field(default_factory=LemoScheduleConfig)
     """Warm-up of the keep ratio (dense steps, then a linear ramp)."""

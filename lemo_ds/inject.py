@@ -20,6 +20,10 @@ from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
 from lemo_ds.controller import LemoController
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.memory.causal_lm import SegmentLossCausalLMMixin
+from lemo_ds.memory.compact import RecordedNormMixin, is_rms_norm
+from lemo_ds.memory.ds_checkpointing import fix_deepspeed_cpu_checkpointing
+from lemo_ds.memory.layer import MemoryLayerMixin, MemoryLayerState
+from lemo_ds.memory.offload import CheckpointOffloader
 from lemo_ds.memory.tiled_mlp import TiledMLPMixin
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.scorers import build_scorer
@@ -29,6 +33,8 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 _CONTROLLER_ATTR = "_lemo_controller"
 _HOOK_ATTR = "_lemo_forward_hook"
+_MIXINS = (SparseDecoderLayerMixin, MemoryLayerMixin, RecordedNormMixin, TiledMLPMixin, SegmentLossCausalLMMixin)
+_ATTRIBUTES = ("_lemo", "_lemo_tile_tokens", "_lemo_memory", "_lemo_policy", "_lemo_memory_layer", "_lemo_offloader")
 
 
 def _as_lemo_config(config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> LemoConfig | None:
@@ -70,17 +76,30 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
     ratios = lemo_config.layer_keep_ratios(len(layers))
     controller = LemoController(lemo_config, ratios)
     scorer = build_scorer(lemo_config)
+    memory = lemo_config.memory
+    fix_deepspeed_cpu_checkpointing()  # DeepSpeed's synchronous CPU checkpointing, see memory/ds_checkpointing.py
+    offloader = CheckpointOffloader(generation=lambda: controller.micro_step) if memory.offload_checkpoints else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
+        if memory.compact_saves or offloader is not None:
+            swap_in(layer, MemoryLayerMixin)._lemo_memory_layer = MemoryLayerState(memory.compact_saves, offloader)
+        if memory.compact_saves:
+            for child in layer.children():
+                if is_rms_norm(child):
+                    swap_in(child, RecordedNormMixin)
         if ratio < 1.0:
             swap_in(layer, SparseDecoderLayerMixin)._lemo = SparseLayerState(index, controller, policy, scorer)
         if lemo_config.memory.tiled_mlp:
             swap_in(policy.mlp(layer), TiledMLPMixin)._lemo_tile_tokens = lemo_config.memory.tiled_mlp_tokens
     if lemo_config.memory.segment_loss:
+        final_norm = getattr(policy.decoder_model(base), "norm", None)
+        if memory.compact_saves and final_norm is not None and is_rms_norm(final_norm):
+            swap_in(final_norm, RecordedNormMixin)
         swap_in(base, SegmentLossCausalLMMixin)
         base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still
     # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
     base.config.use_cache = False
+    base._lemo_offloader = offloader
     setattr(base, _CONTROLLER_ATTR, controller)
     setattr(base, _HOOK_ATTR, base.register_forward_pre_hook(_count_forward, with_kwargs=True))
     return model
@@ -92,9 +111,9 @@ def remove_lemo(model: nn.Module) -> nn.Module:
     if get_controller(base) is None:
         return model
     for module in base.modules():
-        if isinstance(module, (SparseDecoderLayerMixin, TiledMLPMixin, SegmentLossCausalLMMixin)):
+        while isinstance(module, _MIXINS):  # a sparse layer carries two mixins (sparse, memory)
             swap_out(module)
-        for attribute in ("_lemo", "_lemo_tile_tokens", "_lemo_memory", "_lemo_policy"):
+        for attribute in _ATTRIBUTES:
             if attribute in module.__dict__:
                 delattr(module, attribute)
     getattr(base, _HOOK_ATTR).remove()

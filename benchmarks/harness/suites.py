@@ -71,18 +71,23 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "memory-paper",
-            "The memory stack in the paper's setting: Llama-2-7B shape, 8K, no checkpointing, LoRA r=8: dense, dense "
-            "with the memory stack, LeMo alone and LeMo with the stack (segment loss, tiled MLP).",
+            "The memory stack in the paper's setting: Llama-2-7B shape, 8K, no checkpointing, LoRA r=8: dense, LeMo "
+            "alone, and dense / LeMo with the exact stack (+exact: segment loss, saved-tensor compaction; no matmul "
+            "recomputed in the layers) and the whole stack (+stack: also tiled MLP, which recomputes the MLP per "
+            "tile).",
             configs=_grid(("llama2-7b",), (8 * K,)),
-            variants=_variants("dense", "dense+stack", "lemo-oracle", "lemo-oracle+stack"),
+            variants=_variants("dense", "dense+exact", "dense+stack", "lemo-oracle", "lemo-oracle+exact",
+                               "lemo-oracle+stack"),
         ),
         Suite(
             "memory-long",
-            "The memory stack at long context: Llama-3-8B shape, checkpointing: the strongest dense stack (Liger "
-            "loss), dense with lemo_ds's stack, LeMo with the stack (segment loss, sparsity-aware checkpointing, "
-            "tiled MLP).",
-            configs=_grid(("llama3-8b",), (128 * K,)),
-            variants=_variants("dense+ckpt+chunked-loss", "dense+ckpt+stack", "lemo-oracle+ckpt+stack"),
+            "The memory stack at long context: Llama-3-8B shape, 128K, checkpointing, one measured step: the "
+            "strongest dense stack (Liger loss), LeMo with the stack (segment loss, sparsity-aware checkpointing, "
+            "tiled MLP, saved-tensor compaction) and with the stack + host offload of the stored layer inputs; the "
+            "dense model with the offload stack (like with like) is in the suite but left out by memory_gpu.sh.",
+            configs=(Config("llama3-8b", 128 * K, steps=1),),
+            variants=_variants("dense+ckpt+chunked-loss", "lemo-oracle+ckpt+stack", "lemo-oracle+ckpt+offload",
+                               "dense+ckpt+offload"),
         ),
         Suite(
             "paper",
@@ -119,12 +124,26 @@ SUITES: dict[str, Suite] = {
                     MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+chunked-loss", start=224 * K)),
         ),
         Suite(
+            "maxctx-stack",
+            "Does the LeMo memory stack fit 2x the strongest dense stack's longest context? Llama-3-8B shape; the "
+            "dense reference (maxctx suite, dense+ckpt+chunked-loss) extrapolates to ~232K (GPU.md: 0.54 GiB per 1K "
+            "tokens over 15 GiB of weights), so 2x is 464K. One probe each at 464K (max_seq = start): +offload "
+            "(device ~80 GiB estimated; host: (17 + 15 x 0.4) x s x 8 KiB = 82 GiB pinned) and +stack without "
+            "offload (estimated to need ~150 GiB: expected out of memory, it bounds what offload buys). A probe at "
+            "464K takes about 7-9 minutes: run with --probe-timeout 590.",
+            kind="maxctx",
+            maxctx=(MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+offload", start=464 * K, granularity=16 * K,
+                                 max_seq=464 * K),
+                    MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+stack", start=384 * K, granularity=16 * K,
+                                 max_seq=464 * K)),
+        ),
+        Suite(
             "smoke",
             "A tiny Llama on CPU (or GPU), 256 tokens, every variant kind, for the tests.",
             configs=_grid(("tiny-llama",), (256,)),
             variants=_variants("dense", "dense+ckpt", "dense+ckpt+chunked-loss", "lemo-norm", "lemo-random",
                                "lemo-oracle", "lemo-norm+ckpt", "lemo-oracle+ckpt+chunked-loss", "dense+stack",
-                               "lemo-oracle+ckpt+stack"),
+                               "lemo-oracle+ckpt+stack", "lemo-oracle+exact", "lemo-oracle+ckpt+offload"),
             warmup=1,
             steps=2,
             dtype="fp32",

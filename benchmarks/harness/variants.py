@@ -43,20 +43,30 @@ def dense_variant(checkpointing: bool = False, chunked_loss: bool = False) -> Va
 
 # lemo_ds's memory stack (segment loss, sparsity-aware checkpointing, tiled MLP) is on by default in lemo_ds; the
 # plain lemo variants switch it off so that they differ from their dense variant by token elimination alone.
-MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False}
+MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
 # The stack variants: every memory feature. MLP tiles of 2048 tokens: at 8K a dense Llama-2-7B layer's MLP
-# activations (gate, up, product: 3 x 8K x 11008 bf16 = 0.5 GiB) shrink to a quarter.
-MEMORY_STACK = {"segment_loss": True, "sparse_checkpointing": True, "tiled_mlp": True, "tiled_mlp_tokens": 2048}
+# activations (gate, up, product: 3 x 8K x 11008 bf16 = 0.5 GiB) shrink to a quarter. Tiled MLP recomputes each
+# tile's MLP in backward: with it a "no checkpointing" variant is not free of recomputation.
+MEMORY_STACK = {"segment_loss": True, "sparse_checkpointing": True, "tiled_mlp": True, "tiled_mlp_tokens": 2048,
+                "compact_saves": True}
+# "+exact": no matmul is recomputed (the paper setting's honest comparison with a dense run without checkpointing):
+# segment loss (its backward recomputes each segment's LM head: a matmul, but the dense "hf" loss has no checkpoint
+# either way: see README) and saved-tensor compaction (casts, SiLU, norms recomputed: elementwise only); no tiled MLP.
+MEMORY_EXACT = {"segment_loss": True, "sparse_checkpointing": True, "tiled_mlp": False, "compact_saves": True}
+# "+offload": the stack plus host offload of the checkpointed layers' stored inputs (long context).
+MEMORY_OFFLOAD = {**MEMORY_STACK, "offload_checkpoints": True}
+STACKS = {"stack": MEMORY_STACK, "exact": MEMORY_EXACT, "offload": MEMORY_OFFLOAD}
 
 
 def lemo_variant(scorer: str, checkpointing: bool = False, chunked_loss: bool = False,
-                 keep_ratio: float = DEFAULT_KEEP_RATIO, stack: bool = False, **lemo_keys: Any) -> Variant:
+                 keep_ratio: float = DEFAULT_KEEP_RATIO, stack: bool | str = False, **lemo_keys: Any) -> Variant:
     """``lemo-<scorer>[+ckpt][+chunked-loss]``: the dense variant with the same memory features, plus LeMo in the
     deeper half (lemo_ds's "auto" dense layers: the first half and the last layer stay dense).
     ``lemo-<scorer>[+ckpt]+stack``: LeMo with lemo_ds's whole memory stack (its own segment loss)."""
+    stack = "stack" if stack is True else stack
     section = {"keep_ratio": keep_ratio, "scorer": scorer, "block_size": DEFAULT_BLOCK_SIZE,
-               "memory": dict(MEMORY_STACK if stack else MEMORY_OFF), **lemo_keys}
-    name = _name(f"lemo-{scorer}", checkpointing, chunked_loss) + ("+stack" if stack else "")
+               "memory": dict(STACKS[stack] if stack else MEMORY_OFF), **lemo_keys}
+    name = _name(f"lemo-{scorer}", checkpointing, chunked_loss) + (f"+{stack}" if stack else "")
     if keep_ratio != DEFAULT_KEEP_RATIO:
         name += f"@{keep_ratio:g}"
     return Variant(name, checkpointing, "chunked" if chunked_loss else "hf", section)
@@ -73,10 +83,10 @@ def predictor_variant(checkpointing: bool = False, chunked_loss: bool = False, s
     return lemo_variant("predictor", checkpointing, chunked_loss, stack=stack, predictor=dict(PREDICTOR_ON_THE_FLY))
 
 
-def dense_stack_variant(checkpointing: bool = False) -> Variant:
-    """``dense[+ckpt]+stack``: the dense model (keep 1.0 everywhere) with lemo_ds's memory stack: like with like."""
-    section = {"keep_ratio": 1.0, "memory": dict(MEMORY_STACK)}
-    return Variant(_name("dense", checkpointing, False) + "+stack", checkpointing, "hf", section)
+def dense_stack_variant(checkpointing: bool = False, stack: str = "stack") -> Variant:
+    """``dense[+ckpt]+<stack>``: the dense model (keep 1.0 everywhere) with lemo_ds's memory stack: like with like."""
+    section = {"keep_ratio": 1.0, "memory": dict(STACKS[stack])}
+    return Variant(_name("dense", checkpointing, False) + f"+{stack}", checkpointing, "hf", section)
 
 
 def _name(stem: str, checkpointing: bool, chunked_loss: bool) -> str:
@@ -100,6 +110,10 @@ VARIANTS: dict[str, Variant] = {
         predictor_variant(checkpointing=True),
         predictor_variant(checkpointing=True, chunked_loss=True),
         predictor_variant(checkpointing=True, stack=True),
+        dense_stack_variant(stack="exact"),
+        lemo_variant("oracle", stack="exact"),
+        dense_stack_variant(checkpointing=True, stack="offload"),
+        lemo_variant("oracle", checkpointing=True, stack="offload"),
     )
 }
 

@@ -22,6 +22,10 @@ import lemo_ds
 
 LEMO = {"block_size": 8, "keep_ratio": 0.4, "dense_layers": [0], "scorer": "oracle"}
 SEQ, VOCAB = 40, 64
+MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
+# --all-memory: every memory feature on the ZeRO-3 model; the reference runs with none of them.
+MEMORY_ALL = {"segment_loss": True, "segment_tokens": 16, "sparse_checkpointing": True, "tiled_mlp": True,
+              "tiled_mlp_tokens": 16, "compact_saves": True, "offload_checkpoints": True}
 
 
 def build(seed: int):
@@ -49,7 +53,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--all-memory", action="store_true")
     args = parser.parse_args()
+    lemo = {**LEMO, "memory": MEMORY_ALL} if args.all_memory else LEMO
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     ds_config = {
@@ -57,7 +63,7 @@ def main() -> int:
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
-        "lemo": LEMO,
+        "lemo": lemo,
     }
 
     reference = build(seed=0)  # plain, on every rank
@@ -77,7 +83,7 @@ def main() -> int:
     engine.backward(loss)
     full_grads = [safe_get_full_grad(param) for param in engine.module.parameters()]
 
-    lemo_ds.apply_lemo(reference, LEMO)
+    lemo_ds.apply_lemo(reference, {**LEMO, "memory": MEMORY_OFF} if args.all_memory else LEMO)
     losses = []
     for other in range(world):
         other_ids = batch_of(other)
