@@ -81,12 +81,13 @@ class LemoMemoryConfig(_LemoSection):
     tiled_mlp_tokens: int = Field(8192, ge=1)
     """Tokens per MLP tile."""
 
-    compact_saves: bool = True
+    compact_saves: bool = False
     """Inside every decoder layer, store the source of a tensor that autograd saves when that tensor is a cheap
     exact function of it, and recompute it in backward: float32 copies of bf16 inputs (each LoRA adapter's, each
     RMSNorm's), SiLU's output (from gate), the norms' outputs (from their inputs). Bit-identical gradients, no
     matmul recomputed. Counted for a Llama-2-7B layer with LoRA: 48 -> 23 x hidden bytes per token (see
-    benchmarks/memory_accounting.py). On by default: exact, and the elementwise recompute costs little."""
+    benchmarks/memory_accounting.py). Experimental, off by default: on the H200 its peaks grew from step to step in
+    the benchmark runner, so the saving is not yet delivered (README, "The memory stack")."""
 
     offload_checkpoints: bool = False
     """Under activation checkpointing (Hugging Face's or DeepSpeed's), move each layer's stored input (a sparse
