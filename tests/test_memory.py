@@ -339,3 +339,35 @@ def test_stored_inputs_follow_the_formula_and_offload_moves_them_out():
         assert _stored_bytes(sparse, ids, labels) == outside + inputs + indices
         if offload:
             assert sparse._lemo_offloader.offloaded_bytes == sum(kept_rows) * batch * hidden * item
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compaction_leaves_no_reference_cycle_holding_activations(checkpointing):
+    """With Python's cyclic collector off, a training step with compaction keeps no tensor alive after backward (a
+    reference cycle through the saved-tensor hooks once kept every step's activations until gc ran: on the H200 the
+    benchmark's peaks grew 9-15 GiB a round)."""
+    import gc
+
+    model = tiny_model("llama")
+    model.config.use_cache = False
+    model = lemo_ds.apply_lemo(model, {"keep_ratio": 0.5, "block_size": BLOCK, "scorer": "norm",
+                                       "memory": {"compact_saves": True, "segment_tokens": 16}})  # fmt: skip
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    ids, labels = labelled_batch()
+
+    def live_numel() -> int:
+        return sum(o.numel() for o in gc.get_objects() if torch.is_tensor(o))
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = live_numel()
+        for _ in range(2):
+            model(input_ids=ids, labels=labels).loss.backward()
+            model.zero_grad(set_to_none=True)
+        leaked = live_numel() - before
+    finally:
+        gc.enable()
+    assert leaked < 1000, f"{leaked} tensor elements outlived the steps without the cyclic collector"

@@ -25,6 +25,7 @@ forward and in the recompute alike, so those mechanisms see a consistent sequenc
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -122,6 +123,35 @@ def _recompute(kind: str, arg: Any, source: torch.Tensor) -> torch.Tensor:
         return original_class(arg).forward(arg, source)  # "module": an RMSNorm, from its input
 
 
+def _pack(tensor: torch.Tensor, registry: Derivations, outer_pack, share: bool) -> _Packed:
+    # Module-level and recursive by name, not a closure that calls itself: a self-referencing closure is a
+    # reference cycle, and whatever it holds (the registry's source tensors) would then live until Python's cyclic
+    # collector runs (on the H200 the benchmark's peaks grew 9-15 GiB a round that way).
+    packed = registry.memo.get(tensor) if share else None
+    if packed is not None:
+        return packed
+    entry = registry.lookup(tensor)
+    if entry is None:
+        return _Packed(None, None, tensor if outer_pack is None else outer_pack(tensor))
+    kind, source, arg, view = entry
+    packed = _Packed(kind, arg, _pack(source, registry, outer_pack, share), view)
+    if share:
+        registry.memo[tensor] = packed
+    return packed
+
+
+def _unpack(packed: _Packed, outer_unpack, share: bool) -> torch.Tensor:
+    if packed.kind is None:
+        return packed.inner if outer_unpack is None else outer_unpack(packed.inner)
+    value = packed.cache() if packed.cache is not None and share else None
+    if value is None:
+        value = _recompute(packed.kind, packed.arg, _unpack(packed.inner, outer_unpack, share))
+        if packed.view is not None:
+            value = value.contiguous().as_strided(*packed.view)
+        packed.cache = weakref.ref(value)
+    return value
+
+
 @contextlib.contextmanager
 def compaction() -> Iterator[Derivations]:
     """Record derivations and store sources instead of derived tensors while the block runs."""
@@ -132,32 +162,9 @@ def compaction() -> Iterator[Derivations]:
     # Under an outer hook (PyTorch's non-reentrant checkpoint) every pack must reach it once and be unpacked once;
     # an outer compaction (the causal LM's, around the layers') has no such rule.
     share = outer_pack is None or getattr(outer_pack, "lemo_compaction", False)
-
-    def pack(tensor: torch.Tensor) -> _Packed:
-        packed = registry.memo.get(tensor) if share else None
-        if packed is not None:
-            return packed
-        entry = registry.lookup(tensor)
-        if entry is None:
-            return _Packed(None, None, tensor if outer_pack is None else outer_pack(tensor))
-        kind, source, arg, view = entry
-        packed = _Packed(kind, arg, pack(source), view)
-        if share:
-            registry.memo[tensor] = packed
-        return packed
-
+    pack = functools.partial(_pack, registry=registry, outer_pack=outer_pack, share=share)
     pack.lemo_compaction = True
-
-    def unpack(packed: _Packed) -> torch.Tensor:
-        if packed.kind is None:
-            return packed.inner if outer_unpack is None else outer_unpack(packed.inner)
-        value = packed.cache() if packed.cache is not None and share else None
-        if value is None:
-            value = _recompute(packed.kind, packed.arg, unpack(packed.inner))
-            if packed.view is not None:
-                value = value.contiguous().as_strided(*packed.view)
-            packed.cache = weakref.ref(value)
-        return value
+    unpack = functools.partial(_unpack, outer_unpack=outer_unpack, share=share)
 
     previous = active()
     _local.registry = registry
@@ -166,6 +173,10 @@ def compaction() -> Iterator[Derivations]:
             yield registry
     finally:
         _local.registry = previous
+        # After the block nothing packs any more (a checkpoint's recompute enters a compaction of its own): drop the
+        # registry's references to the source tensors now rather than with the registry.
+        registry.derived.clear()
+        registry.memo.clear()
 
 
 class RecordedNormMixin:
