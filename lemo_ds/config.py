@@ -86,8 +86,9 @@ class LemoMemoryConfig(_LemoSection):
     exact function of it, and recompute it in backward: float32 copies of bf16 inputs (each LoRA adapter's, each
     RMSNorm's), SiLU's output (from gate), the norms' outputs (from their inputs). Bit-identical gradients, no
     matmul recomputed. Counted for a Llama-2-7B layer with LoRA: 48 -> 23 x hidden bytes per token (see
-    benchmarks/memory_accounting.py). Experimental, off by default: on the H200 its peaks grew from step to step in
-    the benchmark runner, so the saving is not yet delivered (README, "The memory stack")."""
+    benchmarks/memory_accounting.py). Off by default: without activation checkpointing it cuts Llama-2-7B at 8K from
+    50.3 to 29.9 GiB with lemo (with the segment loss), but with checkpointing at 128K it raised the peak (64.1 ->
+    79.0 GiB), a case not understood yet (README, "The memory stack")."""
 
     offload_checkpoints: bool = False
     """Under activation checkpointing (Hugging Face's or DeepSpeed's), move each layer's stored input (a sparse
