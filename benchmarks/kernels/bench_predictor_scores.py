@@ -29,14 +29,13 @@ import json
 import math
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from _kernel_bench import REPO, git, import_kernels  # this folder is first on sys.path
 
 OP = "predictor_scores"
-REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
 KEEP = 0.4
@@ -64,34 +63,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def import_kernels():
-    """lemo_ds.kernels when installed; else kernels/ of this checkout as a package of its own."""
-    try:
-        return importlib.import_module("lemo_ds.kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "lemo_kernels_checkout",
-            REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")],
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
 def select_blocks(scores, keep):
     """lemo_ds.selection.select_blocks (sink block forced), inlined so the benchmark runs without lemo_ds."""
     work = scores.float().clone()
     work[:, 0] = math.inf
     return work.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
-
-
-def git(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def measure(fn, warmup, rep):

@@ -20,21 +20,18 @@ JSON file (GPU, versions, git commit, exact command); a table is printed last.
 
 import argparse
 import datetime
-import importlib
-import importlib.util
 import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _kernel_bench import REPO, git, import_kernels  # this folder is first on sys.path
 
 OP = "write_back_rows"
-REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
 
@@ -55,30 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def import_kernels():
-    """lemo_ds.kernels when installed; else kernels/ of this checkout, loaded as a package on its own (its imports
-    are relative), so the benchmark also runs where lemo_ds's own dependencies (DeepSpeed, ...) are missing."""
-    try:
-        return importlib.import_module("lemo_ds.kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "lemo_kernels_checkout",
-            REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")],
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-def git(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def environment(kernels):
