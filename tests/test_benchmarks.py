@@ -305,3 +305,32 @@ def test_suites_are_declared_as_asked():
     assert all(v.lemo["keep_ratio"] == 0.4 for v in found.variants if v.lemo)
     targets = get_suite("maxctx").maxctx
     assert all(isinstance(t, MaxCtxTarget) and t.granularity == 4096 for t in targets)
+
+
+# ---- benchmarks/memory_peak.py: replay of the allocator trace ------------------------------------------------
+
+
+def test_memory_peak_replay_finds_the_peak_and_what_was_alive():
+    from benchmarks.memory_peak import frame_key, replay
+
+    def alloc(addr, size, where):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": [{"filename": f"/x/lemo_ds/{where}.py",
+                                                                           "line": 1, "name": where}]}
+
+    trace = [alloc(1, 100, "a"), alloc(2, 50, "b"), {"action": "free_requested", "addr": 1, "size": 100},
+             {"action": "free_completed", "addr": 1, "size": 100}, alloc(3, 120, "c"), alloc(4, 10, "d"),
+             {"action": "free_completed", "addr": 3, "size": 120}, alloc(5, 20, "e")]
+    peak, live = replay(trace)
+    # 100+50=150, then 50, 170 (b + c), 180 (+ d), 60, 80: the peak is b, c and d.
+    assert peak == 180 and sorted(live) == [2, 3, 4]
+    assert frame_key(live[3]["frames"], 2) == "lemo_ds/c.py:1 (c)"
+    assert frame_key([{"filename": "/usr/lib/python3/threading.py", "line": 3, "name": "run"}], 2) == \
+        "(no Python frame)"
+
+
+def test_memory_peak_refuses_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    done = subprocess.run([sys.executable, "benchmarks/memory_peak.py", "--seq", "64", "--variant", "dense",
+                           "--out", "/tmp/unused"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode != 0 and "needs CUDA" in done.stderr

@@ -280,7 +280,10 @@ def _stored_bytes(model, ids, labels) -> int:
     packed, params = [], {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         loss = model(input_ids=ids, labels=labels).loss
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in packed}
+    # A view keeps its base's storage alive whatever its own ``.data`` now points at: count the bases too (an
+    # offloaded input that was a view of the layer input once freed nothing on the H200 while counting 0 here).
+    held = [t for t in packed] + [t._base for t in packed if t._base is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     total = sum(n for ptr, n in storages.items() if ptr not in params)
     loss.backward()
     return total
