@@ -27,23 +27,17 @@ def tokenize_books(tokenizer, books: list[Path]) -> np.ndarray:
 
 
 def llama_config(recipe: Recipe, tokenizer):
-    from transformers import LlamaConfig
+    """The reference model's config, built like the harness's shapes, at the short context."""
+    from benchmarks.harness.shapes import ModelShape
 
-    return LlamaConfig(
-        vocab_size=recipe.vocab_size,
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.layers,
-        num_attention_heads=recipe.heads,
-        num_key_value_heads=recipe.kv_heads,
-        max_position_embeddings=recipe.short_seq,
-        rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta},
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    shape = ModelShape(f"accuracy-{recipe.name}", hidden=recipe.hidden_size, layers=recipe.layers,
+                       heads=recipe.heads, kv_heads=recipe.kv_heads, intermediate=recipe.intermediate_size,
+                       vocab=recipe.vocab_size, rope_theta=recipe.rope_theta,
+                       max_positions=recipe.short_seq)  # fmt: skip
+    # use_cache stays Hugging Face's default (true), as the reference model's config.json always had it: the
+    # extended model, the fine-tuning runs and the perplexities all read that file.
+    return shape.to_config(recipe.short_seq, use_cache=True, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
 
 
 def pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.device, log) -> torch.nn.Module:

@@ -26,20 +26,23 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def to_config(self, max_seq: int, attn_implementation: str = "sdpa") -> LlamaConfig:
-        config = LlamaConfig(
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            max_position_embeddings=max(self.max_positions, max_seq),
-            rope_theta=self.rope_theta,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            use_cache=False,  # training: no KV cache
-        )
+    def to_config(self, max_seq: int, attn_implementation: str = "sdpa", **overrides) -> LlamaConfig:
+        """``overrides``: further LlamaConfig arguments, taking precedence over the ones set here (the accuracy
+        benchmark's model keeps its tokenizer's special tokens and Hugging Face's default KV cache setting)."""
+        arguments = {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": max(self.max_positions, max_seq),
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "use_cache": False,  # training: no KV cache
+        }
+        config = LlamaConfig(**{**arguments, **overrides})
         config._attn_implementation = attn_implementation
         return config
 

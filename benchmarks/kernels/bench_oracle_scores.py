@@ -25,24 +25,18 @@ commit, exact command); a table is printed last.
 """
 
 import argparse
-import datetime
 import importlib
 import importlib.util
-import json
 import math
-import os
-import platform
-import shlex
 import sys
-import time
-from pathlib import Path
 
 import torch
-from _kernel_bench import REPO, git, import_kernels  # this folder is first on sys.path
+
+# _kernel_bench: this folder is first on sys.path when a bench runs as a script
+from _kernel_bench import QUANTILES, REPO, environment, import_kernels, measure, write_json
 
 OP = "oracle_scores"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTILES = [0.5, 0.2, 0.8]
 TARGET_VS_SDPA = 1.2
 KEEP = 0.4  # share of blocks the selection check keeps (LeMo's artifact keeps 40%)
 
@@ -73,60 +67,6 @@ def import_scorer_oracle():
         return importlib.import_module("lemo_ds.scorers.oracle").oracle_block_scores
     except ImportError:
         return None
-
-
-def environment(kernels):
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_count": torch.cuda.device_count(),
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        "gpu_sm_count": props.multi_processor_count,
-        "gpu_capability": list(torch.cuda.get_device_capability(0)),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "cwd": os.getcwd(),
-        "kernels_module": kernels.__file__,
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def measure(fn, warmup, rep, host_calls=10):
-    """do_bench quantiles (ms); the host (CPU) time of one call, launches only; the peak memory of one more call
-    above what was allocated before it."""
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(host_calls):
-        fn()
-    host_us = (time.perf_counter() - start) / host_calls * 1e6
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return {
-        "ms_median": median,
-        "ms_p20": p20,
-        "ms_p80": p80,
-        "host_us_per_call": host_us,
-        "peak_alloc_mib": peak / 2**20,
-        "peak_above_inputs_mib": (peak - before) / 2**20,
-    }
 
 
 def doc_ids_for(b, s, doc_len):
@@ -278,7 +218,7 @@ def bench_seqlen(kernels, scorer_oracle, args, s):
         if name == "sdpa_flash":
             record["gqa"] = gqa_mode
         try:
-            r = measure(fn, args.warmup, args.rep)
+            r = measure(fn, args.warmup, args.rep, host_calls=10)
         except Exception as e:  # a sweep tiling that does not fit this GPU (shared memory, registers)
             record["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  s={s:>7} {name:<40} error: {record['error'][:100]}", flush=True)
@@ -291,15 +231,6 @@ def bench_seqlen(kernels, scorer_oracle, args, s):
         print(f"  s={s:>7} {name:<40} {r['ms_median']:9.3f} ms", flush=True)
         torch.cuda.empty_cache()
     return results
-
-
-def write_json(path_arg, payload):
-    path = Path(path_arg)
-    if path.suffix != ".json":  # a directory
-        path = path / f"kernels_{OP}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
 
 
 def print_table(results):
@@ -329,7 +260,7 @@ def main(argv=None):
         sys.exit(f"bench_{OP}: needs a CUDA GPU (it times the Triton kernel on the device); none is available here")
     kernels = import_kernels()
     scorer_oracle = import_scorer_oracle()
-    env = environment(kernels)
+    env = environment(kernels, capability=True)
     print(f"bench_{OP}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
     results = []
     for s in args.seqlens:
@@ -348,7 +279,7 @@ def main(argv=None):
         "torch path rounds q.k to bf16); top40_overlap_vs_torch: share of the top-40% blocks both select.",
         "results": results,
     }
-    path = write_json(args.out, payload)
+    path = write_json(args.out, payload, OP)
     print(f"\nwrote {path}\n")
     print_table(results)
 

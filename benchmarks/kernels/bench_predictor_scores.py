@@ -22,24 +22,21 @@ printed last.
 """
 
 import argparse
-import datetime
 import importlib
 import importlib.util
-import json
 import math
-import platform
-import shlex
-import sys
-from pathlib import Path
 
 import torch
-from _kernel_bench import REPO, git, import_kernels  # this folder is first on sys.path
+
+# _kernel_bench: this folder is first on sys.path when a bench runs as a script
+from _kernel_bench import REPO, environment, import_kernels, measure, write_json
 
 OP = "predictor_scores"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTILES = [0.5, 0.2, 0.8]
 KEEP = 0.4
 TARGET_OVERHEAD = 0.03
+# The environment record this bench has always written (shorter than the other benches'): its JSON files compare.
+ENVIRONMENT_FIELDS = ("gpu", "torch", "triton", "python", "git_commit", "command", "timestamp_utc")
 
 
 def parse_args(argv=None):
@@ -68,19 +65,6 @@ def select_blocks(scores, keep):
     work = scores.float().clone()
     work[:, 0] = math.inf
     return work.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
-
-
-def measure(fn, warmup, rep):
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return {"ms_median": median, "ms_p20": p20, "ms_p80": p80,
-            "peak_above_inputs_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}  # fmt: skip
 
 
 def bench_seqlen(kernels, args, s, step_s):
@@ -122,7 +106,7 @@ def bench_seqlen(kernels, args, s, step_s):
         record = {"op": OP, "variant": name, "b": b, "s": s, "hidden": h, "hidden_rank": r1, "out_rank": r2,
                   "block": block, "n_blocks": n, "dtype": args.dtype, "rel_err_vs_torch": rel,
                   "top40_overlap_vs_torch": overlap}  # fmt: skip
-        record.update(measure(fn, args.warmup, args.rep))
+        record.update(measure(fn, args.warmup, args.rep, brief=True))
         if step_s is not None:
             record["step_s"] = step_s
             record["overhead_share"] = args.sparse_layers * record["ms_median"] * 1e-3 / step_s
@@ -149,21 +133,12 @@ def main(argv=None):
         raise SystemExit(f"{OP}: needs a CUDA GPU")
     steps = {int(k): float(v) for k, v in (item.split("=") for item in args.step_s)}
     kernels = import_kernels()
-    import triton
-
     results = []
     for s in args.seqlens:
         results.extend(bench_seqlen(kernels, args, s, steps.get(s)))
         torch.cuda.empty_cache()
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "git_commit": git("rev-parse", "HEAD"),
-           "command": shlex.join([sys.executable, *sys.argv]),
-           "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-    path = Path(args.out)
-    if path.suffix != ".json":
-        path = path / f"kernels_{OP}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "args": vars(args), "results": results}, indent=2) + "\n")
+    env = environment(kernels, fields=ENVIRONMENT_FIELDS)
+    path = write_json(args.out, {"environment": env, "args": vars(args), "results": results}, OP)
     print(f"wrote {path}")
     print_table(results, args.sparse_layers)
 

@@ -19,21 +19,15 @@ JSON file (GPU, versions, git commit, exact command); a table is printed last.
 """
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
 import sys
-import time
-from pathlib import Path
 
 import torch
-from _kernel_bench import REPO, git, import_kernels  # this folder is first on sys.path
+
+# _kernel_bench: this folder is first on sys.path when a bench runs as a script
+from _kernel_bench import QUANTILES, REPO, environment, import_kernels, measure, write_json
 
 OP = "write_back_rows"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTILES = [0.5, 0.2, 0.8]
 
 
 def parse_args(argv=None):
@@ -54,31 +48,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def environment(kernels):
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_count": torch.cuda.device_count(),
-        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-        "gpu_sm_count": props.multi_processor_count,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "cwd": os.getcwd(),
-        "kernels_module": kernels.__file__,
-        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def kept_index(b, s, keep, block, gen):
     """[b, k] int64 on CUDA: whole blocks of `block` tokens, round(keep * blocks) of them per sample, ascending."""
     n_blocks = -(-s // block)
@@ -90,41 +59,6 @@ def kept_index(b, s, keep, block, gen):
         rows.append(tokens[tokens < s])
     k = min(len(r) for r in rows)  # a short last block can make samples differ by a few tokens
     return torch.stack([r[:k] for r in rows]).cuda()
-
-
-def measure(fn, grad_to_none, warmup, rep, host_calls=50):
-    """do_bench quantiles (ms); the host (CPU) time of one call, launches only, no sync: where it exceeds the GPU
-    time the op is launch-bound in isolation (in a training step the CPU runs ahead and hides it); then the peak
-    memory of one more call above what was allocated before it."""
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=QUANTILES)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(host_calls):
-        fn()
-        for t in grad_to_none or []:
-            t.grad = None
-    host_us = (time.perf_counter() - start) / host_calls * 1e6
-    for t in grad_to_none or []:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    for t in grad_to_none or []:
-        t.grad = None
-    return {
-        "ms_median": median,
-        "ms_p20": p20,
-        "ms_p80": p80,
-        "host_us_per_call": host_us,
-        "peak_alloc_mib": peak / 2**20,
-        "peak_above_inputs_mib": (peak - before) / 2**20,
-    }
 
 
 def bench_seqlen(kernels, args, s, gen):
@@ -178,7 +112,7 @@ def bench_seqlen(kernels, args, s, gen):
             ("fwd_bwd_inplace", fwd_bwd_inplace, [xg, rows_g], inplace_bytes + bwd_bytes),
         )
         for mode, fn, grads, nbytes in modes:
-            r = measure(fn, grads, args.warmup, args.rep)
+            r = measure(fn, args.warmup, args.rep, grad_to_none=grads)
             r.update(
                 {
                     "op": OP,
@@ -196,15 +130,6 @@ def bench_seqlen(kernels, args, s, gen):
             results.append(r)
             print(f"  s={s:>7} {mode:<15} {backend:<6} {r['ms_median']:.4f} ms", flush=True)
     return results
-
-
-def write_json(path_arg, payload):
-    path = Path(path_arg)
-    if path.suffix != ".json":  # a directory
-        path = path / f"kernels_{OP}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
 
 
 def print_table(results):
@@ -249,7 +174,7 @@ def main(argv=None):
         "x_leaf * 1 and its backward in both backends.",
         "results": results,
     }
-    path = write_json(args.out, payload)
+    path = write_json(args.out, payload, OP)
     print(f"\nwrote {path}\n")
     print_table(results)
 

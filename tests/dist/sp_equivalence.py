@@ -25,12 +25,11 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import torch
-from deepspeed.utils import safe_get_full_grad
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: masked_reference
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's lemo_ds first
 
+from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, zero_model  # noqa: E402
 from masked_reference import block_scores, reference_mask  # noqa: E402
 
 import lemo_ds  # noqa: E402
@@ -38,27 +37,10 @@ from lemo_ds import sequence_parallel  # noqa: E402
 from lemo_ds.selection import keep_block_count, select_blocks  # noqa: E402
 from lemo_ds.training.data import IGNORE_INDEX, Row  # noqa: E402
 
-SEQ, VOCAB, BLOCK, SP = 64, 64, 8, 2
+SEQ, BLOCK, SP = 64, 8, 2
 DOC_STARTS = (0, 20, 45)  # the second document crosses the shard boundary at 32
 SPARSE = {"block_size": BLOCK, "keep_ratio": 0.5, "dense_layers": [0], "scorer": "oracle", "kernels": "torch"}
 DENSE = {"block_size": BLOCK, "keep_ratio": 1.0}
-
-
-def build(seed: int):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    model.config.use_cache = False  # Hugging Face detects packed documents from position_ids only without a cache
-    return model.train()
 
 
 def make_row(index: int) -> Row:
@@ -122,51 +104,37 @@ def main() -> int:
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "sequence_parallel_size": SP,
-        "zero_optimization": {"stage": args.zero_stage, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-    }
-    if args.mode != "plain":
-        ds_config["lemo"] = SPARSE if args.mode == "sparse" else DENSE
-    if args.zero_stage != 3:
-        del ds_config["zero_optimization"]["stage3_param_persistence_threshold"]
+    lemo = None if args.mode == "plain" else SPARSE if args.mode == "sparse" else DENSE
+    config = ds_config(args.zero_stage, lemo, sequence_parallel_size=SP)
     sequence_parallel.check_dims(sp=SP, world_size=2, seq_len=SEQ, block_size=BLOCK, heads=4, kv_heads=2)
 
-    reference = build(seed=0)  # plain, on every rank
+    # Hugging Face detects packed documents from position_ids only without a cache.
+    reference = build(seed=0, use_cache=False)  # plain, on every rank
     rows = [make_row(i) for i in range(4)]
     # The reference runs before SP is set up: Ulysses replaces the process-wide "sdpa" attention function.
     ref_loss = reference_loss(reference, rows[0], SPARSE if args.mode == "sparse" else None)
     ref_loss.backward()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.zero_stage == 3):
-        model = build(seed=0)
-    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
-        with deepspeed.zero.GatheredParameters([ours], modifier_rank=0), torch.no_grad():
-            ours.copy_(theirs)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = zero_model(config, reference, args.checkpointing, use_cache=False)
     state = sequence_parallel.setup(model, SP, micro_batch=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, *_ = lemo_ds.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=state.mpu)
+    engine = lemo_engine(model, config, mpu=state.mpu)
 
     batches = sequence_parallel.rank_batches(rows, state, micro_batch=1, device=torch.device("cpu"))
     batch = next(batches)  # row 0, this rank's half, labels shifted before sharding
     assert batch["input_ids"].shape == (1, SEQ // SP), batch["input_ids"].shape
     loss, group_loss = sequence_parallel.forward_loss(engine, batch, state)
     engine.backward(loss)
-    full_grads = [safe_get_full_grad(param) for param in engine.module.parameters()]
+    grads = full_grads(engine)
 
-    worst = max((ours - theirs.grad).abs().max().item() for ours, theirs in zip(full_grads, reference.parameters()))
+    worst = max_grad_diff(grads, reference)
     scale = max(theirs.grad.abs().max().item() for theirs in reference.parameters())
     controller = lemo_ds.get_controller(engine.module)
     keep = controller.stats()["keep_ratio_per_layer"] if controller is not None else None
     ok = abs(group_loss.item() - ref_loss.item()) < 1e-5 and worst < 1e-5 * max(1.0, scale)
     if args.mode == "sparse":
         ok = ok and keep[0] == 1.0 and max(keep[1:]) < 0.6
-    report = {"rank": rank, "mode": args.mode, "zero_stage": args.zero_stage, "loss": group_loss.item(), "reference_loss": ref_loss.item(),
-              "max_grad_diff": worst, "grad_scale": scale, "keep_ratio_per_layer": keep, "ok": ok}  # fmt: skip
+    report = {"rank": rank, "mode": args.mode, "zero_stage": args.zero_stage, "loss": group_loss.item(),
+              "reference_loss": ref_loss.item(), "max_grad_diff": worst, "grad_scale": scale,
+              "keep_ratio_per_layer": keep, "ok": ok}  # fmt: skip
     print(json.dumps(report), flush=True)
     return 0 if ok else 1
 

@@ -15,33 +15,16 @@ import sys
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_grad
-from transformers import AutoModelForCausalLM, LlamaConfig
+from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, zero_model
 
 import lemo_ds
 
 LEMO = {"block_size": 8, "keep_ratio": 0.4, "dense_layers": [0], "scorer": "oracle"}
-SEQ, VOCAB = 40, 64
+SEQ = 40
 MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
 # --all-memory: every memory feature on the ZeRO-3 model; the reference runs with none of them.
 MEMORY_ALL = {"segment_loss": True, "segment_tokens": 16, "sparse_checkpointing": True, "tiled_mlp": True,
               "tiled_mlp_tokens": 16, "compact_saves": True, "offload_checkpoints": True}
-
-
-def build(seed: int):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return model.train()
 
 
 def batch_of(rank: int):
@@ -58,30 +41,15 @@ def main() -> int:
     lemo = {**LEMO, "memory": MEMORY_ALL} if args.all_memory else LEMO
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "lemo": lemo,
-    }
+    config = ds_config(lemo=lemo)
 
     reference = build(seed=0)  # plain, on every rank
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = build(seed=0)
-    # zero.Init draws its initial values in its own order: start both models from the same weights.
-    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
-        with deepspeed.zero.GatheredParameters([ours], modifier_rank=0), torch.no_grad():
-            ours.copy_(theirs)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, *_ = lemo_ds.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine = lemo_engine(zero_model(config, reference, args.checkpointing), config)
 
     ids = batch_of(rank)
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
-    full_grads = [safe_get_full_grad(param) for param in engine.module.parameters()]
+    grads = full_grads(engine)
 
     lemo_ds.apply_lemo(reference, {**LEMO, "memory": MEMORY_OFF} if args.all_memory else LEMO)
     losses = []
@@ -90,7 +58,7 @@ def main() -> int:
         other_loss = reference(input_ids=other_ids, labels=other_ids).loss / world
         other_loss.backward()
         losses.append(other_loss.item() * world)
-    worst = max((ours - theirs.grad).abs().max().item() for ours, theirs in zip(full_grads, reference.parameters()))
+    worst = max_grad_diff(grads, reference)
     stats = lemo_ds.get_controller(engine.module).stats()
     ok = abs(loss.item() - losses[rank]) < 1e-5 and worst < 1e-5 and stats["mean_keep_ratio"] < 1.0
     print(
