@@ -86,16 +86,17 @@ class LemoMemoryConfig(_LemoSection):
     exact function of it, and recompute it in backward: float32 copies of bf16 inputs (each LoRA adapter's, each
     RMSNorm's), SiLU's output (from gate), the norms' outputs (from their inputs). Bit-identical gradients, no
     matmul recomputed. Counted for a Llama-2-7B layer with LoRA: 48 -> 23 x hidden bytes per token (see
-    benchmarks/memory_accounting.py). Off by default: without activation checkpointing it cuts Llama-2-7B at 8K from
-    50.3 to 29.9 GiB with lemo (with the segment loss), but with checkpointing at 128K it raised the peak (64.1 ->
-    79.0 GiB), a case not understood yet (README, "The memory stack")."""
+    benchmarks/memory_accounting.py). Off by default because the recomputation costs step time (H200: +9% at 8K
+    without checkpointing, +3% at 128K with it); on, Llama-2-7B at 8K with lemo and the segment loss drops from 50.3
+    to 29.9 GiB, and Llama-3-8B at 128K with checkpointing from 64.1 to 54.1 GiB (README, "The memory stack")."""
 
     offload_checkpoints: bool = False
     """Under activation checkpointing (Hugging Face's or DeepSpeed's), move each layer's stored input (a sparse
     layer's kept rows) to pinned host memory after its forward, with asynchronous copies, and back during backward
     with the previous layer's input prefetched. Off by default: it needs (dense layers + sum of keep ratios) x seq
-    x hidden x 2 bytes of pinned host memory (23 GiB for LeMo, 32 GiB dense, Llama-3-8B at 128K) and pays off only
-    where stored inputs set the peak (long context); at short context it only adds PCIe traffic."""
+    x hidden x 2 bytes of pinned host memory (22 GiB for LeMo, 32 GiB dense, Llama-3-8B at 128K) and pays off only
+    where stored inputs set the peak (long context: Llama-3-8B at 128K, 54.1 -> 33.7 GiB at the same step time; at
+    short context it only adds PCIe traffic)."""
 
 
 class LemoPredictorConfig(_LemoSection):

@@ -36,12 +36,15 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_state() -> dict[str, Any]:
-    """Commit and dirty flag of the checkout. Where the tree has no .git (a copied working tree), the commit
-    comes from $LEMO_BENCH_GIT_COMMIT if set, else null."""
+    """Commit and dirty flag of the checkout; $LEMO_BENCH_GIT_COMMIT, when set, wins (a copied working tree may carry
+    a stale .git or none)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
                               timeout=30).stdout.rstrip("\n")
 
+    explicit = os.environ.get("LEMO_BENCH_GIT_COMMIT")
+    if explicit:  # the GPU machine's copy carries a .git of the session's first commit, not of the code it runs
+        return {"commit": explicit, "dirty": None, "changed_paths": None, "note": "commit from $LEMO_BENCH_GIT_COMMIT"}
     try:
         commit = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain").splitlines()
