@@ -108,3 +108,15 @@ def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
     assert document["predictor_training"]["ok"]
     assert (out / result_path.name.replace(".json", ".md")).read_text().count("| ") > 4
     assert document["reference"]["reference_short_ppl"] > 1.0
+
+
+def test_recipe_overrides_from_the_command_line():
+    from benchmarks.accuracy.recipe import TINY
+    from benchmarks.accuracy.run import override_recipe
+
+    changed = override_recipe(TINY, ["finetune_steps=7", 'runs=[["oracle", 0.5, ""]]'])
+    assert changed.finetune_steps == 7 and changed.runs == (("oracle", 0.5, ""),)
+    assert changed.layers == TINY.layers
+    for bad in ("no_such_field=1", "finetune_steps", "finetune_steps=abc"):
+        with pytest.raises(SystemExit, match="--set"):
+            override_recipe(TINY, [bad])

@@ -21,6 +21,7 @@ predictors' top-k recall against the oracle on the same held-out rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -59,7 +60,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated run names (default: every run)")
     parser.add_argument("--mode", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help='an extra mode (lemo keys; JSON values), e.g. "processed:loss_tokens=processed"')
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                        help="override a recipe field (JSON value), e.g. finetune_steps=1000; repeatable")
     return parser.parse_args(argv)
+
+
+def override_recipe(recipe: Recipe, pairs: list[str]) -> Recipe:
+    """The recipe with ``FIELD=VALUE`` overrides (values as JSON; tuples given as JSON lists)."""
+    known = {f.name for f in dataclasses.fields(recipe)}
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in known or name == "name":
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(known - {'name'})}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--set {pair!r}: {value!r} is not a JSON value") from None
+        changes[name] = tuple(tuple(x) if isinstance(x, list) else x for x in parsed) if isinstance(parsed, list) \
+            else parsed
+    return dataclasses.replace(recipe, **changes)
 
 
 @dataclass(frozen=True)
@@ -239,7 +259,7 @@ def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: lis
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    recipe = RECIPES[args.recipe]
+    recipe = override_recipe(RECIPES[args.recipe], args.overrides)
     work, out = Path(args.work), Path(args.out)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
