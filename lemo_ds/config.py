@@ -116,8 +116,11 @@ class LemoPredictorConfig(_LemoSection):
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     """Adam learning rate of predictor training (calibration and refresh)."""
 
-    rank_weight: float = Field(1.0, ge=0.0, le=100.0)
-    """Weight of the ranking loss against the tile regression loss (0: tile regression only, as LeMo)."""
+    rank_weight: float = Field(0.0, ge=0.0, le=100.0)
+    """Weight of the ranking loss against the tile regression loss (0: tile regression only, as LeMo). 0 by
+    default: on the accuracy model (12-layer Gutenberg Llama, 8K, keep 0.4, 64 batches, 16 held-out) the mean
+    recall was 0.939 with 0, 0.916 with 1, 0.897 with 10 and 0.875 with 100; the ranking term drove the query units
+    to 1-4 alive of 64 (benchmarks/results/predictor-rank-weight-20261122/)."""
 
     calibration_batches: int = Field(8, ge=0, le=100000)
     """Without ``predictor_path``: micro-batches that train the predictors from scratch. launch/train.py runs

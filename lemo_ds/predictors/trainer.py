@@ -62,7 +62,7 @@ def _world() -> int:
 
 
 class PredictorTrainer:
-    def __init__(self, bank: PredictorBank, rule: SelectionRule, lr: float = 3e-3, rank_weight: float = 1.0) -> None:
+    def __init__(self, bank: PredictorBank, rule: SelectionRule, lr: float = 3e-3, rank_weight: float = 0.0) -> None:
         self.bank = bank
         self.rule = rule
         self.lr = lr
