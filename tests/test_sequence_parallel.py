@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism with per-rank token elimination (lemo_ds.sequence_parallel), on two CPU ranks
-over gloo with real DeepSpeed engines (ZeRO-3). See tests/dist/sp_equivalence.py for what each run compares."""
+(one SP group) or four (2 data-parallel x 2 sequence-parallel) over gloo with real DeepSpeed engines (ZeRO-3).
+See tests/dist/sp_equivalence.py for what each run compares."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from lemo_ds.sequence_parallel import check_dims, check_zero_config
 ENV = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
 
 
-def _reports(result) -> list[dict]:
+def _reports(result, ranks: int = 2) -> list[dict]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # two ranks may print onto one line: split on the record boundary
+    # ranks may print onto one line: split on the record boundary
     text = result.stdout.replace('}{"rank"', '}\n{"rank"')
     reports = [json.loads(line) for line in text.splitlines() if line.startswith('{"rank"')]
-    assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-3000:]
+    assert sorted(r["rank"] for r in reports) == list(range(ranks)), result.stdout[-3000:]
     return reports
 
 
@@ -42,6 +43,30 @@ def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, z
     for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV, timeout=600)):
         assert report["ok"], report
         assert report["keep_ratio_per_layer"][0] == 1.0 and max(report["keep_ratio_per_layer"][1:]) == 0.5
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_two_data_parallel_groups_of_sp2_equal_the_mean_over_their_rows(mode):
+    """4 ranks = 2 data-parallel x 2 sequence-parallel (ZeRO-3 over all four): each SP group trains its own row;
+    each group's loss equals the single-process reference on its row ("dense": the plain model; "sparse": the
+    per-shard masked reference), and every full gradient equals the reference's gradient of the mean of the two
+    rows' losses. Each rank also gets its SP half of the right row at the first two micro-steps."""
+    result = run_deepspeed(
+        REPO / "tests/dist/sp_equivalence.py", "--mode", mode, "--dp", "2", ranks=4, env=ENV, timeout=600
+    )
+    reports = _reports(result, ranks=4)
+    # The two rows must give different losses, or training one row everywhere would pass the loss check too.
+    first, second = reports[0]["reference_losses"]
+    assert abs(first - second) > 1e-3, reports[0]
+    for report in reports:
+        assert report["ok"], report
+        assert (report["dp_rank"], report["sp_rank"]) == divmod(report["rank"], 2), report
+        assert report["loss"] == pytest.approx((first, second)[report["dp_rank"]], abs=1e-5), report
+        keep = report["keep_ratio_per_layer"]
+        if mode == "dense":
+            assert keep == [1.0] * 4, report
+        else:
+            assert keep[0] == 1.0 and max(keep[1:]) == 0.5, report
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,13 @@
-"""Run by tests/test_sequence_parallel.py under ``deepspeed --num_gpus 2`` (two CPU ranks over gloo).
+"""Run by tests/test_sequence_parallel.py under ``deepspeed --num_gpus 2`` (or 4 with ``--dp 2``: CPU ranks
+over gloo).
 
-Both ranks form one Ulysses sequence-parallel group (sequence_parallel_size 2, ZeRO-3). They train one packed
-row of 64 tokens (three documents, one of them across the shard boundary), fed through lemo_ds's SP data path
-(DeepSpeed's UlyssesSPDataLoaderAdapter: labels shifted before sharding), and compare the group's loss and every
-full (gathered) gradient with a single-process reference that every rank computes alone on the whole row:
+Consecutive pairs of ranks form Ulysses sequence-parallel groups (sequence_parallel_size 2; ``--dp`` groups,
+ZeRO-3 or ZeRO-2 over all ranks). Data-parallel rank ``g`` (SP group ``g``) trains packed row ``g`` of 64 tokens
+(three documents, one of them across the shard boundary; each row's tokens are different), fed through
+lemo_ds.training.parallel, what launch/train.py calls (DeepSpeed's UlyssesSPDataLoaderAdapter: labels shifted
+before sharding). Each rank compares its group's loss with a single-process reference on row ``g``, and every
+full (gathered) gradient with the reference's gradient of the mean of the ``--dp`` rows' losses (DeepSpeed
+averages the gradients over the data-parallel groups); every rank computes the references alone:
 
 - ``--mode dense`` (every keep ratio 1.0): the reference is the plain Hugging Face model (SP=1).
 - ``--mode plain`` (no "lemo" section: Hugging Face's own loss given shift_labels): the same reference.
@@ -12,7 +16,9 @@ full (gathered) gradient with a single-process reference that every rank compute
   the per-shard selection computed by its own code (each shard's blocks scored by the shard's queries, the
   global block 0 forced on the first shard, the same count on both shards).
 
-Prints one JSON line per rank; exits non-zero on mismatch.
+Each rank also checks that its shards of the first two micro-steps are its SP rank's halves of rows ``g`` and
+``dp + g`` (the row stream dealt out over the data-parallel groups). Prints one JSON line per rank; exits
+non-zero on mismatch.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import deepspeed
 import numpy as np
@@ -35,6 +42,7 @@ from masked_reference import block_scores, reference_mask  # noqa: E402
 import lemo_ds  # noqa: E402
 from lemo_ds import sequence_parallel  # noqa: E402
 from lemo_ds.selection import keep_block_count, select_blocks  # noqa: E402
+from lemo_ds.training import parallel  # noqa: E402
 from lemo_ds.training.data import IGNORE_INDEX, Row  # noqa: E402
 
 SEQ, BLOCK, SP = 64, 8, 2
@@ -95,46 +103,69 @@ def per_shard_masked_forward(model, ids, position, lemo) -> torch.Tensor:
     return model.lm_head(inner.norm(hidden))
 
 
+def expected_shard(row: Row, sp_rank: int) -> dict[str, torch.Tensor]:
+    """SP rank ``sp_rank``'s half of ``row`` as the adapter hands it out: labels shifted before sharding."""
+    shifted = np.append(row.labels[1:], IGNORE_INDEX)
+    half = slice(sp_rank * SEQ // SP, (sp_rank + 1) * SEQ // SP)
+    fields = {"input_ids": row.input_ids, "position_ids": row.position_ids, "shift_labels": shifted}
+    return {name: torch.from_numpy(values[half])[None] for name, values in fields.items()}  # [1, s / sp] each
+
+
+def same_shard(batch: dict[str, torch.Tensor], row: Row, sp_rank: int) -> bool:
+    return all(torch.equal(batch[name], value) for name, value in expected_shard(row, sp_rank).items())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--mode", choices=("dense", "sparse", "plain"), required=True)
     parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=3)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel groups (the job needs dp x 2 ranks)")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world != args.dp * SP:
+        raise SystemExit(f"--dp {args.dp} x sequence_parallel_size {SP} needs {args.dp * SP} ranks, not {world}")
     lemo = None if args.mode == "plain" else SPARSE if args.mode == "sparse" else DENSE
     config = ds_config(args.zero_stage, lemo, sequence_parallel_size=SP)
-    sequence_parallel.check_dims(sp=SP, world_size=2, seq_len=SEQ, block_size=BLOCK, heads=4, kv_heads=2)
+    sequence_parallel.check_dims(sp=SP, world_size=world, seq_len=SEQ, block_size=BLOCK, heads=4, kv_heads=2)
 
     # Hugging Face detects packed documents from position_ids only without a cache.
     reference = build(seed=0, use_cache=False)  # plain, on every rank
-    rows = [make_row(i) for i in range(4)]
+    rows = [make_row(i) for i in range(2 * args.dp)]  # two micro-steps of every data-parallel group
     # The reference runs before SP is set up: Ulysses replaces the process-wide "sdpa" attention function.
-    ref_loss = reference_loss(reference, rows[0], SPARSE if args.mode == "sparse" else None)
-    ref_loss.backward()
+    ref_losses = [reference_loss(reference, row, SPARSE if args.mode == "sparse" else None) for row in rows[: args.dp]]
+    (sum(ref_losses) / args.dp).backward()  # the gradient DeepSpeed averages over the data-parallel groups
     model = zero_model(config, reference, args.checkpointing, use_cache=False)
-    state = sequence_parallel.setup(model, SP, micro_batch=1)
-    engine = lemo_engine(model, config, mpu=state.mpu)
+    # What launch/train.py does: its Run carries these fields into lemo_ds.training.parallel.
+    run = SimpleNamespace(sp_size=SP, micro_batch=1, world_size=world)
+    mpu = parallel.setup(run, model)
+    engine = lemo_engine(model, config, mpu=mpu)
+    dp_rank, sp_rank = run.sp.dp_rank, run.sp.rank
+    layout_ok = run.dp_size == args.dp and (dp_rank, sp_rank) == divmod(rank, SP)
 
-    batches = sequence_parallel.rank_batches(rows, state, micro_batch=1, device=torch.device("cpu"))
-    batch = next(batches)  # row 0, this rank's half, labels shifted before sharding
-    assert batch["input_ids"].shape == (1, SEQ // SP), batch["input_ids"].shape
-    loss, group_loss = sequence_parallel.forward_loss(engine, batch, state)
+    batches = parallel.rank_batches(run, rows, device=torch.device("cpu"))
+    batch = next(batches)  # micro-step 0: row dp_rank, this rank's half, labels shifted before sharding
+    rows_ok = same_shard(batch, rows[dp_rank], sp_rank)
+    loss, group_loss = parallel.forward_loss(run, engine, batch)
     engine.backward(loss)
     grads = full_grads(engine)
+    rows_ok = rows_ok and same_shard(next(batches), rows[args.dp + dp_rank], sp_rank)  # micro-step 1
 
+    ref_loss = ref_losses[dp_rank].item()
     worst = max_grad_diff(grads, reference)
     scale = max(theirs.grad.abs().max().item() for theirs in reference.parameters())
     controller = lemo_ds.get_controller(engine.module)
     keep = controller.stats()["keep_ratio_per_layer"] if controller is not None else None
-    ok = abs(group_loss.item() - ref_loss.item()) < 1e-5 and worst < 1e-5 * max(1.0, scale)
+    ok = layout_ok and rows_ok and abs(group_loss.item() - ref_loss) < 1e-5 and worst < 1e-5 * max(1.0, scale)
     if args.mode == "sparse":
         ok = ok and keep[0] == 1.0 and max(keep[1:]) < 0.6
-    report = {"rank": rank, "mode": args.mode, "zero_stage": args.zero_stage, "loss": group_loss.item(),
-              "reference_loss": ref_loss.item(), "max_grad_diff": worst, "grad_scale": scale,
-              "keep_ratio_per_layer": keep, "ok": ok}  # fmt: skip
+    report = {"rank": rank, "dp_rank": dp_rank, "sp_rank": sp_rank, "mode": args.mode, "zero_stage": args.zero_stage,
+              "loss": group_loss.item(), "reference_loss": ref_loss,
+              "reference_losses": [value.item() for value in ref_losses], "max_grad_diff": worst,
+              "grad_scale": scale, "keep_ratio_per_layer": keep, "layout_ok": layout_ok, "rows_ok": rows_ok,
+              "ok": ok}  # fmt: skip
     print(json.dumps(report), flush=True)
     return 0 if ok else 1
 
