@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seq-len", type=int, default=1024, help="tokens per packed row")
     add("--batch-size", type=int, default=1, help="rows per batch")
     # 128: on the accuracy benchmark's model (8K rows) 96 batches reached recall 0.945 and 128 reached 0.955
-    # (benchmarks/results/predictor-sweep-20261122/). 16 held-out batches: the recall table averages 131K tokens, not 33K.
+    # (benchmarks/results/predictor-sweep-20261122/). 16 held-out batches instead of 4: four times the tokens behind
+    # each figure of the recall table.
     add("--batches", type=int, default=128, help="training batches (each seen once)")
     add("--eval-batches", type=int, default=16, help="held-out batches for the recall table and pruning")
     add("--updates", type=int, default=None, help="optimizer steps per layer per batch (default: the config's)")
