@@ -27,7 +27,7 @@ from benchmarks.harness import losses, results  # noqa: E402
 from benchmarks.harness.measure import TrainingStep  # noqa: E402
 from benchmarks.harness.model import build_model, random_batch  # noqa: E402
 from benchmarks.harness.shapes import get_shape  # noqa: E402
-from benchmarks.harness.variants import get_variant  # noqa: E402
+from benchmarks.harness.variants import get_variant, parse_lemo_overrides, with_lemo_overrides  # noqa: E402
 
 GIB = 2**30
 # Frames worth naming, most specific first; a frame outside all of them (torch internals, the standard library) is
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, required=True)
     parser.add_argument("--variant", required=True, help="comma-separated variant names")
     parser.add_argument("--lemo-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="memory.KEY=VALUE or KEY=VALUE overrides of every lemo variant's section (JSON value)")
+                        help="KEY=VALUE or memory.KEY=VALUE: a key of every lemo variant's section (JSON)")
     parser.add_argument("--depth", type=int, default=3, help="interesting frames per group")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", required=True)
@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     out = results.ResultFile(args.out, "memory-peak", {"kind": "memory-peak", "command": results.command_line(),
                                                       "environment": results.environment(), "shape": shape.name,
                                                       "seq": args.seq, "variants": []})
+    overrides = parse_lemo_overrides(args.lemo_set)
+    tag = "".join(f"[{pair}]" for pair in args.lemo_set)
     for name in args.variant.split(","):
-        variant = _with_overrides(get_variant(name.strip()), args.lemo_set)
+        variant = with_lemo_overrides(get_variant(name.strip()), overrides, tag)
         record = profile(step, variant, device, args.depth, args.top)
         out.data["variants"].append(record)
         out.write()
@@ -148,20 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         step.cleanup()
     out.finish("complete")
     return 0
-
-
-def _with_overrides(variant, pairs: list[str]):
-    import json
-    from dataclasses import replace
-
-    if not pairs or variant.lemo is None:
-        return variant
-    section = {**variant.lemo, "memory": dict(variant.lemo.get("memory", {}))}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        target, key = (section["memory"], key.removeprefix("memory.")) if key.startswith("memory.") else (section, key)
-        target[key] = json.loads(value)
-    return replace(variant, lemo=section, name=variant.name + "".join(f"[{p}]" for p in pairs))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -44,7 +42,7 @@ from benchmarks.harness.measure import MemoryCap, TrainingStep, is_oom, measure_
 from benchmarks.harness.model import DTYPES, build_model, random_batch  # noqa: E402
 from benchmarks.harness.shapes import get_shape  # noqa: E402
 from benchmarks.harness.suites import SUITES, Config, Suite, get_suite  # noqa: E402
-from benchmarks.harness.variants import Variant  # noqa: E402
+from benchmarks.harness.variants import Variant, parse_lemo_overrides, with_lemo_overrides  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -92,28 +90,14 @@ def select(suite: Suite, args: argparse.Namespace) -> tuple[list[Config], list[V
     names = _csv(args.variant)
     configs = [c for c in suite.configs if seqs is None or str(c.seq) in seqs]
     variants = [v for v in suite.variants if names is None or v.name in names]
-    overrides = lemo_overrides(args.lemo_set)
-    if overrides:
-        variants = [v if v.lemo is None else replace(v, lemo={**v.lemo, **overrides}) for v in variants]
+    overrides = parse_lemo_overrides(args.lemo_set)
+    variants = [with_lemo_overrides(v, overrides) for v in variants]
     if names is not None and len(variants) != len(names):
         unknown = set(names) - {v.name for v in suite.variants}
         raise SystemExit(f"--variant: {sorted(unknown)} not in suite {suite.name}: {[v.name for v in suite.variants]}")
     if not configs or not variants:
         raise SystemExit(f"nothing to run: configurations {[c.seq for c in configs]}, variants {len(variants)}")
     return configs, variants
-
-
-def lemo_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--lemo-set {pair!r}: expected KEY=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value  # a bare string, e.g. kernels=torch
-    return overrides
 
 
 def resolve_device(suite: Suite, requested: str | None) -> torch.device:
@@ -173,7 +157,7 @@ def run_measure_suite(suite: Suite, args: argparse.Namespace) -> int:
             "steps": args.steps if args.steps is not None else suite.steps,
             "chunked_loss_impl": chunked_impl, "chunk_tokens": args.chunk_tokens,
             "peak_flops": peak, "peak_flops_note": "H200 dense BF16 peak 989e12 FLOP/s (by GPU name)",
-            "memory_cap": cap.describe(), "lemo_overrides": lemo_overrides(args.lemo_set),
+            "memory_cap": cap.describe(), "lemo_overrides": parse_lemo_overrides(args.lemo_set),
             "variants": [v.describe() for v in variants],
         },
         "notes": notes(device),

@@ -334,3 +334,19 @@ def test_memory_peak_refuses_without_cuda():
     done = subprocess.run([sys.executable, "benchmarks/memory_peak.py", "--seq", "64", "--variant", "dense",
                            "--out", "/tmp/unused"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "needs CUDA" in done.stderr
+
+
+def test_lemo_overrides_merge_into_sub_sections_and_leave_dense_variants_alone():
+    from benchmarks.harness.variants import get_variant, parse_lemo_overrides, with_lemo_overrides
+
+    overrides = parse_lemo_overrides(["kernels=torch", "memory.compact_saves=false", "keep_ratio=0.5"])
+    assert overrides == {"kernels": "torch", "memory": {"compact_saves": False}, "keep_ratio": 0.5}
+    stack = get_variant("lemo-oracle+ckpt+stack")
+    changed = with_lemo_overrides(stack, overrides, tag="[x]")
+    assert changed.name == "lemo-oracle+ckpt+stack[x]" and changed.lemo["kernels"] == "torch"
+    assert changed.lemo["memory"] == {**stack.lemo["memory"], "compact_saves": False}  # other memory keys kept
+    assert stack.lemo["memory"]["compact_saves"] is True  # the registered variant is not changed
+    dense = get_variant("dense+ckpt")
+    assert with_lemo_overrides(dense, overrides) is dense
+    with pytest.raises(SystemExit, match="--lemo-set"):
+        parse_lemo_overrides(["no_value"])

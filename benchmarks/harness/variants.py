@@ -12,8 +12,9 @@ the embedding output requiring grad only while checkpointing is on.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from benchmarks.harness.model import BenchModel
@@ -180,3 +181,33 @@ def _keep_predictors(bench: BenchModel, variant: Variant) -> None:
     os.close(handle)
     scorer.save(path, {"calibrated": "on the fly, benchmark warm-up"})
     files[variant.name] = path
+
+
+# ---- --lemo-set overrides (benchmarks/run.py, benchmarks/memory_peak.py) ----------------------------------
+
+def parse_lemo_overrides(pairs: list[str], flag: str = "--lemo-set") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs -> a partial "lemo" section (values as JSON, else bare strings such as kernels=torch); a
+    dotted key sets a key of a sub-section, e.g. ``memory.compact_saves=false``."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} {pair!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        section, dot, leaf = key.strip().rpartition(".")
+        (overrides.setdefault(section, {}) if dot else overrides)[leaf if dot else key.strip()] = parsed
+    return overrides
+
+
+def with_lemo_overrides(variant: Variant, overrides: dict[str, Any], tag: str = "") -> Variant:
+    """The variant with ``overrides`` merged into its "lemo" section (sub-sections key by key); dense variants as
+    they are. ``tag``: appended to the name, so that results tell the changed variant apart."""
+    if not overrides or variant.lemo is None:
+        return variant
+    section = dict(variant.lemo)
+    for key, value in overrides.items():
+        section[key] = {**section.get(key, {}), **value} if isinstance(value, dict) else value
+    return replace(variant, lemo=section, name=variant.name + tag)
