@@ -210,7 +210,8 @@ def check_inputs(args: argparse.Namespace) -> Run:
     run.args = args
     run.device_type = get_accelerator().device_name()
     raw = flags.apply_flag_overrides(
-        load_ds_config(args.deepspeed), lr=args.lr, predictor=args.predictor, config_path=args.deepspeed
+        load_ds_config(args.deepspeed), lr=args.lr, predictor=args.predictor, config_path=args.deepspeed,
+        max_steps=args.max_steps,
     )
     lemo_config, ds_config = split_ds_config(raw)  # validates the "lemo" section
     ds_config, run.dtype, precision_note = precision.resolve_precision(ds_config, run.device_type)

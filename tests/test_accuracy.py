@@ -120,3 +120,44 @@ def test_recipe_overrides_from_the_command_line():
     for bad in ("no_such_field=1", "finetune_steps", "finetune_steps=abc"):
         with pytest.raises(SystemExit, match="--set"):
             override_recipe(TINY, [bad])
+
+
+def test_a_mode_can_change_the_fine_tuning_of_its_runs(tmp_path):
+    """``recipe.FIELD`` keys of a mode change that run's fine-tuning (a "dense" scorer is a dense run under them);
+    the shared model's fields cannot change per run."""
+    import dataclasses
+
+    from benchmarks.accuracy.recipe import TINY
+    from benchmarks.accuracy.run import ds_config, fine_tunes, parse_modes
+
+    recipe = dataclasses.replace(TINY, runs=(("dense", 1.0, "const"), ("oracle", 0.4, "const")))
+    runs = {run.name: run for run in fine_tunes(recipe, parse_modes(["const:recipe.lr_schedule=constant,seed=3"]))}
+    assert set(runs) == {"dense", "dense+const", "oracle@0.4+const"}
+    assert runs["dense+const"].scorer is None and runs["dense+const"].extra == {}
+    assert runs["oracle@0.4+const"].extra == {"seed": 3}
+    constant = ds_config(runs["oracle@0.4+const"], runs["oracle@0.4+const"].recipe(recipe))
+    decay = ds_config(runs["dense"], runs["dense"].recipe(recipe))
+    assert constant["scheduler"]["type"] == "WarmupLR" and constant["lemo"]["seed"] == 3
+    assert decay["scheduler"]["type"] == "WarmupDecayLR" and "lemo" not in decay
+    assert decay["scheduler"]["params"]["total_num_steps"] == TINY.finetune_steps
+    with pytest.raises(SystemExit, match="recipe.layers cannot change per run"):
+        fine_tunes(recipe, parse_modes(["const:recipe.layers=2"]))
+    with pytest.raises(SystemExit, match="no mode 'nope'"):
+        fine_tunes(dataclasses.replace(TINY, runs=(("oracle", 0.4, "nope"),)), {})
+
+
+def test_fine_tuning_data_holds_exactly_the_chosen_books(tmp_path):
+    from benchmarks.accuracy.corpus import Split
+    from benchmarks.accuracy.run import finetune_data
+
+    books = []
+    for i in range(3):
+        books.append(tmp_path / f"pg{i}.txt")
+        books[-1].write_text(f"book {i}")
+    split = Split(train=books, heldout=[])
+    assert sorted(p.name for p in finetune_data(split, tmp_path / "w", None).iterdir()) == ["pg0.txt", "pg1.txt",
+                                                                                         "pg2.txt"]  # fmt: skip
+    folder = tmp_path / "w" / "finetune-1"
+    folder.mkdir(parents=True)
+    (folder / "pg2.txt").write_text("left from another run")
+    assert [p.name for p in finetune_data(split, tmp_path / "w", 1).iterdir()] == ["pg0.txt"]

@@ -76,6 +76,16 @@ def test_lr_flag_sets_optimizer_and_warmup_peak():
     assert raw["optimizer"]["params"]["lr"] == 1e-4  # the input is left alone
 
 
+def test_max_steps_fills_an_auto_decay_length():
+    raw = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 3}}}
+    out = flags.apply_flag_overrides(raw, lr=None, predictor=None, config_path="x.json", max_steps=1000)
+    assert out["scheduler"]["params"]["total_num_steps"] == 1000
+    fixed = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 50}}}
+    assert flags.apply_flag_overrides(fixed, lr=None, predictor=None, config_path="x", max_steps=9) == fixed
+    with pytest.raises(TrainingSetupError, match='total_num_steps is "auto"'):
+        flags.apply_flag_overrides(raw, lr=None, predictor=None, config_path="x.json")
+
+
 def test_predictor_flag_sets_the_lemo_scorer(tmp_path):
     predictors = tmp_path / "predictors.pt"
     predictors.write_bytes(b"x")

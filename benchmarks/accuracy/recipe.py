@@ -6,11 +6,22 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 # lemo_ds's selection for fine-tuning quality (beyond LeMo's rule): a block eliminated once stays eliminated
 # (nested), the loss counts the positions that ran through every sparse layer, and each window of 8 blocks keeps
 # its share (the accuracy benchmark's first runs: LeMo's rule lost 7-14% perplexity at keep 0.4 in 150 steps).
 NESTED = {"loss_tokens": "processed", "nested_selection": True, "selection_window": 8}
+
+
+# The fields the reference model depends on (a cached model is reused only when they match; runs share it).
+REFERENCE_FIELDS = ("heldout_every", "book_limit", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
+                    "intermediate_size", "rope_theta", "short_seq", "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                    "pretrain_warmup", "seed")  # fmt: skip
+# The fields one run may change for itself (a mode's ``recipe.FIELD`` keys): the fine-tuning, not the shared model,
+# data split or evaluation.
+RUN_FIELDS = ("finetune_books", "finetune_steps", "finetune_lr", "finetune_warmup", "lr_schedule", "lora_r",
+              "block_size")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -19,7 +30,8 @@ class Recipe:
     # -- corpus ----------------------------------------------------------------------------------------------
     heldout_every: int = 8  # every 8th book (name order) is held out: 9 of the 74
     book_limit: int | None = None  # None: every book
-    finetune_books: int = 16  # train books the fine-tuning runs read (each run reads the same ones, same order)
+    # Train books the fine-tuning runs read (each run reads the same ones, same order); None: every train book.
+    finetune_books: int | None = None
     # -- reference model (Llama architecture, GQA) -------------------------------------------------------------
     vocab_size: int = 8192
     hidden_size: int = 512
@@ -39,6 +51,10 @@ class Recipe:
     # 1000 steps: at 300 every lemo run was 1-2 points further from dense (benchmarks/results/accuracy-full-*).
     finetune_steps: int = 1000
     finetune_lr: float = 1e-3
+    finetune_warmup: int = 20  # steps of linear warm-up to finetune_lr
+    # "linear": warm-up, then a linear decay to 0 at the last step (DeepSpeed's WarmupDecayLR); "constant": warm-up,
+    # then finetune_lr to the end (WarmupLR).
+    lr_schedule: Literal["linear", "constant"] = "linear"
     lora_r: int = 8
     block_size: int = 64
     keep_ratio: float = 0.4  # the headline comparison
@@ -62,11 +78,8 @@ class Recipe:
         return self.short_seq * self.extension
 
     def reference_key(self) -> str:
-        """Hash of every field the reference model depends on: a cached model is reused only when it matches."""
-        fields = ("heldout_every", "book_limit", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
-                  "intermediate_size", "rope_theta", "short_seq", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                  "pretrain_warmup", "seed")  # fmt: skip
-        blob = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
+        """Hash of REFERENCE_FIELDS: a cached model is reused only when it matches."""
+        blob = json.dumps({name: getattr(self, name) for name in REFERENCE_FIELDS}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict:
@@ -93,6 +106,7 @@ TINY = Recipe(
     pretrain_warmup=5,
     extension=2,
     finetune_steps=3,
+    finetune_warmup=1,
     block_size=16,
     runs=(("predictor", 0.4, ""), ("random", 0.4, ""), ("predictor", 0.4, "nested")),
     predictor_batches=2,

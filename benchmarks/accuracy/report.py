@@ -9,7 +9,8 @@ from typing import Any
 
 
 def _dense_ppl(document: dict[str, Any]) -> float | None:
-    return next((r.get("eval_ppl") for r in document["runs"] if r["scorer"] == "dense" and r["ok"]), None)
+    """The plain dense run's perplexity (runs named "dense+<mode>" are dense under other fine-tuning settings)."""
+    return next((r.get("eval_ppl") for r in document["runs"] if r["name"] == "dense" and r["ok"]), None)
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -20,7 +21,9 @@ def markdown(document: dict[str, Any]) -> str:
         f"Held-out perplexity at {long_seq} tokens (dense evaluation) after {recipe['finetune_steps']} LoRA steps "
         f"(r={recipe['lora_r']}) of {recipe['extension']}x context extension; reference model at "
         f"{recipe['short_seq']}: {ref['reference_short_ppl']:.3f}, extended model before fine-tuning: "
-        f"{ref['extended_long_ppl_before_finetune']:.3f}.",
+        f"{ref['extended_long_ppl_before_finetune']:.3f}. Learning rate {recipe['finetune_lr']:g}, "
+        f"{recipe.get('lr_schedule', 'constant')} schedule; fine-tuning books: "
+        f"{recipe['finetune_books'] if recipe['finetune_books'] is not None else 'every train book'}.",
         "",
         "| run | scorer | keep | held-out ppl | vs dense | predictor recall | final train loss | tokens/s |",
         "|---|---|---|---|---|---|---|---|",

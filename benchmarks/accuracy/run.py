@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.accuracy import corpus, pretrain, report  # noqa: E402
-from benchmarks.accuracy.recipe import RECIPES, Recipe  # noqa: E402
+from benchmarks.accuracy.recipe import RECIPES, RUN_FIELDS, Recipe  # noqa: E402
 from benchmarks.accuracy.tokenizer import train_tokenizer  # noqa: E402
 from benchmarks.harness import results  # noqa: E402
 
@@ -84,15 +84,23 @@ def override_recipe(recipe: Recipe, pairs: list[str]) -> Recipe:
 
 @dataclass(frozen=True)
 class FineTune:
-    name: str  # "dense", "<scorer>@<keep>" or "<scorer>@<keep>+<mode>"
+    name: str  # "dense", "<scorer>@<keep>" or "<scorer>@<keep>+<mode>" ("dense+<mode>")
     scorer: str | None  # None: dense
     keep_ratio: float | None
     mode: str = ""
     extra: dict = field(default_factory=dict, hash=False)  # more "lemo" keys
+    recipe_changes: dict = field(default_factory=dict, hash=False)  # fine-tuning fields of the recipe, this run only
+
+    def recipe(self, recipe: Recipe) -> Recipe:
+        return dataclasses.replace(recipe, **self.recipe_changes)
+
+
+RECIPE_PREFIX = "recipe."
 
 
 def parse_modes(specs: list[str]) -> dict[str, dict]:
-    """``NAME:KEY=VALUE,...`` -> {NAME: {KEY: VALUE}} (values as JSON, else strings)."""
+    """``NAME:KEY=VALUE,...`` -> {NAME: {KEY: VALUE}} (values as JSON, else strings). A key is a "lemo" key, or
+    ``recipe.FIELD`` for a fine-tuning field of the recipe (e.g. ``recipe.lr_schedule=constant``)."""
     modes = {}
     for spec in specs:
         name, _, pairs = spec.partition(":")
@@ -107,23 +115,46 @@ def parse_modes(specs: list[str]) -> dict[str, dict]:
     return modes
 
 
+def split_mode(recipe: Recipe, name: str, settings: dict) -> tuple[dict, dict]:
+    """A mode's settings -> ("lemo" keys, recipe changes); a recipe change may only touch the fine-tuning (the
+    reference model is shared by every run)."""
+    lemo = {k: v for k, v in settings.items() if not k.startswith(RECIPE_PREFIX)}
+    changes = {k.removeprefix(RECIPE_PREFIX): v for k, v in settings.items() if k.startswith(RECIPE_PREFIX)}
+    for key in changes:
+        if key not in RUN_FIELDS:
+            raise SystemExit(f"mode {name!r}: recipe.{key} cannot change per run; allowed: {', '.join(RUN_FIELDS)}")
+    return lemo, changes
+
+
 def fine_tunes(recipe: Recipe, extra_modes: dict[str, dict]) -> list[FineTune]:
-    """dense, the recipe's runs, and each extra mode (``--mode``) for every scorer of the recipe at its keep ratio."""
+    """dense, the recipe's runs, and each extra mode (``--mode``) for every scorer of the recipe at its keep ratio.
+    A run whose scorer is "dense" is a dense run under its mode's recipe changes."""
     modes = {**recipe.modes, **extra_modes}
     specs = list(recipe.runs)
     scorers = sorted({scorer for scorer, _, _ in recipe.runs})
     specs += [(scorer, recipe.keep_ratio, mode) for mode in extra_modes for scorer in scorers]
     runs = [FineTune("dense", None, None)]
     for scorer, keep, mode in specs:
-        runs.append(FineTune(f"{scorer}@{keep:g}" + (f"+{mode}" if mode else ""), scorer, keep, mode, modes[mode]))
+        if mode not in modes:
+            raise SystemExit(f"run ({scorer}, {keep}, {mode!r}): no mode {mode!r}; known: {sorted(modes)}")
+        lemo, changes = split_mode(recipe, mode, modes[mode])
+        if scorer == "dense":
+            runs.append(FineTune("dense" + (f"+{mode}" if mode else ""), None, None, mode, {}, changes))
+        else:
+            name = f"{scorer}@{keep:g}" + (f"+{mode}" if mode else "")
+            runs.append(FineTune(name, scorer, keep, mode, lemo, changes))
     return runs
 
 
 def ds_config(run: FineTune, recipe: Recipe) -> dict:
-    """ZeRO-2 on one GPU (launch/train.py's AdamW and schedule), with this run's "lemo" section."""
+    """ZeRO-2 on one GPU (launch/train.py's AdamW), the recipe's learning-rate schedule, this run's "lemo" section."""
     config = json.loads(BASE_CONFIG.read_text())
     config.pop("_comment", None)
     config.pop("lemo")
+    decay = recipe.lr_schedule == "linear"
+    config["scheduler"] = {"type": "WarmupDecayLR" if decay else "WarmupLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": recipe.finetune_lr, "warmup_num_steps": recipe.finetune_warmup,
+        "warmup_type": "linear", **({"total_num_steps": recipe.finetune_steps} if decay else {})}}  # fmt: skip
     if run.scorer is not None:
         config["lemo"] = {"keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size,
                           **run.extra}  # fmt: skip
@@ -150,6 +181,19 @@ def prepare_models(recipe: Recipe, split: corpus.Split, work: Path, device: torc
         del model
     pretrain.write_extended(reference, extended, recipe)
     return reference, extended, facts
+
+
+def finetune_data(split: corpus.Split, work: Path, books: int | None) -> Path:
+    """The folder of the first ``books`` train books (None: all of them), exactly those: what --data reads."""
+    folder = work / f"finetune-{books if books is not None else 'all'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = split.train[:books]
+    for stale in set(folder.iterdir()) - {folder / book.name for book in chosen}:
+        stale.unlink()
+    for book in chosen:
+        if not (folder / book.name).exists():
+            shutil.copyfile(book, folder / book.name)
+    return folder
 
 
 def train_predictors(recipe: Recipe, extended: Path, finetune_dir: Path, work: Path):
@@ -194,12 +238,14 @@ def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, he
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO), handle, command
 
 
-def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path,
+def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.Split, heldout_dir: Path,
             work: Path) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
     """Every fine-tuning run, ``recipe.parallel`` at a time (the predictor runs once the predictors are trained,
     the others meanwhile); ({name: record}, the predictor training's record or None)."""
     pending, active, records = list(runs), {}, {}
-    job = train_predictors(recipe, extended, finetune_dir, work) if any(r.scorer == "predictor" for r in runs) else None
+    job = None
+    if any(r.scorer == "predictor" for r in runs):
+        job = train_predictors(recipe, extended, finetune_data(split, work, recipe.finetune_books), work)
     job_started, job_record, predictors = time.perf_counter(), None, None
     while pending or active or (job is not None and job_record is None):
         if job is not None and job_record is None and job[0].poll() is not None:
@@ -219,8 +265,10 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, finetune_dir: 
                 records[run.name] = {"name": run.name, "scorer": run.scorer, "keep_ratio": run.keep_ratio,
                                      "mode": run.mode, "ok": False, "log_tail": ["no predictors file"]}  # fmt: skip
                 continue
-            active[run.name] = (run, time.perf_counter(), *launch(run, recipe, extended, finetune_dir,
-                                                                  heldout_dir, work, predictors))  # fmt: skip
+            own = run.recipe(recipe)
+            data_dir = finetune_data(split, work, own.finetune_books)
+            active[run.name] = (run, time.perf_counter(), *launch(run, own, extended, data_dir, heldout_dir, work,
+                                                                  predictors))  # fmt: skip
         time.sleep(1.0)
         for name, (run, started, process, handle, command) in list(active.items()):
             if process.poll() is None:
@@ -241,7 +289,7 @@ def _tail(path: Path, lines: int) -> list[str]:
 
 def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: list[str]) -> dict:
     record = {"name": run.name, "scorer": run.scorer or "dense", "keep_ratio": run.keep_ratio, "mode": run.mode,
-              "lemo_extra": run.extra, "exit_code": code,
+              "lemo_extra": run.extra, "recipe_changes": run.recipe_changes, "exit_code": code,
               "wall_s": wall_s, "command": " ".join(command), "ok": False}  # fmt: skip
     summary_path = run_dir / "summary.json"
     if code == 0 and summary_path.is_file():
@@ -270,12 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     except corpus.CorpusError as error:
         print(f"accuracy: error: {error}", file=sys.stderr)
         return 2
-    finetune_dir = work / "finetune"
-    finetune_dir.mkdir(parents=True, exist_ok=True)
-    for book in split.train[: recipe.finetune_books]:
-        if not (finetune_dir / book.name).exists():
-            shutil.copyfile(book, finetune_dir / book.name)
-    log(f"books: {len(split.train)} train, {len(split.heldout)} held-out; fine-tuning reads {recipe.finetune_books}")
+    log(f"books: {len(split.train)} train, {len(split.heldout)} held-out; fine-tuning reads "
+        f"{len(split.train[: recipe.finetune_books])}")
     timings["corpus_s"] = time.perf_counter() - started
 
     reference, extended, facts = prepare_models(recipe, split, work, device)
@@ -297,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         runs = [run for run in runs if run.name in wanted]
     t0 = time.perf_counter()
-    records, predictor_job = run_all(runs, recipe, extended, finetune_dir, heldout_dir, work)
+    records, predictor_job = run_all(runs, recipe, extended, split, heldout_dir, work)
     timings["fine_tuning_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 

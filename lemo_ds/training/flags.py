@@ -10,17 +10,25 @@ from lemo_ds.training.errors import TrainingSetupError
 
 
 def apply_flag_overrides(
-    raw: dict[str, Any], *, lr: float | None, predictor: str | None, config_path: str
+    raw: dict[str, Any], *, lr: float | None, predictor: str | None, config_path: str, max_steps: int | None = None
 ) -> dict[str, Any]:
     """A copy of the config (with its "lemo" section) with ``--lr`` (the optimizer's rate and the warm-up
-    peak) and ``--predictor`` (lemo scorer "predictor" reading that file) applied."""
+    peak), ``--predictor`` (lemo scorer "predictor" reading that file) and ``--max-steps`` (a scheduler's
+    ``total_num_steps: "auto"``, as in the Hugging Face integration) applied."""
     raw = copy.deepcopy(raw)
+    scheduler_params = (raw.get("scheduler") or {}).get("params", {})
     if lr is not None:
         if isinstance(raw.get("optimizer"), dict):
             raw["optimizer"].setdefault("params", {})["lr"] = lr
-        scheduler_params = (raw.get("scheduler") or {}).get("params", {})
         if "warmup_max_lr" in scheduler_params:
             scheduler_params["warmup_max_lr"] = lr
+    if scheduler_params.get("total_num_steps") == "auto":
+        if max_steps is None:
+            raise TrainingSetupError(
+                f'{config_path}: scheduler.params.total_num_steps is "auto" but the job has no step count; '
+                "pass --max-steps or write the number in the config"
+            )
+        scheduler_params["total_num_steps"] = max_steps
     if predictor is not None:
         if not isinstance(raw.get("lemo"), dict):
             raise TrainingSetupError(
