@@ -194,6 +194,10 @@ class LemoConfig(_LemoSection):
     predictions come from a shallower network than the dense model that is evaluated, and training on them
     teaches the weights to make up for layers that are there at evaluation. Needs ``memory.segment_loss``."""
 
+    skipped_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """With ``loss_tokens: "processed"``: the weight of the other positions' targets in the loss (0: left out; 1:
+    the ``all`` loss). The loss is (sum over processed + weight x sum over the others) / (their weighted count)."""
+
     selection_window: int = Field(0, ge=0)
     """Stratified selection: each window of this many blocks keeps about the keep ratio of its blocks (the
     scorer picks which ones), instead of one top-k over the whole sequence. Column-sum scores (oracle,
@@ -236,6 +240,11 @@ class LemoConfig(_LemoSection):
             raise ValueError("predictor_path is an empty string; give the path of a predictors file or null")
         if self.loss_tokens == "processed" and not self.memory.segment_loss:
             raise ValueError('loss_tokens "processed" needs memory.segment_loss true (lemo_ds masks the loss there)')
+        if self.skipped_loss_weight > 0 and self.loss_tokens != "processed":
+            raise ValueError(
+                f'skipped_loss_weight {self.skipped_loss_weight} only applies with loss_tokens "processed" (with '
+                '"all" every position already counts fully); set loss_tokens to "processed" or the weight to 0'
+            )
         if self.predictor_path is not None and self.scorer != "predictor":
             raise ValueError(f'predictor_path is set but scorer is "{self.scorer}"; set scorer to "predictor"')
         trains = self.predictor.calibration_batches > 0 or self.predictor.refresh_every > 0

@@ -63,6 +63,42 @@ def test_processed_loss_equals_the_loss_with_skipped_positions_ignored(nested):
     assert not torch.allclose(result[1], loss_and_grads(reference, ids, labels)[1])  # the masking did something
 
 
+@pytest.mark.parametrize("weight", [0.25, 1.0])
+def test_skipped_loss_weight_weighs_the_skipped_targets(weight):
+    """skipped_loss_weight w: loss = (sum over processed + w x sum over skipped) / (n_processed + w x n_skipped),
+    built here from two independently masked "all" losses of the same model; gradients too. w = 1 is the "all"
+    loss."""
+    ids, labels = labelled_batch()
+    ours = _model(loss_tokens="processed", nested_selection=True, skipped_loss_weight=weight)
+    reference = copy.deepcopy(ours)
+    lemo_ds.get_controller(reference).config = lemo_ds.get_controller(ours).config.model_copy(
+        update={"loss_tokens": "all", "skipped_loss_weight": 0.0}
+    )
+    result = loss_and_grads(ours, ids, labels)
+    processed = lemo_ds.get_controller(ours).processed_rows  # [b, s]
+    kept, dropped = labels.clone(), labels.clone()
+    for b in range(labels.shape[0]):
+        kept[b, 0] = dropped[b, 0] = IGNORE_INDEX
+        for t in range(labels.shape[1] - 1):
+            (kept if not processed[b, t] else dropped)[b, t + 1] = IGNORE_INDEX
+    n_kept, n_dropped = int((kept != IGNORE_INDEX).sum()), int((dropped != IGNORE_INDEX).sum())
+    assert n_kept > 0 and n_dropped > 0
+    reference.zero_grad(set_to_none=True)
+    sum_kept = reference(input_ids=ids, labels=kept).loss * n_kept
+    sum_dropped = reference(input_ids=ids, labels=dropped).loss * n_dropped
+    loss = (sum_kept + weight * sum_dropped) / (n_kept + weight * n_dropped)
+    loss.backward()
+    expected = (None, loss.detach(), {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None})
+    assert_same(result, expected)
+    if weight == 1.0:
+        assert_same(result, loss_and_grads(reference, ids, labels))
+
+
+def test_skipped_loss_weight_needs_the_processed_loss():
+    with pytest.raises(LemoConfigError, match="skipped_loss_weight"):
+        _model(skipped_loss_weight=0.5)
+
+
 def test_nested_selection_keeps_only_blocks_still_in_play():
     # The random scorer: independent choices per layer, so without nesting they are not nested.
     model = _model(nested_selection=True, scorer="random", keep_ratio=[1.0, 1.0, 1.0, 0.75, 0.5, 1.0])

@@ -10,7 +10,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lemo_ds.config import LemoMemoryConfig
 from lemo_ds.memory.compact import compaction
-from lemo_ds.memory.segment_loss import segment_lm_loss
+from lemo_ds.memory.segment_loss import IGNORE_INDEX, segment_lm_loss, shift_labels
 
 
 class SegmentLossCausalLMMixin:
@@ -33,17 +33,39 @@ class SegmentLossCausalLMMixin:
         # at 128K on Llama-3-8B). The decoder layers' own compaction nests inside (see memory/compact.py).
         with compaction() if memory.compact_saves else contextlib.nullcontext():
             outputs = decoder(input_ids=input_ids, **kwargs)
+            head = self._lemo_policy.lm_head(self)
             if (self.training and controller is not None and controller.config.loss_tokens == "processed"
                     and controller.processed_rows is not None):  # fmt: skip
-                # Row t predicts label t + 1 (target t once shifted): drop the targets whose row skipped a layer.
+                # Row t predicts label t + 1 (target t once shifted): the targets whose row skipped a layer.
                 skipped = ~controller.processed_rows.to(labels.device)  # [b, s]
-                if targets is not None:  # already shifted (sequence parallelism): target t belongs to row t
-                    targets = targets.masked_fill(skipped, -100)
-                else:
-                    labels = torch.cat([labels[:, :1], labels[:, 1:].masked_fill(skipped[:, :-1], -100)], dim=1)
-                num_items = None  # the count changed: the mean over the counted tokens
-            loss = segment_lm_loss(self._lemo_policy.lm_head(self), outputs.last_hidden_state, labels,
-                                   memory.segment_tokens, num_items, memory.segment_loss_impl,
-                                   shift_labels=targets)
+                if targets is None:
+                    targets = shift_labels(labels)  # [b, s]
+                loss = _processed_loss(head, outputs.last_hidden_state, targets, skipped,
+                                       controller.config.skipped_loss_weight, memory)  # fmt: skip
+            else:
+                loss = segment_lm_loss(head, outputs.last_hidden_state, labels, memory.segment_tokens, num_items,
+                                       memory.segment_loss_impl, shift_labels=targets)  # fmt: skip
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def _processed_loss(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,  # [b, s, h]
+    targets: torch.Tensor,  # [b, s] shifted
+    skipped: torch.Tensor,  # [b, s] bool: the row skipped a sparse layer
+    weight: float,
+    memory: LemoMemoryConfig,
+) -> torch.Tensor:
+    """(sum of the processed targets' losses + weight x sum of the skipped ones') / (n_processed + weight x
+    n_skipped): the mean over the processed targets when weight is 0. The count changed, so any
+    num_items_in_batch is not used."""
+    kept = targets.masked_fill(skipped, IGNORE_INDEX)  # [b, s]
+    if weight == 0.0:
+        return segment_lm_loss(head, hidden, None, memory.segment_tokens, None, memory.segment_loss_impl,
+                               shift_labels=kept)  # fmt: skip
+    dropped = targets.masked_fill(~skipped, IGNORE_INDEX)  # [b, s]
+    count = (kept != IGNORE_INDEX).sum() + weight * (dropped != IGNORE_INDEX).sum()
+    sums = [segment_lm_loss(head, hidden, None, memory.segment_tokens, 1, memory.segment_loss_impl, shift_labels=t)
+            for t in (kept, dropped)]  # fmt: skip
+    return (sums[0] + weight * sums[1]) / count.clamp(min=1).to(torch.float32)
