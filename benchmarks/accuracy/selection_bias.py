@@ -47,11 +47,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--keep", type=float, default=0.4)
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--scorers", default="oracle,norm,random")
+    parser.add_argument("--scorers", default="oracle,norm,random,attention",
+                        help='lemo scorers, and "attention" (AttentionMassScorer, this measurement only)')
+    parser.add_argument("--dense-layers", default="auto", help='lemo dense_layers: "auto" or a JSON list')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="the JSON result file")
     return parser.parse_args(argv)
+
+
+class AttentionMassScorer:
+    """Not a lemo_ds scorer: a measurement's alternative. Block J scores the attention probability mass its keys
+    receive, summed over heads and over every query allowed to see them (softmax over each query's keys), instead
+    of LeMo's positive query-key products. Exact, chunked over query rows: O(chunk x seq) memory."""
+
+    name = "attention"
+
+    def __init__(self, chunk_tokens: int = 1024) -> None:
+        self.chunk_tokens = chunk_tokens
+
+    def score(self, layer, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        from lemo_ds.scorers.base import allowed_pairs
+        from lemo_ds.selection import num_blocks
+
+        query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
+        batch, heads, seq, head_dim = query.shape  # [b, H, s, d]
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)  # [b, H, s, d]
+        mass = torch.zeros(batch, seq, dtype=torch.float32, device=query.device)  # [b, s]
+        for start in range(0, seq, self.chunk_tokens):
+            stop = min(start + self.chunk_tokens, seq)
+            logits = query[:, :, start:stop].float() @ key[:, :, :stop].float().transpose(-1, -2)  # [b, H, cq, k]
+            allowed = allowed_pairs(context.attention_mask, slice(start, stop), stop, batch, query.device)
+            logits = logits.mul_(head_dim**-0.5).masked_fill_(~allowed[:, None], float("-inf"))
+            mass[:, :stop] += logits.softmax(-1).nan_to_num_(0.0).sum(dim=(1, 2))
+        n = num_blocks(seq, context.block_size)
+        return F.pad(mass, (0, n * context.block_size - seq)).view(batch, n, context.block_size).sum(-1)  # [b, n]
 
 
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     scorers = args.scorers.split(",")
     sparse = {}
+    dense_layers = "auto" if args.dense_layers == "auto" else json.loads(args.dense_layers)
     for scorer in scorers:
-        section = {"keep_ratio": args.keep, "scorer": scorer, "block_size": args.block_size, "seed": args.seed,
+        section = {"keep_ratio": args.keep, "scorer": "norm" if scorer == "attention" else scorer,
+                   "block_size": args.block_size, "seed": args.seed, "dense_layers": dense_layers,
                    "memory": {"segment_loss": False}, **SELECTION}  # fmt: skip
         # Training mode so the sparse layers eliminate (evaluation is dense); no dropout in these models.
         sparse[scorer] = lemo_ds.apply_lemo(copy.deepcopy(dense), section).train()
+        if scorer == "attention":
+            for layer in sparse[scorer].model.layers:
+                if hasattr(layer, "_lemo"):
+                    layer._lemo.scorer = AttentionMassScorer()
     files = data.discover_files(args.heldout, "--heldout")
     sums = {scorer: {"sparse": 0.0, "dense_processed": 0.0, "position": 0.0, "count": 0} for scorer in scorers}
     dense_sum, dense_count, rows = 0.0, 0, 0
