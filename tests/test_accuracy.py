@@ -104,7 +104,11 @@ def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
         if run["scorer"] != "dense":
             assert run["mean_keep_ratio"] < 1.0
     nested = next(r for r in document["runs"] if r["mode"] == "nested")
-    assert nested["lemo_extra"] == {"loss_tokens": "processed", "nested_selection": True, "selection_window": 8}
+    assert nested["lemo_extra"] == {"loss_tokens": "processed", "nested_selection": True, "selection_window": 8,
+                                    "dense_layers": "first_half"}  # fmt: skip
+    # One predictors file for both runs: layer 2 (LeMo's "auto") and layers 2-3 ("first_half") of the 4.
+    trained = json.loads((tmp_path / "work" / "predictors" / "ds_config.json").read_text())
+    assert trained["lemo"]["dense_layers"] == [0, 1]
     assert document["predictor_training"]["ok"]
     assert (out / result_path.name.replace(".json", ".md")).read_text().count("| ") > 4
     assert document["reference"]["reference_short_ppl"] > 1.0
@@ -161,3 +165,25 @@ def test_fine_tuning_data_holds_exactly_the_chosen_books(tmp_path):
     folder.mkdir(parents=True)
     (folder / "pg2.txt").write_text("left from another run")
     assert [p.name for p in finetune_data(split, tmp_path / "w", 1).iterdir()] == ["pg0.txt"]
+
+
+@pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/data/gutenberg")
+def test_pretraining_is_bitwise_repeatable(tmp_path):
+    """Two pretrainings of one recipe give the same weights, bit for bit (on CUDA this needs the deterministic mode
+    that pretrain.pretrain sets; the tiny recipe's shapes, a few steps)."""
+    import dataclasses
+
+    from benchmarks.accuracy import pretrain
+    from benchmarks.accuracy.recipe import TINY
+    from benchmarks.accuracy.tokenizer import train_tokenizer
+
+    recipe = dataclasses.replace(TINY, pretrain_steps=4)
+    split = prepare(BOOKS, tmp_path / "books", recipe.heldout_every, recipe.book_limit)
+    tokenizer = train_tokenizer(split.train[:2], recipe.vocab_size)
+    ids = pretrain.tokenize_books(tokenizer, split.train[:2])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first, second = (pretrain.pretrain(recipe, tokenizer, ids, device, lambda message: None).state_dict()
+                     for _ in range(2))  # fmt: skip
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+    assert not torch.are_deterministic_algorithms_enabled()  # restored afterwards

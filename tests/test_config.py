@@ -57,6 +57,12 @@ def test_per_layer_ratios_and_dense_layers_against_the_model():
     assert config.layer_keep_ratios(4) == [1.0, 0.5, 0.5, 1.0]
     with pytest.raises(LemoConfigError, match="layer 7 does not exist; the model has layers 0..3"):
         parse_lemo_config({"dense_layers": [7]}).layer_keep_ratios(4)
+    assert parse_lemo_config({"keep_ratio": 0.5}).layer_keep_ratios(6) == [1.0] * 3 + [0.5] * 2 + [1.0]
+    assert parse_lemo_config({"keep_ratio": 0.5, "dense_layers": "first_half"}).layer_keep_ratios(6) == [1.0] * 3 + [
+        0.5
+    ] * 3
+    per_layer = {"keep_ratio": [0.3, 0.5, 1.0, 0.4], "dense_layers": "first_half"}
+    assert parse_lemo_config(per_layer).layer_keep_ratios(4) == [1.0, 1.0, 1.0, 0.4]
 
 
 def test_split_ds_config_from_a_file(tmp_path):

@@ -196,12 +196,26 @@ def finetune_data(split: corpus.Split, work: Path, books: int | None) -> Path:
     return folder
 
 
-def train_predictors(recipe: Recipe, extended: Path, finetune_dir: Path, work: Path):
+def predictor_layers(runs: list[FineTune], recipe: Recipe) -> list[int]:
+    """Every layer that some predictor run makes sparse (one predictors file serves them all)."""
+    from lemo_ds.config import parse_lemo_config
+
+    sparse = set()
+    for run in runs:
+        if run.scorer == "predictor":
+            ratios = parse_lemo_config(ds_config(run, run.recipe(recipe))["lemo"]).layer_keep_ratios(recipe.layers)
+            sparse |= {i for i, ratio in enumerate(ratios) if ratio < 1.0}
+    return sorted(sparse)
+
+
+def train_predictors(recipe: Recipe, extended: Path, finetune_dir: Path, work: Path, layers: list[int]):
     """launch/train_predictor.py on the extended model (frozen) and the fine-tuning books: the predictors file
-    that every predictor run loads. Returns (process, log handle, command, file)."""
+    (for ``layers``) that every predictor run loads. Returns (process, log handle, command, file)."""
     job_dir = work / "predictors"
     job_dir.mkdir(parents=True, exist_ok=True)
-    config = {"lemo": {"keep_ratio": recipe.keep_ratio, "scorer": "predictor", "block_size": recipe.block_size}}
+    dense = [i for i in range(recipe.layers) if i not in layers]
+    config = {"lemo": {"keep_ratio": recipe.keep_ratio, "scorer": "predictor", "block_size": recipe.block_size,
+                       "dense_layers": dense}}  # fmt: skip
     (job_dir / "ds_config.json").write_text(json.dumps(config))
     out = job_dir / "predictors.safetensors"
     out.unlink(missing_ok=True)
@@ -245,7 +259,8 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.
     pending, active, records = list(runs), {}, {}
     job = None
     if any(r.scorer == "predictor" for r in runs):
-        job = train_predictors(recipe, extended, finetune_data(split, work, recipe.finetune_books), work)
+        job = train_predictors(recipe, extended, finetune_data(split, work, recipe.finetune_books), work,
+                               predictor_layers(runs, recipe))  # fmt: skip
     job_started, job_record, predictors = time.perf_counter(), None, None
     while pending or active or (job is not None and job_record is None):
         if job is not None and job_record is None and job[0].poll() is not None:
@@ -306,6 +321,8 @@ def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any CUDA work: cuBLAS reads it when it starts (deterministic pretraining, see pretrain.pretrain).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     args = parse_args(argv)
     recipe = override_recipe(RECIPES[args.recipe], args.overrides)
     work, out = Path(args.work), Path(args.out)
