@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from benchmarks.accuracy.corpus import CorpusError, prepare, strip_gutenberg
 from lemo_ds.training.evaluate import heldout_perplexity
 
 REPO = Path(__file__).resolve().parent.parent
-BOOKS = REPO.parent / "shared" / "data" / "gutenberg"
+# $LEMO_GUTENBERG: where the books are on a machine without ../shared (the GPU machine unpacks them in /tmp).
+BOOKS = Path(os.environ.get("LEMO_GUTENBERG", REPO.parent / "shared" / "data" / "gutenberg"))
 
 BOOK = """The Project Gutenberg eBook of Something\r
 licence text\r
@@ -113,6 +115,20 @@ def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
     assert (out / result_path.name.replace(".json", ".md")).read_text().count("| ") > 4
     assert document["reference"]["reference_short_ppl"] > 1.0
 
+    # The selection-bias measurement on the pipeline's extended model (benchmarks/accuracy/selection_bias.py).
+    from benchmarks.accuracy import selection_bias
+
+    bias_path = tmp_path / "bias.json"
+    work = tmp_path / "work"
+    assert selection_bias.main(["--model", str(work / "extended"), "--heldout", str(work / "books" / "heldout"),
+                                "--seq-len", "256", "--rows", "2", "--block-size", "16", "--device", "cpu",
+                                "--dense-layers", "first_half", "--out", str(bias_path)]) == 0  # fmt: skip
+    bias = json.loads(bias_path.read_text())
+    assert set(bias["scorers"]) == {"oracle", "norm", "random", "attention"} and bias["rows"] == 2
+    for entry in bias["scorers"].values():
+        assert 0.0 < entry["processed_share"] < 1.0 and 0.0 < entry["mean_position"] < 1.0
+        assert math.isfinite(entry["forward_gap"]) and math.isfinite(entry["target_bias"])
+
 
 def test_recipe_overrides_from_the_command_line():
     from benchmarks.accuracy.recipe import TINY
@@ -187,3 +203,27 @@ def test_pretraining_is_bitwise_repeatable(tmp_path):
     for name, value in first.items():
         assert torch.equal(value, second[name]), name
     assert not torch.are_deterministic_algorithms_enabled()  # restored afterwards
+
+
+def test_attention_mass_scorer_sums_the_models_own_attention_weights():
+    """selection_bias.AttentionMassScorer: block J's score is the attention probability its keys receive, summed over
+    heads and queries; checked against the weights Hugging Face's eager attention returns (output_attentions)."""
+    from tiny_models import VOCAB, tiny_model
+
+    from benchmarks.accuracy.selection_bias import AttentionMassScorer
+    from lemo_ds.policies import policy_for
+    from lemo_ds.scorers.base import ScoreContext
+
+    model = tiny_model("llama", attn="eager").eval()
+    seen = {}
+    layer = model.model.layers[2]
+    layer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs=kwargs, hidden=args[0] if args
+                                    else kwargs["hidden_states"]), with_kwargs=True)  # fmt: skip
+    ids = torch.randint(1, VOCAB, (2, 45), generator=torch.Generator().manual_seed(1))  # 45: a partial last block
+    with torch.no_grad():
+        weights = model(input_ids=ids, output_attentions=True).attentions[2]  # [b, H, s, s]
+        context = ScoreContext(2, 8, seen["kwargs"]["position_embeddings"], None, policy_for(model), 0, 0, 0)
+        scores = AttentionMassScorer(chunk_tokens=16).score(layer, seen["hidden"], context)  # [b, 6]
+    mass = torch.nn.functional.pad(weights.sum(dim=(1, 2)), (0, 3)).view(2, 6, 8).sum(-1)  # [b, 6]
+    torch.testing.assert_close(scores, mass.float(), atol=1e-4, rtol=1e-4)
+    assert scores.sum(1).allclose(torch.full((2,), 45.0 * 4))  # every query row of every head sums to one

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--scorers", default="oracle,norm,random,attention",
                         help='lemo scorers, and "attention" (AttentionMassScorer, this measurement only)')
-    parser.add_argument("--dense-layers", default="auto", help='lemo dense_layers: "auto" or a JSON list')
+    parser.add_argument("--dense-layers", default="auto", help='lemo dense_layers: "auto", "first_half" or a JSON list')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="the JSON result file")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     scorers = args.scorers.split(",")
     sparse = {}
-    dense_layers = "auto" if args.dense_layers == "auto" else json.loads(args.dense_layers)
+    dense_layers = args.dense_layers if args.dense_layers in ("auto", "first_half") else json.loads(args.dense_layers)
     for scorer in scorers:
         section = {"keep_ratio": args.keep, "scorer": "norm" if scorer == "attention" else scorer,
                    "block_size": args.block_size, "seed": args.seed, "dense_layers": dense_layers,
