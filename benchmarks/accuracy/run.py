@@ -115,7 +115,7 @@ def parse_modes(specs: list[str]) -> dict[str, dict]:
     return modes
 
 
-def split_mode(recipe: Recipe, name: str, settings: dict) -> tuple[dict, dict]:
+def split_mode(name: str, settings: dict) -> tuple[dict, dict]:
     """A mode's settings -> ("lemo" keys, recipe changes); a recipe change may only touch the fine-tuning (the
     reference model is shared by every run)."""
     lemo = {k: v for k, v in settings.items() if not k.startswith(RECIPE_PREFIX)}
@@ -137,7 +137,7 @@ def fine_tunes(recipe: Recipe, extra_modes: dict[str, dict]) -> list[FineTune]:
     for scorer, keep, mode in specs:
         if mode not in modes:
             raise SystemExit(f"run ({scorer}, {keep}, {mode!r}): no mode {mode!r}; known: {sorted(modes)}")
-        lemo, changes = split_mode(recipe, mode, modes[mode])
+        lemo, changes = split_mode(mode, modes[mode])
         if scorer == "dense":
             runs.append(FineTune("dense" + (f"+{mode}" if mode else ""), None, None, mode, {}, changes))
         else:
