@@ -7,7 +7,7 @@
 # targets that count, so the run isolates learning from 40% of the targets (plus one layer of sparse attention).
 set -euo pipefail
 books=${1:?books folder} work=${2:?work folder} out=${3:?results folder}
-nested='"loss_tokens": "processed", "nested_selection": true, "selection_window": 8'
+. "$(dirname "$0")/_lib.sh"
 modes="{\"\": {}, \"nested\": {$nested}, \"nw10\": {$nested, \"skipped_loss_weight\": 0.1},
  \"nw30\": {$nested, \"skipped_loss_weight\": 0.3}, \"seed1\": {$nested, \"seed\": 1},
  \"lossonly\": {\"keep_ratio\": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.4], \"loss_tokens\": \"processed\",
@@ -15,7 +15,6 @@ modes="{\"\": {}, \"nested\": {$nested}, \"nw10\": {$nested, \"skipped_loss_weig
 runs='[["random", 0.4, "nested"], ["oracle", 0.4, "nested"], ["norm", 0.4, "nested"], ["oracle", 0.4, "nw10"],
  ["random", 0.4, "nw10"], ["oracle", 0.4, "nw30"], ["random", 0.4, "lossonly"], ["oracle", 0.4, "lossonly"],
  ["random", 0.4, "seed1"]]'
-python3 "$(dirname "$0")/../run.py" --books "$books" --work "$work" --out "$out" \
-  --set "modes=$(echo "$modes" | tr -d '\n')" --set "runs=$(echo "$runs" | tr -d '\n')"
-python3 "$(dirname "$0")/../selection_bias.py" --model "$work/extended" --heldout "$work/books/heldout" \
-  --seq-len 8192 --rows 16 --out "$out/selection-bias.json"
+accuracy_run "$modes" "$runs"
+python3 "$here/../selection_bias.py" --model "$work/extended" --heldout "$work/books/heldout" --seq-len 8192 \
+  --rows 16 --out "$out/selection-bias.json"

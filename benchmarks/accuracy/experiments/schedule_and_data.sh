@@ -5,7 +5,7 @@
 # "old" is the recipe before: constant rate after warm-up, the first 16 train books (about 2.6 epochs in 1000 steps).
 set -euo pipefail
 books=${1:?books folder} work=${2:?work folder} out=${3:?results folder}
-nested='"loss_tokens": "processed", "nested_selection": true, "selection_window": 8'
+. "$(dirname "$0")/_lib.sh"
 old='"recipe.lr_schedule": "constant", "recipe.finetune_books": 16'
 modes="{\"\": {}, \"nested\": {$nested}, \"nestall\": {\"nested_selection\": true, \"selection_window\": 8},
  \"old\": {$old}, \"nested-old\": {$nested, $old}, \"nested-16\": {$nested, \"recipe.finetune_books\": 16},
@@ -13,5 +13,4 @@ modes="{\"\": {}, \"nested\": {$nested}, \"nestall\": {\"nested_selection\": tru
 runs='[["random", 0.4, "nested"], ["oracle", 0.4, "nested"], ["norm", 0.4, "nested"], ["oracle", 0.4, "nestall"],
  ["oracle", 0.4, ""], ["dense", 1.0, "old"], ["oracle", 0.4, "nested-old"], ["random", 0.4, "nested-old"],
  ["oracle", 0.4, "nested-16"], ["oracle", 0.4, "nested-const"]]'
-exec python3 "$(dirname "$0")/../run.py" --books "$books" --work "$work" --out "$out" \
-  --set "modes=$(echo "$modes" | tr -d '\n')" --set "runs=$(echo "$runs" | tr -d '\n')"
+accuracy_run "$modes" "$runs"
