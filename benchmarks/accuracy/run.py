@@ -156,9 +156,13 @@ def ds_config(run: FineTune, recipe: Recipe) -> dict:
         "warmup_min_lr": 0.0, "warmup_max_lr": recipe.finetune_lr, "warmup_num_steps": recipe.finetune_warmup,
         "warmup_type": "linear", **({"total_num_steps": recipe.finetune_steps} if decay else {})}}  # fmt: skip
     if run.scorer is not None:
-        config["lemo"] = {"keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size,
-                          **run.extra}  # fmt: skip
+        config["lemo"] = lemo_section(run, recipe)
     return config
+
+
+def lemo_section(run: FineTune, recipe: Recipe) -> dict:
+    """The "lemo" section of a sparse run."""
+    return {"keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size, **run.extra}
 
 
 def prepare_models(recipe: Recipe, split: corpus.Split, work: Path, device: torch.device) -> tuple[Path, Path, dict]:
@@ -203,7 +207,7 @@ def predictor_layers(runs: list[FineTune], recipe: Recipe) -> list[int]:
     sparse = set()
     for run in runs:
         if run.scorer == "predictor":
-            ratios = parse_lemo_config(ds_config(run, run.recipe(recipe))["lemo"]).layer_keep_ratios(recipe.layers)
+            ratios = parse_lemo_config(lemo_section(run, run.recipe(recipe))).layer_keep_ratios(recipe.layers)
             sparse |= {i for i, ratio in enumerate(ratios) if ratio < 1.0}
     return sorted(sparse)
 
@@ -257,9 +261,11 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.
     """Every fine-tuning run, ``recipe.parallel`` at a time (the predictor runs once the predictors are trained,
     the others meanwhile); ({name: record}, the predictor training's record or None)."""
     pending, active, records = list(runs), {}, {}
+    data_dirs = {books: finetune_data(split, work, books)  # one folder per book count, written once
+                 for books in {run.recipe(recipe).finetune_books for run in runs} | {recipe.finetune_books}}
     job = None
     if any(r.scorer == "predictor" for r in runs):
-        job = train_predictors(recipe, extended, finetune_data(split, work, recipe.finetune_books), work,
+        job = train_predictors(recipe, extended, data_dirs[recipe.finetune_books], work,
                                predictor_layers(runs, recipe))  # fmt: skip
     job_started, job_record, predictors = time.perf_counter(), None, None
     while pending or active or (job is not None and job_record is None):
@@ -281,9 +287,8 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.
                                      "mode": run.mode, "ok": False, "log_tail": ["no predictors file"]}  # fmt: skip
                 continue
             own = run.recipe(recipe)
-            data_dir = finetune_data(split, work, own.finetune_books)
-            active[run.name] = (run, time.perf_counter(), *launch(run, own, extended, data_dir, heldout_dir, work,
-                                                                  predictors))  # fmt: skip
+            active[run.name] = (run, time.perf_counter(), *launch(run, own, extended, data_dirs[own.finetune_books],
+                                                                  heldout_dir, work, predictors))  # fmt: skip
         time.sleep(1.0)
         for name, (run, started, process, handle, command) in list(active.items()):
             if process.poll() is None:

@@ -32,11 +32,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lemo_ds  # noqa: E402
+from benchmarks.accuracy.recipe import NESTED  # noqa: E402
 from benchmarks.harness import results  # noqa: E402
+from lemo_ds.policies import policy_for  # noqa: E402
+from lemo_ds.sparse_layer import is_sparse_layer  # noqa: E402
 from lemo_ds.training import data  # noqa: E402
 
-# What the accuracy benchmark's "nested" mode selects with (benchmarks/accuracy/recipe.py NESTED), at keep 0.4.
-SELECTION = {"nested_selection": True, "selection_window": 8}
+# How the accuracy benchmark's "nested" mode selects (its loss and dense layers are set here separately).
+SELECTION = {key: NESTED[key] for key in ("nested_selection", "selection_window")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         # Training mode so the sparse layers eliminate (evaluation is dense); no dropout in these models.
         sparse[scorer] = lemo_ds.apply_lemo(copy.deepcopy(dense), section).train()
         if scorer == "attention":
-            for layer in sparse[scorer].model.layers:
-                if hasattr(layer, "_lemo"):
+            model = sparse[scorer]
+            for layer in policy_for(model).decoder_layers(model):
+                if is_sparse_layer(layer):
                     layer._lemo.scorer = AttentionMassScorer()
     files = data.discover_files(args.heldout, "--heldout")
     sums = {scorer: {"sparse": 0.0, "dense_processed": 0.0, "position": 0.0, "count": 0} for scorer in scorers}
