@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Where a script under tests/dist writes its per-rank report (tests/dist/_engine.py: write_report). A file per rank,
+# not stdout: the launcher merges the ranks' stdout, and two ranks printing at once once joined their JSON lines
+# into one (CI, test_zero3 "Extra data" at char 174).
+REPORT_DIR_ENV = "LEMO_TEST_REPORT_DIR"
 
 
 def free_port() -> int:
@@ -57,3 +64,15 @@ def _has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def run_for_reports(script: str | Path, *args: str, ranks: int = 2, timeout: float = 300, env: dict | None = None):
+    """Run a tests/dist script on ``ranks`` CPU ranks; asserts it exited 0 and that every rank wrote its report.
+    Returns the reports (dicts) in rank order."""
+    with tempfile.TemporaryDirectory(prefix="lemo-reports-") as folder:
+        result = run_deepspeed(script, *args, ranks=ranks, timeout=timeout, env={**(env or {}), REPORT_DIR_ENV: folder})
+        tail = result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, tail
+        reports = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank*.json"))]
+    assert sorted(report["rank"] for report in reports) == list(range(ranks)), tail
+    return sorted(reports, key=lambda report: report["rank"])

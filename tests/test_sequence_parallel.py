@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from launch_util import REPO, run_deepspeed
+from launch_util import REPO, run_deepspeed, run_for_reports
 
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.selection import shard_forced_blocks
@@ -16,20 +16,11 @@ from lemo_ds.sequence_parallel import check_dims, check_zero_config
 ENV = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
 
 
-def _reports(result, ranks: int = 2) -> list[dict]:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # ranks may print onto one line: split on the record boundary
-    text = result.stdout.replace('}{"rank"', '}\n{"rank"')
-    reports = [json.loads(line) for line in text.splitlines() if line.startswith('{"rank"')]
-    assert sorted(r["rank"] for r in reports) == list(range(ranks)), result.stdout[-3000:]
-    return reports
-
-
 @pytest.mark.parametrize("mode", ["dense", "plain"])
 def test_sp2_with_every_keep_ratio_one_equals_sp1(mode):
     """SP=2 with every keep ratio 1.0 ("dense": lemo_ds's segment loss; "plain": no lemo section, Hugging Face's
     loss) equals the plain single-process model on the whole row: loss and every gradient."""
-    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", "--mode", mode, env=ENV, timeout=600)):
+    for report in run_for_reports(REPO / "tests/dist/sp_equivalence.py", "--mode", mode, env=ENV, timeout=600):
         assert report["ok"], report
         assert report["keep_ratio_per_layer"] == ([1.0] * 4 if mode == "dense" else None)
 
@@ -40,7 +31,7 @@ def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, z
     the per-shard selection rule, with and without activation checkpointing, under ZeRO-3 and ZeRO-2 (whose
     gradient reductions scale SP gradients differently)."""
     args = ["--mode", "sparse", "--zero-stage", str(zero_stage)] + (["--checkpointing"] if checkpointing else [])
-    for report in _reports(run_deepspeed(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV, timeout=600)):
+    for report in run_for_reports(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV, timeout=600):
         assert report["ok"], report
         assert report["keep_ratio_per_layer"][0] == 1.0 and max(report["keep_ratio_per_layer"][1:]) == 0.5
 
@@ -51,10 +42,9 @@ def test_two_data_parallel_groups_of_sp2_equal_the_mean_over_their_rows(mode):
     each group's loss equals the single-process reference on its row ("dense": the plain model; "sparse": the
     per-shard masked reference), and every full gradient equals the reference's gradient of the mean of the two
     rows' losses. Each rank also gets its SP half of the right row at the first two micro-steps."""
-    result = run_deepspeed(
+    reports = run_for_reports(
         REPO / "tests/dist/sp_equivalence.py", "--mode", mode, "--dp", "2", ranks=4, env=ENV, timeout=600
     )
-    reports = _reports(result, ranks=4)
     # The two rows must give different losses, or training one row everywhere would pass the loss check too.
     first, second = reports[0]["reference_losses"]
     assert abs(first - second) > 1e-3, reports[0]

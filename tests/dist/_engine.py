@@ -8,6 +8,10 @@ imported here, so a script that puts the checkout first on sys.path must do so b
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
@@ -79,3 +83,16 @@ def full_grads(engine) -> list[torch.Tensor]:
 def max_grad_diff(grads: list[torch.Tensor], reference) -> float:
     """The largest absolute difference between ``grads`` and the reference's gradients, parameter by parameter."""
     return max((ours - theirs.grad).abs().max().item() for ours, theirs in zip(grads, reference.parameters()))
+
+
+def write_report(report: dict) -> None:
+    """This rank's result for the test that started the job: a file ``rank<N>.json`` in $LEMO_TEST_REPORT_DIR
+    (tests/launch_util.py: run_for_reports), written whole then renamed so the test never reads half of it; also
+    printed for a person reading the job's output."""
+    print(json.dumps(report), flush=True)
+    folder = os.environ.get("LEMO_TEST_REPORT_DIR")
+    if folder:
+        path = Path(folder) / f"rank{report['rank']}.json"
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(report))
+        partial.replace(path)

@@ -24,7 +24,6 @@ non-zero on mismatch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: masked_reference
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's lemo_ds first
 
-from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, zero_model  # noqa: E402
+from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, write_report, zero_model  # noqa: E402
 from masked_reference import block_scores, reference_mask  # noqa: E402
 
 import lemo_ds  # noqa: E402
@@ -166,7 +165,7 @@ def main() -> int:
               "reference_losses": [value.item() for value in ref_losses], "max_grad_diff": worst,
               "grad_scale": scale, "keep_ratio_per_layer": keep, "layout_ok": layout_ok, "rows_ok": rows_ok,
               "ok": ok}  # fmt: skip
-    print(json.dumps(report), flush=True)
+    write_report(report)
     return 0 if ok else 1
 
 

@@ -10,12 +10,11 @@ line per rank; exits non-zero on mismatch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import deepspeed
 import torch
-from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, zero_model
+from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, write_report, zero_model
 
 import lemo_ds
 
@@ -61,18 +60,15 @@ def main() -> int:
     worst = max_grad_diff(grads, reference)
     stats = lemo_ds.get_controller(engine.module).stats()
     ok = abs(loss.item() - losses[rank]) < 1e-5 and worst < 1e-5 and stats["mean_keep_ratio"] < 1.0
-    print(
-        json.dumps(
-            {
-                "rank": rank,
-                "loss": loss.item(),
-                "reference_loss": losses[rank],
-                "max_grad_diff": worst,
-                "keep_ratio_per_layer": stats["keep_ratio_per_layer"],
-                "ok": ok,
-            }
-        ),
-        flush=True,
+    write_report(
+        {
+            "rank": rank,
+            "loss": loss.item(),
+            "reference_loss": losses[rank],
+            "max_grad_diff": worst,
+            "keep_ratio_per_layer": stats["keep_ratio_per_layer"],
+            "ok": ok,
+        }
     )
     return 0 if ok else 1
 
