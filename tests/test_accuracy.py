@@ -3,6 +3,7 @@ pipeline on the tiny recipe (real books, real tokenizer training, real pretraini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -137,9 +138,38 @@ def test_recipe_overrides_from_the_command_line():
     changed = override_recipe(TINY, ["finetune_steps=7", 'runs=[["oracle", 0.5, ""]]'])
     assert changed.finetune_steps == 7 and changed.runs == (("oracle", 0.5, ""),)
     assert changed.layers == TINY.layers
-    for bad in ("no_such_field=1", "finetune_steps", "finetune_steps=abc"):
+    for bad in ("no_such_field=1", "finetune_steps", "finetune_steps=abc", 'rope_scaling="yarm"'):
         with pytest.raises(SystemExit, match="--set"):
             override_recipe(TINY, [bad])
+
+
+@pytest.mark.parametrize("scaling", ["linear", "yarn"])
+def test_extended_model_has_the_recipes_rope_scaling(tmp_path, scaling):
+    """write_extended's config loads in Hugging Face with the chosen rope type, and the extended model's rotary
+    frequencies are the reference's interpolated by ``extension`` (linear: all of them; YaRN: the lowest ones, with
+    the highest kept)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks.accuracy import pretrain
+    from benchmarks.accuracy.recipe import TINY
+
+    recipe = dataclasses.replace(TINY, rope_scaling=scaling)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=recipe.short_seq,
+                         rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta})  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "reference")
+    pretrain.write_extended(tmp_path / "reference", tmp_path / "extended", recipe)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
+    extended = AutoModelForCausalLM.from_pretrained(tmp_path / "extended")
+    assert extended.config.rope_parameters["rope_type"] == scaling
+    assert extended.config.max_position_embeddings == recipe.long_seq
+    before, after = reference.model.rotary_emb.inv_freq, extended.model.rotary_emb.inv_freq  # [head_dim / 2]
+    ratio = before / after
+    if scaling == "linear":
+        torch.testing.assert_close(ratio, torch.full_like(ratio, recipe.extension))
+    else:
+        assert ratio[0].item() == pytest.approx(1.0) and ratio[-1].item() == pytest.approx(recipe.extension)
+        assert extended.model.rotary_emb.attention_scaling > 1.0
 
 
 def test_a_mode_can_change_the_fine_tuning_of_its_runs(tmp_path):

@@ -114,8 +114,8 @@ def save_reference(model, tokenizer, out: Path, recipe: Recipe, meta: dict) -> N
 
 
 def write_extended(reference: Path, out: Path, recipe: Recipe) -> None:
-    """The same weights with RoPE linear scaling by ``recipe.extension`` (position interpolation): the model
-    that the fine-tuning runs start from."""
+    """The same weights with RoPE scaling by ``recipe.extension`` (``recipe.rope_scaling``: position
+    interpolation or YaRN): the model that the fine-tuning runs start from."""
     import shutil
 
     tmp = out.with_name(out.name + ".tmp")
@@ -123,13 +123,22 @@ def write_extended(reference: Path, out: Path, recipe: Recipe) -> None:
         shutil.rmtree(tmp)
     shutil.copytree(reference, tmp)
     config = json.loads((tmp / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "linear", "factor": float(recipe.extension),
-                                 "rope_theta": recipe.rope_theta}  # fmt: skip
+    config["rope_parameters"] = rope_parameters(recipe)
     config["max_position_embeddings"] = recipe.long_seq
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def rope_parameters(recipe: Recipe) -> dict:
+    """The extended model's ``rope_parameters`` (Hugging Face config) for ``recipe.rope_scaling``."""
+    parameters = {"rope_type": recipe.rope_scaling, "factor": float(recipe.extension), "rope_theta": recipe.rope_theta}
+    if recipe.rope_scaling == "yarn":
+        # YaRN's ramp is measured against the pretraining context; HF's defaults for the rest (beta_fast 32,
+        # beta_slow 1, attention factor 0.1 ln(factor) + 1).
+        parameters["original_max_position_embeddings"] = recipe.short_seq
+    return parameters
 
 
 def reference_is_cached(out: Path, recipe: Recipe) -> bool:

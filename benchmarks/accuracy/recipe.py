@@ -52,8 +52,12 @@ class Recipe:
     # torch.use_deterministic_algorithms during pretraining (strict: flash attention's backward then runs its
     # deterministic path); see pretrain.pretrain.
     deterministic_pretraining: bool = True
-    # -- context extension: RoPE linear scaling by ``extension`` and LoRA fine-tuning through launch/train.py -----
+    # -- context extension: RoPE scaling by ``extension`` and LoRA fine-tuning through launch/train.py ------------
     extension: int = 8
+    # "linear": position interpolation (every frequency divided by ``extension``; LongLoRA's and LeMo's setting);
+    # "yarn": YaRN (high frequencies kept, low ones interpolated, attention temperature), Hugging Face's "yarn"
+    # rope type with original_max_position_embeddings = short_seq.
+    rope_scaling: Literal["linear", "yarn"] = "linear"
     # 1000 steps: at 300 every lemo run was 1-2 points further from dense (benchmarks/results/accuracy-full-*).
     finetune_steps: int = 1000
     finetune_lr: float = 1e-3
@@ -78,6 +82,12 @@ class Recipe:
     parallel: int = 12  # fine-tuning runs at once on the one GPU (small model: one run leaves it mostly idle)
     threads_per_run: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        # A misspelt choice (``--set rope_scaling=yarm``) stops here, not minutes later inside a fine-tuning run.
+        for name, choices in (("rope_scaling", ("linear", "yarn")), ("lr_schedule", ("linear", "constant"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"recipe.{name} = {getattr(self, name)!r}: expected one of {', '.join(choices)}")
 
     @property
     def long_seq(self) -> int:

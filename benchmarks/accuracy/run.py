@@ -79,7 +79,10 @@ def override_recipe(recipe: Recipe, pairs: list[str]) -> Recipe:
             raise SystemExit(f"--set {pair!r}: {value!r} is not a JSON value") from None
         changes[name] = tuple(tuple(x) if isinstance(x, list) else x for x in parsed) if isinstance(parsed, list) \
             else parsed
-    return dataclasses.replace(recipe, **changes)
+    try:
+        return dataclasses.replace(recipe, **changes)
+    except ValueError as error:
+        raise SystemExit(f"--set: {error}") from None
 
 
 @dataclass(frozen=True)
