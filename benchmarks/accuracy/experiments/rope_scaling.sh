@@ -12,5 +12,5 @@ modes="{\"\": {}, \"nested\": {$nested, \"dense_layers\": \"first_half\"},
  \"lossonly\": {\"keep_ratio\": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.4], \"loss_tokens\": \"processed\",
  \"selection_window\": 8}}"
 runs='[["random", 0.4, "nested"], ["oracle", 0.4, "nested"], ["norm", 0.4, "nested"], ["random", 0.4, "nested-seed1"],
- ["oracle", 0.4, "nested-seed1"], ["random", 0.4, "lossonly"], ["random", 0.4, ""], ["oracle", 0.4, ""]]'
+ ["random", 0.4, "lossonly"], ["random", 0.4, ""], ["oracle", 0.4, ""]]'
 accuracy_run "$modes" "$runs" --set 'rope_scaling="yarn"'
