@@ -154,8 +154,8 @@ def test_extended_model_has_the_recipes_rope_scaling(tmp_path, scaling):
     from benchmarks.accuracy.recipe import TINY
 
     recipe = dataclasses.replace(TINY, rope_scaling=scaling)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=recipe.short_seq,
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=recipe.short_seq,
                          rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta})  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "reference")
     pretrain.write_extended(tmp_path / "reference", tmp_path / "extended", recipe)

@@ -105,6 +105,30 @@ def test_matches_masked_reference(family, scorer):
     assert stats[0] == 1.0 and all(r < 0.6 for r in stats[1:])
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        # YaRN: cos and sin carry its attention factor, and the ramp interpolates only the low frequencies
+        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16},
+    ],
+    ids=["linear", "yarn"],
+)
+def test_matches_masked_reference_under_context_extension_rope(rope):
+    """The rope types of the accuracy benchmark's extended models (benchmarks/accuracy/pretrain.py): every block
+    kept equals the Hugging Face model, keep 0.4 equals the masked reference."""
+    model = tiny_model("llama", rope_parameters=rope, max_position_embeddings=64)
+    ids, weights = batch(s=70)
+    kept_all = lemo_copy(model, keep_ratio=0.4, min_blocks=1000, scorer="oracle")
+    assert_same(loss_and_grads(kept_all, ids, weights), loss_and_grads(model, ids, weights))
+    model.zero_grad(set_to_none=True)
+    sparse = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="oracle")
+    expected_logits = reference_forward(model, ids, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="oracle")
+    (expected_logits * weights).sum().backward()
+    expected = (expected_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert_same(loss_and_grads(sparse, ids, weights), expected, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_matches_masked_reference_with_padding(side):
     model = tiny_model("llama")
