@@ -1,5 +1,5 @@
 """Pretrain the reference model (a small Llama) on the train books at the short context, then derive the
-context-extended model (RoPE linear scaling): two Hugging Face model directories with the tokenizer.
+context-extended model (RoPE scaling, linear or YaRN): two Hugging Face model directories with the tokenizer.
 
 Plain PyTorch on one device: random windows of ``short_seq`` tokens from the concatenated train books (documents
 joined by </s><s>), AdamW, linear warm-up then cosine decay to 10%, bf16 autocast on CUDA.

@@ -9,13 +9,13 @@
 
 Steps: (1) strip the Gutenberg header and licence of ../shared/data/gutenberg's books and split them by book into
 train and held-out; (2) train a byte-level BPE tokenizer on the train books; (3) pretrain a small Llama at the
-short context (1K); (4) give it RoPE linear scaling by 8 (the extended model); (5) LoRA fine-tune the extended
-model at 8K through launch/train.py, once per variant with the same data, steps and seed: dense, and lemo with
-each scorer (predictor, oracle, norm, random) at keep 0.4 under LeMo's selection rule and under lemo_ds's
-"nested" rule (recipe.NESTED), plus a keep-ratio sweep of the predictor; several runs share the GPU at once; the
-predictors are trained offline first (launch/train_predictor.py on the extended model); (6) every run evaluates
-dense perplexity on the held-out books at 8K (launch/train.py --eval-data) and, with the predictor scorer, the
-predictors' top-k recall against the oracle on the same held-out rows.
+short context (1K); (4) give it RoPE scaling by 8 (the extended model; recipe.rope_scaling: linear or YaRN);
+(5) LoRA fine-tune the extended model at 8K through launch/train.py, once per variant with the same data, steps
+and seed: dense, and lemo with each scorer (predictor, oracle, norm, random) at keep 0.4 under LeMo's selection
+rule and under lemo_ds's "nested" rule (recipe.NESTED), plus a keep-ratio sweep of the predictor; several runs
+share the GPU at once; the predictors are trained offline first (launch/train_predictor.py on the extended model);
+(6) every run evaluates dense perplexity on the held-out books at 8K (launch/train.py --eval-data) and, with the
+predictor scorer, the predictors' top-k recall against the oracle on the same held-out rows.
 """
 
 from __future__ import annotations
