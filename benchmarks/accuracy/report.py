@@ -13,13 +13,18 @@ def _dense_ppl(document: dict[str, Any]) -> float | None:
     return next((r.get("eval_ppl") for r in document["runs"] if r["name"] == "dense" and r["ok"]), None)
 
 
+# Results written before recipe.rope_scaling existed used position interpolation.
+_SCALING = {"linear": "RoPE position interpolation", "yarn": "RoPE YaRN"}
+
+
 def markdown(document: dict[str, Any]) -> str:
     recipe, ref = document["recipe"], document["reference"]
     long_seq = recipe["short_seq"] * recipe["extension"]
     dense = _dense_ppl(document)
+    scaling = _SCALING[recipe.get("rope_scaling", "linear")]
     lines = [
         f"Held-out perplexity at {long_seq} tokens (dense evaluation) after {recipe['finetune_steps']} LoRA steps "
-        f"(r={recipe['lora_r']}) of {recipe['extension']}x context extension; reference model at "
+        f"(r={recipe['lora_r']}) of {recipe['extension']}x context extension ({scaling}); reference model at "
         f"{recipe['short_seq']}: {ref['reference_short_ppl']:.3f}, extended model before fine-tuning: "
         f"{ref['extended_long_ppl_before_finetune']:.3f}. Learning rate {recipe['finetune_lr']:g}, "
         f"{recipe.get('lr_schedule', 'constant')} schedule; fine-tuning books: "
