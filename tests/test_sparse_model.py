@@ -32,6 +32,15 @@ def loss_and_grads(model, input_ids, weights, **inputs):
     return logits.detach(), grads
 
 
+def reference_and_grads(model, ids, weights, position_ids=None, **reference):
+    """The masked reference's logits and gradients (same form as loss_and_grads): tests/masked_reference.py's
+    forward on ``model``'s own weights, ``reference`` its ratios, block and scorer."""
+    model.zero_grad(set_to_none=True)
+    logits = reference_forward(model, ids, None, position_ids, **reference)
+    (logits * weights).sum().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 def assert_same(actual, expected, atol=0.0, rtol=0.0):
     logits_a, grads_a = actual
     logits_e, grads_e = expected
@@ -97,9 +106,7 @@ def test_matches_masked_reference(family, scorer):
     ids, weights = batch(s=70)  # 70 = 8 full blocks + a partial tail block
     section = dict(keep_ratio=0.4, dense_layers=[0], scorer=scorer)
     sparse = lemo_copy(model, **section)
-    expected_logits = reference_forward(model, ids, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer=scorer)
-    (expected_logits * weights).sum().backward()
-    expected = (expected_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    expected = reference_and_grads(model, ids, weights, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer=scorer)
     assert_same(loss_and_grads(sparse, ids, weights), expected, atol=1e-10, rtol=1e-8)
     stats = lemo_ds.get_controller(sparse).stats()["keep_ratio_per_layer"]
     assert stats[0] == 1.0 and all(r < 0.6 for r in stats[1:])
@@ -121,11 +128,8 @@ def test_matches_masked_reference_under_context_extension_rope(rope):
     ids, weights = batch(s=70)
     kept_all = lemo_copy(model, keep_ratio=0.4, min_blocks=1000, scorer="oracle")
     assert_same(loss_and_grads(kept_all, ids, weights), loss_and_grads(model, ids, weights))
-    model.zero_grad(set_to_none=True)
     sparse = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="oracle")
-    expected_logits = reference_forward(model, ids, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="oracle")
-    (expected_logits * weights).sum().backward()
-    expected = (expected_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    expected = reference_and_grads(model, ids, weights, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="oracle")
     assert_same(loss_and_grads(sparse, ids, weights), expected, atol=1e-10, rtol=1e-8)
 
 
@@ -159,11 +163,9 @@ def test_matches_masked_reference_with_packed_documents():
     positions = packed_position_ids(2, [20, 33, 19])  # documents starting mid-block
     sparse = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="oracle")
     ours = loss_and_grads(sparse, ids, weights, position_ids=positions)
-    expected_logits = reference_forward(
-        model, ids, None, positions, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="oracle"
+    expected = reference_and_grads(
+        model, ids, weights, position_ids=positions, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="oracle"
     )
-    (expected_logits * weights).sum().backward()
-    expected = (expected_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert_same(ours, expected, atol=1e-10, rtol=1e-8)
 
 
@@ -171,9 +173,7 @@ def test_eager_attention_matches_masked_reference():
     model = tiny_model("mistral", attn="eager")
     ids, weights = batch(s=48)
     sparse = lemo_copy(model, keep_ratio=0.5, dense_layers=[0], scorer="norm")
-    expected_logits = reference_forward(model, ids, ratios=[1.0, 0.5, 0.5, 0.5], block=BLOCK, scorer="norm")
-    (expected_logits * weights).sum().backward()
-    expected = (expected_logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    expected = reference_and_grads(model, ids, weights, ratios=[1.0, 0.5, 0.5, 0.5], block=BLOCK, scorer="norm")
     # Eager attention takes its softmax in float32 whatever the model dtype: float32 rounding of different sums.
     assert_same(loss_and_grads(sparse, ids, weights), expected, atol=1e-5, rtol=1e-4)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,7 +87,7 @@ class Recipe:
 
     def __post_init__(self):
         # A misspelt choice (``--set rope_scaling=yarm``) stops here, not minutes later inside a fine-tuning run.
-        for name, choices in (("rope_scaling", ("linear", "yarn")), ("lr_schedule", ("linear", "constant"))):
+        for name, choices in _choice_fields().items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"recipe.{name} = {getattr(self, name)!r}: expected one of {', '.join(choices)}")
 
@@ -100,6 +102,13 @@ class Recipe:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def _choice_fields() -> dict[str, tuple]:
+    """{field: its allowed values} for every ``Literal`` field of Recipe (read from the annotations)."""
+    hints = typing.get_type_hints(Recipe)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
 
 
 FULL = Recipe("full")

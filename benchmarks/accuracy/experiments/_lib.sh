@@ -1,7 +1,14 @@
 # Shared by the ablation scripts here (source it after setting books, work and out).
 here=$(dirname "${BASH_SOURCE[0]}")
-# recipe.NESTED's first three keys (its dense_layers is added by the scripts that want it).
+# recipe.NESTED's first three keys (the older ablations ran them with LeMo's dense layers), and all of recipe.NESTED.
 nested='"loss_tokens": "processed", "nested_selection": true, "selection_window": 8'
+nested_first_half="$nested, \"dense_layers\": \"first_half\""
+
+# lossonly KEEP: the "lossonly" mode (JSON): only the last of the 12 layers sparse at KEEP, processed loss, window 8;
+# what learning from that share of the targets alone costs (the floor).
+lossonly() {
+  printf '{"keep_ratio": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, %s], "loss_tokens": "processed", "selection_window": 8}' "$1"
+}
 
 # accuracy_run MODES_JSON RUNS_JSON [run.py options...]: run.py with these modes and runs instead of the recipe's.
 accuracy_run() {

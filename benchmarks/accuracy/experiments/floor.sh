@@ -7,8 +7,7 @@
 set -euo pipefail
 books=${1:?books folder} work=${2:?work folder} out=${3:?results folder}
 . "$(dirname "$0")/_lib.sh"
-only(){ printf '{"keep_ratio": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, %s], "loss_tokens": "processed", "selection_window": 8}' "$1"; }
-modes="{\"\": {}, \"nested\": {$nested, \"dense_layers\": \"first_half\"}, \"lossonly2\": $(only 0.2), \"lossonly6\": $(only 0.6), \"lossonly8\": $(only 0.8)}"
+modes="{\"\": {}, \"nested\": {$nested_first_half}, \"lossonly2\": $(lossonly 0.2), \"lossonly6\": $(lossonly 0.6), \"lossonly8\": $(lossonly 0.8)}"
 runs='[["random", 0.2, "lossonly2"], ["random", 0.6, "lossonly6"], ["random", 0.8, "lossonly8"],
  ["random", 0.6, "nested"]]'
 accuracy_run "$modes" "$runs" \

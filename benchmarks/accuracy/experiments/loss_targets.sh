@@ -10,8 +10,7 @@ books=${1:?books folder} work=${2:?work folder} out=${3:?results folder}
 . "$(dirname "$0")/_lib.sh"
 modes="{\"\": {}, \"nested\": {$nested}, \"nw10\": {$nested, \"skipped_loss_weight\": 0.1},
  \"nw30\": {$nested, \"skipped_loss_weight\": 0.3}, \"seed1\": {$nested, \"seed\": 1},
- \"lossonly\": {\"keep_ratio\": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.4], \"loss_tokens\": \"processed\",
- \"selection_window\": 8}}"
+ \"lossonly\": $(lossonly 0.4)}"
 runs='[["random", 0.4, "nested"], ["oracle", 0.4, "nested"], ["norm", 0.4, "nested"], ["oracle", 0.4, "nw10"],
  ["random", 0.4, "nw10"], ["oracle", 0.4, "nw30"], ["random", 0.4, "lossonly"], ["oracle", 0.4, "lossonly"],
  ["random", 0.4, "seed1"]]'

@@ -7,10 +7,9 @@
 set -euo pipefail
 books=${1:?books folder} work=${2:?work folder} out=${3:?results folder}
 . "$(dirname "$0")/_lib.sh"
-modes="{\"\": {}, \"nested\": {$nested, \"dense_layers\": \"first_half\"},
- \"nested-seed1\": {$nested, \"dense_layers\": \"first_half\", \"seed\": 1},
- \"lossonly\": {\"keep_ratio\": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.4], \"loss_tokens\": \"processed\",
- \"selection_window\": 8}}"
+modes="{\"\": {}, \"nested\": {$nested_first_half},
+ \"nested-seed1\": {$nested_first_half, \"seed\": 1},
+ \"lossonly\": $(lossonly 0.4)}"
 runs='[["random", 0.4, "nested"], ["oracle", 0.4, "nested"], ["norm", 0.4, "nested"], ["random", 0.4, "nested-seed1"],
  ["random", 0.4, "lossonly"], ["random", 0.4, ""], ["oracle", 0.4, ""]]'
 accuracy_run "$modes" "$runs" --set 'rope_scaling="yarn"'
