@@ -122,9 +122,12 @@ if triton is not None:
         bi = (pid // S).to(tl.int64)
         r = (pid % S).to(tl.int64)
         p = tl.load(pos_ptr + pid)
-        kept = p >= 0
         cols = (tile * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         cmask = cols < H
+        # The row's "kept" flag as a [BLOCK_H] block of bools, compared per column rather than a scalar bool
+        # broadcast into the masks: Triton 3.9's interpreter turns a broadcast scalar int1 into an int32 array and
+        # then rejects it as a load mask ("mask has unsupported dtype").
+        kept = (p + tl.zeros([BLOCK_H], dtype=tl.int32)) >= 0
         if KEPT_FROM_ROWS:
             j = tl.maximum(p, 0).to(tl.int64)  # an in-bounds address even where the load is masked off
             from_rows = tl.load(rows_ptr + bi * rows_sb + j * rows_sk + cols * rows_sh, mask=cmask & kept, other=0)

@@ -27,6 +27,8 @@ class LemoController:
         # This forward's selections (training forwards only; a checkpoint's recompute reuses its selection):
         self.processed_rows: torch.Tensor | None = None  # [b, s] bool: the row ran through every sparse layer
         self.last_kept_blocks: torch.Tensor | None = None  # [b, k] the latest sparse layer's kept blocks
+        # The caller keeps every layer's output (output_hidden_states): no layer may overwrite its input in place.
+        self.keeps_layer_outputs = False
 
     # ---- time ---------------------------------------------------------------------------------------
 
@@ -37,12 +39,13 @@ class LemoController:
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
-    def on_model_forward(self) -> None:
+    def on_model_forward(self, keeps_layer_outputs: bool = False) -> None:
         """Called before every forward of the model (a forward pre-hook installed by apply_lemo)."""
         if self._engine is not None:
             self.step = int(self._engine.global_steps)
         self.micro_step += 1
         self.processed_rows = self.last_kept_blocks = None
+        self.keeps_layer_outputs = keeps_layer_outputs
 
     def note_selection(self, blocks: torch.Tensor, rows: torch.Tensor, seq: int) -> None:
         """A sparse layer of this forward kept ``blocks`` [b, k] = token ``rows`` [b, K] of ``seq``."""

@@ -18,6 +18,7 @@ from torch import nn
 from lemo_ds.class_swap import swap_in, swap_out
 from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
 from lemo_ds.controller import LemoController
+from lemo_ds.document_attention import ATTENTION, add_documents
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.memory.causal_lm import SegmentLossCausalLMMixin
 from lemo_ds.memory.compact import RecordedNormMixin, is_rms_norm
@@ -27,6 +28,7 @@ from lemo_ds.memory.offload import CheckpointOffloader
 from lemo_ds.memory.tiled_mlp import TiledMLPMixin
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.scorers import build_scorer
+from lemo_ds.sequence_parallel import active as sequence_parallel
 from lemo_ds.sparse_layer import SparseDecoderLayerMixin, SparseLayerState
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -96,6 +98,13 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
             swap_in(final_norm, RecordedNormMixin)
         swap_in(base, SegmentLossCausalLMMixin)
         base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
+    if attention == "sdpa" and sequence_parallel() is None:
+        # Packed documents and padding without [s, s] masks (lemo_ds.document_attention); under sequence
+        # parallelism DeepSpeed's Ulysses wrapper owns "sdpa" and lemo_ds.sequence_parallel keeps documents apart.
+        base._lemo_attention = attention
+        base.config._attn_implementation = ATTENTION
+        decoder = policy.decoder_model(base)
+        base._lemo_documents_hook = decoder.register_forward_pre_hook(add_documents, with_kwargs=True)
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still
     # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
     base.config.use_cache = False
@@ -110,6 +119,10 @@ def remove_lemo(model: nn.Module) -> nn.Module:
     base = unwrap_model(model)
     if get_controller(base) is None:
         return model
+    if "_lemo_attention" in base.__dict__:
+        base.config._attn_implementation = base._lemo_attention
+        base._lemo_documents_hook.remove()
+        del base._lemo_attention, base._lemo_documents_hook
     for module in base.modules():
         while isinstance(module, _MIXINS):  # a sparse layer carries two mixins (sparse, memory)
             swap_out(module)
@@ -124,7 +137,12 @@ def remove_lemo(model: nn.Module) -> nn.Module:
 
 def _count_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     controller: LemoController = getattr(module, _CONTROLLER_ATTR)
-    controller.on_model_forward()
+    # output_hidden_states (the call's, else the config's) makes the model keep a reference to every layer's
+    # output, which a later sparse layer's in-place write-back would change.
+    wants_hidden_states = kwargs.get("output_hidden_states")
+    if wants_hidden_states is None:
+        wants_hidden_states = getattr(module.config, "output_hidden_states", False)
+    controller.on_model_forward(keeps_layer_outputs=bool(wants_hidden_states))
     if module.training:
         tokens = _tokens_in(args, kwargs)
         if tokens:

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lemo_ds.document_attention import document_attention
+from lemo_ds.documents import Documents
 from lemo_ds.errors import LemoConfigError, LemoInputError
 
 DOC_KWARG = "lemo_sp_doc_start"
@@ -196,10 +198,9 @@ def _doc_aware_sdpa(sdpa):
         parts = [torch.empty_like(doc) for _ in range(state.size)]
         dist.all_gather(parts, doc.contiguous(), group=state.group)
         doc = torch.cat(parts, dim=-1)  # [b or 1, S]
-        if bool((doc != doc[..., :1]).any()):
-            seq = doc.shape[-1]
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=doc.device).tril()  # [S, S]
-            attention_mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]  # [b or 1, 1, S, S]
+        if bool((doc != doc[..., :1]).any()):  # packed: causal within each document, no [S, S] mask
+            documents = Documents(doc.expand(query.shape[0], -1).to(torch.int32).contiguous())  # [b, S]
+            return document_attention(module, query, key, value, documents, *args, **kwargs)
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attention

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from lemo_ds.controller import LemoController, current_rank
+from lemo_ds.document_attention import DOCUMENTS_KWARG
 from lemo_ds.errors import LemoInputError
+from lemo_ds.hf_compat import CACHE_KWARGS, cache_argument
 from lemo_ds.kernels import gather_rows, write_back_rows
 from lemo_ds.scorers.base import BlockScorer, ScoreContext
 from lemo_ds.selection import (
@@ -40,6 +42,7 @@ from lemo_ds.sequence_parallel import DOC_KWARG
 from lemo_ds.sequence_parallel import active as sequence_parallel
 
 if TYPE_CHECKING:
+    from lemo_ds.documents import Documents
     from lemo_ds.policies.base import DecoderLayerPolicy
 
 
@@ -60,17 +63,6 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _capturing_hidden_states() -> bool:
-    """True while Hugging Face collects per-layer hidden states (output_hidden_states): it keeps a reference to
-    each layer's output, so the next layer must not overwrite it in place."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # an older transformers: be safe
-        return True
-    collected = _active_collector.get()
-    return collected is not None and "hidden_states" in collected
-
-
 def gather_attention_mask(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The 4D mask [b or 1, 1, s, s] restricted to kept rows [b, K] as queries and keys: [b, 1, K, K]."""
     batch, kept = rows.shape
@@ -79,10 +71,35 @@ def gather_attention_mask(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
     return by_query.gather(3, rows[:, None, None, :].expand(-1, 1, kept, -1))  # [b, 1, K, K]
 
 
+_HF_FLAG = "gradient_checkpointing"
+
+
 class SparseDecoderLayerMixin:
-    """Placed before the Hugging Face decoder layer class in the MRO of the converted layer's class."""
+    """Placed before the Hugging Face decoder layer class in the MRO of the converted layer's class.
+
+    A sparse layer takes its activation checkpoint itself. Hugging Face's ``GradientCheckpointingLayer``
+    checkpoints a layer whose ``gradient_checkpointing`` flag is set, from a wrapper whose place changed between
+    releases (around ``__call__`` up to transformers 5.2x; around ``forward``, rewrapped for every subclass, this
+    converted class included, since 5.24). Either way the wrapper would checkpoint the whole sparse forward, with
+    the selection and the write-back inside, so the flag reads False on a sparse layer: no Hugging Face wrapper
+    ever checkpoints it, in any release. What ``gradient_checkpointing_enable`` (or ``_set_gradient_checkpointing``)
+    set is kept in the instance dict and read by :meth:`_lemo_checkpointing`; the checkpoint function it installed
+    (``_gradient_checkpointing_func``) is the one used.
+    """
 
     _lemo: SparseLayerState
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return False
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.__dict__[_HF_FLAG] = value
+
+    def _lemo_checkpointing(self) -> bool:
+        """Whether this call takes an activation checkpoint: asked for, training, and a backward to replay it in."""
+        return self.training and torch.is_grad_enabled() and bool(self.__dict__.get(_HF_FLAG, False))
 
     def _lemo_checkpoints_kept_rows(self) -> bool:
         """Sparsity-aware checkpointing: instead of checkpointing the whole layer call (which stores the whole
@@ -91,32 +108,36 @@ class SparseDecoderLayerMixin:
         so the layer stores K rows instead of s."""
         state = self._lemo
         return (
-            self.training
-            and getattr(self, "gradient_checkpointing", False)
+            self._lemo_checkpointing()
             and state.controller.config.memory.sparse_checkpointing
             and state.controller.keep_ratio(state.layer_index, self.training) < 1.0
         )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._lemo_checkpoints_kept_rows():
-            return nn.Module.__call__(self, *args, **kwargs)  # the checkpoint is taken inside forward
-        return super().__call__(*args, **kwargs)  # Hugging Face's GradientCheckpointingLayer.__call__
-
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state = self._lemo
-        policy = state.policy
         if args:
             raise TypeError(
                 f"{type(self).__name__}: pass everything after hidden_states as keyword arguments "
                 "(as Hugging Face models do)"
             )
+        if self._lemo_checkpointing() and not self._lemo_checkpoints_kept_rows():
+            # The whole layer under one checkpoint, as Hugging Face would take it: its input is stored, and the
+            # recompute reuses the forward's selection (_lemo_selection). hidden_states goes positionally so that
+            # reentrant checkpointing sees it as an input.
+            kwargs = {name: value for name, value in kwargs.items() if name not in CACHE_KWARGS}
+            body = partial(self._lemo_forward, whole_layer_checkpointed=True, **kwargs)
+            return self._gradient_checkpointing_func(body, hidden_states)
+        return self._lemo_forward(hidden_states, whole_layer_checkpointed=False, **kwargs)
+
+    def _lemo_forward(self, hidden_states: torch.Tensor, whole_layer_checkpointed: bool, **kwargs: Any) -> torch.Tensor:
+        state = self._lemo
+        policy = state.policy
         batch, seq = hidden_states.shape[:2]
         ratio = state.controller.keep_ratio(state.layer_index, self.training)
         if ratio >= 1.0:  # dense: a dense phase of the schedule, or evaluation
             if self.training and not _in_backward():
                 state.controller.record(state.layer_index, seq, seq)
             return super().forward(hidden_states, **kwargs)
-        if kwargs.get(policy.cache_kwarg) is not None:
+        if cache_argument(kwargs) is not None:
             raise LemoInputError(
                 "token elimination runs without a KV cache (a cache needs every token of every layer): call the "
                 "model with use_cache=False (apply_lemo sets config.use_cache = False; generation is dense unless "
@@ -140,7 +161,8 @@ class SparseDecoderLayerMixin:
         mask = kwargs.get(policy.mask_kwarg)  # [b or 1, 1, s, s] or None
         # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
         # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
-        blocks = self._lemo_selection(hidden_states, ratio, mask, (cos, sin))  # [b, k]
+        blocks = self._lemo_selection(hidden_states, ratio, mask, (cos, sin), kwargs.get(DOCUMENTS_KWARG),
+                                      whole_layer_checkpointed)  # [b, k] # fmt: skip
         if sp is not None:
             mask = None
         rows = token_index(blocks, block, seq)  # [b, K]
@@ -156,10 +178,13 @@ class SparseDecoderLayerMixin:
             kept_kwargs[policy.mask_kwarg] = gather_attention_mask(mask, rows)  # [b, 1, K, K]
         elif sp is not None:
             kept_kwargs[policy.mask_kwarg] = None
+        documents = kwargs.get(DOCUMENTS_KWARG)
+        if documents is not None:  # each document's kept rows are one run again (rows ascend)
+            kept_kwargs[DOCUMENTS_KWARG] = documents.gather(rows)
         if kwargs.get(DOC_KWARG) is not None:  # document keys travel with the kept rows (sequence parallel)
             kept_kwargs[DOC_KWARG] = kwargs[DOC_KWARG].expand(batch, -1).gather(1, rows)  # [b, K]
         layer_forward = partial(super().forward, **kept_kwargs)
-        kept_only = self._lemo_checkpoints_kept_rows()
+        kept_only = not whole_layer_checkpointed and self._lemo_checkpoints_kept_rows()
         if kept_only:
             kept_out = self._gradient_checkpointing_func(layer_forward, kept_hidden)  # [b, K, h]
         else:
@@ -167,11 +192,10 @@ class SparseDecoderLayerMixin:
         if isinstance(kept_out, tuple):  # families that still return (hidden_states, ...)
             kept_out = kept_out[0]
 
-        whole_layer_checkpointed = self.training and getattr(self, "gradient_checkpointing", False) and not kept_only
         inplace = (
             state.controller.config.inplace_writeback
             and not whole_layer_checkpointed  # that checkpoint keeps our input for the recompute
-            and not _capturing_hidden_states()
+            and not state.controller.keeps_layer_outputs  # output_hidden_states holds every layer's output
         )
         if self.training and not _in_backward():  # a checkpoint's recompute is not a second pass of data
             state.controller.record(state.layer_index, rows.shape[1], seq)
@@ -184,11 +208,13 @@ class SparseDecoderLayerMixin:
         ratio: float,
         mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        documents: Documents | None,
+        checkpointed: bool,
     ) -> torch.Tensor:
-        """Kept block indices [b, k]: reused from the forward when this is a checkpoint's recompute."""
+        """Kept block indices [b, k]: reused from the forward when this is a whole-layer checkpoint's recompute
+        (a kept-rows checkpoint recomputes only the layer on the kept rows, after the selection)."""
         state = self._lemo
         controller = state.controller
-        checkpointed = self.training and getattr(self, "gradient_checkpointing", False)
         if checkpointed and _in_backward():
             saved = state.saved_selections.pop(controller.micro_step, None)
             if saved is not None:
@@ -213,6 +239,7 @@ class SparseDecoderLayerMixin:
             step=controller.step,
             micro_step=controller.micro_step,
             rank=current_rank(),
+            documents=documents,
         )
         with torch.no_grad():
             scores = state.scorer.score(self, hidden_states.detach(), context)  # [b, n]

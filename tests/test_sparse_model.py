@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -263,6 +264,57 @@ def test_gradient_checkpointing_gives_the_same_gradients(scorer, reentrant):
     assert_same(loss_and_grads(checkpointed, ids, weights), loss_and_grads(plain, ids, weights))
 
 
+def _checkpointed_as_trainer_does(model, when, reentrant, **section):
+    """``model`` converted with ``section`` and Hugging Face checkpointing enabled the way Trainer does it
+    (``gradient_checkpointing_enable``), before or after apply_lemo."""
+    model = copy.deepcopy(model)
+    enable = partial(model.gradient_checkpointing_enable, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if when == "before":
+        enable()
+    lemo_ds.apply_lemo(model, {"block_size": BLOCK, **section})
+    if when == "after":
+        enable()
+    return model
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("sparse_checkpointing", [True, False])
+def test_hf_checkpointing_with_the_default_section(when, reentrant, sparse_checkpointing):
+    # The default section's layout: the first half and the last layer dense, several sparse layers in a row (each
+    # writing into the previous one's output), enabled before or after conversion, reentrant or not.
+    model = tiny_model("llama", layers=6)
+    ids, weights = batch(s=64)
+    section = dict(keep_ratio=0.4, scorer="oracle", memory={"sparse_checkpointing": sparse_checkpointing})
+    plain = lemo_copy(model, **section)
+    checkpointed = _checkpointed_as_trainer_does(model, when, reentrant, **section)
+    sparse = [is_sparse_layer(layer) for layer in checkpointed.model.layers]
+    assert sparse == [False, False, False, True, True, False]
+    assert_same(loss_and_grads(checkpointed, ids, weights), loss_and_grads(plain, ids, weights))
+
+
+@pytest.mark.parametrize("sparse_checkpointing", [True, False])
+def test_every_layer_takes_exactly_one_checkpoint(sparse_checkpointing):
+    # Hugging Face's checkpoint wrapper moved between releases (around __call__, then around forward): a sparse
+    # layer must be checkpointed once, by itself, never also by that wrapper (nested checkpoints recompute twice
+    # and forbid the in-place write-back).
+    model = tiny_model("llama", layers=6)
+    ids, weights = batch(s=64)
+    section = dict(keep_ratio=0.4, scorer="oracle", memory={"sparse_checkpointing": sparse_checkpointing})
+    checkpointed = _checkpointed_as_trainer_does(model, "after", False, **section)
+    calls = []
+    for index, layer in enumerate(checkpointed.model.layers):
+        function = layer._gradient_checkpointing_func
+
+        def counted(*args, _function=function, _index=index, **kwargs):
+            calls.append(_index)
+            return _function(*args, **kwargs)
+
+        layer._gradient_checkpointing_func = counted
+    loss_and_grads(checkpointed, ids, weights)
+    assert calls == list(range(6))
+
+
 def _init_single_process_deepspeed():
     """A one-rank gloo group and DeepSpeed's checkpointing configured: what deepspeed.checkpointing needs."""
     import deepspeed
@@ -296,11 +348,16 @@ def test_deepspeed_activation_checkpointing_gives_the_same_gradients():
     assert_same(loss_and_grads(checkpointed, ids, weights), loss_and_grads(plain, ids, weights))
 
 
-def test_output_hidden_states_are_not_overwritten():
+@pytest.mark.parametrize("asked_by", ["call", "config"])
+def test_output_hidden_states_are_not_overwritten(asked_by):
     model = tiny_model("llama", layers=6)
     ids, _ = batch(s=40)
     sparse = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="norm")
-    out = sparse(input_ids=ids, output_hidden_states=True)
+    if asked_by == "config":
+        sparse.config.output_hidden_states = True
+        out = sparse(input_ids=ids)
+    else:
+        out = sparse(input_ids=ids, output_hidden_states=True)
     states = out.hidden_states
     assert len(states) == 7
     # A kept-row write-back in place would have made consecutive captured states alias each other.

@@ -6,9 +6,9 @@ import contextlib
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lemo_ds.config import LemoMemoryConfig
+from lemo_ds.hf_compat import causal_lm_output
 from lemo_ds.memory.compact import compaction
 from lemo_ds.memory.segment_loss import IGNORE_INDEX, segment_lm_loss, shift_labels
 
@@ -45,8 +45,7 @@ class SegmentLossCausalLMMixin:
             else:
                 loss = segment_lm_loss(head, outputs.last_hidden_state, labels, memory.segment_tokens, num_items,
                                        memory.segment_loss_impl, shift_labels=targets)  # fmt: skip
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return causal_lm_output(loss, outputs)
 
 
 def _processed_loss(

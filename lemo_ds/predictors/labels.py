@@ -87,7 +87,8 @@ def oracle_labels(
     query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
     mask = context.attention_mask
     if mask is None:
-        scores, tiles = oracle_scores(query, key, context.block_size, return_tiles=True, backend=backend)
-    else:
-        scores, tiles = masked_oracle_tiles(query, key, context.block_size, mask)
+        scores, tiles = oracle_scores(query, key, context.block_size, doc_ids=context.doc_ids(), return_tiles=True,
+                                      backend=backend)  # fmt: skip
+        return OracleLabels(scores, tiles, context.first_key_block())
+    scores, tiles = masked_oracle_tiles(query, key, context.block_size, mask)
     return OracleLabels(scores, tiles, lo_block_from_mask(mask, context.block_size, hidden_states.shape[1]))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lemo_ds.controller import current_rank
+from lemo_ds.document_attention import DOCUMENTS_KWARG
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.scorers.base import ScoreContext
 
@@ -43,6 +44,7 @@ def for_each_layer_input(
                 block_size=block_size,
                 position_embeddings=kwargs[policy.position_embeddings_kwarg],
                 attention_mask=kwargs.get(policy.mask_kwarg),
+                documents=kwargs.get(DOCUMENTS_KWARG),
                 policy=policy,
                 step=0,
                 micro_step=0,

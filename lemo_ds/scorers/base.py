@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from lemo_ds.documents import Documents
     from lemo_ds.policies.base import DecoderLayerPolicy
 
 
@@ -27,6 +28,20 @@ class ScoreContext:
     step: int  # optimizer step
     micro_step: int  # forward counter of the model
     rank: int
+    # The row's documents (lemo_ds.documents) where the model attends by them rather than by a mask tensor.
+    documents: Documents | None = None
+
+    def doc_ids(self) -> torch.Tensor | None:
+        """Document ids [b, s] for the oracle kernel when no mask tensor says it: None means plainly causal."""
+        if self.attention_mask is not None or self.documents is None:
+            return None
+        return self.documents.doc_ids()
+
+    def first_key_block(self) -> torch.Tensor | None:
+        """[b, n] first key block per query block (the predictor's ``lo``) from the documents; None otherwise."""
+        if self.attention_mask is not None or self.documents is None:
+            return None
+        return self.documents.first_key_block(self.block_size)
 
 
 class BlockScorer(Protocol):

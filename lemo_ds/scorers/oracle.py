@@ -7,7 +7,8 @@ allows (causal, same document, not padding). A tile of B x B pairs (query block 
 
 This is the chunked PyTorch implementation: it walks over chunks of query rows and, within a chunk, over
 key/value head groups, so its working memory is O(chunk x seq) and never O(seq^2); keys past the chunk's
-last row are skipped because causality masks them. The fused Triton kernel is a later piece of work.
+last row are skipped because causality masks them. The fused Triton kernel (``lemo_ds.kernels.oracle_scores``)
+serves the layers without a mask tensor.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def oracle_block_scores_ref(
 
 
 class OracleScorer:
-    """Plain causal attention (no mask tensor: no padding, no packed documents, no sliding window) takes the fused
-    Triton kernel ``lemo_ds.kernels.oracle_scores`` where it runs; a layer with a mask tensor takes the chunked
-    PyTorch path above, which reads the mask as it is (whatever it encodes)."""
+    """Causal attention, plain or within documents (``context.documents``: packed rows, padding), takes
+    ``lemo_ds.kernels.oracle_scores`` (the fused Triton kernel where it runs, its chunked torch path elsewhere); a
+    layer given a mask tensor (eager attention) takes the chunked PyTorch path above, which reads the mask as it
+    is (whatever it encodes)."""
 
     name = "oracle"
 
@@ -87,6 +89,9 @@ class OracleScorer:
 
     def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
         query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
+        doc_ids = context.doc_ids()  # [b, s] packed documents or padding, without a mask tensor
+        if doc_ids is not None:
+            return oracle_scores(query, key, context.block_size, doc_ids=doc_ids, backend=self.kernels)
         if context.attention_mask is None and self.kernels != "torch":
             return oracle_scores(query, key, context.block_size, backend=self.kernels)
         return oracle_block_scores(query, key, context.block_size, context.attention_mask, self.chunk_tokens)

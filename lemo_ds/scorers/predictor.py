@@ -139,7 +139,7 @@ class PredictorScorer:
         if index not in self.trained:
             self._warn_once(f"lemo predictor scorer: layer {index} has no trained predictor yet; scoring with oracle")
             return self._oracle.score(layer, hidden_states, context)
-        return self.predict(index, hidden_states, context.block_size, context.attention_mask)
+        return self.predict(index, hidden_states, context.block_size, context.attention_mask, context.first_key_block())
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -152,11 +152,13 @@ class PredictorScorer:
         hidden_states: torch.Tensor,  # [b, s, h]
         block_size: int,
         attention_mask: torch.Tensor | None = None,  # [b or 1, 1, s, s] or None
+        lo: torch.Tensor | None = None,  # [b, n] first key block per query block (documents), if no mask
     ) -> torch.Tensor:
         """Predicted block scores [b, n] of layer ``index`` (the fused kernel where it runs)."""
         seq = hidden_states.shape[1]
         n = num_blocks(seq, block_size)
-        lo = lo_block_from_mask(attention_mask, block_size, seq)
+        if attention_mask is not None:
+            lo = lo_block_from_mask(attention_mask, block_size, seq)
         if self.prefers_prior(index):
             return positional_prior(lo, n, hidden_states.shape[0], hidden_states.device)
         predictor = self.bank.get(index)

@@ -1,0 +1,33 @@
+"""What lemo_ds reads from transformers that changed between the releases it supports, in one place.
+
+Each entry names the releases on each side; tests/test_hf_compat.py checks every entry against the installed
+transformers, and CI runs the suite on the oldest supported and on the newest release (``.ci/run``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The KV cache's keyword in a decoder layer's and a decoder's call: ``past_key_values`` up to transformers 5.2x,
+# ``cache`` since 5.24 (which still accepts the old name with a deprecation warning).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+# The cache's field in model outputs, under the same rename.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache passed in a call's keyword arguments under either name, or None."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def causal_lm_output(loss: Any, decoder_outputs: Any) -> CausalLMOutputWithPast:
+    """A causal LM's output with ``loss``, no logits, and the decoder's cache, hidden states and attentions."""
+    cache = decoder_outputs.get("cache", decoder_outputs.get("past_key_values"))
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=decoder_outputs.hidden_states,
+                                  attentions=decoder_outputs.attentions, **{_OUTPUT_CACHE_FIELD: cache})  # fmt: skip
