@@ -51,14 +51,18 @@ class Documents:
         """The keys of kept rows [b, K] (ascending): each document's kept tokens form one run again."""
         return Documents(self.keys.gather(1, rows))
 
+    def _run_starts(self) -> torch.Tensor:
+        """[b, s] bool: the token starts a run of equal keys (a document, or padding) within its row."""
+        starts = torch.ones(self.keys.shape, dtype=torch.bool, device=self.keys.device)  # [b, s]
+        starts[:, 1:] = self.keys[:, 1:] != self.keys[:, :-1]
+        return starts
+
     def segments(self) -> tuple[torch.Tensor, int, int]:
         """(cu_seqlens [n_segments + 1] int32 over the flattened b * s tokens, longest segment, n_segments): every
         run of equal keys within a row is one segment; a row boundary always starts one. One host sync, once."""
         if self._segments is None:
             batch, seq = self.keys.shape
-            starts = torch.ones(batch, seq, dtype=torch.bool, device=self.keys.device)  # [b, s]
-            starts[:, 1:] = self.keys[:, 1:] != self.keys[:, :-1]
-            first = starts.flatten().nonzero().flatten().to(torch.int32)  # [n]
+            first = self._run_starts().flatten().nonzero().flatten().to(torch.int32)  # [n]
             end = torch.tensor([batch * seq], dtype=torch.int32, device=first.device)
             cu_seqlens = torch.cat([first, end])  # [n + 1]
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if batch * seq else 0
@@ -80,10 +84,8 @@ class Documents:
         if self.single:
             return None
         batch, seq = self.keys.shape
-        starts = torch.ones(batch, seq, dtype=torch.bool, device=self.keys.device)  # [b, s]
-        starts[:, 1:] = self.keys[:, 1:] != self.keys[:, :-1]
         position = torch.arange(seq, device=self.keys.device).expand(batch, seq)  # [b, s]
-        run_start = torch.where(starts, position, 0).cummax(dim=1).values  # [b, s]: first row of each row's run
+        run_start = torch.where(self._run_starts(), position, 0).cummax(dim=1).values  # [b, s]: its run's first row
         first = torch.arange(num_blocks(seq, block_size), device=self.keys.device) * block_size  # [n]
         last = (first + block_size - 1).clamp(max=seq - 1)  # [n]
         return (torch.minimum(run_start[:, first], run_start[:, last]) // block_size).long()  # [b, n]

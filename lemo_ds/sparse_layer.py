@@ -162,7 +162,7 @@ class SparseDecoderLayerMixin:
         # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
         # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
         blocks = self._lemo_selection(hidden_states, ratio, mask, (cos, sin), kwargs.get(DOCUMENTS_KWARG),
-                                      whole_layer_checkpointed)  # [b, k] # fmt: skip
+                                      whole_layer_checkpointed)  # [b, k]  # fmt: skip
         if sp is not None:
             mask = None
         rows = token_index(blocks, block, seq)  # [b, K]

@@ -127,6 +127,20 @@ def test_zero2_full_finetune_mistral_with_hf_checkpointing(tmp_path):
     assert result["grad_ckpt"] == "hf" and result["mean_keep_ratio"] < 1.0
 
 
+def test_main_job_with_hf_checkpointing_equals_no_checkpointing(tmp_path):
+    # Hugging Face's checkpointing (how Trainer turns it on) of the main job's model: default lemo section (sparse
+    # layers in a row, dense last layer), LoRA, ZeRO-3. Recomputation must not change the losses.
+    losses = {}
+    for mode in ("hf", "off"):
+        out = tmp_path / mode
+        ok(train_single("--deepspeed", LEMO, "--grad-ckpt", mode, *FAST, "--max-steps", "3", "--no-save",
+                        "--output-dir", str(out)))  # fmt: skip
+        assert summary(out)["grad_ckpt"] == mode and summary(out)["mean_keep_ratio"] < 1.0
+        losses[mode] = [record["loss"] for record in metrics(out)]
+    assert len(losses["hf"]) == 3
+    assert losses["hf"] == pytest.approx(losses["off"], rel=1e-5)
+
+
 def _save_model_dir(path: Path) -> None:
     """A Hugging Face model directory made here: a 4-layer Qwen2 and a byte-level BPE tokenizer (no merges)."""
     import torch
