@@ -102,13 +102,13 @@ def stored_bytes(model, ids, checkpointing: str | None = None) -> dict[str, int]
 
 def variant(shape_name: str, vocab: int, keep: float | None, memory: dict | None, checkpointing: str | None = None):
     import lemo_ds
+    from lemo_ds.hf_compat import checkpointing_enable
 
     _, model = build(shape_name, vocab)  # built afresh (seed 0) for each case: one layer's weights in memory at a time
     # The embedding output requires grad, so the one layer stores what a middle layer of the model stores.
     model.get_base_model().enable_input_require_grads()
     if checkpointing is not None:
-        model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        checkpointing_enable(model.get_base_model(), use_reentrant=checkpointing == "reentrant")
     if keep is not None:
         lemo_ds.apply_lemo(model, {"keep_ratio": keep, "dense_layers": [], "block_size": BLOCK, "scorer": "norm",
                                    "inplace_writeback": False,  # the one layer's input is a leaf here

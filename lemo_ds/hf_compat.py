@@ -31,3 +31,19 @@ def causal_lm_output(loss: Any, decoder_outputs: Any) -> CausalLMOutputWithPast:
     cache = decoder_outputs.get("cache", decoder_outputs.get("past_key_values"))
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=decoder_outputs.hidden_states,
                                   attentions=decoder_outputs.attentions, **{_OUTPUT_CACHE_FIELD: cache})  # fmt: skip
+
+
+def checkpointing_enable(model: Any, **checkpoint_kwargs: Any) -> None:
+    """Hugging Face activation checkpointing on, with ``checkpoint_kwargs`` for torch's checkpoint:
+    ``activation_checkpointing_enable`` since transformers 5.24, which deprecates ``gradient_checkpointing_enable``
+    (a FutureWarning), the only name before it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
+def checkpointing_disable(model: Any) -> None:
+    """Hugging Face activation checkpointing off, under the same rename."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()

@@ -6,7 +6,7 @@ name; a new one is one line in ``VARIANTS`` (or ``Variant(...)`` in the suite it
     Variant("lemo-norm+ckpt", checkpointing=True, loss="hf", lemo={"keep_ratio": 0.4, "scorer": "norm"})
 
 Switching happens on the same model object, between steps: ``lemo_ds.apply_lemo`` / ``remove_lemo`` (class
-swap of the sparse layers, in place) and HF's ``gradient_checkpointing_enable/disable`` (non-reentrant), with
+swap of the sparse layers, in place) and HF's activation checkpointing on/off (non-reentrant, lemo_ds.hf_compat), with
 the embedding output requiring grad only while checkpointing is on.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from benchmarks.harness.model import BenchModel
+from lemo_ds.hf_compat import checkpointing_disable, checkpointing_enable
 
 DEFAULT_KEEP_RATIO = 0.4
 DEFAULT_BLOCK_SIZE = 64
@@ -134,7 +135,7 @@ def activate(bench: BenchModel, variant: Variant) -> None:
     if variant.checkpointing:
         # HF's enable also makes the embedding output require grad (enable_input_require_grads), which peft +
         # checkpointing needs so that gradients reach the LoRA weights through checkpointed layers.
-        bench.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_enable(bench.causal_lm, use_reentrant=False)
         if not getattr(bench.causal_lm, "_require_grads_hooks", None):
             bench.causal_lm.enable_input_require_grads()
     if variant.lemo is not None:
@@ -160,7 +161,7 @@ def deactivate(bench: BenchModel) -> None:
             _keep_predictors(bench, current)
         lemo_ds.remove_lemo(bench.model)
     if current.checkpointing:
-        bench.causal_lm.gradient_checkpointing_disable()
+        checkpointing_disable(bench.causal_lm)
         # HF's disable leaves the input-grad hook in place (it removes it only for its own peft integration), and
         # each enable adds one more: remove it, so variants without checkpointing run exactly as plain LoRA.
         bench.causal_lm.disable_input_require_grads()

@@ -26,6 +26,8 @@ from typing import Any
 
 from torch import nn
 
+from lemo_ds.hf_compat import checkpointing_enable
+
 MODES = ("auto", "hf", "deepspeed", "off")
 
 
@@ -45,7 +47,7 @@ def configure_activation_checkpointing(model: nn.Module, ds_config: dict[str, An
     if mode == "off":
         return mode
     if mode == "hf":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_enable(model, use_reentrant=False)
     else:
         import deepspeed
 
