@@ -30,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from lemo_ds.documents import Documents
+from lemo_ds.hf_compat import CACHE_KWARGS
 
 ATTENTION = "lemo_sdpa"
 """The attention implementation name a converted sdpa model runs under (``config._attn_implementation``)."""
@@ -143,7 +144,7 @@ def add_documents(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, 
 
 
 def _cached_tokens(kwargs: dict) -> int:
-    for name in ("cache", "past_key_values"):
+    for name in CACHE_KWARGS:
         cache = kwargs.get(name)
         if cache is not None and hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length())

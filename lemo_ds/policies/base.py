@@ -47,7 +47,6 @@ class DecoderLayerPolicy:
     mask_kwarg: ClassVar[str] = "attention_mask"
     position_embeddings_kwarg: ClassVar[str] = "position_embeddings"
     position_ids_kwarg: ClassVar[str] = "position_ids"
-    cache_kwarg: ClassVar[str] = "past_key_values"
 
     # ---- what the oracle scorer needs ------------------------------------------------------------------
 
