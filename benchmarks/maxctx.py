@@ -20,6 +20,7 @@ probes after that many seconds (a single command on the GPU machine gets at most
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -80,11 +81,12 @@ class ProbeSettings:
     lora_adapters: str = "fp32"
 
 
-def run_probe(shape: str, variant: str, seq: int, settings: ProbeSettings, timeout_s: float) -> dict[str, Any]:
+def run_probe(shape: str, variant: str, seq: int, settings: ProbeSettings, timeout_s: float,
+              documents: int = 1) -> dict[str, Any]:
     """One probe in a fresh process (its own session, killed as a group on timeout)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--probe", "--shape", shape, "--variant", variant,
                "--seq", str(seq), "--chunked-loss-impl", settings.chunked_impl, "--seed", str(settings.seed),
-               "--lora-adapters", settings.lora_adapters]
+               "--lora-adapters", settings.lora_adapters, "--documents", str(documents)]
     if settings.dtype:
         command += ["--dtype", settings.dtype]
     if settings.mem_cap_gib is not None:
@@ -125,7 +127,8 @@ def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None
            probes: list[dict[str, Any]], on_probe) -> dict[str, Any]:
     """Run probes until the bounds meet (or the deadline); ``probes`` may hold earlier ones (resume)."""
     record: dict[str, Any] = {"shape": target.shape, "variant": target.variant, "start": target.start,
-                              "granularity": target.granularity, "max_seq": max_seq, "probes": probes}
+                              "granularity": target.granularity, "max_seq": max_seq,
+                              "documents_per_row": target.documents, "probes": probes}
 
     def bounds() -> tuple[int, int | None]:
         fits = [p["seq"] for p in probes if p["outcome"] == "fit"]
@@ -149,7 +152,7 @@ def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None
             break
         timeout = settings.timeout_s if remaining is None else min(settings.timeout_s, remaining)
         log(f"  probe {target.variant} @ {seq} tokens (fit {fit or '-'}, fail {fail or '-'}, timeout {timeout:.0f} s)")
-        probe = run_probe(target.shape, target.variant, seq, settings, timeout)
+        probe = run_probe(target.shape, target.variant, seq, settings, timeout, target.documents)
         if probe["outcome"] == "timeout" and timeout < settings.timeout_s:
             probe["outcome"] = "budget"  # cut by the budget, not by the per-probe limit: says nothing
         probes.append(probe)
@@ -169,6 +172,8 @@ def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None
 def run_targets(suite: Suite | None, args: argparse.Namespace, targets: list[MaxCtxTarget] | None = None):
     """Run the searches of a maxctx suite (or ``targets``); returns (result path, exit status)."""
     targets = list(targets if targets is not None else suite.maxctx)
+    if getattr(args, "documents", None):
+        targets = [dataclasses.replace(t, documents=args.documents) for t in targets]
     names = None if not getattr(args, "variant", None) else [n.strip() for n in args.variant.split(",")]
     if names is not None:
         targets = [t for t in targets if t.variant in names]
@@ -225,7 +230,8 @@ def _earlier_probes(previous: dict[str, Any] | None, target: MaxCtxTarget) -> li
     if previous is None:
         return []
     for search_record in previous.get("searches", []):
-        if search_record.get("shape") == target.shape and search_record.get("variant") == target.variant:
+        if (search_record.get("shape"), search_record.get("variant"), search_record.get("documents_per_row", 1)) == (
+                target.shape, target.variant, target.documents):
             # Probes cut by the budget said nothing, and a crashed one is worth a retry: both are probed again.
             return [dict(p, resumed=True) for p in search_record.get("probes", [])
                     if p["outcome"] not in ("budget", "error")]
@@ -247,12 +253,13 @@ def probe_main(args: argparse.Namespace) -> int:
     shape, variant = get_shape(args.shape), get_variant(args.variant)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     chunked_impl = losses.resolve_chunked_impl(args.chunked_loss_impl, device)
-    report: dict[str, Any] = {"seq": args.seq, "device": results.device_info(),
+    report: dict[str, Any] = {"seq": args.seq, "documents_per_row": args.documents or 1,
+                              "device": results.device_info(),
                               "loss_impl": TrainingStep.LOSS_IMPL_NAMES[variant.loss, chunked_impl]}
     try:
         bench = build_model(shape, args.seq, device, dtype, seed=args.seed, lora_adapters=args.lora_adapters)
-        input_ids, labels = random_batch(shape.vocab, args.seq, device, seed=args.seed)  # [1, s] each
-        step = TrainingStep(bench, input_ids, labels, chunked_impl, cap=MemoryCap(args.mem_cap_gib, device))
+        batch = random_batch(shape.vocab, args.seq, device, seed=args.seed, documents=args.documents or 1)
+        step = TrainingStep(bench, batch, chunked_impl, cap=MemoryCap(args.mem_cap_gib, device))
         outcome = step(variant, clean_cache=True)
         report.update(outcome="fit", step_s=round(outcome.seconds, 3), loss=outcome.loss,
                       mean_keep_ratio=sum(outcome.keep_ratio_per_layer) / len(outcome.keep_ratio_per_layer))
@@ -288,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-adapters", default="fp32", choices=("fp32", "model"), help="LoRA adapter dtype")
     parser.add_argument("--chunked-loss-impl", default="auto", choices=losses.LOSS_IMPLS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--documents", type=int, default=None,
+                        help="documents per row (default 1, or the suite's): more makes packed rows")
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
@@ -300,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         return probe_main(args)
     if args.variant is None and args.resume:
         searches = results.load(args.resume).get("searches", [])
-        targets = [MaxCtxTarget(s["shape"], s["variant"], s["start"], s["granularity"]) for s in searches]
+        targets = [MaxCtxTarget(s["shape"], s["variant"], s["start"], s["granularity"],
+                                documents=s.get("documents_per_row", 1)) for s in searches]
     elif args.variant is None:
         raise SystemExit("--variant is required (or --resume FILE)")
     else:
-        targets = [MaxCtxTarget(args.shape, args.variant, args.start, args.granularity)]
+        targets = [MaxCtxTarget(args.shape, args.variant, args.start, args.granularity, documents=args.documents or 1)]
     args.variant = None  # every target above is searched
     path, status = run_targets(None, args, targets)
     from benchmarks.run import report_and_table

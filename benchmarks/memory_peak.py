@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     shape = get_shape(args.shape)
     bench = build_model(shape, args.seq, device, torch.bfloat16)
-    input_ids, labels = random_batch(shape.vocab, args.seq, device)  # [1, s] each
-    step = TrainingStep(bench, input_ids, labels, losses.resolve_chunked_impl("auto", device))
+    step = TrainingStep(bench, random_batch(shape.vocab, args.seq, device), losses.resolve_chunked_impl("auto", device))
     out = results.ResultFile(args.out, "memory-peak", {"kind": "memory-peak", "command": results.command_line(),
                                                       "environment": results.environment(), "shape": shape.name,
                                                       "seq": args.seq, "variants": []})

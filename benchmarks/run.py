@@ -12,7 +12,8 @@ no .git, so pass the commit in LEMO_BENCH_GIT_COMMIT; only $OUT comes back, so w
     python benchmarks/run.py --suite maxctx --variant dense+ckpt+chunked-loss --out $OUT  # --resume <json> if cut
 
 Options: ``--out DIR`` (default benchmarks/results), ``--steps N`` / ``--warmup N`` (override the suite's),
-``--seq 4096,8192`` and ``--variant dense,lemo-norm`` (run part of a suite), ``--mem-cap-gib X`` (a real memory
+``--seq 4096,8192`` and ``--variant dense,lemo-norm`` (run part of a suite), ``--documents N`` (packed rows of N
+documents instead of the suite's), ``--mem-cap-gib X`` (a real memory
 limit, see harness.measure.MemoryCap), ``--chunked-loss-impl auto|liger|torch``, ``--no-report``.
 
 For each model shape of the suite the model is built once (random init, directly on the device, bf16, LoRA r=8
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lemo-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every lemo variant's section (value parsed as JSON), e.g. "
                              "kernels=\"torch\" or inplace_writeback=false; repeatable")
+    parser.add_argument("--documents", type=int, default=None,
+                        help="documents per row for every configuration (default: the suite's; 1: one document, "
+                             "more: packed rows with position ids restarting at each document)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report")
     # maxctx suites (see benchmarks/maxctx.py)
@@ -188,7 +192,7 @@ def run_measure_suite(suite: Suite, args: argparse.Namespace) -> int:
         log(f"  built in {bench.build_s:.1f} s: {bench.info['params_total'] / 1e9:.2f} B parameters, "
             f"{bench.info['params_trainable'] / 1e6:.2f} M trainable")
         if any(v.loss == "chunked" for v in variants):
-            check_ids, _ = random_batch(shape.vocab, min(2048, shape_configs[0].seq), device, seed=args.seed + 1)
+            check_ids = random_batch(shape.vocab, min(2048, shape_configs[0].seq), device, seed=args.seed + 1).input_ids
             bench.info["chunked_loss_check"] = check = losses.check_chunked_loss(
                 bench.model, bench.decoder, bench.lm_head_weight, check_ids, chunked_impl)
             log(f"  chunked loss check ({chunked_impl}, {check['seq']} tokens): HF {check['hf_loss']:.6f}, "
@@ -215,10 +219,13 @@ def run_configuration(suite: Suite, config: Config, bench, variants: list[Varian
     warmup = args.warmup if args.warmup is not None else (config.warmup if config.warmup is not None
                                                            else suite.warmup)
     steps = args.steps if args.steps is not None else (config.steps if config.steps is not None else suite.steps)
-    log(f"  {shape.name} @ {config.seq} tokens: warm-up {warmup}, steps {steps}")
-    input_ids, labels = random_batch(shape.vocab, config.seq, device, seed=args.seed)  # [1, s] each
-    step = TrainingStep(bench, input_ids, labels, chunked_impl, args.chunk_tokens, cap)
-    record = {"shape": shape.name, "shape_dims": shape.describe(), "seq": config.seq, "batch": 1, "warmup": warmup,
+    log(f"  {shape.name} @ {config.seq} tokens ({args.documents or config.documents} document(s) per row): "
+        f"warm-up {warmup}, steps {steps}")
+    documents = args.documents or config.documents
+    batch = random_batch(shape.vocab, config.seq, device, seed=args.seed, documents=documents)
+    step = TrainingStep(bench, batch, chunked_impl, args.chunk_tokens, cap)
+    record = {"shape": shape.name, "shape_dims": shape.describe(), "seq": config.seq, "documents_per_row": documents,
+              "batch": 1, "warmup": warmup,
               "steps": steps, "model": bench.info, "complete": False, "variants": []}
     out.data["configurations"].append(record)
     started = time.perf_counter()

@@ -171,6 +171,8 @@ def build(args: argparse.Namespace) -> Run:
     mpu = parallel.setup(run, net)  # Ulysses sequence parallelism when the config's sequence_parallel_size > 1
     run.engine, _, _, _ = lemo_ds.initialize(model=net, model_parameters=params, config=config, mpu=mpu)
     run.controller = lemo_ds.get_controller(run.engine)
+    # The rows are packed: the dense job attends within documents without [s, s] masks too, as apply_lemo does.
+    lemo_ds.enable_document_attention(net)
     if run.controller is not None:
         run.log(f"lemo: keep ratio per layer {run.controller.target_ratios}, scorer {run.lemo.scorer}")
     else:

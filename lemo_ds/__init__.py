@@ -14,7 +14,13 @@ register_kernels_from_checkout()
 from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config  # noqa: E402
 from lemo_ds.engine import initialize  # noqa: E402
 from lemo_ds.errors import LemoConfigError, LemoError, LemoInputError, UnsupportedModelError  # noqa: E402
-from lemo_ds.inject import apply_lemo, get_controller, remove_lemo  # noqa: E402
+from lemo_ds.inject import (  # noqa: E402
+    apply_lemo,
+    disable_document_attention,
+    enable_document_attention,
+    get_controller,
+    remove_lemo,
+)
 from lemo_ds.policies import DecoderLayerPolicy, register_policy, supported_model_types  # noqa: E402
 
 __version__ = "0.1.0"
@@ -27,6 +33,8 @@ __all__ = [
     "LemoInputError",
     "UnsupportedModelError",
     "apply_lemo",
+    "disable_document_attention",
+    "enable_document_attention",
     "get_controller",
     "initialize",
     "parse_lemo_config",

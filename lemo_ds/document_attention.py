@@ -94,13 +94,10 @@ def _varlen(query, key, value, documents: Documents, scaling: float | None) -> t
     q = query.transpose(1, 2).reshape(batch * seq, heads, head_dim)  # [T, H, d]
     k = key.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
     v = value.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
-    extra = {}
-    if kv_heads != heads:
-        if _varlen_takes_gqa():
-            extra["enable_gqa"] = True
-        else:  # torch 2.10/2.11: grouped-query attention by repeating the key/value heads
-            k = k.repeat_interleave(heads // kv_heads, dim=1)  # [T, H, d]
-            v = v.repeat_interleave(heads // kv_heads, dim=1)  # [T, H, d]
+    # Grouped-query attention needs no repeated key/value heads: the flash kernel behind varlen_attn reads each
+    # key/value head for its group of query heads (repeating them cost 2 x [T, H, d] more per layer at 128K).
+    # Releases whose varlen_attn has the enable_gqa flag require it; older ones pass the heads straight through.
+    extra = {"enable_gqa": True} if kv_heads != heads and _varlen_takes_gqa() else {}
     # window_size (-1, 0): causal (no key to the right of the query), no limit to the left.
     out = _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, window_size=(-1, 0),
                          **extra)  # fmt: skip

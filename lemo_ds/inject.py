@@ -98,13 +98,7 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
             swap_in(final_norm, RecordedNormMixin)
         swap_in(base, SegmentLossCausalLMMixin)
         base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
-    if attention == "sdpa" and sequence_parallel() is None:
-        # Packed documents and padding without [s, s] masks (lemo_ds.document_attention); under sequence
-        # parallelism DeepSpeed's Ulysses wrapper owns "sdpa" and lemo_ds.sequence_parallel keeps documents apart.
-        base._lemo_attention = attention
-        base.config._attn_implementation = ATTENTION
-        decoder = policy.decoder_model(base)
-        base._lemo_documents_hook = decoder.register_forward_pre_hook(add_documents, with_kwargs=True)
+    enable_document_attention(base)
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still
     # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
     base.config.use_cache = False
@@ -119,10 +113,7 @@ def remove_lemo(model: nn.Module) -> nn.Module:
     base = unwrap_model(model)
     if get_controller(base) is None:
         return model
-    if "_lemo_attention" in base.__dict__:
-        base.config._attn_implementation = base._lemo_attention
-        base._lemo_documents_hook.remove()
-        del base._lemo_attention, base._lemo_documents_hook
+    disable_document_attention(base)
     for module in base.modules():
         while isinstance(module, _MIXINS):  # a sparse layer carries two mixins (sparse, memory)
             swap_out(module)
@@ -133,6 +124,34 @@ def remove_lemo(model: nn.Module) -> nn.Module:
     delattr(base, _HOOK_ATTR)
     delattr(base, _CONTROLLER_ATTR)
     return model
+
+
+def enable_document_attention(model: nn.Module) -> bool:
+    """Packed documents and padding without [s, s] masks (``lemo_ds.document_attention``) for an sdpa model, in
+    place; ``apply_lemo`` calls it, and a dense model can have it alone (launch/train.py does, so that its dense
+    job attends like its lemo job). True where it is on. It does not apply, and the model is left as it is, to
+    eager attention (Hugging Face's own masks) and under Ulysses sequence parallelism (DeepSpeed's wrapper owns
+    "sdpa" there and ``lemo_ds.sequence_parallel`` keeps documents apart)."""
+    base = unwrap_model(model)
+    if "_lemo_attention" in base.__dict__:
+        return True
+    attention = getattr(base.config, "_attn_implementation", None)
+    if attention != "sdpa" or sequence_parallel() is not None:
+        return False
+    base._lemo_attention = attention
+    base.config._attn_implementation = ATTENTION
+    decoder = policy_for(base).decoder_model(base)
+    base._lemo_documents_hook = decoder.register_forward_pre_hook(add_documents, with_kwargs=True)
+    return True
+
+
+def disable_document_attention(model: nn.Module) -> None:
+    """Undo ``enable_document_attention``: the model's own attention and masks again."""
+    base = unwrap_model(model)
+    if "_lemo_attention" in base.__dict__:
+        base.config._attn_implementation = base._lemo_attention
+        base._lemo_documents_hook.remove()
+        del base._lemo_attention, base._lemo_documents_hook
 
 
 def _count_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:

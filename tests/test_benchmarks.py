@@ -199,12 +199,17 @@ def test_switching_variants_on_one_model_leaves_nothing_behind():
 def test_errors_other_than_oom_are_not_taken_for_oom():
     assert is_oom(torch.cuda.OutOfMemoryError("x")) and is_oom(MemoryError())
     assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    assert is_oom(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"))
     assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("x"))
 
 
-def test_chunked_loss_matches_hf_loss_and_gradients():
+@pytest.mark.parametrize("documents", [1, 7])
+def test_chunked_loss_matches_hf_loss_and_gradients(documents):
     bench = build_model(TINY, 300, torch.device("cpu"), torch.float64)
-    input_ids, labels = random_batch(TINY.vocab, 300, bench.device)  # [1, 300]
+    batch = random_batch(TINY.vocab, 300, bench.device, documents=documents)
+    labels = batch.labels  # [1, 300]
+    if documents > 1:  # a packed row: positions restart at each of its documents, whose first tokens are no targets
+        assert int((batch.position_ids == 0).sum()) == documents and int((labels == -100).sum()) == documents - 1
     trainable = [p for p in bench.model.parameters() if p.requires_grad]
     with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
         for param in trainable:
@@ -216,8 +221,8 @@ def test_chunked_loss_matches_hf_loss_and_gradients():
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in trainable]
 
-    hf_loss, hf_grads = loss_and_grads(lambda: bench.model(input_ids=input_ids, labels=labels).loss)
-    hidden = lambda: losses.final_hidden_states(bench.model, bench.decoder, input_ids)  # noqa: E731
+    hf_loss, hf_grads = loss_and_grads(lambda: bench.model(**batch.inputs(), labels=labels).loss)
+    hidden = lambda: losses.final_hidden_states(bench.model, bench.decoder, batch.inputs())  # noqa: E731
     chunk_loss, chunk_grads = loss_and_grads(
         lambda: losses.chunked_loss(hidden(), bench.lm_head_weight, labels, "torch", chunk_tokens=128))
     # HF computes the cross-entropy in float32 (logits.float()), and so does the chunked loss: the same math,
@@ -229,7 +234,8 @@ def test_chunked_loss_matches_hf_loss_and_gradients():
     # The LM head trained too (full fine-tuning): its gradient matches as well.
     weight = bench.lm_head_weight.detach().clone().requires_grad_(True)  # [V, h]
     states = hidden().detach()  # [1, s, h]
-    reference = torch.nn.functional.cross_entropy((states[0, :-1] @ weight.t()).float(), labels[0, 1:])
+    reference = torch.nn.functional.cross_entropy((states[0, :-1] @ weight.t()).float(), labels[0, 1:],
+                                                  ignore_index=-100)
     (expected,) = torch.autograd.grad(reference, weight)
     (got,) = torch.autograd.grad(losses.chunked_loss(states, weight, labels, "torch", chunk_tokens=77), weight)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
@@ -256,7 +262,7 @@ def test_maxctx_search_finds_the_boundary_at_the_granularity(tmp_path, monkeypat
     limit = 233 * 1024  # the longest length that "fits" in this fake
     probed = []
 
-    def fake_probe(shape, variant, seq, settings, timeout_s):
+    def fake_probe(shape, variant, seq, settings, timeout_s, documents=1):
         probed.append(seq)
         return {"seq": seq, "outcome": "fit" if seq <= limit else "oom", "wall_s": 0.0}
 

@@ -89,28 +89,37 @@ def _masked_sdpa(query, key, value, mask):  # mask [b, 1, s, s] bool
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask).transpose(1, 2)  # [b, s, H, d]
 
 
+# On a GPU, bf16 and fp16 take the varlen kernel (grouped-query heads passed as they are); fp32/fp64 and the CPU take
+# the per-segment path.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("side", [None, "left", "right"])
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float64, 1e-10, 1e-8), (torch.float32, 1e-5, 1e-4),
-                                               (torch.bfloat16, 2e-2, 2e-2)])  # fmt: skip
-def test_document_attention_equals_masked_sdpa(layout, side, dtype, atol, rtol):
+                                               (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 2e-3, 2e-3)])  # fmt: skip
+def test_document_attention_equals_masked_sdpa(device, layout, side, dtype, atol, rtol):
     lengths = LAYOUTS[layout]
-    batch, seq, heads, kv_heads, dim = 2, sum(lengths), 4, 2, 8
+    batch, seq, heads, kv_heads, dim = 2, sum(lengths), 4, 2, 64
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, h, seq, dim, generator=generator).to(dtype).requires_grad_()
+    q, k, v = (torch.randn(batch, h, seq, dim, generator=generator).to(device, dtype).requires_grad_()
                for h in (heads, kv_heads, kv_heads))  # fmt: skip
     positions = packed_position_ids(batch, lengths)
     padding = _padding(batch, seq, side)
-    documents = Documents.from_inputs(positions, padding, batch, seq, torch.device("cpu"))
+    documents = Documents.from_inputs(positions, padding, batch, seq, torch.device(device))
     out, _ = document_attention(_Attention(), q, k, v, documents, scaling=dim**-0.5)
-    expected = _masked_sdpa(q, k, v, reference_mask(positions, padding))
+    # The reference in fp64 on the CPU: the error measured is ours alone.
+    reference = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    expected = _masked_sdpa(*reference, reference_mask(positions, padding))
     real = torch.ones(batch, seq, 1, 1, dtype=torch.bool) if padding is None else padding.bool()[..., None, None]
+    out = out.cpu().double()
     torch.testing.assert_close(out * real, expected * real, atol=atol, rtol=rtol)
-    weights = torch.randn(out.shape, generator=generator).to(dtype) * real
+    weights = torch.randn(out.shape, generator=generator, dtype=torch.float64) * real
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), reference)
     for name, ours, theirs in zip("qkv", grads, expected_grads, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=atol * 10, rtol=rtol, msg=name)
+        torch.testing.assert_close(ours.cpu().double(), theirs, atol=atol * 10, rtol=rtol, msg=name)
 
 
 # ---- the converted model ----------------------------------------------------------------------------------------
@@ -143,11 +152,16 @@ def _assert_close(ours, theirs, valid, atol=1e-10, rtol=1e-8):
 
 # Hugging Face's model applies its document mask only to rows without padding: the padded cases hold one document.
 @pytest.mark.parametrize("layout, side", [*((layout, None) for layout in LAYOUTS), ("one", "left"), ("one", "right")])
-def test_dense_model_on_packed_rows_equals_hugging_face(layout, side):
+@pytest.mark.parametrize("convert", ["apply_lemo", "enable_document_attention"])
+def test_dense_model_on_packed_rows_equals_hugging_face(layout, side, convert):
     lengths = LAYOUTS.get(layout, [64])
     model = tiny_model("llama")
     ids, weights, positions, padding = _batch(sum(lengths), side, lengths)
-    converted = lemo_ds.apply_lemo(copy.deepcopy(model), {"block_size": BLOCK, "keep_ratio": 1.0})
+    converted = copy.deepcopy(model)
+    if convert == "apply_lemo":
+        lemo_ds.apply_lemo(converted, {"block_size": BLOCK, "keep_ratio": 1.0})
+    else:  # the dense job's attention (launch/train.py without a "lemo" section)
+        assert lemo_ds.enable_document_attention(converted)
     assert converted.config._attn_implementation == ATTENTION
     # use_cache=False: with a cache Hugging Face does not look for packed documents (apply_lemo turns it off).
     inputs = {"position_ids": positions, "attention_mask": padding, "use_cache": False}
@@ -183,6 +197,18 @@ def test_remove_lemo_restores_the_attention():
     lemo_ds.remove_lemo(converted)
     assert converted.config._attn_implementation == "sdpa"
     assert not converted.model._forward_pre_hooks
+
+
+def test_document_attention_alone_is_undone_and_left_out_where_it_does_not_apply():
+    model = tiny_model("llama")
+    assert lemo_ds.enable_document_attention(model) and lemo_ds.enable_document_attention(model)  # idempotent
+    assert len(model.model._forward_pre_hooks) == 1
+    lemo_ds.disable_document_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not model.model._forward_pre_hooks
+    eager = tiny_model("llama", attn="eager")
+    assert not lemo_ds.enable_document_attention(eager)
+    assert eager.config._attn_implementation == "eager"
 
 
 # ---- no [s, s] tensor on a long packed row ----------------------------------------------------------------------

@@ -23,8 +23,7 @@ from lemo_ds.scorers.predictor import find_predictor_scorer  # noqa: E402
 
 def test_predictor_variant_calibrates_once_then_loads_its_predictors():
     bench = build_model(get_shape("tiny-llama"), 256, torch.device("cpu"), torch.float32)
-    input_ids, labels = random_batch(bench.shape.vocab, 256, torch.device("cpu"))
-    step = TrainingStep(bench, input_ids, labels, chunked_impl="torch")
+    step = TrainingStep(bench, random_batch(bench.shape.vocab, 256, torch.device("cpu")), chunked_impl="torch")
     # PyTorch kernels: conftest turns Triton's CPU interpreter on for the kernel tests, which would only slow this
     # down (the kernels have their own tests).
     predictor, other = (replace(get_variant(name), lemo={**get_variant(name).lemo, "kernels": "torch"})

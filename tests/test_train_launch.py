@@ -119,6 +119,19 @@ def test_dense_config_trains_dense_and_logs_to_wandb_offline(tmp_path):
     assert list((out / "wandb").glob("offline-run-*"))
 
 
+def test_dense_stack_config_is_the_plain_dense_job(tmp_path):
+    """zero3_dense_stack.json (lemo's memory stack, every layer dense) computes what zero3_dense.json (plain
+    DeepSpeed, Hugging Face's loss) does: the segment loss is exact and both attend within the packed documents."""
+    losses = {}
+    for name in ("zero3_dense", "zero3_dense_stack"):
+        out = tmp_path / name
+        ok(train_single("--deepspeed", f"ds_configs/{name}.json", *SHORT, "--output-dir", str(out)))
+        losses[name] = [record["loss"] for record in metrics(out)]
+        assert summary(out)["mean_keep_ratio"] == 1.0
+    assert len(losses["zero3_dense"]) == 2
+    assert losses["zero3_dense_stack"] == pytest.approx(losses["zero3_dense"], rel=1e-5)
+
+
 def test_zero2_full_finetune_mistral_with_hf_checkpointing(tmp_path):
     flags = ("--deepspeed", "ds_configs/zero2_lemo.json", "--model", "tiny-mistral", "--lora-r", "0")
     ok(train_single(*flags, "--grad-ckpt", "hf", *SHORT, "--output-dir", str(tmp_path)))

@@ -115,13 +115,14 @@ def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return torch_chunked_linear_cross_entropy(flat_hidden, weight, targets, chunk_tokens)
 
 
-def final_hidden_states(causal_lm_call, decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(causal_lm_call, decoder: nn.Module, inputs: torch.Tensor | dict) -> torch.Tensor:
     """Final hidden states [b, s, h] from a forward of the whole model that computes the logits of the last
     position only (``logits_to_keep=1``: one [b, 1, V] row, not [b, s, V]).
 
     The whole model is called rather than the decoder alone, so that every hook of a training forward runs
     (peft's, and lemo_ds's forward pre-hook on the causal LM, which advances its step counter and counts the
-    dense layers' tokens); a forward hook on the decoder hands back its last hidden state.
+    dense layers' tokens); a forward hook on the decoder hands back its last hidden state. ``inputs``: the input
+    ids [b, s], or the call's keyword arguments (input ids and position ids).
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -130,7 +131,8 @@ def final_hidden_states(causal_lm_call, decoder: nn.Module, input_ids: torch.Ten
 
     handle = decoder.register_forward_hook(grab)
     try:
-        causal_lm_call(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+        inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+        causal_lm_call(**inputs, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     return captured.pop("hidden")

@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.harness import losses
 from benchmarks.harness.flops import mfu, step_flops
-from benchmarks.harness.model import BenchModel
+from benchmarks.harness.model import Batch, BenchModel
 from benchmarks.harness.variants import Variant, activate, deactivate
 
 GIB = 2**30
@@ -36,11 +36,15 @@ CPU_MEMORY_NOTE = "no CUDA device: memory is not measured (null); times from tim
 # ---- out of memory -------------------------------------------------------------------------------------
 
 def is_oom(error: BaseException) -> bool:
-    """A real out-of-memory: CUDA's (torch.cuda.OutOfMemoryError, the same class as torch.OutOfMemoryError),
-    Python's MemoryError, or the CPU allocator's failure (a RuntimeError, e.g. under an address-space cap)."""
+    """A real out-of-memory: CUDA's caching allocator's (torch.cuda.OutOfMemoryError, the same class as
+    torch.OutOfMemoryError), CUDA's own outside that allocator (``CUDA error: out of memory``, a RuntimeError: e.g.
+    pinned host memory for the offload stack, seen at 520K on the H200 machine), Python's MemoryError, or the CPU
+    allocator's failure (a RuntimeError, e.g. under an address-space cap)."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in message or
+                                                "CUDA error: out of memory" in message)
 
 
 def _vm_size_bytes() -> int:
@@ -138,11 +142,10 @@ class StepOutcome:
 class TrainingStep:
     """``step(variant, clean_cache)``: switch the model to the variant and run one measured training step."""
 
-    def __init__(self, bench: BenchModel, input_ids: torch.Tensor, labels: torch.Tensor, chunked_impl: str,
-                 chunk_tokens: int = 1024, cap: MemoryCap | None = None) -> None:
+    def __init__(self, bench: BenchModel, batch: Batch, chunked_impl: str, chunk_tokens: int = 1024,
+                 cap: MemoryCap | None = None) -> None:
         self.bench = bench
-        self.input_ids = input_ids  # [1, s]
-        self.labels = labels  # [1, s]
+        self.batch = batch
         self.chunked_impl = chunked_impl
         self.chunk_tokens = chunk_tokens
         self.cap = cap or MemoryCap(None, bench.device)
@@ -159,14 +162,20 @@ class TrainingStep:
         model = self.bench.model
         if variant.loss == "hf":
             # .loss only: the output object (and its [1, s, V] logits) is dropped at once.
-            return model(input_ids=self.input_ids, labels=self.labels, use_cache=False).loss
-        hidden = losses.final_hidden_states(model, self.bench.decoder, self.input_ids)  # [1, s, h]
-        return losses.chunked_loss(hidden, self.bench.lm_head_weight, self.labels, self.chunked_impl,
+            return model(**self.batch.inputs(), labels=self.batch.labels, use_cache=False).loss
+        hidden = losses.final_hidden_states(model, self.bench.decoder, self.batch.inputs())  # [1, s, h]
+        return losses.chunked_loss(hidden, self.bench.lm_head_weight, self.batch.labels, self.chunked_impl,
                                    self.chunk_tokens)
 
     def __call__(self, variant: Variant, clean_cache: bool = False) -> StepOutcome:
         bench = self.bench
         activate(bench, variant)
+        if self.batch.documents > 1:
+            import lemo_ds
+
+            # Dense and lemo variants alike attend within documents without [s, s] masks (apply_lemo turns it on,
+            # remove_lemo off again): like with like.
+            lemo_ds.enable_document_attention(bench.model)
         controller = None
         if variant.is_lemo:
             import lemo_ds  # only lemo variants need it (and it imports DeepSpeed)

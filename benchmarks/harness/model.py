@@ -90,9 +90,40 @@ def build_model(shape: ModelShape, max_seq: int, device: torch.device, dtype: to
     return BenchModel(shape, model, device, dtype, lora_rank, optimizer, build_s, info=info)
 
 
-def random_batch(vocab: int, seq: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class Batch:
+    """One training row (batch 1)."""
+
+    input_ids: torch.Tensor  # [1, s]
+    labels: torch.Tensor  # [1, s]; -100 where a document starts (no target across documents)
+    position_ids: torch.Tensor | None  # [1, s], restarting at every document; None: one document
+    documents: int
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments a model call takes for this row (besides labels)."""
+        inputs = {"input_ids": self.input_ids}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
+
+
+def random_batch(vocab: int, seq: int, device: torch.device, seed: int = 0, documents: int = 1) -> Batch:
     """Random token ids [1, seq] and labels = input_ids. Memory and time do not depend on the token values; the
-    loss is that of random data (about ln(vocab)), useful only as a sanity check between variants."""
+    loss is that of random data (about ln(vocab)), useful only as a sanity check between variants.
+
+    ``documents`` > 1: a packed row, as the main job's data makes them: the documents' lengths vary (cut points
+    drawn uniformly over the row, as files of many sizes pack), position ids restart at every document, and the
+    first token of a document is no target of the one before it."""
+    if not 1 <= documents <= seq:
+        raise ValueError(f"documents per row must be in [1, {seq}], got {documents}")
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (1, seq), generator=generator).to(device)  # [1, s]
-    return input_ids, input_ids.clone()
+    input_ids = torch.randint(0, vocab, (1, seq), generator=generator)  # [1, s]
+    labels = input_ids.clone()
+    position_ids = None
+    if documents > 1:
+        starts = torch.randperm(seq - 1, generator=generator)[: documents - 1].sort().values + 1  # [docs - 1]
+        lengths = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), starts, torch.tensor([seq])]))  # [docs]
+        position_ids = torch.cat([torch.arange(int(n)) for n in lengths])[None]  # [1, s]
+        labels[0, starts] = -100
+        position_ids = position_ids.to(device)
+    return Batch(input_ids.to(device), labels.to(device), position_ids, documents)

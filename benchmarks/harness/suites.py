@@ -24,6 +24,7 @@ class Config:
     seq: int
     warmup: int | None = None  # None: the suite's (or the command line's) value
     steps: int | None = None
+    documents: int = 1  # per row: 1 is one document; more is a packed row (harness.model.random_batch)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class MaxCtxTarget:
     start: int
     granularity: int = 4 * K
     max_seq: int | None = None  # stop growing past this (None: the command line's --max-seq)
+    documents: int = 1  # per row, as Config.documents
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,15 @@ SUITES: dict[str, Suite] = {
                                  max_seq=464 * K),
                     MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+stack", start=384 * K, granularity=16 * K,
                                  max_seq=464 * K)),
+        ),
+        Suite(
+            "maxctx-packed",
+            "The offload stack's longest context on packed rows (116 documents in 464K tokens, about 4K tokens each, "
+            "position ids restarting at each): does it reach what one-document rows reach (maxctx-stack: 464K)? One "
+            "probe at 464K, --probe-timeout 590.",
+            kind="maxctx",
+            maxctx=(MaxCtxTarget("llama3-8b", "lemo-oracle+ckpt+offload", start=464 * K, granularity=16 * K,
+                                 max_seq=464 * K, documents=116),),
         ),
         Suite(
             "smoke",
