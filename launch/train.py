@@ -27,8 +27,10 @@ Run from the repository root:
     python launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 3
 
 It writes OUTPUT_DIR/metrics.jsonl (one line per step), OUTPUT_DIR/summary.json (at the end) and DeepSpeed
-checkpoints under OUTPUT_DIR/checkpoints/step{N}. Bad input stops every rank before any collective with one
-line "lemo_ds: error: ..." on stderr and exit status 2.
+checkpoints under OUTPUT_DIR/checkpoints/step{N} (the newest --keep-checkpoints of them). Bad input, an
+OUTPUT_DIR holding an earlier run (without --resume or --overwrite) or one that cannot be written stops every
+rank before any collective with one line "lemo_ds: error: ..." on stderr and exit status 2; a NaN/inf loss or
+weights, or a save the disk refuses, stop the job with one line and exit status 3, nothing bad saved.
 
 Shape of the job: parse -> build (checks, distributed start, model, engine, data) -> train -> close.
 """
