@@ -27,8 +27,10 @@ Run from the repository root:
     python launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 3
 
 It writes OUTPUT_DIR/metrics.jsonl (one line per step), OUTPUT_DIR/summary.json (at the end) and DeepSpeed
-checkpoints under OUTPUT_DIR/checkpoints/step{N}. Bad input stops every rank before any collective with one
-line "lemo_ds: error: ..." on stderr and exit status 2.
+checkpoints under OUTPUT_DIR/checkpoints/step{N} (the newest --keep-checkpoints of them). Bad input, an
+OUTPUT_DIR holding an earlier run (without --resume or --overwrite) or one that cannot be written stops every
+rank before any collective with one line "lemo_ds: error: ..." on stderr and exit status 2; a NaN/inf loss or
+weights, or a save the disk refuses, stop the job with one line and exit status 3, nothing bad saved.
 
 Shape of the job: parse -> build (checks, distributed start, model, engine, data) -> train -> close.
 """
@@ -36,6 +38,7 @@ Shape of the job: parse -> build (checks, distributed start, model, engine, data
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -62,12 +65,13 @@ from lemo_ds.training import (  # noqa: E402
     launch_env,
     metrics,
     model,
+    output_dir,
     parallel,
     precision,
     resume,
     tracking,
 )
-from lemo_ds.training.errors import TrainingSetupError  # noqa: E402
+from lemo_ds.training.errors import TrainingSetupError, TrainingStopped  # noqa: E402
 from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa: E402
 
@@ -117,14 +121,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add("--no-save", action="store_true", help="write no checkpoint at all (benchmarks)")
+    add(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        metavar="N",
+        help="keep the newest N complete checkpoints, never the one 'latest' names (0: keep all; default 3)",
+    )
+    add(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output-dir that holds an earlier run, deleting its metrics, summary and checkpoints",
+    )
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps")
     add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_args(argv)
     for name in ("seq_len", "max_steps", "log_every", "eval_rows"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lora_r < 0 or args.save_every < 0:
-        parser.error("--lora-r and --save-every must be 0 or more")
+    if args.lora_r < 0 or args.save_every < 0 or args.keep_checkpoints < 0:
+        parser.error("--lora-r, --save-every and --keep-checkpoints must be 0 or more")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite starts over and --resume continues: give one of them")
     return args
 
 
@@ -246,10 +264,20 @@ def check_inputs(args: argparse.Namespace) -> Run:
     if args.eval_data is not None:
         run.eval_files = data.discover_files(args.eval_data, flag="--eval-data")
         data.check_corpus(run.eval_files, run.tokenizer, args.seq_len, args.eval_data, flag="--eval-data")
-    run.ckpt_dir = Path(args.output_dir) / "checkpoints"
+    out = Path(args.output_dir)
+    run.ckpt_dir = out / output_dir.CHECKPOINTS
     if args.resume is True:  # --resume auto may find nothing, and then starts fresh
         resume.require_checkpoint(run.ckpt_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if args.resume:
+        resume.require_world_size(run.ckpt_dir, int(os.environ.get("WORLD_SIZE", "1")))
+    elif args.overwrite:
+        if int(os.environ.get("RANK", "0")) == 0:  # the other ranks write none of it; they do not look
+            output_dir.clear_earlier_run(out)
+    else:
+        output_dir.refuse_earlier_run(out)
+    output_dir.require_writable(out)
+    if not args.no_save:
+        output_dir.require_writable(run.ckpt_dir)
     run.use_wandb = tracking.prepare_wandb(ds_config, args.output_dir)
     run.grad_ckpt = checkpointing.resolve_mode(args.grad_ckpt, ds_config)
     run.ds_config, run.precision_note = ds_config, precision_note
@@ -288,6 +316,8 @@ def train(run: Run) -> None:
         reduced = torch.cat([loss_sum.reshape(1) / run.grad_accum, _keep_ratios(run).to(engine.device)])
         torch.distributed.all_reduce(reduced)
         loss_value, *keep_per_layer = (reduced / run.world_size).tolist()
+        if not math.isfinite(loss_value):
+            stop_on_nonfinite_loss(run, step, loss_value, lr)  # every rank: they all see the same reduced loss
         step_s = time.perf_counter() - t0
         mean_keep = sum(keep_per_layer) / len(keep_per_layer)
         # A process's first step pays for warm-up (allocation, lazy init): throughput leaves it out.
@@ -295,7 +325,7 @@ def train(run: Run) -> None:
         totals.add(loss_value, keep_per_layer, tokens_per_step, step_s, timed=warm)
 
         if args.save_every and step % args.save_every == 0 and not args.no_save:
-            resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args)
+            resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args, keep=args.keep_checkpoints)
         refreshed = predictor_job.refresh_record(engine)  # online refresh of the predictors: recall (all ranks)
         recall_note = f" | recall {refreshed['predictor_recall']:.3f}" if refreshed else recall_note
         if run.rank == 0:
@@ -315,7 +345,7 @@ def train(run: Run) -> None:
     bar.close()
 
     if not args.no_save and step > run.start_step and not (args.save_every and step % args.save_every == 0):
-        resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args)
+        resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args, keep=args.keep_checkpoints)
     if totals.steps == 0:
         run.log(f"nothing to train: the run is at step {step} and --max-steps is {args.max_steps}")
         return
@@ -329,6 +359,17 @@ def train(run: Run) -> None:
             f"{summary['tokens_per_s']:,.0f} tok/s, mean keep ratio {'n/a' if keep is None else f'{keep:.3f}'}; "
             f"wrote {Path(args.output_dir) / 'summary.json'}"
         )
+
+
+def stop_on_nonfinite_loss(run: Run, step: int, loss_value: float, lr: float) -> None:
+    """A NaN/inf loss: the weights are (or are about to be) ruined, so stop before anything saves them. The
+    step's record says so in strict JSON (loss null)."""
+    if run.rank == 0:
+        run.metrics.write({"step": step, "loss": None, "loss_nonfinite": str(loss_value), "lr": lr})
+    raise TrainingStopped(
+        f"the loss is {loss_value} at step {step}; stopped without saving ({resume.latest_note(run.ckpt_dir)}); "
+        "lower --lr (or check the data), then continue with --resume"
+    )
 
 
 def heldout_evaluation(run: Run) -> dict:
@@ -424,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in filter(None, (part.strip() for part in str(error).splitlines())):
             message += line if not message else (" " if message.endswith(":") else "; ") + line
         print(f"lemo_ds: error: {message}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(error, "exit_code", 2)
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise (see there)
     close(run)

@@ -35,7 +35,8 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 class _LemoSection(DeepSpeedConfigModel):
     # DeepSpeed's settings (extra="forbid", validated assignment), plus each field's docstring as its description
     # so that the README's reference table is generated from this file (``python -m lemo_ds.config``).
-    model_config = ConfigDict(**DeepSpeedConfigModel.model_config, use_attribute_docstrings=True)
+    # strict: a value of the wrong JSON type ("0.4" for a number, 1 for a bool) is an error, never converted.
+    model_config = ConfigDict(**DeepSpeedConfigModel.model_config, use_attribute_docstrings=True, strict=True)
 
 
 class LemoScheduleConfig(_LemoSection):

@@ -36,6 +36,13 @@ def test_defaults_follow_the_paper_artifact():
         ({"scorer": "attention"}, r"lemo\.scorer: Input should be 'oracle', 'random', 'norm' or 'predictor'"),
         ({"kernels": "cuda"}, r"lemo\.kernels: Input should be 'auto', 'triton' or 'torch'"),
         ({"keep_ratio": [1.0, 0.4], "dense_layers": [1]}, r"dense_layers: layer 1 is dense but keep_ratio\[1\] = 0.4"),
+        # strict types: a value of the wrong JSON type is refused, not converted
+        ({"keep_ratio": "0.4"}, r"lemo\.keep_ratio"),
+        ({"block_size": "64"}, r"lemo\.block_size: Input should be a valid integer"),
+        ({"block_size": 64.0}, r"lemo\.block_size: Input should be a valid integer"),
+        ({"enabled": 1}, r"lemo\.enabled: Input should be a valid boolean"),
+        ({"memory": {"segment_loss": "false"}}, r"lemo\.memory\.segment_loss: Input should be a valid boolean"),
+        ({"predictor": {"lr": "0.01"}}, r"lemo\.predictor\.lr: Input should be a valid number"),
     ],
 )
 def test_bad_sections_name_the_key_and_what_is_allowed(section, message):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from launch_util import REPO, free_port
 from slurm_cluster import FINISHED, Cluster, SlurmError, missing_binaries
 
@@ -93,6 +94,8 @@ class _RecordingEngine:
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
+        self.module = torch.nn.Linear(2, 2)  # the weights resume.save checks for NaN/inf before saving
+        self.device = torch.device("cpu")
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         tag_dir = Path(save_dir) / tag
@@ -114,7 +117,8 @@ def test_save_marks_the_tag_complete_after_writing_it_and_overwrites_safely(tmp_
     marker = json.loads((tmp_path / "step4" / resume.COMPLETE).read_text())
     assert (marker["tag"], marker["step"], marker["rows_consumed"], marker["world_size"]) == ("step4", 4, 8, 1)
     assert (tmp_path / resume.LATEST).read_text() == "step4"
-    assert resume.find_checkpoint(tmp_path) == resume.Found("step4", 4)
+    found = resume.find_checkpoint(tmp_path)
+    assert (found.tag, found.step, found.candidates, found.incomplete) == ("step4", 4, ("step4", "step2"), ())
     assert not list(tmp_path.rglob(".*tmp*"))
 
 

@@ -8,16 +8,19 @@ its gather/write-back kernels interpreted, many times slower than the PyTorch pa
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from launch_util import REPO, run_deepspeed
+from launch_util import REPO, deepspeed_command, remove_cpu_comm_buffers, run_deepspeed
 
 TRAIN = REPO / "launch" / "train.py"
 LEMO = "ds_configs/zero3_lemo.json"
@@ -56,9 +59,10 @@ def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3_lemo_4")
     ok(
         run_deepspeed(
-            TRAIN, "--deepspeed", LEMO, *FAST, "--max-steps", "4", "--output-dir", str(out), timeout=300, env=JOB_ENV
+            TRAIN, "--deepspeed", LEMO, *FAST, "--max-steps", "4", "--save-every", "2", "--output-dir", str(out),
+            timeout=300, env=JOB_ENV,
         )
-    )
+    )  # fmt: skip
     return out
 
 
@@ -82,6 +86,7 @@ def test_two_ranks_zero3_lemo_writes_summary(uninterrupted):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["tokens"] == 2 * 256 for r in records)  # two ranks x one row of 256 tokens per step
     assert (uninterrupted / "checkpoints" / "latest").read_text().strip() == "step4"
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").glob("step*")) == ["step2", "step4"]
 
 
 @pytest.mark.slow
@@ -201,6 +206,12 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     gpt2 = root / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}))
+    config["lemo"]["keep_ratio"] = "0.4"  # a number as a string: strict types, no conversion
+    (root / "string_ratio.json").write_text(json.dumps(config))
+    (root / "random.bin").write_bytes(random.Random(0).randbytes(200_000))
+    earlier = root / "earlier_run"  # what a finished run leaves
+    earlier.mkdir()
+    (earlier / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
     return {"root": root}
 
 
@@ -214,6 +225,12 @@ BAD = {
     "unknown model": (("--model", "tiny-gpt"), "--model tiny-gpt: neither a model directory nor a preset"),
     "resume without checkpoint": (("--resume",), "--resume: no checkpoint in"),
     "missing predictor": (("--predictor", "{root}/nope.pt"), "--predictor {root}/nope.pt: no such file"),
+    "string keep ratio": (("--deepspeed", "{root}/string_ratio.json"), "lemo.keep_ratio"),
+    "random bytes as data": (("--data", "{root}/random.bin"), "--data {root}/random.bin: not text: "),
+    "earlier run, no --resume": (
+        ("--output-dir", "{root}/earlier_run"),
+        "--output-dir {root}/earlier_run holds an earlier run (metrics.jsonl); continue it with --resume",
+    ),
 }
 
 
@@ -235,7 +252,7 @@ def test_bad_input_is_one_clear_line(case, bad_inputs, tmp_path, train_module, m
     flags, expected = BAD[case]
     root = str(bad_inputs["root"])
     flags = [flag.format(root=root) for flag in flags]
-    status = train_module.main(["--seq-len", "256", "--max-steps", "1", "--output-dir", str(tmp_path), *flags])
+    status = train_module.main(["--seq-len", "256", "--max-steps", "1", "--output-dir", str(tmp_path / "out"), *flags])
     stderr = capsys.readouterr().err
     assert status == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("lemo_ds: error: ")]
@@ -260,3 +277,179 @@ def test_bad_input_stops_every_rank(bad_inputs, tmp_path):
     # Each rank stops on its own; the launcher may kill one before it prints once the other has failed.
     assert 'lemo_ds: error: invalid "lemo" config section' in output
     assert "Traceback" not in output
+
+
+# ---- nothing a user had is lost (issue 19) -----------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` and its SHA-256: what "nothing touched" compares."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def strict_records(out: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON: a bare NaN/Infinity fails the test."""
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant} in metrics.jsonl")
+
+    return [json.loads(line, parse_constant=reject) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def errors_of(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if "lemo_ds: error: " in line]
+
+
+@pytest.mark.slow
+def test_rerun_without_resume_is_refused_and_touches_nothing(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = snapshot(out)
+    result = run_deepspeed(TRAIN, "--deepspeed", LEMO, *FAST, "--max-steps", "2", "--output-dir", str(out),
+                           timeout=300, env=JOB_ENV)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = errors_of(result)
+    assert errors and all("holds an earlier run" in line and "--resume" in line for line in errors), errors
+    assert "Traceback" not in result.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_damaged_latest_falls_back_to_the_newest_good_checkpoint(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    ckpt = out / "checkpoints"
+    damaged = ckpt / "step4" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a truncated copy
+    result = run_deepspeed(TRAIN, "--deepspeed", LEMO, *FAST, "--max-steps", "4", "--resume", "--save-every", "1",
+                           "--keep-checkpoints", "2", "--output-dir", str(out), timeout=300, env=JOB_ENV)  # fmt: skip
+    ok(result)
+    assert f"checkpoint {ckpt / 'step4'} is damaged (zero_pp_rank_0_mp_rank_00_model_states.pt: " in result.stdout
+    assert f"resumed from {ckpt / 'step2'} at step 2" in result.stdout
+    records, reference = strict_records(out), metrics(uninterrupted)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for mine, theirs in zip(records, reference, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6), (records, reference)
+    # step4 saved again, whole; --keep-checkpoints 2 kept step3 and step4 and deleted step2
+    assert (ckpt / "latest").read_text() == "step4"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step3", "step4"]
+    marker = json.loads((ckpt / "step4" / "lemo_ds_complete.json").read_text())
+    assert marker["files"]["zero_pp_rank_0_mp_rank_00_model_states.pt"][0] == damaged.stat().st_size
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_before_saving(tmp_path):
+    # The warm-up keeps the first steps' rate small; the loss turns non-finite within 4 steps (step 4 here).
+    out = tmp_path / "run"
+    result = run_deepspeed(TRAIN, "--deepspeed", LEMO, *FAST, "--lr", "1e38", "--lora-r", "0", "--max-steps", "6",
+                           "--save-every", "2", "--output-dir", str(out), timeout=300, env=JOB_ENV)  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    records = strict_records(out)
+    bad = records[-1]
+    assert bad["loss"] is None and bad["loss_nonfinite"] in ("nan", "inf", "-inf"), records
+    assert [r["step"] for r in records] == list(range(1, bad["step"] + 1)) and bad["step"] < 6
+    assert all(math.isfinite(r["loss"]) for r in records[:-1])
+    ckpt = out / "checkpoints"
+    saved = sorted(int(m.parent.name.removeprefix("step")) for m in ckpt.glob("step*/lemo_ds_complete.json"))
+    assert all(step < bad["step"] for step in saved)  # nothing saved at or after the bad step
+    latest = (ckpt / "latest").read_text() if saved else None
+    assert latest == (f"step{saved[-1]}" if saved else None)
+    note = f"'latest' still names {latest}" if latest else "no complete checkpoint yet"
+    errors = errors_of(result)
+    assert errors and all(
+        f"the loss is {bad['loss_nonfinite']} at step {bad['step']}; stopped without saving ({note})" in line
+        for line in errors
+    ), errors
+    assert "Traceback" not in result.stderr
+    assert not (out / "summary.json").exists()
+
+
+def test_two_rank_checkpoint_on_one_rank_is_one_line_naming_both_sizes(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = snapshot(out)
+    result = train_single("--deepspeed", LEMO, *FAST, "--max-steps", "5", "--resume", "--output-dir", str(out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lemo_ds: error: --resume: {out / 'checkpoints' / 'step4'} was saved by 2 ranks but this job has 1; ZeRO "
+        "partitions the model and optimizer state per rank, so resume it on 2 ranks"
+    )
+    assert snapshot(out) == before
+
+
+def _user_namespace_root() -> bool:
+    """Mounts (tmpfs, read-only binds) are allowed here: in a user and mount namespace of our own."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
+                           capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(
+    not _user_namespace_root(), reason="no unprivileged user namespaces: cannot mount a small or read-only folder"
+)
+
+
+def run_in_namespace(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``script`` (bash) in a user and mount namespace of its own, with the deepspeed launcher on PATH as DEEPSPEED.
+    The launcher's ranks live in it too, so they see the mounts the script makes."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **JOB_ENV, "DS_ACCELERATOR": "cpu", "T": str(tmp_path)}
+    command = " ".join(deepspeed_command(TRAIN, "--deepspeed", LEMO, *FAST))
+    environment["DEEPSPEED"] = command
+    port = command.split("--master_port ")[1].split()[0]
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], cwd=REPO,
+                              env=environment, text=True, capture_output=True, timeout=300)  # fmt: skip
+    finally:
+        remove_cpu_comm_buffers(port)
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_read_only_output_dir_is_one_line_on_every_rank(tmp_path):
+    (tmp_path / "ro").mkdir()
+    script = 'mount --bind "$T/ro" "$T/ro" && mount -o remount,bind,ro "$T/ro" && $DEEPSPEED --output-dir "$T/ro/run"'
+    result = run_in_namespace(script, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = errors_of(result)
+    assert errors and all(
+        f"--output-dir {tmp_path / 'ro' / 'run'}: cannot write there" in line and "Read-only file system" in line
+        for line in errors
+    ), errors
+    assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr
+    assert not list((tmp_path / "ro").iterdir())
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_disk_full_during_save_is_one_line_and_latest_stays(uninterrupted, tmp_path):
+    # A real full disk: a tmpfs just big enough for the run so far plus a little (ENOSPC from the kernel).
+    run = tmp_path / "src"
+    shutil.copytree(uninterrupted, run, ignore=shutil.ignore_patterns("step4"))
+    (run / "checkpoints" / "latest").write_text("step2")
+    (run / "checkpoints" / "step4").mkdir()  # (dropped above to save room; an empty, incomplete tag)
+    size_kib = sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) // 1024 + 3072
+    script = (
+        f'mkdir -p "$T/disk" && mount -t tmpfs -o size={size_kib}k tmpfs "$T/disk" && cp -a "$T/src" "$T/disk/run" '
+        '&& { $DEEPSPEED --max-steps 3 --resume --output-dir "$T/disk/run"; rc=$?; cp -a "$T/disk/run" "$T/after"; '
+        "exit $rc; }"
+    )
+    result = run_in_namespace(script, tmp_path)
+    assert result.returncode != 0, result.stdout[-3000:]
+    errors = errors_of(result)
+    tag = tmp_path / "disk" / "run" / "checkpoints" / "step3"
+    assert errors and all(
+        f"saving checkpoint {tag} failed: No space left on device (ENOSPC)" in line
+        and "'latest' still names step2" in line
+        for line in errors
+    ), (errors, result.stderr[-3000:])
+    ckpt = tmp_path / "after" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step2"
+    assert not (ckpt / "step3" / "lemo_ds_complete.json").exists()
+    marker = json.loads((ckpt / "step2" / "lemo_ds_complete.json").read_text())
+    assert snapshot(ckpt / "step2") == snapshot(run / "checkpoints" / "step2") and marker["step"] == 2

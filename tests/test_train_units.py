@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from lemo_ds.training import checkpointing, flags, metrics, precision, presets, resume, tracking
-from lemo_ds.training.errors import TrainingSetupError
+from lemo_ds.training import (
+    checkpoint_files,
+    checkpointing,
+    finite,
+    flags,
+    metrics,
+    output_dir,
+    precision,
+    presets,
+    resume,
+    retention,
+    text_check,
+    tracking,
+)
+from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 from lemo_ds.training.tokenizer import ByteTokenizer
 
 # ---- presets -------------------------------------------------------------------------------------------------
@@ -176,3 +192,111 @@ def test_peak_memory_on_cpu_is_the_peak_rss():
     peak, kind = metrics.peak_memory("cpu")
     assert kind == "host_max_rss" and peak > 10 * 2**20
     assert metrics.format_bytes(3 * 2**30) == "3.00GiB" and metrics.format_bytes(12) == "12B"
+
+
+# ---- nothing a user had is lost (issue 19): the small parts --------------------------------------------------
+
+
+def test_strict_json_writes_nonfinite_numbers_as_null(tmp_path):
+    record = {"loss": float("nan"), "per_layer": [1.0, float("inf")], "nested": {"x": -float("inf")}, "n": 3}
+    assert json.loads(metrics.strict_json(record)) == {"loss": None, "per_layer": [1.0, None], "nested": {"x": None},
+                                                       "n": 3}  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    metrics.MetricsLog(path).write({"step": 1, "loss": float("nan")})
+    metrics.write_json_atomic(tmp_path / "summary.json", {"final_loss": float("inf")})
+    for text in (path.read_text(), (tmp_path / "summary.json").read_text()):
+        assert "NaN" not in text and "Infinity" not in text and "null" in text
+
+
+def test_retention_keeps_the_newest_n_and_never_latest():
+    complete = {"step2": 2, "step4": 4, "step6": 6, "step10": 10}
+    assert retention.tags_to_delete(complete, [], "step10", keep=2) == ["step2", "step4"]  # by step, not by name
+    assert retention.tags_to_delete(complete, [], "step2", keep=1) == ["step4", "step6"]  # latest rolled back
+    assert retention.tags_to_delete(complete, [], "step10", keep=0) == []  # 0 keeps all
+    # a save that died halfway below latest is a leftover; one above it (being written?) is left alone
+    assert retention.tags_to_delete(complete, ["step3", "step12", "odd"], "step10", keep=0) == ["step3"]
+
+
+def test_text_check_tells_text_from_bytes(tmp_path):
+    assert text_check.bad_share("plain text\twith tabs\r\nand ünïcode\n".encode()) == 0.0
+    assert text_check.bad_share(random.Random(0).randbytes(4096)) > 0.3
+    assert text_check.bad_share(b"text" * 1000 + b"\x00" * 10) < text_check.MAX_BAD_SHARE  # a stray byte is fine
+    cut = ("é" * (text_check.SAMPLE_BYTES // 2 - 1) + "aé").encode()[: text_check.SAMPLE_BYTES]  # ends mid-character
+    assert text_check.bad_share(cut) == 0.0
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 100)
+    assert "not UTF-8 text" in text_check.not_text_reason(binary)
+
+
+def test_output_dir_guard(tmp_path):
+    out = tmp_path / "run"
+    output_dir.require_writable(out)  # creates it
+    output_dir.refuse_earlier_run(out)  # empty: fine
+    (out / "checkpoints").mkdir()
+    output_dir.refuse_earlier_run(out)  # an empty checkpoints/ is no run either
+    (out / "checkpoints" / "latest").write_text("step1")
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(TrainingSetupError, match=r"holds an earlier run \(summary.json, checkpoints/\)"):
+        output_dir.refuse_earlier_run(out)
+    (out / "notes.txt").write_text("mine")
+    output_dir.clear_earlier_run(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what a run writes is deleted
+    with pytest.raises(TrainingSetupError, match="cannot write there .*Not a directory"):
+        output_dir.require_writable(out / "notes.txt" / "sub")
+
+
+class _Engine:
+    """What resume.save needs of a DeepSpeed engine on one rank: weights to check and a checkpoint writer."""
+
+    def __init__(self) -> None:
+        self.module = torch.nn.Linear(2, 2)
+        self.device = torch.device("cpu")
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        tag_dir = Path(save_dir) / tag
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.module.state_dict(), tag_dir / "mp_rank_00_model_states.pt")
+
+
+ARGS = argparse.Namespace(seq_len=256, seed=0, data=None, model="tiny-llama", lora_r=8)
+
+
+def test_save_refuses_nonfinite_weights_and_keeps_latest(tmp_path):
+    engine = _Engine()
+    resume.save(engine, tmp_path, 1, 2, ARGS)
+    assert finite.trainable_weights_finite(engine)
+    with torch.no_grad():
+        engine.module.weight[0, 0] = float("inf")
+    assert not finite.trainable_weights_finite(engine)
+    with pytest.raises(TrainingStopped, match=r"NaN or inf after step 2; not saving .*'latest' still names step1"):
+        resume.save(engine, tmp_path, 2, 4, ARGS)
+    assert (tmp_path / resume.LATEST).read_text() == "step1" and not (tmp_path / "step2").exists()
+
+
+def test_marker_checksums_catch_a_damaged_file_and_retention_prunes(tmp_path):
+    engine = _Engine()
+    for step in (1, 2, 3):
+        resume.save(engine, tmp_path, step, 2 * step, ARGS, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step2", "step3"]
+    marker = json.loads((tmp_path / "step3" / resume.COMPLETE).read_text())
+    manifest = marker["files"]
+    assert list(manifest) == ["mp_rank_00_model_states.pt"] and marker["world_size"] == 1
+    assert checkpoint_files.damaged_files(tmp_path / "step3", manifest, 0, 1) == []
+    weights = tmp_path / "step3" / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[-30] ^= 0xFF  # one flipped byte, same size
+    weights.write_bytes(bytes(data))
+    assert checkpoint_files.damaged_files(tmp_path / "step3", manifest, 0, 1) == [
+        "mp_rank_00_model_states.pt: SHA-256 differs from the marker's"
+    ]
+    weights.unlink()
+    assert "No such file" in checkpoint_files.damaged_files(tmp_path / "step3", manifest, 0, 1)[0]
+    found = resume.find_checkpoint(tmp_path)
+    assert found.candidates == ("step3", "step2")  # load() verifies them in this order
+
+
+def test_world_size_of_the_checkpoint_is_checked_before_any_collective(tmp_path):
+    resume.save(_Engine(), tmp_path, 1, 2, ARGS)
+    resume.require_world_size(tmp_path, 1)
+    with pytest.raises(TrainingSetupError, match=r"saved by 1 ranks but this job has 4; .*resume it on 1 ranks"):
+        resume.require_world_size(tmp_path, 4)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lemo_ds.training.errors import TrainingSetupError
+from lemo_ds.training.text_check import not_text_reason
 from lemo_ds.training.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
@@ -136,7 +137,14 @@ def document_tokens(
 def check_corpus(
     files: list[Path], tokenizer: Tokenizer, seq_len: int, data: str | None, flag: str = "--data"
 ) -> None:
-    """Fail early (before any collective) unless one pass over the corpus fills at least one row."""
+    """Fail early (before any collective) unless every file is text and one pass over the corpus fills at least
+    one row. The default corpus (the stdlib, ``data`` None) is not checked for text: some of its test files hold
+    deliberately odd bytes."""
+    if data is not None:
+        for path in files:
+            reason = not_text_reason(path)
+            if reason is not None:
+                raise TrainingSetupError(f"{flag} {path}: not text: {reason}; remove it from {flag} or convert it")
     specials = (tokenizer.bos_id is not None) + (tokenizer.eos_id is not None)
     total = 0
     for path in files:

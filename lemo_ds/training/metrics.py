@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -28,11 +29,26 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """JSON that strict parsers accept: NaN and inf (which json.dumps writes as bare NaN/Infinity) become null."""
+    return json.dumps(_finite_or_null(data), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite_or_null(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON so that readers see the old file or the new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(strict_json(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -58,7 +74,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json(record) + "\n")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -6,11 +6,18 @@ through writing a checkpoint, so a tag directory only counts once it is known to
 1. every rank writes its partition with ``engine.save_checkpoint(OUTPUT_DIR/checkpoints, tag="step{N}",
    save_latest=False)`` (DeepSpeed's own ``latest`` would name the tag before anyone checked it);
 2. each rank flushes its share of the tag's files to disk, then a barrier;
-3. rank 0 writes the completion marker ``step{N}/lemo_ds_complete.json``, then points ``latest`` at the tag;
-   both by write-to-temp, fsync, ``os.replace``, fsync of the directory, so each is old or new, never torn.
+3. rank 0 writes the completion marker ``step{N}/lemo_ds_complete.json`` (with every file's size and
+   SHA-256, hashed by the ranks that flushed them), then points ``latest`` at the tag; both by write-to-temp,
+   fsync, ``os.replace``, fsync of the directory, so each is old or new, never torn; then it deletes the tags
+   beyond ``--keep-checkpoints`` (lemo_ds.training.retention).
+
+Nothing non-finite is saved: a save first checks the trainable weights (lemo_ds.training.finite). A save the
+disk refuses (no space left, quota, file too large) stops the job with one line; ``latest`` is untouched.
 
 Resuming takes ``latest`` if it names a complete tag, else the newest complete tag; tags without the marker
-are ignored and reported. The client state carries what the engine does not know: the step and how many
+are ignored and reported. The candidate's files are checked against its marker first; a damaged one is named
+and the next newest complete tag is tried. A checkpoint written by another number of ranks is refused (ZeRO
+partitions are per rank). The client state carries what the engine does not know: the step and how many
 global rows of the packed data stream were consumed, so a resumed run continues the data exactly where the
 checkpoint left it (model, optimizer, LR scheduler and ``engine.global_steps``, which drives the lemo
 keep-ratio schedule, come back with the engine).
@@ -30,12 +37,16 @@ from typing import Any
 
 import torch
 
-from lemo_ds.training.errors import TrainingSetupError
+from lemo_ds.training import checkpoint_files, finite, retention
+from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 
 LATEST = "latest"
 COMPLETE = "lemo_ds_complete.json"
 AUTO = "auto"  # --resume auto: resume if a complete checkpoint exists, else start fresh (a requeued job)
 _MUST_MATCH = ("seq_len", "seed", "data", "model", "lora_r")
+# A probe write after a failed save tells a full disk (or quota, or size limit) from any other failure.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_PROBE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,9 @@ class Found:
     step: int | None = None
     incomplete: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # Complete tags in the order to try them (``tag`` first, then newest first) and their markers.
+    candidates: tuple[str, ...] = ()
+    markers: dict[str, dict] | None = None
 
 
 def find_checkpoint(ckpt_dir: Path) -> Found:
@@ -56,24 +70,18 @@ def find_checkpoint(ckpt_dir: Path) -> Found:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return Found(None)
-    complete: dict[str, int] = {}
-    incomplete = []
-    for tag_dir in sorted(path for path in ckpt_dir.iterdir() if path.is_dir()):
-        step = _completed_step(tag_dir)
-        if step is None:
-            incomplete.append(tag_dir.name)
-        else:
-            complete[tag_dir.name] = step
+    markers, incomplete = _scan(ckpt_dir)
+    complete = {tag: int(marker["step"]) for tag, marker in markers.items()}
     notes = []
     latest = _read_latest(ckpt_dir)
-    if latest in complete:
-        return Found(latest, complete[latest], tuple(incomplete))
-    if latest is not None:
+    if latest is not None and latest not in complete:
         notes.append(f"'{LATEST}' names {latest!r}, which is not a complete checkpoint")
     if not complete:
         return Found(None, None, tuple(incomplete), tuple(notes))
-    tag = max(complete, key=lambda name: (complete[name], name))
-    return Found(tag, complete[tag], tuple(incomplete), tuple(notes))
+    newest_first = sorted(complete, key=lambda name: (complete[name], name), reverse=True)
+    tag = latest if latest in complete else newest_first[0]
+    order = (tag, *(name for name in newest_first if name != tag))
+    return Found(tag, complete[tag], tuple(incomplete), tuple(notes), order, {name: markers[name] for name in order})
 
 
 def require_checkpoint(ckpt_dir: Path) -> None:
@@ -92,33 +100,99 @@ def require_checkpoint(ckpt_dir: Path) -> None:
     )
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, args: argparse.Namespace) -> None:
-    """Write checkpoint ``step{N}`` (a collective: every rank calls it) and mark it complete."""
+def require_world_size(ckpt_dir: Path, world_size: int) -> None:
+    """The checkpoint to resume was written by this many ranks (checked before any collective)."""
+    found = find_checkpoint(ckpt_dir)
+    if found.tag is not None:
+        _check_world_size(ckpt_dir / found.tag, found.markers[found.tag], world_size)
+
+
+def _check_world_size(tag_dir: Path, marker: dict, world_size: int) -> None:
+    saved = marker.get("world_size")
+    if isinstance(saved, int) and saved != world_size:
+        raise TrainingSetupError(
+            f"--resume: {tag_dir} was saved by {saved} ranks but this job has {world_size}; ZeRO partitions "
+            f"the model and optimizer state per rank, so resume it on {saved} ranks"
+        )
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, args: argparse.Namespace, keep: int = 0) -> None:
+    """Write checkpoint ``step{N}`` (a collective: every rank calls it), mark it complete, point ``latest`` at it,
+    then keep only the newest ``keep`` complete tags (0: all)."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
     tag_dir = ckpt_dir / tag
     rank, world_size = _rank_and_size()
+    if not finite.trainable_weights_finite(engine):
+        raise TrainingStopped(
+            f"the weights hold NaN or inf after step {step}; not saving {tag_dir} ({latest_note(ckpt_dir)}); "
+            "lower --lr (or check the data) and resume"
+        )
     if rank == 0:
         # Overwriting a tag (a run restarted in the same folder): it is incomplete until its new marker lands.
         # save_checkpoint starts with a barrier, so no rank writes into the folder before this removal.
         (tag_dir / COMPLETE).unlink(missing_ok=True)
     state = {"step": step, "rows_consumed": rows_consumed, **{key: getattr(args, key) for key in _MUST_MATCH}}
-    # save_latest=False: DeepSpeed would write 'latest' itself, without fsync and before the marker.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"lemo_ds_train": state}, save_latest=False)
-    # The marker must not reach the disk before the data it vouches for: every rank flushes a share of the
-    # files (all ranks see the same list: save_checkpoint ends with a barrier), then all wait for each other.
-    files = sorted(path for path in tag_dir.rglob("*") if path.is_file())
-    for path in files[rank::world_size]:
-        _fsync(path)
-    if world_size > 1:
-        torch.distributed.barrier()
+    try:
+        # save_latest=False: DeepSpeed would write 'latest' itself, without fsync and before the marker.
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"lemo_ds_train": state}, save_latest=False)
+        # The marker must not reach the disk before the data it vouches for: every rank flushes and hashes a share
+        # of the files (all ranks see the same list: save_checkpoint ends with a barrier).
+        files = sorted(path for path in tag_dir.rglob("*") if path.is_file())
+        for path in files[rank::world_size]:
+            _fsync(path)
+        share = checkpoint_files.manifest_share(tag_dir, files, rank, world_size)
+    except (OSError, RuntimeError) as error:
+        raise _save_failure(error, tag_dir) from error
+    manifest = {name: entry for part in _gather(share) for name, entry in part.items()}  # also the barrier
     if rank == 0:
-        for folder in sorted({path.parent for path in files}, reverse=True):
-            _fsync(folder)
-        marker = {"tag": tag, "step": step, "rows_consumed": rows_consumed, "world_size": world_size,
-                  "files": len(files), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-        write_text_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=2) + "\n")
+        try:
+            for folder in sorted({path.parent for path in files}, reverse=True):
+                _fsync(folder)
+            marker = {"tag": tag, "step": step, "rows_consumed": rows_consumed, "world_size": world_size,
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": manifest}  # fmt: skip
+            write_text_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=2) + "\n")
+        except OSError as error:
+            raise _save_failure(error, tag_dir) from error
         write_text_atomic(ckpt_dir / LATEST, tag)
+        markers, incomplete = _scan(ckpt_dir)
+        complete = {name: int(found["step"]) for name, found in markers.items()}
+        for doomed in retention.tags_to_delete(complete, incomplete, tag, keep):
+            retention.delete_tag(ckpt_dir / doomed, COMPLETE, _fsync)
+
+
+def _save_failure(error: BaseException, tag_dir: Path) -> BaseException:
+    """A one-line TrainingStopped where the disk refused the save (torch.save only says "unexpected pos"), else
+    the error itself."""
+    cause = error if isinstance(error, OSError) and error.errno in _DISK_FULL else _probe_write(tag_dir)
+    if cause is None:
+        return error
+    return TrainingStopped(
+        f"saving checkpoint {tag_dir} failed: {os.strerror(cause.errno)} ({errno.errorcode[cause.errno]}) on "
+        f"{cause.filename or tag_dir}; {latest_note(tag_dir.parent)}; free space (or pass a smaller "
+        "--keep-checkpoints) and continue with --resume"
+    )
+
+
+def _probe_write(folder: Path) -> OSError | None:
+    """Write a little more into ``folder``: the OSError if the disk refuses it with ENOSPC/EDQUOT/EFBIG."""
+    probe = folder / f".lemo_ds_space_probe.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * _PROBE_BYTES)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        return error if error.errno in _DISK_FULL else None
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def latest_note(ckpt_dir: Path) -> str:
+    latest = _read_latest(ckpt_dir)
+    return f"'{LATEST}' still names {latest}" if latest else "no complete checkpoint yet"
 
 
 def load(engine: Any, ckpt_dir: Path, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -138,17 +212,43 @@ def load(engine: Any, ckpt_dir: Path, args: argparse.Namespace, log: Callable[[s
             log(f"--resume auto: no complete checkpoint in {ckpt_dir}, starting from step 0")
             return None
         raise TrainingSetupError(f"--resume: no complete checkpoint in {ckpt_dir}")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=found.tag)
+    tag = _first_undamaged(ckpt_dir, found, log)
+    _check_world_size(ckpt_dir / tag, found.markers[tag], _rank_and_size()[1])
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     state = (client_state or {}).get("lemo_ds_train")
     if path is None or state is None:
-        raise TrainingSetupError(f"--resume: {ckpt_dir / found.tag} holds no checkpoint written by launch/train.py")
+        raise TrainingSetupError(f"--resume: {ckpt_dir / tag} holds no checkpoint written by launch/train.py")
     changed = [
         f"{key} {state[key]!r} -> {getattr(args, key)!r}" for key in _MUST_MATCH if state.get(key) != getattr(args, key)
     ]
     if changed:
         log(f"warning: resuming with changed settings ({'; '.join(changed)}): the data order will not continue exactly")
-    log(f"resumed from {ckpt_dir / found.tag} at step {state['step']} ({state['rows_consumed']} rows consumed)")
+    log(f"resumed from {ckpt_dir / tag} at step {state['step']} ({state['rows_consumed']} rows consumed)")
     return state
+
+
+def _first_undamaged(ckpt_dir: Path, found: Found, log: Callable[[str], None]) -> str:
+    """The first candidate whose files match its marker (every rank checks a share; all agree on the verdict)."""
+    rank, world_size = _rank_and_size()
+    damaged = []
+    for tag in found.candidates:
+        manifest = found.markers[tag].get("files")
+        if not isinstance(manifest, dict):  # a marker from before checksums: only a file count
+            log(f"warning: {ckpt_dir / tag} has no checksums in its {COMPLETE} (an older lemo_ds); not verified")
+            return tag
+        share = checkpoint_files.damaged_files(ckpt_dir / tag, manifest, rank, world_size)
+        problems = [line for part in _gather(share) for line in part]
+        if not problems:
+            if damaged:
+                log(f"resuming from {tag}, the newest undamaged checkpoint")
+            return tag
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        log(f"warning: checkpoint {ckpt_dir / tag} is damaged ({'; '.join(problems[:3])}{more}); skipping it")
+        damaged.append(tag)
+    raise TrainingSetupError(
+        f"--resume: every complete checkpoint in {ckpt_dir} is damaged ({', '.join(damaged)}); restore one, or "
+        "start over with --overwrite"
+    )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -166,10 +266,24 @@ def write_text_atomic(path: Path, text: str) -> None:
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
-def _completed_step(tag_dir: Path) -> int | None:
-    """The step a complete tag holds, None without a (readable) marker."""
+def _scan(ckpt_dir: Path) -> tuple[dict[str, dict], list[str]]:
+    """The markers of the complete tags in ``ckpt_dir`` and the names of the incomplete ones."""
+    markers, incomplete = {}, []
+    for tag_dir in sorted(path for path in ckpt_dir.iterdir() if path.is_dir()):
+        marker = _read_marker(tag_dir)
+        if marker is None:
+            incomplete.append(tag_dir.name)
+        else:
+            markers[tag_dir.name] = marker
+    return markers, incomplete
+
+
+def _read_marker(tag_dir: Path) -> dict | None:
+    """A tag's completion marker, None without a (readable) one."""
     try:
-        return int(json.loads((tag_dir / COMPLETE).read_text(encoding="utf-8"))["step"])
+        marker = json.loads((tag_dir / COMPLETE).read_text(encoding="utf-8"))
+        int(marker["step"])
+        return marker
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -204,6 +318,15 @@ def _rank_and_size() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _gather(share: Any) -> list:
+    """Every rank's ``share``, in rank order (a collective)."""
+    if _rank_and_size()[1] == 1:
+        return [share]
+    gathered = [None] * _rank_and_size()[1]
+    torch.distributed.all_gather_object(gathered, share)
+    return gathered
 
 
 def _from_rank0(found: Found | None) -> Found:
