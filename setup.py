@@ -38,6 +38,16 @@ setup(
         "bench": ["matplotlib"],
         # lemo_ds.megatron (Megatron-core GPT layer specs); its local spec also runs on CPU (lemo_ds/megatron/cpu.py).
         "megatron": ["megatron-core>=0.16.1"],
-        "test": ["pytest", "pytest-timeout", "triton>=3.6", "megatron-core>=0.16.1", "ruff", "matplotlib", "wandb"],
+        # trl: the SFTTrainer test of lemo_ds.integrations.transformers (about 10 s of install: trl, datasets, pyarrow)
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "triton>=3.6",
+            "megatron-core>=0.16.1",
+            "ruff",
+            "matplotlib",
+            "wandb",
+            "trl",
+        ],
     },
 )

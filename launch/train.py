@@ -397,11 +397,7 @@ def heldout_evaluation(run: Run) -> dict:
 
 def _keep_ratios(run: Run) -> torch.Tensor:
     """Measured kept-token share per decoder layer since the last call: [L] (all 1.0 without lemo)."""
-    if run.controller is None:
-        return torch.ones(run.source.config.num_hidden_layers)
-    stats = run.controller.stats()
-    run.controller.reset_stats()
-    return torch.tensor(stats["keep_ratio_per_layer"], dtype=torch.float32)
+    return metrics.take_keep_ratios(run.controller, run.source.config.num_hidden_layers)
 
 
 def _summary(run: Run, step: int, totals: metrics.RunTotals, elapsed: float) -> dict:

@@ -1,17 +1,21 @@
 """The controller: per-model state of token elimination (schedule, counters, measured keep ratios).
 
 One controller hangs off the Hugging Face model that ``apply_lemo`` converted (``get_controller(model)``).
-It knows the optimizer step (bound to a DeepSpeed engine by ``lemo_ds.initialize``, or set by hand with
-``set_step``), counts model forwards (a key for the random scorer and the selection cache), turns the
-schedule into each layer's current keep ratio, and accumulates the share of tokens each layer really kept.
+It knows the optimizer step (it follows a DeepSpeed engine bound by ``lemo_ds.initialize``, a Hugging Face
+Trainer's global step through ``lemo_ds.integrations.transformers``, or is set by hand with ``set_step``), counts
+model forwards (a key for the random scorer and the selection cache), turns the schedule into each layer's current
+keep ratio, and accumulates the share of tokens each layer really kept. A config that works by step on a controller
+nobody drives is refused after the first optimizer step (``lemo_ds.step_guard``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from lemo_ds import step_guard
 from lemo_ds.config import LemoConfig
 
 
@@ -21,7 +25,8 @@ class LemoController:
         self.target_ratios = target_ratios  # per decoder layer; 1.0 = dense
         self.step = 0
         self.micro_step = 0
-        self._engine: Any = None
+        self._step_source: Callable[[], int] | None = None
+        self.driven = False  # something tells this controller the optimizer step (follow / set_step)
         self._kept = [0] * len(target_ratios)
         self._seen = [0] * len(target_ratios)
         # This forward's selections (training forwards only; a checkpoint's recompute reuses its selection):
@@ -29,20 +34,37 @@ class LemoController:
         self.last_kept_blocks: torch.Tensor | None = None  # [b, k] the latest sparse layer's kept blocks
         # The caller keeps every layer's output (output_hidden_states): no layer may overwrite its input in place.
         self.keeps_layer_outputs = False
+        if self.needs_steps():
+            step_guard.watch(self)
 
     # ---- time ---------------------------------------------------------------------------------------
 
+    def follow(self, step_source: Callable[[], int]) -> None:
+        """Read the optimizer step from ``step_source()`` before every forward of the model (the one way any
+        training loop's step reaches the schedule and the predictor refresh)."""
+        self._step_source = step_source
+        self.driven = True
+
     def bind_engine(self, engine: Any) -> None:
         """Follow ``engine.global_steps`` (the optimizer steps DeepSpeed has taken)."""
-        self._engine = engine
+        self.follow(lambda: engine.global_steps)
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
+        self.driven = True
 
-    def on_model_forward(self, keeps_layer_outputs: bool = False) -> None:
+    def needs_steps(self) -> bool:
+        """Whether this config does anything by optimizer step: a dense phase or ramp of the keep ratios, or an
+        online refresh of the predictors. Such a controller must be told the step (``step_guard``)."""
+        schedule = self.config.schedule
+        refresh = self.config.scorer == "predictor" and self.config.predictor.refresh_every > 0
+        return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or refresh)
+
+    def on_model_forward(self, keeps_layer_outputs: bool = False, training: bool = True) -> None:
         """Called before every forward of the model (a forward pre-hook installed by apply_lemo)."""
-        if self._engine is not None:
-            self.step = int(self._engine.global_steps)
+        step_guard.check(self, training)
+        if self._step_source is not None:
+            self.step = int(self._step_source())
         self.micro_step += 1
         self.processed_rows = self.last_kept_blocks = None
         self.keeps_layer_outputs = keeps_layer_outputs
@@ -83,6 +105,10 @@ class LemoController:
         for index, target in enumerate(self.target_ratios):
             if target >= 1.0:
                 self.record(index, tokens, tokens)
+
+    def has_stats(self) -> bool:
+        """Whether any training forward was measured since the last reset."""
+        return any(self._seen)
 
     def stats(self) -> dict[str, Any]:
         """Measured share of tokens each layer processed since the last reset (1.0 before any forward)."""

@@ -47,3 +47,13 @@ def checkpointing_disable(model: Any) -> None:
     """Hugging Face activation checkpointing off, under the same rename."""
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     disable()
+
+
+def trainer_checkpointing_arguments(**checkpoint_kwargs: Any) -> dict[str, Any]:
+    """``TrainingArguments`` keywords that turn on the Trainer's activation checkpointing with ``checkpoint_kwargs``:
+    ``activation_checkpointing[_kwargs]`` since transformers 5.24, which deprecates ``gradient_checkpointing[_kwargs]``
+    (a FutureWarning), the only names before it."""
+    from transformers import TrainingArguments
+
+    prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{prefix}_checkpointing": True, f"{prefix}_checkpointing_kwargs": checkpoint_kwargs}

@@ -161,7 +161,7 @@ def _count_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
     wants_hidden_states = kwargs.get("output_hidden_states")
     if wants_hidden_states is None:
         wants_hidden_states = getattr(module.config, "output_hidden_states", False)
-    controller.on_model_forward(keeps_layer_outputs=bool(wants_hidden_states))
+    controller.on_model_forward(keeps_layer_outputs=bool(wants_hidden_states), training=module.training)
     if module.training:
         tokens = _tokens_in(args, kwargs)
         if tokens:

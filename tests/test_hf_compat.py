@@ -32,3 +32,18 @@ def test_segment_loss_output_carries_the_cache_field_of_the_installed_release():
     out = model(input_ids=ids, labels=ids)
     assert out.logits is None and torch.isfinite(out.loss)
     assert "cache" in out.__dataclass_fields__ or "past_key_values" in out.__dataclass_fields__
+
+
+def test_trainer_checkpointing_arguments_name_the_installed_releases_fields(tmp_path):
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from lemo_ds.hf_compat import trainer_checkpointing_arguments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # 5.24 deprecates the old names with a FutureWarning
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                 **trainer_checkpointing_arguments(use_reentrant=False))  # fmt: skip
+    flag = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    assert flag is True

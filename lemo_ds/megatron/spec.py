@@ -131,7 +131,7 @@ def attach_lemo(model: nn.Module) -> LemoController | None:
         raise LemoConfigError("attach_lemo: this model already has its lemo hook")
 
     def pre_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        controller.on_model_forward()
+        controller.on_model_forward(training=module.training)
         input_ids = args[0] if args else kwargs.get("input_ids")  # [b, s] (thd: [1, t])
         if module.training and input_ids is not None:
             controller.record_dense(input_ids.shape[-1])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lemo_ds import step_guard
 from lemo_ds.predictors.labels import OracleLabels
 from lemo_ds.predictors.loss import predictor_loss
 from lemo_ds.predictors.module import PredictorBank, block_pair_allowed
@@ -76,7 +77,8 @@ class PredictorTrainer:
 
     def _optimizer(self, layer: int) -> torch.optim.Optimizer:
         if layer not in self.optimizers:
-            self.optimizers[layer] = torch.optim.Adam(self.bank.get(layer).parameters(), lr=self.lr)
+            optimizer = torch.optim.Adam(self.bank.get(layer).parameters(), lr=self.lr)
+            self.optimizers[layer] = step_guard.mark_internal(optimizer)  # not the model's optimizer
         return self.optimizers[layer]
 
     def reset_optimizer(self, layer: int) -> None:

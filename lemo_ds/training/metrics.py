@@ -21,6 +21,16 @@ def peak_memory(device_type: str) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "host_max_rss"  # Linux reports KiB
 
 
+def take_keep_ratios(controller: Any, num_layers: int) -> torch.Tensor:
+    """Measured kept-token share per decoder layer since the last call, and the count restarts: [L] float32
+    (all 1.0 without lemo, ``controller`` None)."""
+    if controller is None:
+        return torch.ones(num_layers)
+    stats = controller.stats()
+    controller.reset_stats()
+    return torch.tensor(stats["keep_ratio_per_layer"], dtype=torch.float32)
+
+
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
