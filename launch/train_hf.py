@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from lemo_ds.config import load_ds_config, split_ds_config  # noqa: E402
 from lemo_ds.errors import LemoError  # noqa: E402
 from lemo_ds.hf_compat import trainer_checkpointing_arguments  # noqa: E402
+from lemo_ds.inject import enable_document_attention  # noqa: E402
 from lemo_ds.integrations.transformers import enable  # noqa: E402
 from lemo_ds.training import checkpointing, data, flags, launch_env, metrics, model, precision  # noqa: E402
 from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             net = model.add_lora(net, args.lora_r, args.seed)
         dataset = PackedRows(files, tokenizer, args.seq_len, args.seed, training_args.per_device_train_batch_size)
         trainer = enable(Trainer(model=net, args=training_args, train_dataset=dataset))  # the lemo_ds line
+        # The rows are packed: a dense job attends within documents without [s, s] masks too, as launch/train.py.
+        enable_document_attention(trainer.model)
         dataset.own_shard = trainer.accelerator.num_processes < int(os.environ.get("WORLD_SIZE", "1"))
         trainer.train()
         if not args.no_save:
