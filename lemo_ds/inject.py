@@ -69,7 +69,7 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
         raise LemoConfigError("apply_lemo: this model is already converted; call lemo_ds.remove_lemo(model) first")
     policy = policy_for(base)
     attention = getattr(base.config, "_attn_implementation", None)
-    if attention not in SUPPORTED_ATTENTION:
+    if attention not in SUPPORTED_ATTENTION and attention != ATTENTION:  # ATTENTION: enable_document_attention's
         raise LemoConfigError(
             f"lemo_ds supports attn_implementation {' or '.join(repr(a) for a in SUPPORTED_ATTENTION)}; the model "
             f'uses {attention!r}. Load it with attn_implementation="sdpa".'
@@ -98,7 +98,9 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
             swap_in(final_norm, RecordedNormMixin)
         swap_in(base, SegmentLossCausalLMMixin)
         base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
-    enable_document_attention(base)
+    if "_lemo_attention" not in base.__dict__:
+        # Turned on here, so remove_lemo turns it off; a model that had it before keeps it.
+        base._lemo_owns_attention = enable_document_attention(base)
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still
     # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
     base.config.use_cache = False
@@ -113,7 +115,8 @@ def remove_lemo(model: nn.Module) -> nn.Module:
     base = unwrap_model(model)
     if get_controller(base) is None:
         return model
-    disable_document_attention(base)
+    if base.__dict__.pop("_lemo_owns_attention", False):
+        disable_document_attention(base)
     for module in base.modules():
         while isinstance(module, _MIXINS):  # a sparse layer carries two mixins (sparse, memory)
             swap_out(module)

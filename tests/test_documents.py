@@ -206,6 +206,11 @@ def test_document_attention_alone_is_undone_and_left_out_where_it_does_not_apply
     lemo_ds.disable_document_attention(model)
     assert model.config._attn_implementation == "sdpa"
     assert not model.model._forward_pre_hooks
+    # apply_lemo on a model that has it keeps it after remove_lemo (the harness switches variants this way).
+    assert lemo_ds.enable_document_attention(model)
+    lemo_ds.remove_lemo(lemo_ds.apply_lemo(model, {"block_size": BLOCK, "keep_ratio": 0.4}))
+    assert model.config._attn_implementation == ATTENTION and len(model.model._forward_pre_hooks) == 1
+    lemo_ds.disable_document_attention(model)
     eager = tiny_model("llama", attn="eager")
     assert not lemo_ds.enable_document_attention(eager)
     assert eager.config._attn_implementation == "eager"
