@@ -1,7 +1,5 @@
 """lemo_ds packaging.
 
-``kernels/`` lives at the repository root (one file per op, Liger-Kernel style) and installs as
-``lemo_ds.kernels`` through ``package_dir``, so no bare top-level ``kernels`` module lands in site-packages.
 Development install: ``pip install -e ".[test]"``.
 """
 
@@ -13,9 +11,8 @@ setup(
     description="Contextual token sparsity (LeMo) for long-context LLM fine-tuning, as a DeepSpeed plugin",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    # every subpackage of lemo_ds/, found rather than listed (a listed one is easily forgotten), plus kernels/
-    packages=[*find_packages(include=["lemo_ds", "lemo_ds.*"]), "lemo_ds.kernels"],
-    package_dir={"lemo_ds": "lemo_ds", "lemo_ds.kernels": "kernels"},
+    # every subpackage of lemo_ds/ (the Triton kernels included), found rather than listed
+    packages=find_packages(include=["lemo_ds", "lemo_ds.*"]),
     python_requires=">=3.10",
     # The supported range of each dependency. Lower bounds: the oldest versions CI installs and tests
     # (.ci/oldest.txt; tests/test_packaging.py keeps the two equal). Upper bounds: none, there is no known break;

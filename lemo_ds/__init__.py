@@ -7,21 +7,17 @@
 or, without DeepSpeed, ``lemo_ds.apply_lemo(model, {"keep_ratio": 0.4})``.
 """
 
-from lemo_ds._source_tree import register_kernels_from_checkout
-
-register_kernels_from_checkout()
-
-from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config  # noqa: E402
-from lemo_ds.engine import initialize  # noqa: E402
-from lemo_ds.errors import LemoConfigError, LemoError, LemoInputError, UnsupportedModelError  # noqa: E402
-from lemo_ds.inject import (  # noqa: E402
+from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
+from lemo_ds.engine import initialize
+from lemo_ds.errors import LemoConfigError, LemoError, LemoInputError, UnsupportedModelError
+from lemo_ds.inject import (
     apply_lemo,
     disable_document_attention,
     enable_document_attention,
     get_controller,
     remove_lemo,
 )
-from lemo_ds.policies import DecoderLayerPolicy, register_policy, supported_model_types  # noqa: E402
+from lemo_ds.policies import DecoderLayerPolicy, register_policy, supported_model_types
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""The built distribution: every lemo_ds package, kernels/ installed as lemo_ds.kernels, no top-level kernels."""
+"""The built distribution: every lemo_ds package (the kernels in lemo_ds.kernels), no top-level kernels."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_wheel_holds_every_package_and_no_bare_kernels(tmp_path):
     assert not any(name.startswith("kernels/") for name in names)
     for init in (REPO / "lemo_ds").rglob("__init__.py"):
         assert init.relative_to(REPO).as_posix() in names, f"{init} is missing from the wheel"
-    for source in (REPO / "kernels").glob("*.py"):
+    for source in (REPO / "lemo_ds" / "kernels").glob("*.py"):
         assert f"lemo_ds/kernels/{source.name}" in names
 
 
