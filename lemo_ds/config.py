@@ -86,18 +86,15 @@ class LemoMemoryConfig(_LemoSection):
     """Inside every decoder layer, store the source of a tensor that autograd saves when that tensor is a cheap
     exact function of it, and recompute it in backward: float32 copies of bf16 inputs (each LoRA adapter's, each
     RMSNorm's), SiLU's output (from gate), the norms' outputs (from their inputs). Bit-identical gradients, no
-    matmul recomputed. Counted for a Llama-2-7B layer with LoRA: 48 -> 23 x hidden bytes per token (see
-    benchmarks/memory_accounting.py). Off by default because the recomputation costs step time (H200: +9% at 8K
-    without checkpointing, +3% at 128K with it); on, Llama-2-7B at 8K with lemo and the segment loss drops from 50.3
-    to 29.9 GiB, and Llama-3-8B at 128K with checkpointing from 64.1 to 54.1 GiB (README, "The memory stack")."""
+    matmul recomputed. Off by default because the recomputation costs step time; what it saves and costs is
+    measured by benchmarks/memory_accounting.py and the memory suites (README, "Scoreboard")."""
 
     offload_checkpoints: bool = False
     """Under activation checkpointing (Hugging Face's or DeepSpeed's), move each layer's stored input (a sparse
     layer's kept rows) to pinned host memory after its forward, with asynchronous copies, and back during backward
     with the previous layer's input prefetched. Off by default: it needs (dense layers + sum of keep ratios) x seq
-    x hidden x 2 bytes of pinned host memory (22 GiB for LeMo, 32 GiB dense, Llama-3-8B at 128K) and pays off only
-    where stored inputs set the peak (long context: Llama-3-8B at 128K, 54.1 -> 33.7 GiB at the same step time; at
-    short context it only adds PCIe traffic)."""
+    x hidden x 2 bytes of pinned host memory and pays off only where stored inputs set the peak (long context; at
+    short context it only adds PCIe traffic; README, "Scoreboard")."""
 
 
 class LemoPredictorConfig(_LemoSection):
@@ -106,7 +103,7 @@ class LemoPredictorConfig(_LemoSection):
 
     hidden_rank: int = Field(64, ge=1, le=4096)
     """ReLU units per side (queries, keys) of each layer's predictor before pruning. Parameters per layer are
-    about 2 x hidden_rank x hidden_size: 0.24% of a Llama-3-8B layer at 64."""
+    about 2 x hidden_rank x hidden_size."""
 
     out_rank: int = Field(32, ge=1, le=1024)
     """Width of the predicted block query and key embeddings."""
@@ -159,9 +156,8 @@ class LemoConfig(_LemoSection):
     LeMo artifact's choice for 32-layer Llama), or, when ``keep_ratio`` is a list, the layers whose ratio is
     1.0. ``"first_half"``: the first half only (and, with a list, the layers whose ratio is 1.0): with
     ``loss_tokens: "processed"`` a dense last layer would read the skipped rows' shallower states as keys,
-    a mix evaluation never shows it (accuracy benchmark, keep 0.4, two reference models: 2.9-3.0% -> 2.3-2.7% and
-    5.6% -> 3.3-3.6% above dense). A list: those layers. Negative indices count from the end (-1 is the last
-    layer)."""
+    a mix evaluation never shows (README, "Accuracy"). A list: those layers. Negative indices count from the end
+    (-1 is the last layer)."""
 
     always_keep_blocks: list[int] = Field(default_factory=lambda: [0])
     """Block indices kept in every sparse layer whatever their score (default: the first block, the
@@ -202,8 +198,7 @@ class LemoConfig(_LemoSection):
     skipped_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
     """With ``loss_tokens: "processed"``: the weight of the other positions' targets in the loss (0: left out; 1:
     the ``all`` loss). The loss is (sum over processed + weight x sum over the others) / (their weighted count);
-    above 0 the LM head runs twice. The accuracy benchmark measured 0.1 and 0.3 worse than 0 (+3.7% and +4.4%
-    above dense against +3.2-3.5% at keep 0.4)."""
+    above 0 the LM head runs twice (README, "Accuracy", for what the accuracy benchmark measured)."""
 
     selection_window: int = Field(0, ge=0)
     """Stratified selection: each window of this many blocks keeps about the keep ratio of its blocks (the

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from lemo_ds.core.selection import num_blocks
 from lemo_ds.kernels import doc_ids_from_position_ids
-from lemo_ds.selection import num_blocks
 
 
 class Documents:

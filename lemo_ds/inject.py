@@ -1,11 +1,19 @@
-"""``apply_lemo``: convert a Hugging Face model's deeper decoder layers into sparse layers, in place.
+"""``apply_lemo``: convert a Hugging Face model in place: one converted class per module kind, each with one plan.
 
-The policy of the model's family (``lemo_ds.policies``) locates the decoder layers; each layer whose keep
-ratio is below 1.0 gets its class swapped for the sparse subclass (``lemo_ds.sparse_layer``). DeepSpeed's
-``module_inject.replace_module`` traversal was considered and not used: it is the inference-injection path
-(it replaces modules by class with new instances and attaches ``reset_cache`` to every module it walks),
-while a policy that names the layer list directly needs no traversal and keeps every module object, so
-ZeRO-3 partitions, peft adapters and registered hooks stay as they were.
+The policy of the model's family (``lemo_ds.policies``) locates the modules. Each converted module keeps its object
+and gets its class swapped for ``Lemo<Name>`` (``lemo_ds.class_swap``) and one plan in ``_lemo``:
+
+- the causal LM: ``LemoCausalLMMixin`` / ``ModelPlan`` (lemo_ds/causal_lm.py): counts forwards, segment loss;
+- each decoder layer with something to do: ``LemoDecoderLayerMixin`` / ``LayerPlan`` (lemo_ds/decoder_layer.py):
+  the memory context around the layer, and token elimination where its keep ratio is below 1.0;
+- each MLP with the tiled MLP on: ``TiledMLPMixin`` / ``MLPPlan`` (lemo_ds/memory/tiled_mlp.py);
+- each RMSNorm under compaction: ``RecordedNormMixin`` (lemo_ds/memory/compact.py), no state.
+
+``remove_lemo`` swaps every class back and deletes ``_lemo``. DeepSpeed's ``module_inject.replace_module``
+traversal was considered and not used: it is the inference-injection path (it replaces modules by class with new
+instances and attaches ``reset_cache`` to every module it walks), while a policy that names the layer list directly
+needs no traversal and keeps every module object, so ZeRO-3 partitions, peft adapters and registered hooks stay as
+they were.
 """
 
 from __future__ import annotations
@@ -15,28 +23,26 @@ from typing import Any
 
 from torch import nn
 
+from lemo_ds.causal_lm import LemoCausalLMMixin, ModelPlan
 from lemo_ds.class_swap import swap_in, swap_out
 from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
 from lemo_ds.controller import LemoController
+from lemo_ds.core.plan import SparsePlan
+from lemo_ds.decoder_layer import LayerPlan, LemoDecoderLayerMixin
 from lemo_ds.document_attention import ATTENTION, add_documents
 from lemo_ds.errors import LemoConfigError
-from lemo_ds.memory.causal_lm import SegmentLossCausalLMMixin
 from lemo_ds.memory.compact import RecordedNormMixin, is_rms_norm
 from lemo_ds.memory.ds_checkpointing import fix_deepspeed_cpu_checkpointing
-from lemo_ds.memory.layer import MemoryLayerMixin, MemoryLayerState
+from lemo_ds.memory.layer import LayerMemory
 from lemo_ds.memory.offload import CheckpointOffloader
-from lemo_ds.memory.tiled_mlp import TiledMLPMixin
+from lemo_ds.memory.tiled_mlp import MLPPlan, TiledMLPMixin
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.scorers import build_scorer
 from lemo_ds.sequence_parallel import active as sequence_parallel
-from lemo_ds.sparse_layer import SparseDecoderLayerMixin, SparseLayerState
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
-_CONTROLLER_ATTR = "_lemo_controller"
-_HOOK_ATTR = "_lemo_forward_hook"
-_MIXINS = (SparseDecoderLayerMixin, MemoryLayerMixin, RecordedNormMixin, TiledMLPMixin, SegmentLossCausalLMMixin)
-_ATTRIBUTES = ("_lemo", "_lemo_tile_tokens", "_lemo_memory", "_lemo_policy", "_lemo_memory_layer", "_lemo_offloader")
+_CONVERTED = (LemoCausalLMMixin, LemoDecoderLayerMixin, TiledMLPMixin, RecordedNormMixin)
 
 
 def _as_lemo_config(config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> LemoConfig | None:
@@ -51,11 +57,12 @@ def _as_lemo_config(config: LemoConfig | dict[str, Any] | str | os.PathLike | No
 
 def get_controller(model: nn.Module) -> LemoController | None:
     """The controller of a model converted by apply_lemo (through any peft or DeepSpeed wrapper), else None."""
-    return getattr(unwrap_model(model), _CONTROLLER_ATTR, None)
+    base = unwrap_model(model)
+    return base._lemo.controller if isinstance(base, LemoCausalLMMixin) else None
 
 
 def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> nn.Module:
-    """Convert ``model``'s sparse layers in place and return the model.
+    """Convert ``model`` in place and return it.
 
     ``model``: a Hugging Face causal LM (possibly peft-wrapped, possibly built under deepspeed.zero.Init).
     ``config``: the "lemo" section (dict or LemoConfig), a DeepSpeed config dict holding one, or a config file.
@@ -81,51 +88,40 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
     memory = lemo_config.memory
     fix_deepspeed_cpu_checkpointing()  # DeepSpeed's synchronous CPU checkpointing, see memory/ds_checkpointing.py
     offloader = CheckpointOffloader(generation=lambda: controller.micro_step) if memory.offload_checkpoints else None
+    layer_memory = LayerMemory(memory.compact_saves, offloader) if memory.compact_saves or offloader else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
-        if memory.compact_saves or offloader is not None:
-            swap_in(layer, MemoryLayerMixin)._lemo_memory_layer = MemoryLayerState(memory.compact_saves, offloader)
+        sparse = SparsePlan(index, controller, scorer) if ratio < 1.0 else None
+        if layer_memory is not None or sparse is not None:
+            swap_in(layer, LemoDecoderLayerMixin)._lemo = LayerPlan(policy, layer_memory, sparse)
         if memory.compact_saves:
             for child in layer.children():
                 if is_rms_norm(child):
                     swap_in(child, RecordedNormMixin)
-        if ratio < 1.0:
-            swap_in(layer, SparseDecoderLayerMixin)._lemo = SparseLayerState(index, controller, policy, scorer)
-        if lemo_config.memory.tiled_mlp:
-            swap_in(policy.mlp(layer), TiledMLPMixin)._lemo_tile_tokens = lemo_config.memory.tiled_mlp_tokens
-    if lemo_config.memory.segment_loss:
-        final_norm = getattr(policy.decoder_model(base), "norm", None)
-        if memory.compact_saves and final_norm is not None and is_rms_norm(final_norm):
-            swap_in(final_norm, RecordedNormMixin)
-        swap_in(base, SegmentLossCausalLMMixin)
-        base._lemo_memory, base._lemo_policy = lemo_config.memory, policy
-    if "_lemo_attention" not in base.__dict__:
-        # Turned on here, so remove_lemo turns it off; a model that had it before keeps it.
-        base._lemo_owns_attention = enable_document_attention(base)
+        if memory.tiled_mlp:
+            swap_in(policy.mlp(layer), TiledMLPMixin)._lemo = MLPPlan(memory.tiled_mlp_tokens)
+    final_norm = getattr(policy.decoder_model(base), "norm", None)
+    if memory.segment_loss and memory.compact_saves and final_norm is not None and is_rms_norm(final_norm):
+        swap_in(final_norm, RecordedNormMixin)
+    # Turned on here unless the model had it, so remove_lemo turns it off only then.
+    owns_attention = "_lemo_attention" not in base.__dict__ and enable_document_attention(base)
     # A KV cache needs every token of every layer: training forwards must not build one. Generation still
     # does (generation_config.use_cache), and runs dense because evaluation is dense by default.
     base.config.use_cache = False
-    base._lemo_offloader = offloader
-    setattr(base, _CONTROLLER_ATTR, controller)
-    setattr(base, _HOOK_ATTR, base.register_forward_pre_hook(_count_forward, with_kwargs=True))
+    swap_in(base, LemoCausalLMMixin)._lemo = ModelPlan(controller, policy, memory, offloader, owns_attention)
     return model
 
 
 def remove_lemo(model: nn.Module) -> nn.Module:
-    """Undo apply_lemo: every layer gets its original class back; the model is the plain model again."""
+    """Undo apply_lemo: every module gets its original class back; the model is the plain model again."""
     base = unwrap_model(model)
     if get_controller(base) is None:
         return model
-    if base.__dict__.pop("_lemo_owns_attention", False):
+    if base._lemo.owns_attention:
         disable_document_attention(base)
     for module in base.modules():
-        while isinstance(module, _MIXINS):  # a sparse layer carries two mixins (sparse, memory)
+        if isinstance(module, _CONVERTED):
             swap_out(module)
-        for attribute in _ATTRIBUTES:
-            if attribute in module.__dict__:
-                delattr(module, attribute)
-    getattr(base, _HOOK_ATTR).remove()
-    delattr(base, _HOOK_ATTR)
-    delattr(base, _CONTROLLER_ATTR)
+            module.__dict__.pop("_lemo", None)
     return model
 
 
@@ -155,25 +151,3 @@ def disable_document_attention(model: nn.Module) -> None:
         base.config._attn_implementation = base._lemo_attention
         base._lemo_documents_hook.remove()
         del base._lemo_attention, base._lemo_documents_hook
-
-
-def _count_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    controller: LemoController = getattr(module, _CONTROLLER_ATTR)
-    # output_hidden_states (the call's, else the config's) makes the model keep a reference to every layer's
-    # output, which a later sparse layer's in-place write-back would change.
-    wants_hidden_states = kwargs.get("output_hidden_states")
-    if wants_hidden_states is None:
-        wants_hidden_states = getattr(module.config, "output_hidden_states", False)
-    controller.on_model_forward(keeps_layer_outputs=bool(wants_hidden_states), training=module.training)
-    if module.training:
-        tokens = _tokens_in(args, kwargs)
-        if tokens:
-            controller.record_dense(tokens)
-
-
-def _tokens_in(args: tuple, kwargs: dict) -> int:
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if input_ids is not None:
-        return input_ids.shape[-1]
-    embeds = kwargs.get("inputs_embeds")
-    return embeds.shape[1] if embeds is not None else 0

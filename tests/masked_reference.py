@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lemo_ds.selection import forced_blocks, keep_block_count, select_blocks
+from lemo_ds.core.selection import forced_blocks, keep_block_count, select_blocks
 
 
 def reference_mask(position_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -31,6 +31,7 @@ from benchmarks.harness.model import build_model, random_batch  # noqa: E402
 from benchmarks.harness.shapes import get_shape  # noqa: E402
 from benchmarks.harness.suites import MaxCtxTarget, get_suite  # noqa: E402
 from benchmarks.harness.variants import activate, deactivate, dense_variant, get_variant, lemo_variant  # noqa: E402
+from lemo_ds.decoder_layer import is_sparse_layer  # noqa: E402
 
 TINY = get_shape("tiny-llama")
 
@@ -190,7 +191,7 @@ def test_switching_variants_on_one_model_leaves_nothing_behind():
         assert layers[0].gradient_checkpointing == variant.checkpointing
         # The input-grad hook is there only with checkpointing, and never more than one.
         assert len(embeddings._forward_hooks) == int(variant.checkpointing)
-        assert (type(layers[5]) is not type(layers[0])) == variant.is_lemo
+        assert is_sparse_layer(layers[5]) == variant.is_lemo
     deactivate(bench)
     assert not embeddings._forward_hooks and not layers[0].gradient_checkpointing
     assert len({type(layer) for layer in layers}) == 1

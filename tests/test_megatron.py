@@ -41,7 +41,8 @@ from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 from megatron.core.transformer.transformer_layer import TransformerLayer  # noqa: E402
 
-from lemo_ds.errors import LemoInputError  # noqa: E402
+from lemo_ds.core.selection import forced_blocks, keep_block_count, select_blocks  # noqa: E402
+from lemo_ds.errors import LemoConfigError, LemoInputError  # noqa: E402
 from lemo_ds.megatron import (  # noqa: E402
     LemoTransformerLayer,
     attach_lemo,
@@ -51,7 +52,6 @@ from lemo_ds.megatron import (  # noqa: E402
     lemo_layers,
     megatron_on_cpu,
 )
-from lemo_ds.selection import forced_blocks, keep_block_count, select_blocks  # noqa: E402
 
 HIDDEN, HEADS, GROUPS, LAYERS, SEQ, BLOCK, VOCAB, BATCH = 64, 4, 2, 4, 128, 16, 256, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -256,6 +256,38 @@ def test_spec_makes_first_half_and_last_layer_dense():
     assert all(s.module is TransformerLayer for s in get_lemo_gpt_layer_local_spec(None, LAYERS).layer_specs)
 
 
+@pytest.mark.parametrize(
+    "section",
+    [{"loss_tokens": "processed"}, {"skipped_loss_weight": 0.0}, {"memory": {"tiled_mlp": True}}, {"memory": {}}],
+    ids=["loss_tokens", "skipped_loss_weight", "memory", "empty-memory"],
+)
+def test_spec_refuses_keys_the_megatron_path_cannot_honour(section):
+    with pytest.raises(LemoConfigError, match=f"lemo.{next(iter(section))} is not available for Megatron"):
+        get_lemo_gpt_layer_local_spec({"keep_ratio": 0.4, **section}, LAYERS)
+
+
+def test_nested_selection_keeps_a_subset_of_the_previous_sparse_layer():
+    """Selection is the core's (lemo_ds.core.plan): nesting and stratified windows apply to Megatron layers too."""
+    lemo = {"keep_ratio": [1.0, 0.5, 0.25, 1.0], "block_size": 8, "scorer": "random", "nested_selection": True,
+            "kernels": KERNELS}  # fmt: skip
+    model, _ = lemo_and_stock(lemo)
+    attach_lemo(model)
+    kept = []
+    for layer in lemo_layers(model):
+        select = layer._lemo.select
+
+        def recording(*args, _select=select, **kwargs):
+            kept.append(_select(*args, **kwargs))
+            return kept[-1]
+
+        layer._lemo.select = recording
+    ids, labels, mask = make_batch(seed=5)
+    loss_and_grads(model, ids, labels, mask)
+    first, second = kept  # [b, 8], [b, 4] of 16 blocks
+    for sample in range(BATCH):
+        assert set(second[sample].tolist()) <= set(first[sample].tolist())
+
+
 # ---- elimination off equals the stock spec ------------------------------------------------------------------------
 
 
@@ -432,7 +464,7 @@ def test_full_recompute_reuses_the_forward_selection():
         for loss in losses:
             loss.backward()
         results.append((torch.stack(losses).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-        assert all(not layer._lemo.pending for layer in lemo_layers(model))
+        assert all(len(layer._lemo.cache) == 0 for layer in lemo_layers(model))
     assert_same(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 

@@ -325,7 +325,7 @@ def test_offload_gives_identical_loss_and_gradients(device, how, keep):
             result = loss_and_grads(converted, ids, labels)
         results.append(result)
         if offload:
-            offloader = lemo_ds.get_controller(converted) and converted.get_base_model()._lemo_offloader
+            offloader = lemo_ds.get_controller(converted) and converted.get_base_model()._lemo.offloader
             assert offloader.offloaded_bytes > 0 and all(entry.restored for entry in offloader.entries)
     assert_identical(results[1], results[0])
 
@@ -351,7 +351,7 @@ def test_stored_inputs_follow_the_formula_and_offload_moves_them_out():
         inputs = 0 if offload else sum(kept_rows) * batch * hidden * item
         assert _stored_bytes(sparse, ids, labels) == outside + inputs + indices
         if offload:
-            assert sparse._lemo_offloader.offloaded_bytes == sum(kept_rows) * batch * hidden * item
+            assert sparse._lemo.offloader.offloaded_bytes == sum(kept_rows) * batch * hidden * item
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -395,7 +395,7 @@ def test_offload_keeps_no_restored_input_after_backward(how):
 
     model = _checkpointed(lemo_ds.apply_lemo(lora_model(), _section(0.5, offload_checkpoints=True)), how)
     ids, labels = labelled_batch()
-    offloader = model.get_base_model()._lemo_offloader
+    offloader = model.get_base_model()._lemo.offloader
     gc.disable()
     try:
         loss = model(input_ids=ids, labels=labels).loss

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from tiny_models import tiny_model
 
 import lemo_ds
+from lemo_ds.decoder_layer import is_sparse_layer
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.predictors import calibrate, load_predictors, save_predictors
 from lemo_ds.predictors.fingerprint import model_fingerprint
@@ -50,8 +51,8 @@ def spy_on(model, layer_index: int) -> dict:
         return captured["scores"]
 
     for layer in model.model.layers:
-        if hasattr(layer, "_lemo"):
-            layer._lemo.scorer.score = spy
+        if is_sparse_layer(layer):
+            layer._lemo.sparse.scorer.score = spy
     return captured
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from lemo_ds.core.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
 from lemo_ds.scorers.oracle import oracle_block_scores, oracle_block_scores_ref
-from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
 
 
 def test_keep_count_follows_the_contract():
@@ -94,7 +94,7 @@ def test_oracle_prefers_the_block_every_query_attends_to():
 
 @pytest.mark.parametrize(("n", "window", "keep"), [(32, 8, 13), (37, 8, 15), (16, 4, 4), (10, 3, 5)])
 def test_stratified_selection_spreads_the_kept_blocks_over_every_window(n, window, keep):
-    from lemo_ds.selection import stratified_priority
+    from lemo_ds.core.selection import stratified_priority
 
     generator = torch.Generator().manual_seed(n + window)
     # Column-sum-like scores: early blocks score far higher, so a global top-k keeps only early blocks.
@@ -115,7 +115,7 @@ def test_stratified_selection_spreads_the_kept_blocks_over_every_window(n, windo
 
 
 def test_one_window_over_the_whole_sequence_is_the_global_top_k():
-    from lemo_ds.selection import stratified_priority
+    from lemo_ds.core.selection import stratified_priority
 
     scores = torch.randn(2, 20, generator=torch.Generator().manual_seed(0))
     assert torch.equal(select_blocks(stratified_priority(scores, 32), 7, [0]), select_blocks(scores, 7, [0]))

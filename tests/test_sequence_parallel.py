@@ -9,8 +9,8 @@ import json
 import pytest
 from launch_util import REPO, run_deepspeed, run_for_reports
 
+from lemo_ds.core.selection import shard_forced_blocks
 from lemo_ds.errors import LemoConfigError
-from lemo_ds.selection import shard_forced_blocks
 from lemo_ds.sequence_parallel import check_dims, check_zero_config
 
 ENV = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}

@@ -12,7 +12,7 @@ from masked_reference import reference_forward
 from tiny_models import FAMILIES, VOCAB, packed_position_ids, tiny_model
 
 import lemo_ds
-from lemo_ds.sparse_layer import is_sparse_layer
+from lemo_ds.decoder_layer import is_sparse_layer
 
 BLOCK = 8
 # Where the Triton kernels run: CUDA when there is a GPU, else the CPU under TRITON_INTERPRET=1 (conftest.py).
@@ -205,7 +205,7 @@ def test_eliminated_rows_are_identity_forward_and_backward(inplace):
     model, layer, hidden, kwargs = sparse_layer_and_inputs(inplace_writeback=inplace)
     kept = kept_token_mask(model, layer, hidden, kwargs)
     assert 0 < kept.sum() < kept.numel()
-    model.model.layers[1]._lemo.controller.micro_step = 0  # same random draw as the probe above
+    model.model.layers[1]._lemo.sparse.controller.micro_step = 0  # same random draw as the probe above
     source = hidden * 1.0  # a non-leaf, so the in-place write-back is allowed
     out = layer(source, **kwargs)
     torch.testing.assert_close(out[~kept], hidden.detach()[~kept], atol=0, rtol=0)
@@ -238,7 +238,7 @@ def test_causal_given_the_selection():
     """With a content-independent selection (random scorer, fixed draw), the output at position i does not
     depend on tokens after i. (Score-based selection looks at the whole sequence, as LeMo's does.)"""
     model, layer, hidden, kwargs = sparse_layer_and_inputs(s=48)
-    controller = layer._lemo.controller
+    controller = layer._lemo.sparse.controller
     cut = 29
     changed = hidden.detach().clone()
     changed[:, cut + 1 :] = torch.randn_like(changed[:, cut + 1 :])

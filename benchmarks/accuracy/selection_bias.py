@@ -34,8 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 import lemo_ds  # noqa: E402
 from benchmarks.accuracy.recipe import NESTED  # noqa: E402
 from benchmarks.harness import results  # noqa: E402
+from lemo_ds.decoder_layer import is_sparse_layer  # noqa: E402
 from lemo_ds.policies import policy_for  # noqa: E402
-from lemo_ds.sparse_layer import is_sparse_layer  # noqa: E402
 from lemo_ds.training import data  # noqa: E402
 
 # How the accuracy benchmark's "nested" mode selects (its loss and dense layers are set here separately).
@@ -70,8 +70,8 @@ class AttentionMassScorer:
         self.chunk_tokens = chunk_tokens
 
     def score(self, layer, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        from lemo_ds.core.selection import num_blocks
         from lemo_ds.scorers.base import allowed_pairs
-        from lemo_ds.selection import num_blocks
 
         query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
         batch, heads, seq, head_dim = query.shape  # [b, H, s, d]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             model = sparse[scorer]
             for layer in policy_for(model).decoder_layers(model):
                 if is_sparse_layer(layer):
-                    layer._lemo.scorer = AttentionMassScorer()
+                    layer._lemo.sparse.scorer = AttentionMassScorer()
     files = data.discover_files(args.heldout, "--heldout")
     sums = {scorer: {"sparse": 0.0, "dense_processed": 0.0, "position": 0.0, "count": 0} for scorer in scorers}
     dense_sum, dense_count, rows = 0.0, 0, 0

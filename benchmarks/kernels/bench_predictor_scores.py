@@ -9,7 +9,7 @@ with 64 ReLU units per side and 32-wide embeddings (lemo_ds's defaults). For eac
 ``triton.testing.do_bench`` (median and 20th/80th percentiles, in ms):
 
 - ``triton``: ``predictor_scores(..., backend="triton")``: the two launches (block embeddings, block scores);
-- ``triton+topk``: the same plus the selection (``lemo_ds.selection.select_blocks`` at keep 0.4), what a sparse
+- ``triton+topk``: the same plus the selection (``lemo_ds.core.selection.select_blocks`` at keep 0.4), what a sparse
   layer's scoring costs in all;
 - ``torch``: the plain-torch path of the same op;
 - ``oracle``: ``oracle_scores(..., backend="triton")`` on the layer's queries and keys, what the predictor replaces.
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 def select_blocks(scores, keep):
-    """lemo_ds.selection.select_blocks (sink block forced), inlined so the benchmark runs without lemo_ds."""
+    """lemo_ds.core.selection.select_blocks (sink block forced), inlined so the benchmark runs without lemo_ds."""
     work = scores.float().clone()
     work[:, 0] = math.inf
     return work.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values

@@ -12,7 +12,7 @@ learned bias of each block distance. Launch 1 (grid: blocks x batch) streams the
 accumulating ``x W1^T`` and the sum of squares together (the RMS scale is applied to the accumulator, so x is never
 normalised in memory), then ReLU, pooling and both second layers; it writes q^ and k^ [b, n, 2, R2]. Launch 2
 (grid: key-block tiles x batch) walks down the causal column of query-block tiles and sums the softplus tiles,
-never materialising the [n, n] matrix. Top-k stays ``torch.topk`` (lemo_ds.selection).
+never materialising the [n, n] matrix. Top-k stays ``torch.topk`` (lemo_ds.core.selection).
 
 Public API::
 

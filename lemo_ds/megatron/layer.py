@@ -1,7 +1,9 @@
 """The sparse Megatron-core transformer layer: score blocks, gather the kept tokens, run the layer, write back.
 
-``LemoTransformerLayer`` is Megatron-core's ``TransformerLayer`` with the forward of LEMO.md's contract in front
-(``lemo_layer_class`` makes the same for any ``TransformerLayer`` subclass a spec names). Its submodules, their
+``LemoTransformerLayer`` is Megatron-core's ``TransformerLayer`` with token elimination in front
+(``lemo_layer_class`` makes the same for any ``TransformerLayer`` subclass a spec names). Which blocks it keeps, the
+recompute's reuse of the selection and the token counts are the sparse core's (``lemo_ds.core.plan.SparsePlan``,
+shared with the Hugging Face layer); this module is the layout around it. Its submodules, their
 parameters and their names are the stock layer's, so checkpoints, optimizers and distributed wrappers see an
 ordinary layer. Megatron's conventions and how each is honoured:
 
@@ -36,10 +38,9 @@ ordinary layer. Megatron's conventions and how each is honoured:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,12 +54,13 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from lemo_ds.controller import LemoController, current_rank
+from lemo_ds.core.plan import SparsePlan, in_backward
+from lemo_ds.core.selection import token_index
 from lemo_ds.errors import LemoConfigError, LemoInputError
 from lemo_ds.kernels import gather_rows, oracle_scores, write_back_rows
 from lemo_ds.scorers import build_scorer
-from lemo_ds.scorers.base import BlockScorer, ScoreContext
+from lemo_ds.scorers.base import ScoreContext
 from lemo_ds.scorers.oracle import oracle_block_scores
-from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
 
 # Keyword arguments of TransformerLayer.forward a sparse layer cannot honour on a subset of tokens.
 _REFUSED_KWARGS = {
@@ -73,26 +75,10 @@ _REFUSED_KWARGS = {
 }
 
 
-@dataclass
-class MegatronLemoState:
-    """What one sparse layer needs; stored on the module as ``_lemo`` (not a submodule, no parameters)."""
-
-    layer_index: int  # global, 0-based (Megatron's layer_number - 1)
-    controller: LemoController
-    scorer: BlockScorer | None  # None: the oracle, computed here from the layer's own queries and keys
-    # Selections made in checkpointed forwards, oldest first, as (optimizer step, kept blocks [b, k]).
-    pending: collections.deque = field(default_factory=collections.deque)
-
-
-def _in_backward() -> bool:
-    # Megatron's recompute runs inside the autograd engine's backward pass.
-    return torch._C._current_graph_task_id() != -1
-
-
 class LemoTransformerLayerMixin:
     """Placed before a Megatron-core ``TransformerLayer`` class in the MRO of the sparse layer's class."""
 
-    _lemo: MegatronLemoState
+    _lemo: SparsePlan  # scorer None: the oracle, computed here from the layer's own queries and keys
 
     def __init__(self, *args: Any, lemo_controller: LemoController, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,11 +103,7 @@ class LemoTransformerLayerMixin:
             raise LemoConfigError(
                 'lemo.scorer: "predictor" is not available for Megatron layers; use "oracle", "random" or "norm"'
             )
-        self._lemo = MegatronLemoState(
-            layer_index=index,
-            controller=lemo_controller,
-            scorer=None if lemo.scorer == "oracle" else build_scorer(lemo),
-        )
+        self._lemo = SparsePlan(index, lemo_controller, None if lemo.scorer == "oracle" else build_scorer(lemo))
 
     # ---- forward ---------------------------------------------------------------------------------------------
 
@@ -132,24 +114,16 @@ class LemoTransformerLayerMixin:
                 "(as Megatron's TransformerBlock does)"
             )
         hidden_states = args[0] if args else kwargs.pop("hidden_states")  # [s, b, h] or [t, 1, h] (packed)
-        state = self._lemo
-        controller = state.controller
+        plan = self._lemo
         seq, batch, width = hidden_states.shape
-        ratio = controller.keep_ratio(state.layer_index, self.training)
+        ratio = plan.keep_ratio(self.training)
         if ratio >= 1.0:  # dense: a dense phase of the schedule, or evaluation
-            if self.training and not _in_backward():
-                controller.record(state.layer_index, seq, seq)
+            plan.account_dense(seq, self.training)
             return super().forward(hidden_states=hidden_states, **kwargs)
         for name, reason in _REFUSED_KWARGS.items():
             if kwargs.get(name) is not None:
                 raise LemoInputError(f"{type(self).__name__} (layer {self.layer_number}): {reason}")
-        config = controller.config
-        block = config.block_size
-        if seq < block:
-            raise LemoInputError(
-                f"sequence of {seq} tokens is shorter than one lemo block ({block} tokens); use sequences of at "
-                f"least {block} tokens or a smaller lemo.block_size"
-            )
+        plan.check_length(seq)
 
         packed: PackedSeqParams | None = kwargs.get("packed_seq_params")
         mask: torch.Tensor | None = kwargs.get("attention_mask")  # bool, True = masked out
@@ -163,14 +137,23 @@ class LemoTransformerLayerMixin:
             # Angles of each token's true position, [t, 1, 1, d]: the scorer's RoPE and the gather take these.
             rotary = _map_rotary(rotary, lambda table: docs.token_angles(table))
 
-        blocks = self._lemo_selection(hidden_states, ratio, mask, rotary, docs)  # [b, k]
-        rows = token_index(blocks, block, seq)  # [b, K] ascending
+        full_recompute = self.training and self.config.recompute_granularity == "full"
+        blocks = plan.select(
+            seq,
+            ratio,
+            lambda: self._lemo_scores(hidden_states.detach(), mask, rotary, docs),
+            # Megatron's CheckpointFunction runs the forward under no_grad and the recompute inside the backward;
+            # it owns the checkpoint, so the recompute takes the oldest selection back (no key).
+            checkpointed=full_recompute and (in_backward() or not torch.is_grad_enabled()),
+            agree=self._lemo_agree,
+        )  # [b, k]
+        rows = token_index(blocks, plan.config.block_size, seq)  # [b, K] ascending
         kept = rows.shape[1]
 
         # Row r of sample i is row r * b + i of the flat [s * b, h] view: one gather yields [K, b, h] contiguous.
         flat_rows = (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(1, kept * batch)  # [1, K*b]
         flat = hidden_states.reshape(1, seq * batch, width)  # [1, s*b, h]; a view of a contiguous input
-        backend = config.kernels
+        backend = plan.config.kernels
         kept_hidden = gather_rows(flat, flat_rows, backend=backend)[0].view(kept, batch, width)  # [K, b, h]
 
         kept_kwargs = dict(kwargs)
@@ -185,14 +168,13 @@ class LemoTransformerLayerMixin:
         with self._rope_for_gathered_angles(per_sample=batch > 1 or docs is not None):
             kept_out, context = super().forward(hidden_states=kept_hidden, **kept_kwargs)  # [K, b, h]
 
+        plan.account(blocks, rows, seq, self.training)
         inplace = (
-            config.inplace_writeback
+            plan.writes_in_place()
             and self.config.recompute_granularity != "full"  # the checkpoint keeps our input for the recompute
             and not (hidden_states.is_leaf and hidden_states.requires_grad)  # a pipeline stage's received input
             and flat._base is not None  # flat is a view of hidden_states, not a copy
         )
-        if self.training and not _in_backward():  # a recompute is not a second pass of data
-            controller.record(state.layer_index, kept, seq)
         kept_flat = kept_out.reshape(1, kept * batch, width)  # [1, K*b, h], row j * b + i = kept row j of sample i
         out = write_back_rows(flat, kept_flat, flat_rows, inplace=inplace, backend=backend)  # [1, s*b, h]
         # Megatron's pipeline schedules free stage outputs and insist they are not views.
@@ -218,36 +200,11 @@ class LemoTransformerLayerMixin:
 
     # ---- selection -------------------------------------------------------------------------------------------
 
-    def _lemo_selection(
-        self,
-        hidden_states: torch.Tensor,  # [s, b, h]
-        ratio: float,
-        mask: torch.Tensor | None,  # [b or 1, 1, s or 1, s] bool, True = masked out
-        rotary: Any,  # angles [s, 1 or b, 1, d] (or a pair), per token [t, 1, 1, d] when packed, or None
-        docs: _Documents | None,
-    ) -> torch.Tensor:
-        """Kept block indices [b, k], ascending; the forward's own when this is a checkpoint's recompute."""
-        state = self._lemo
-        controller = state.controller
-        checkpointed = self.training and self.config.recompute_granularity == "full"
-        if checkpointed and _in_backward():
-            while state.pending and state.pending[0][0] != controller.step:  # left by forwards with no backward
-                state.pending.popleft()
-            if state.pending:
-                return state.pending.popleft()[1]
-        config = controller.config
-        seq = hidden_states.shape[0]
-        forced = forced_blocks(seq, config.block_size, config.always_keep_blocks)
-        keep = keep_block_count(num_blocks(seq, config.block_size), ratio, config.min_blocks, len(forced))
-        with torch.no_grad():
-            scores = self._lemo_scores(hidden_states.detach(), mask, rotary, docs)  # [b, n]
-            blocks = select_blocks(scores, keep, forced)  # [b, k]
-            tp_group = self.pg_collection.tp
-            if tp_group is not None and tp_group.size() > 1:  # one selection for every rank of the layer
-                torch.distributed.broadcast(blocks, src=torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
-        if checkpointed and not torch.is_grad_enabled():  # inside Megatron's checkpointed forward
-            state.pending.append((controller.step, blocks))
-        return blocks
+    def _lemo_agree(self, blocks: torch.Tensor) -> None:
+        """One selection for every tensor-parallel rank of the layer: the group's first rank's, in place."""
+        tp_group = self.pg_collection.tp
+        if tp_group is not None and tp_group.size() > 1:
+            torch.distributed.broadcast(blocks, src=torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
 
     def _lemo_scores(
         self,
@@ -257,12 +214,12 @@ class LemoTransformerLayerMixin:
         docs: _Documents | None,
     ) -> torch.Tensor:
         """Block scores [b, n] float32 of the layer input."""
-        state = self._lemo
-        controller = state.controller
-        config = controller.config
-        if state.scorer is not None:  # norm, random: they read the input as [b, s, h]
+        plan = self._lemo
+        controller = plan.controller
+        config = plan.config
+        if plan.scorer is not None:  # norm, random: they read the input as [b, s, h]
             context = ScoreContext(
-                layer_index=state.layer_index,
+                layer_index=plan.layer_index,
                 block_size=config.block_size,
                 position_embeddings=None,
                 attention_mask=None,
@@ -271,7 +228,7 @@ class LemoTransformerLayerMixin:
                 micro_step=controller.micro_step,
                 rank=current_rank(),
             )
-            return state.scorer.score(self, hidden_states.transpose(0, 1), context)
+            return plan.scorer.score(self, hidden_states.transpose(0, 1), context)
         query, key = self._lemo_query_key(hidden_states, rotary)  # [b, H, s, d], [b, KV, s, d]
         if mask is not None:
             seq, batch = hidden_states.shape[:2]

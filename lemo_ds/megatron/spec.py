@@ -68,6 +68,8 @@ def get_lemo_block_spec(
     elif config is not None and config.num_layers != num_layers:
         raise LemoConfigError(f"num_layers={num_layers} but config.num_layers={config.num_layers}")
     lemo = parse_lemo_config(lemo)
+    if lemo is not None and lemo.enabled:
+        refuse_unhonoured_keys(lemo)
     ratios = lemo.layer_keep_ratios(num_layers) if lemo is not None and lemo.enabled else [1.0] * num_layers
     specs: list[ModuleSpec] = [layer_spec] * num_layers
     if any(ratio < 1.0 for ratio in ratios):
@@ -87,6 +89,24 @@ def get_lemo_block_spec(
         offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
         specs = specs[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=layer_norm or LayerNormImpl)
+
+
+# Keys of the "lemo" section that only the Hugging Face path implements, and why the Megatron path cannot.
+_OWN_LOSS = "the loss is the Megatron model's own (lemo_ds's segment loss is a Hugging Face causal LM's)"
+_HF_ONLY_KEYS = {
+    "loss_tokens": _OWN_LOSS,
+    "skipped_loss_weight": _OWN_LOSS,
+    "memory": "the memory stack converts Hugging Face modules; use Megatron's own recompute and offload settings",
+}
+
+
+def refuse_unhonoured_keys(lemo: LemoConfig) -> None:
+    """A key the user set in the "lemo" section that the Megatron path cannot honour is an error, not a no-op."""
+    for key in sorted(lemo.model_fields_set & _HF_ONLY_KEYS.keys()):
+        raise LemoConfigError(
+            f"lemo.{key} is not available for Megatron-core layers: {_HF_ONLY_KEYS[key]}. Remove it from the "
+            '"lemo" section.'
+        )
 
 
 def get_lemo_gpt_layer_local_spec(

@@ -1,1 +1,1 @@
-"""The memory stack: segment loss, sparsity-aware checkpointing (in sparse_layer), tiled MLP."""
+"""The memory stack: segment loss, compaction, checkpoint offload, tiled MLP (kept-rows checkpoints: decoder_layer)."""

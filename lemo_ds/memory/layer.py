@@ -1,46 +1,26 @@
-"""Every decoder layer's share of the memory stack: compaction of its saved tensors, offload of its checkpoint input.
-
-``apply_lemo`` puts ``MemoryLayerMixin`` in front of every decoder layer's class (dense and sparse: a sparse layer
-is ``(SparseDecoderLayerMixin, MemoryLayerMixin, <HF layer>)``, so its kept-rows forward and its kept-rows
-checkpoint go through it too).
-"""
+"""A decoder layer's share of the memory stack: compaction of its saved tensors, offload of its checkpoint input."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lemo_ds.memory.compact import compaction
 from lemo_ds.memory.offload import CheckpointOffloader
 
-_RAW = "_gradient_checkpointing_func"
 
+@dataclass(eq=False)
+class LayerMemory:
+    compact: bool  # compaction of the tensors the layer's call saves for backward (memory/compact.py)
+    offloader: CheckpointOffloader | None  # the checkpoint's stored input goes to host memory (memory/offload.py)
 
-@dataclass
-class MemoryLayerState:
-    compact: bool
-    offloader: CheckpointOffloader | None
+    def context(self) -> contextlib.AbstractContextManager:
+        """Around the model's own layer call (on every row, or on the kept rows of a sparse layer)."""
+        return compaction() if self.compact else contextlib.nullcontext()
 
-
-class MemoryLayerMixin:
-    _lemo_memory_layer: MemoryLayerState
-
-    # Hugging Face sets ``_gradient_checkpointing_func`` on each layer (gradient_checkpointing_enable) before or after
-    # apply_lemo; the property keeps what it set in the instance dict and hands out the offloading wrapper.
-    @property
-    def _gradient_checkpointing_func(self) -> Any:
-        try:
-            raw = self.__dict__[_RAW]
-        except KeyError:
-            raise AttributeError(_RAW) from None
-        offloader = self._lemo_memory_layer.offloader
-        return raw if offloader is None else offloader.wrap(raw)
-
-    @_gradient_checkpointing_func.setter
-    def _gradient_checkpointing_func(self, value: Any) -> None:
-        self.__dict__[_RAW] = value
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with compaction() if self._lemo_memory_layer.compact else contextlib.nullcontext():
-            return super().forward(*args, **kwargs)
+    def checkpoint_function(self, raw: Callable[..., Any]) -> Callable[..., Any]:
+        """The layer's activation checkpoint function (Hugging Face's ``_gradient_checkpointing_func``), offloading
+        its stored input where asked."""
+        return raw if self.offloader is None else self.offloader.wrap(raw)

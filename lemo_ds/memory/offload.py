@@ -2,8 +2,8 @@
 
 Under activation checkpointing every layer stores its input until backward: at 128K tokens on the Llama-3-8B shape
 that is 32 layers x 128K x 4096 x 2 B = 32 GiB for the dense model (lemo_ds's sparse layers store only their kept
-rows: (17 + 15 x 0.4) / 32 of it, 23 GiB), the largest item of the 128K peak (64.1 GiB with sparsity-aware
-checkpointing, 83.7 GiB for the strongest dense stack; benchmarks/results/memory-long-*).
+rows: (17 + 15 x 0.4) / 32 of it, 23 GiB), the largest item of the long-context peak
+(benchmarks/results/memory-long-*).
 
 ``CheckpointOffloader.wrap(checkpoint_func)`` works around any checkpoint function that keeps the tensor objects
 it is given (PyTorch's reentrant and non-reentrant checkpoint, DeepSpeed's ``checkpointing.checkpoint``):

@@ -9,15 +9,10 @@ peak of a dense layer's recompute under activation checkpointing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
-from lemo_ds.class_swap import original_class
-
-
-def _untiled_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return original_class(module).forward(module, x)
 
 
 def _agreed_shards(shards: int, device: torch.device) -> int:
@@ -31,16 +26,26 @@ def _agreed_shards(shards: int, device: torch.device) -> int:
     return shards
 
 
-class TiledMLPMixin:
-    """Placed before the model's MLP class; ``_lemo_tile_tokens`` is set by apply_lemo."""
+@dataclass(frozen=True)
+class MLPPlan:
+    tile_tokens: int  # tokens per tile
 
-    _lemo_tile_tokens: int
+
+class TiledMLPMixin:
+    """Placed before the model's MLP class; ``_lemo`` (an ``MLPPlan``) is set by apply_lemo."""
+
+    _lemo: MLPPlan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
-        shards = _agreed_shards(math.ceil(x.shape[-2] / self._lemo_tile_tokens), x.device)
+        shards = _agreed_shards(math.ceil(x.shape[-2] / self._lemo.tile_tokens), x.device)
         if shards <= 1:
             return _untiled_forward(self, x)
         if not torch.is_grad_enabled():  # e.g. the first pass of a reentrant checkpoint: tiles, nothing to store
             return torch.cat([_untiled_forward(self, tile) for tile in torch.chunk(x, shards, dim=-2)], dim=-2)
         trainable = [p for p in self.parameters() if p.requires_grad]
         return TiledMLP.apply(_untiled_forward, self, x, shards, trainable)
+
+
+def _untiled_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own MLP on ``x`` [b, t, h] (TiledMLP calls it with the module)."""
+    return super(TiledMLPMixin, module).forward(x)

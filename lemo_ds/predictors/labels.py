@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemo_ds.core.selection import num_blocks
 from lemo_ds.kernels import oracle_scores
 from lemo_ds.scorers.base import ScoreContext, allowed_pairs
-from lemo_ds.selection import num_blocks
 
 
 @dataclass

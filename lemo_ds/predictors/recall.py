@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lemo_ds.selection import forced_blocks, keep_block_count, num_blocks, stratified_priority
+from lemo_ds.core.selection import forced_blocks, keep_block_count, num_blocks, stratified_priority
 
 
 def free_choice(n: int, seq: int, block_size: int, keep_ratio: float, min_blocks: int, always_keep: list[int]):

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from lemo_ds import step_guard
+from lemo_ds.core.selection import num_blocks
 from lemo_ds.predictors.labels import OracleLabels
 from lemo_ds.predictors.loss import predictor_loss
 from lemo_ds.predictors.module import PredictorBank, block_pair_allowed
 from lemo_ds.predictors.recall import free_choice, topk_recall
-from lemo_ds.selection import num_blocks
 
 GRAD_CLIP = 1.0
 

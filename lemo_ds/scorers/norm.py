@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemo_ds.core.selection import num_blocks
 from lemo_ds.scorers.base import ScoreContext
-from lemo_ds.selection import num_blocks
 
 
 class NormScorer:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lemo_ds.config import LemoConfig
+from lemo_ds.core.selection import num_blocks
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.kernels.predictor_scores import predictor_scores
 from lemo_ds.predictors.fingerprint import check_fingerprint, model_fingerprint
@@ -37,7 +38,6 @@ from lemo_ds.predictors.module import PredictorBank, PredictorDesign
 from lemo_ds.predictors.trainer import PredictorTrainer, SelectionRule, positional_prior
 from lemo_ds.scorers.base import ScoreContext
 from lemo_ds.scorers.oracle import OracleScorer
-from lemo_ds.selection import num_blocks
 
 
 def _in_backward() -> bool:
@@ -222,7 +222,7 @@ class PredictorScorer:
 def find_predictor_scorer(model: nn.Module) -> PredictorScorer | None:
     """The predictor scorer of a model converted by apply_lemo (through peft or DeepSpeed wrappers), or None."""
     for module in model.modules():
-        state = getattr(module, "_lemo", None)
-        if state is not None and isinstance(getattr(state, "scorer", None), PredictorScorer):
-            return state.scorer
+        sparse = getattr(getattr(module, "_lemo", None), "sparse", None)  # a sparse decoder layer's SparsePlan
+        if sparse is not None and isinstance(sparse.scorer, PredictorScorer):
+            return sparse.scorer
     return None

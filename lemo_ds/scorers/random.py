@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lemo_ds.core.selection import num_blocks
 from lemo_ds.scorers.base import ScoreContext
-from lemo_ds.selection import num_blocks
 
 
 class RandomScorer:

@@ -40,7 +40,7 @@ from masked_reference import block_scores, reference_mask  # noqa: E402
 
 import lemo_ds  # noqa: E402
 from lemo_ds import sequence_parallel  # noqa: E402
-from lemo_ds.selection import keep_block_count, select_blocks  # noqa: E402
+from lemo_ds.core.selection import keep_block_count, select_blocks  # noqa: E402
 from lemo_ds.training import parallel  # noqa: E402
 from lemo_ds.training.data import IGNORE_INDEX, Row  # noqa: E402
 
