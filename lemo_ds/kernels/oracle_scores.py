@@ -475,7 +475,7 @@ def oracle_scores_torch(
     return_tiles: bool = False,
     chunk_tokens: int = 512,
 ):
-    """Chunked torch path: query rows in chunks of whole blocks (about ``chunk_tokens``), and within a chunk one
+    """Chunked torch path: query rows in chunks of whole blocks (``chunk_tokens`` rounded up), and within a chunk one
     KV head group at a time, so the working memory is O(chunk x s x G), never O(s^2); keys after the chunk's last
     row are skipped (causal). Each q.k is rounded to the input dtype by the matmul; heads are summed in fp32."""
     _check_inputs(query, key, block_size, allowed)
@@ -483,7 +483,7 @@ def oracle_scores_torch(
     kv_heads = key.shape[1]
     group = heads // kv_heads
     n = math.ceil(s / block_size)
-    chunk = max(1, round(chunk_tokens / block_size)) * block_size
+    chunk = max(1, math.ceil(chunk_tokens / block_size)) * block_size  # rounded up, as config's oracle_chunk_tokens
     with torch.no_grad():
         scores = torch.zeros(b, n, dtype=torch.float32, device=query.device)  # [b, n]
         tiles_all = torch.zeros(b, n, n, dtype=torch.float32, device=query.device) if return_tiles else None
@@ -546,7 +546,7 @@ def oracle_scores(
         return_tiles: also return the tile maxima T [b, n, n] (zero above the diagonal).
         backend: "auto" (Triton where usable and the shapes suit it, else torch), "triton" (raises when it cannot
             run) or "torch" (the chunked torch path). A mask always takes the chunked torch path (see below).
-        chunk_tokens: query rows per chunk of the torch path (rounded to whole blocks).
+        chunk_tokens: query rows per chunk of the torch path (rounded up to whole blocks).
 
     Returns:
         scores [b, n] float32, or (scores, tiles [b, n, n] float32) with ``return_tiles``.
