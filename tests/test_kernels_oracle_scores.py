@@ -1,5 +1,5 @@
 """lemo_ds.kernels.oracle_scores: the fused Triton kernel and the chunked torch path against the torch reference,
-and against the project's scorer (lemo_ds.scorers.oracle.oracle_block_scores) given the equivalent 4D mask.
+and the mask route (a model's 4D mask, chunked torch path) against the document-id route and the reference.
 
 On a machine with CUDA the tensors live on the GPU and the kernel is compiled; elsewhere it runs in Triton's CPU
 interpreter (TRITON_INTERPRET=1, set below before lemo_ds.kernels is imported). Shapes are small: the interpreter
@@ -134,22 +134,52 @@ def test_kernel_tilings(config, docs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("docs", [False, True], ids=["causal", "docs"])
-def test_agrees_with_scorer_oracle(docs, dtype):
-    """Same semantics as lemo_ds.scorers.oracle.oracle_block_scores, given the 4D bool mask built from doc_ids."""
-    from lemo_ds.scorers.oracle import oracle_block_scores, oracle_block_scores_ref
-
+def test_mask_route_agrees_with_doc_ids(docs, dtype):
+    """The mask route (the OracleScorer's for a model with a mask tensor) given the 4D bool mask built from doc_ids
+    scores what the document-id route scores, kernel and torch path, and what the reference scores from the mask."""
     b, heads, kv, s, d, block = 3, 4, 2, 53, 16, 16
     q, k = make_qk(b, heads, kv, s, d, dtype, seed=5)
     doc_ids = packed_doc_ids(b, s, block) if docs else None
-    mask = mask_from_doc_ids(doc_ids) if docs else None
-    kernel = oracle_scores(q, k, block, doc_ids, backend="triton")
+    mask = mask_from_doc_ids(doc_ids) if docs else torch.ones(1, 1, s, s, dtype=torch.bool, device=DEVICE)
+    kernel, kernel_tiles = oracle_scores(q, k, block, doc_ids, return_tiles=True, backend="triton")
     torch_path = oracle_scores(q, k, block, doc_ids, backend="torch")
-    scorer = oracle_block_scores(q, k, block, mask, chunk_tokens=32)
-    scorer_ref = oracle_block_scores_ref(q, k, block, mask)  # fp32 from the inputs, as the kernel
+    # backend="triton" too: the kernel takes no mask, so a mask takes the chunked torch path whatever the backend.
+    scorer, scorer_tiles = oracle_scores(q, k, block, mask, return_tiles=True, backend="triton", chunk_tokens=32)
+    scorer_ref = oracle_scores_ref(q, k, block, mask)  # fp32 from the inputs, as the kernel
     assert_close(kernel, scorer_ref, TOL[dtype])
     tol = TOL[dtype] if dtype == torch.float32 else BF16_LOGITS
     assert_close(kernel, scorer, tol)
+    assert_close(kernel_tiles, scorer_tiles, tol)
     assert_close(torch_path, scorer, tol)
+    if dtype == torch.float32:  # the same chunked path either way: the same pairs, the same numbers
+        assert_close(oracle_scores(q, k, block, doc_ids, backend="torch", chunk_tokens=32), scorer, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [5, 16, 23])
+def test_sliding_window_mask_is_honoured(window, dtype):
+    """A sliding-window mask (query i attends keys i - window < j <= i), bool and additive, batch-shared and per
+    sample: the dispatcher (chunked torch path, several chunk sizes) matches the reference, which it must not match
+    without the mask."""
+    b, heads, kv, s, d, block = 2, 4, 2, 70, 16, 16
+    q, k = make_qk(b, heads, kv, s, d, dtype, seed=window)
+    i = torch.arange(s, device=DEVICE)
+    window_mask = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))[None, None]  # [1, 1, s, s]
+    additive = torch.zeros(window_mask.shape, device=DEVICE).masked_fill(~window_mask, torch.finfo(torch.float32).min)
+    ref_scores, ref_tiles = oracle_scores_ref(q, k, block, window_mask, return_tiles=True)
+    causal = oracle_scores_ref(q, k, block)
+    assert not torch.allclose(ref_scores, causal, atol=1e-3, rtol=1e-3)  # the window changes the scores
+    tol = TOL[dtype] if dtype == torch.float32 else BF16_LOGITS
+    for mask in (window_mask, additive, window_mask.expand(b, 1, s, s)):
+        for chunk_tokens in (1, 48, 10_000):
+            scores, tiles = oracle_scores(q, k, block, mask, return_tiles=True, chunk_tokens=chunk_tokens)
+            assert_close(tiles, ref_tiles, tol)
+            assert_close(scores, ref_scores, tol)
+    # Tiles wholly outside the window are zero (block 16: a query block reaches at most 1 + ceil(window / 16) back).
+    reach = 1 + -(-window // block)
+    n = ref_tiles.shape[1]
+    far = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(-reach)
+    assert ref_tiles[:, far].eq(0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -235,6 +265,17 @@ def test_input_errors():
         oracle_scores(q, k, 16, torch.zeros(2, 20, device=DEVICE))
     with pytest.raises(ValueError, match="heads_per_step"):
         oracle_mod._oracle_scores_launch(q, k, 16, None, False, Config(heads_per_step=4))
+    mask = torch.ones(2, 1, 20, 20, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="a mask must be"):
+        oracle_scores(q, k, 16, mask[:, :, :19])
+    with pytest.raises(TypeError, match="bool"):
+        oracle_scores(q, k, 16, mask.int())
+    with pytest.raises(ValueError, match="allowed must be"):
+        oracle_scores(q, k, 16, mask[0])
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        oracle_scores(q, k, 16, mask, backend="cuda")
+    with pytest.raises(ValueError, match="doc_ids"):
+        oracle_mod._oracle_scores_launch(q, k, 16, mask, False)
 
 
 def test_chunk_choice(monkeypatch):

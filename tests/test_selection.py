@@ -1,4 +1,4 @@
-"""The selection rule and the chunked oracle scorer."""
+"""The selection rule and the oracle's chunked torch path under a model's 4D mask."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lemo_ds.core.selection import forced_blocks, keep_block_count, num_blocks, select_blocks, token_index
-from lemo_ds.scorers.oracle import oracle_block_scores, oracle_block_scores_ref
+from lemo_ds.kernels import oracle_scores, oracle_scores_ref
 
 
 def test_keep_count_follows_the_contract():
@@ -65,8 +65,8 @@ def test_chunked_oracle_matches_the_unchunked_reference(
         positions = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).expand(batch, -1)
         mask = _causal_packed_mask(positions)
         mask[0, 0, :, -2:] = False  # a padded tail in sample 0
-    ours = oracle_block_scores(query, key, block, mask, chunk_tokens=chunk)
-    reference = oracle_block_scores_ref(query, key, block, mask)
+    ours = oracle_scores(query, key, block, mask, backend="torch", chunk_tokens=chunk)
+    reference = oracle_scores_ref(query, key, block, mask)
     assert ours.shape == (batch, num_blocks(seq, block)) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, reference, atol=atol, rtol=rtol)
 
@@ -75,7 +75,7 @@ def test_additive_float_masks_mean_the_same_as_bool_masks():
     query, key = torch.randn(1, 2, 24, 4), torch.randn(1, 2, 24, 4)
     mask = _causal_packed_mask(torch.cat([torch.arange(10), torch.arange(14)])[None])
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    torch.testing.assert_close(oracle_block_scores(query, key, 8, additive), oracle_block_scores(query, key, 8, mask))
+    torch.testing.assert_close(oracle_scores(query, key, 8, additive), oracle_scores(query, key, 8, mask))
 
 
 def test_oracle_prefers_the_block_every_query_attends_to():
@@ -85,7 +85,7 @@ def test_oracle_prefers_the_block_every_query_attends_to():
     direction = torch.randn(dim)
     key[0, 0, 20] = direction * 3  # a key in block 2 that every later query matches strongly
     query[0, 0, 20:] += direction
-    scores = oracle_block_scores(query, key, 8)
+    scores = oracle_scores(query, key, 8)
     assert scores.argmax().item() == 2
 
 

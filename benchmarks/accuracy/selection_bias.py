@@ -71,16 +71,18 @@ class AttentionMassScorer:
 
     def score(self, layer, hidden_states: torch.Tensor, context) -> torch.Tensor:
         from lemo_ds.core.selection import num_blocks
-        from lemo_ds.scorers.base import allowed_pairs
+        from lemo_ds.kernels import allowed_pairs
 
         query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
         batch, heads, seq, head_dim = query.shape  # [b, H, s, d]
         key = key.repeat_interleave(heads // key.shape[1], dim=1)  # [b, H, s, d]
         mass = torch.zeros(batch, seq, dtype=torch.float32, device=query.device)  # [b, s]
+        # The pairs the layer attends, as the oracle reads them: the model's mask, else the row's documents.
+        pairs = context.attention_mask if context.attention_mask is not None else context.doc_ids()
         for start in range(0, seq, self.chunk_tokens):
             stop = min(start + self.chunk_tokens, seq)
             logits = query[:, :, start:stop].float() @ key[:, :, :stop].float().transpose(-1, -2)  # [b, H, cq, k]
-            allowed = allowed_pairs(context.attention_mask, slice(start, stop), stop, batch, query.device)
+            allowed = allowed_pairs(pairs, slice(start, stop), stop, batch, query.device)  # [b, cq, k]
             logits = logits.mul_(head_dim**-0.5).masked_fill_(~allowed[:, None], float("-inf"))
             mass[:, :stop] += logits.softmax(-1).nan_to_num_(0.0).sum(dim=(1, 2))
         n = num_blocks(seq, context.block_size)

@@ -13,8 +13,8 @@ Hugging Face hands them over ([b, s, H, d] transposed to [b, H, s, d]). For each
 - ``sdpa_flash``: the forward of causal attention at the same shape (torch SDPA, flash backend, GQA), the
   yardstick: the target is ``triton`` at most 1.2x ``sdpa_flash``;
 - ``torch_chunked``: the chunked torch path of the same module (``backend="torch"``);
-- ``scorer_oracle``: lemo_ds.scorers.oracle.oracle_block_scores, the scorer's current implementation (when
-  lemo_ds imports here; causal only, since it takes a dense [b, 1, s, s] mask);
+- ``torch_mask``: the same chunked path given the equivalent bool mask [1, 1, s, s] instead of doc ids (how a
+  model's own mask is scored: sliding windows, custom masks; the kernel takes no mask), one document only;
 - with ``--sweep``, the kernel under other tilings (``triton[m..n..h..s..w..c..]``; see OracleKernelConfig).
 
 The torch oracles are skipped above ``--torch-max-seq``. Before timing, the kernel is checked against the torch
@@ -59,14 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def import_scorer_oracle():
-    """lemo_ds.scorers.oracle.oracle_block_scores, or None where lemo_ds does not import (missing dependencies)."""
-    try:
-        return importlib.import_module("lemo_ds.scorers.oracle").oracle_block_scores
-    except ImportError:
-        return None
 
 
 def doc_ids_for(b, s, doc_len):
@@ -140,7 +132,7 @@ def check_against_torch(kernels, q, k, block, doc_ids):
     return rel, overlap
 
 
-def bench_seqlen(kernels, scorer_oracle, args, s):
+def bench_seqlen(kernels, args, s):
     mod = importlib.import_module(kernels.__name__ + ".oracle_scores")
     dtype = DTYPES[args.dtype]
     b, heads, kv, d, block = args.batch, args.heads, args.kv_heads, args.head_dim, args.block
@@ -185,8 +177,11 @@ def bench_seqlen(kernels, scorer_oracle, args, s):
         variants.append(
             ("torch_chunked", lambda: kernels.oracle_scores(q, k, block, doc_ids, backend="torch"), "oracle", None)
         )
-        if scorer_oracle is not None and doc_ids is None:
-            variants.append(("scorer_oracle", lambda: scorer_oracle(q, k, block, None), "oracle", None))
+        if doc_ids is None:
+            causal = torch.ones(1, 1, s, s, dtype=torch.bool, device="cuda").tril_()  # [1, 1, s, s]
+            variants.append(
+                ("torch_mask", lambda: kernels.oracle_scores(q, k, block, causal, backend="torch"), "oracle", None)
+            )
     if args.sweep:
         for cfg in sweep_configs(mod, default, auto_chunk):
 
@@ -259,12 +254,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit(f"bench_{OP}: needs a CUDA GPU (it times the Triton kernel on the device); none is available here")
     kernels = import_kernels()
-    scorer_oracle = import_scorer_oracle()
     env = environment(kernels, capability=True)
     print(f"bench_{OP}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
     results = []
     for s in args.seqlens:
-        results.extend(bench_seqlen(kernels, scorer_oracle, args, s))
+        results.extend(bench_seqlen(kernels, args, s))
         torch.cuda.empty_cache()
     payload = {
         "op": OP,

@@ -1,4 +1,4 @@
-"""LeMo's oracle block scores in one fused kernel that never materialises the [s, s] score matrix.
+"""LeMo's oracle block scores: the fused Triton kernel, its launcher, a chunked torch path and the torch spec.
 
 For query token i and key token j (positions in one sample), the pair score is the head-average of the positive
 parts of the scaled query-key products, over the pairs the layer's attention allows::
@@ -10,27 +10,36 @@ parts of the scaled query-key products, over the pairs the layer's attention all
 ``S`` [b, n_blocks] is the block score of token elimination; ``T`` [b, n_blocks, n_blocks] (``return_tiles``) is the
 block-pair matrix the score predictors are trained on. Grouped-query attention: query head h reads key head h // G.
 
-Masking: ``allowed(i, j) = j <= i and doc_ids[i] == doc_ids[j] and doc_ids[j] >= 0``, with ``doc_ids`` [b, s] the
-document index of every token (packed documents) and -1 for padding, so a padding key is never attended and a
-padding query contributes nothing. ``doc_ids=None`` is plain causal attention. :func:`doc_ids_from_position_ids`
-derives doc_ids from position ids that restart at 0 per document.
+Masking: ``allowed(i, j)`` is always causal (``j <= i``) and comes from one input, ``allowed`` (see
+:func:`allowed_pairs`, the one predicate):
+
+- ``doc_ids`` [b or 1, s], the common case: the document index of every token (packed documents), -1 for padding;
+  ``allowed(i, j) = j <= i and doc_ids[i] == doc_ids[j] and doc_ids[j] >= 0``, so a padding key is never attended
+  and a padding query contributes nothing. :func:`doc_ids_from_position_ids` derives them from position ids that
+  restart at 0 per document.
+- a mask [b or 1, 1, s, s], where the model's own mask is unavoidable (sliding window, a custom mask): bool
+  (True = attend) or additive float (0 = attend), ANDed with causality.
+- None: plain causal attention.
 
 Public API::
 
-    oracle_scores(query, key, block_size=64, doc_ids=None, return_tiles=False, backend="auto")
+    oracle_scores(query, key, block_size=64, allowed=None, return_tiles=False, backend="auto", chunk_tokens=512)
         -> scores [b, n] float32, or (scores, tiles [b, n, n] float32) with return_tiles
-    oracle_scores_ref(query, key, block_size, doc_ids=None, return_tiles=False)   # plain torch; the semantic spec
+    oracle_scores_ref(query, key, block_size, allowed=None, return_tiles=False)   # plain torch; the semantic spec
+    oracle_scores_torch(query, key, block_size, allowed=None, return_tiles=False, chunk_tokens=512)  # chunked
+    allowed_pairs(allowed, rows, keys, batch, device) -> [b, rows, keys] bool
     doc_ids_from_position_ids(position_ids, padding_mask=None) -> doc_ids [b, s] int32
 
 Shapes: ``query`` [b, H, s, d], ``key`` [b, KV, s, d] with H = KV * G, any strides, float32 / bfloat16 / float16.
 No gradients: the scores select tokens, they are not trained through, so everything runs under ``torch.no_grad``
-and the outputs never require grad.
+and the outputs never require grad (hence no autograd function).
 
-Backends. The Triton kernel needs d and B powers of two, d >= 16 and 16 <= B <= 128 (``tl.dot`` tiles); with
-``backend="auto"`` other shapes take the chunked torch path (O(chunk x s) memory, chunk a few blocks), which is also
-the path on CPU without the Triton interpreter. The kernel accumulates q.k in fp32 from the input dtype (exact
-products); the torch path rounds each q.k to the input dtype as torch's matmul does, so in bf16 the two differ by
-bf16 rounding of the logits (~0.4% relative), in fp32 by summation order only.
+Backends. The Triton kernel takes doc ids or nothing, and needs d and B powers of two, d >= 16 and 16 <= B <= 128
+(``tl.dot`` tiles); with ``backend="auto"`` other shapes take the chunked torch path (O(chunk x s) memory, chunk a
+few blocks), which is also the path on CPU without the Triton interpreter, and the path of every mask whatever the
+backend. The kernel accumulates q.k in fp32 from the input dtype (exact products); the torch path rounds each q.k
+to the input dtype as torch's matmul does, so in bf16 the two differ by bf16 rounding of the logits (~0.4%
+relative), in fp32 by summation order only.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_backend
+from .dispatch import BACKENDS, resolve_backend
 
 try:
     import triton
@@ -79,9 +88,10 @@ class OracleKernelConfig:
 if triton is not None:
 
     @triton.jit
-    def _allowed_pairs(rows, cols, doc_rows, doc_cols, S, HAS_DOC: tl.constexpr):
-        """[BM, BN] bool: causal (which also keeps keys inside the sequence), query inside the sequence, and with
-        doc ids: same document, key not padding (a padding query then matches no key)."""
+    def _allowed_pairs_tile(rows, cols, doc_rows, doc_cols, S, HAS_DOC: tl.constexpr):
+        """[BM, BN] bool, :func:`allowed_pairs` for doc ids inside the kernel: causal (which also keeps keys inside
+        the sequence), query inside the sequence, and with doc ids: same document, key not padding (a padding query
+        then matches no key)."""
         allowed = (cols[None, :] <= rows[:, None]) & (rows < S)[:, None]
         if HAS_DOC:
             allowed = allowed & (doc_rows[:, None] == doc_cols[None, :]) & (doc_cols >= 0)[None, :]
@@ -164,7 +174,7 @@ if triton is not None:
                 live = (m >= first_m) & (m * BLOCK_M < S)
                 if HAS_DOC:
                     # Packed documents leave most off-diagonal tiles without one allowed pair: skip their heads.
-                    any_allowed = tl.max(_allowed_pairs(rows, cols, doc_rows, doc_cols, S, HAS_DOC).to(tl.int32))
+                    any_allowed = tl.max(_allowed_pairs_tile(rows, cols, doc_rows, doc_cols, S, HAS_DOC).to(tl.int32))
                     live = live & (any_allowed > 0)
                 if live:
                     q_tile = q_ptr + bi * q_sb + rows[:, None] * q_ss + dims[None, :] * q_sd  # [BM, d] pointers
@@ -182,7 +192,7 @@ if triton is not None:
                             if UPCAST:
                                 q = q.to(tl.float32)
                             acc += tl.maximum(tl.dot(q, kt, input_precision=INPUT_PRECISION), 0.0)
-                    allowed = _allowed_pairs(rows, cols, doc_rows, doc_cols, S, HAS_DOC)
+                    allowed = _allowed_pairs_tile(rows, cols, doc_rows, doc_cols, S, HAS_DOC)
                     acc = tl.where(allowed, acc, 0.0)  # masked pairs score 0; every allowed score is >= 0
                     # Tile maxima: rows within each query block first, then keys within each key block.
                     tile = tl.max(tl.reshape(acc, [M_SUB, BLOCK, BLOCK_N]), axis=1)  # [M_SUB, BN]
@@ -287,6 +297,8 @@ def _oracle_scores_launch(
     reason = kernel_supports(query, key, block_size)
     if reason is not None:
         raise ValueError(f"oracle_scores: the Triton kernel cannot run: {reason}; use backend='auto' or 'torch'")
+    if doc_ids is not None and doc_ids.dim() != 2:
+        raise ValueError("oracle_scores: the Triton kernel takes doc_ids [b or 1, s] only; a mask takes the torch path")
     b, heads, s, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -350,7 +362,12 @@ def _oracle_scores_launch(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(query, key, block_size, doc_ids) -> None:
+def _is_mask(allowed: torch.Tensor | None) -> bool:
+    """True for a 4D mask, False for document ids [b, s] or None (see :func:`allowed_pairs`)."""
+    return allowed is not None and allowed.dim() == 4
+
+
+def _check_inputs(query, key, block_size, allowed) -> None:
     for name, t in (("query", query), ("key", key)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -366,26 +383,58 @@ def _check_inputs(query, key, block_size, doc_ids) -> None:
         raise TypeError(f"query and key must be floating point, got {query.dtype}")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if doc_ids is not None:
-        if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2 or doc_ids.shape[1] != s:
-            raise ValueError(f"doc_ids must be [b or 1, {s}], got {getattr(doc_ids, 'shape', type(doc_ids))}")
-        if doc_ids.shape[0] not in (1, b):
-            raise ValueError(f"doc_ids has batch size {doc_ids.shape[0]}, query has {b}")
-        if doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
-            raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
-        if doc_ids.device != query.device:
-            raise ValueError(f"doc_ids is on {doc_ids.device} but query is on {query.device}")
+    if allowed is None:
+        return
+    if not isinstance(allowed, torch.Tensor) or allowed.dim() not in (2, 4):
+        raise ValueError(
+            f"allowed must be doc_ids [b or 1, {s}] or a mask [b or 1, 1, {s}, {s}], "
+            f"got {getattr(allowed, 'shape', type(allowed))}"
+        )
+    if allowed.shape[0] not in (1, b):
+        raise ValueError(f"allowed has batch size {allowed.shape[0]}, query has {b}")
+    if allowed.device != query.device:
+        raise ValueError(f"allowed is on {allowed.device} but query is on {query.device}")
+    if allowed.dim() == 2:
+        if allowed.shape[1] != s:
+            raise ValueError(f"doc_ids must be [b or 1, {s}], got {tuple(allowed.shape)}")
+        if allowed.is_floating_point() or allowed.dtype == torch.bool:
+            raise TypeError(f"doc_ids must be an integer tensor, got {allowed.dtype}")
+    else:
+        # Keys past s (a mask sized for a longer key range) are never read.
+        if allowed.shape[1] != 1 or allowed.shape[2] != s or allowed.shape[3] < s:
+            raise ValueError(f"a mask must be [b or 1, 1, {s}, {s}], got {tuple(allowed.shape)}")
+        if not (allowed.dtype == torch.bool or allowed.is_floating_point()):
+            raise TypeError(f"a mask must be bool (True = attend) or additive float (0 = attend), got {allowed.dtype}")
 
 
-def _allowed_torch(doc_ids: torch.Tensor | None, rows: slice, keys: int, batch: int, device) -> torch.Tensor:
-    """[b, rows, keys] bool: j <= i, and with doc ids: same document and key not padding."""
+def allowed_pairs(
+    allowed: torch.Tensor | None,  # doc_ids [b or 1, s] integer, or a mask [b or 1, 1, s, s] bool/additive, or None
+    rows: slice,
+    keys: int,
+    batch: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which (query, key) pairs attend, for query rows ``rows`` and keys ``0..keys-1``: [b, rows, keys] bool.
+
+    Always causal (j <= i): the oracle scores causal attention, and the chunked path skips the keys after a chunk's
+    last row. Then, from whichever input there is:
+
+    - doc_ids [b or 1, s]: same document, and the key is not padding (-1); a padding query then matches no key.
+      The Triton kernel applies the same test in-kernel (``_allowed_pairs_tile``).
+    - a mask [b or 1, 1, s, s] (the model's own: sliding window, custom): True, or an additive 0, attends.
+    - None: causal only.
+    """
     i = torch.arange(rows.start, rows.stop, device=device)[:, None]  # [cq, 1]
-    allowed = torch.arange(keys, device=device)[None, :] <= i  # [cq, keys]
-    if doc_ids is None:
-        return allowed.expand(batch, -1, -1)
-    doc_q = doc_ids[:, rows, None]  # [b or 1, cq, 1]
-    doc_k = doc_ids[:, None, :keys]  # [b or 1, 1, keys]
-    return (allowed & (doc_q == doc_k) & (doc_k >= 0)).expand(batch, -1, -1)
+    causal = torch.arange(keys, device=device)[None, :] <= i  # [cq, keys]
+    if allowed is None:
+        return causal.expand(batch, -1, -1)
+    if _is_mask(allowed):
+        block = allowed[:, 0, rows, :keys]  # [b or 1, cq, keys]
+        attend = block if block.dtype == torch.bool else block == 0
+        return (causal & attend).expand(batch, -1, -1)
+    doc_q = allowed[:, rows, None]  # [b or 1, cq, 1]
+    doc_k = allowed[:, None, :keys]  # [b or 1, 1, keys]
+    return (causal & (doc_q == doc_k) & (doc_k >= 0)).expand(batch, -1, -1)
 
 
 def _tile_max(pair: torch.Tensor, block: int) -> torch.Tensor:
@@ -400,19 +449,19 @@ def oracle_scores_ref(
     query: torch.Tensor,  # [b, H, s, d]
     key: torch.Tensor,  # [b, KV, s, d]
     block_size: int,
-    doc_ids: torch.Tensor | None = None,  # [b or 1, s] integer, -1 = padding
+    allowed: torch.Tensor | None = None,  # doc_ids [b or 1, s] or mask [b or 1, 1, s, s] (see allowed_pairs)
     return_tiles: bool = False,
 ):
-    """Plain-torch spec: materialises the [b, s, s] pair matrix in fp32 (small shapes only).
+    """Plain-torch spec: materialises the [b, s, s] pair matrix in fp32 from the inputs (small shapes only).
 
     Returns scores [b, n] float32, or (scores, tiles [b, n, n]) with ``return_tiles``.
     """
-    _check_inputs(query, key, block_size, doc_ids)
+    _check_inputs(query, key, block_size, allowed)
     with torch.no_grad():
         b, heads, s, d = query.shape
         k = key.float().repeat_interleave(heads // key.shape[1], dim=1)  # [b, H, s, d]
         pair = (query.float() @ k.transpose(-1, -2) * d**-0.5).clamp_min(0).mean(1)  # [b, s, s]
-        pair = pair.masked_fill(~_allowed_torch(doc_ids, slice(0, s), s, b, query.device), 0.0)
+        pair = pair.masked_fill(~allowed_pairs(allowed, slice(0, s), s, b, query.device), 0.0)
         tiles = _tile_max(pair, block_size)  # [b, n, n]
         scores = tiles.sum(1)  # [b, n]
     return (scores, tiles) if return_tiles else scores
@@ -422,19 +471,19 @@ def oracle_scores_torch(
     query: torch.Tensor,  # [b, H, s, d]
     key: torch.Tensor,  # [b, KV, s, d]
     block_size: int,
-    doc_ids: torch.Tensor | None = None,  # [b or 1, s]
+    allowed: torch.Tensor | None = None,  # doc_ids [b or 1, s] or mask [b or 1, 1, s, s] (see allowed_pairs)
     return_tiles: bool = False,
     chunk_tokens: int = 512,
 ):
-    """Chunked torch path: query rows in chunks of whole blocks (about ``chunk_tokens``), and within a chunk one
+    """Chunked torch path: query rows in chunks of whole blocks (``chunk_tokens`` rounded up), and within a chunk one
     KV head group at a time, so the working memory is O(chunk x s x G), never O(s^2); keys after the chunk's last
-    row are skipped (causal). Logits are rounded to the input dtype by the matmul, as in scorers/oracle.py."""
-    _check_inputs(query, key, block_size, doc_ids)
+    row are skipped (causal). Each q.k is rounded to the input dtype by the matmul; heads are summed in fp32."""
+    _check_inputs(query, key, block_size, allowed)
     b, heads, s, d = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     n = math.ceil(s / block_size)
-    chunk = max(1, round(chunk_tokens / block_size)) * block_size
+    chunk = max(1, math.ceil(chunk_tokens / block_size)) * block_size  # rounded up, as config's oracle_chunk_tokens
     with torch.no_grad():
         scores = torch.zeros(b, n, dtype=torch.float32, device=query.device)  # [b, n]
         tiles_all = torch.zeros(b, n, n, dtype=torch.float32, device=query.device) if return_tiles else None
@@ -446,7 +495,7 @@ def oracle_scores_torch(
                 logits = torch.matmul(q, key[:, g, :stop].transpose(-1, -2)[:, None])  # [b, G, cq, keys]
                 pair += logits.clamp_min_(0).sum(1, dtype=torch.float32)
             pair.mul_(d**-0.5 / heads)
-            pair.masked_fill_(~_allowed_torch(doc_ids, slice(start, stop), stop, b, query.device), 0.0)
+            pair.masked_fill_(~allowed_pairs(allowed, slice(start, stop), stop, b, query.device), 0.0)
             tiles = _tile_max(pair, block_size)  # [b, qb, kb]
             scores[:, : tiles.shape[2]] += tiles.sum(1)
             if tiles_all is not None:
@@ -482,25 +531,35 @@ def oracle_scores(
     query: torch.Tensor,  # [b, H, s, d]
     key: torch.Tensor,  # [b, KV, s, d]
     block_size: int = 64,
-    doc_ids: torch.Tensor | None = None,  # [b or 1, s] integer, -1 = padding
+    allowed: torch.Tensor | None = None,  # doc_ids [b or 1, s] or mask [b or 1, 1, s, s] (see allowed_pairs)
     return_tiles: bool = False,
     backend: str = "auto",
+    chunk_tokens: int = 512,
 ):
     """LeMo's oracle block scores (see the module docstring), without gradients.
 
     Args:
         query: queries after RoPE [b, H, s, d]; key: keys after RoPE [b, KV, s, d], H a multiple of KV.
         block_size: B, tokens per block; the last block may be partial.
-        doc_ids: document index per token, -1 for padding, or None (causal only).
+        allowed: which pairs attend besides causality: document ids [b or 1, s] (integer, -1 = padding), or the
+            model's own mask [b or 1, 1, s, s] (bool True = attend, or additive float 0 = attend), or None.
         return_tiles: also return the tile maxima T [b, n, n] (zero above the diagonal).
         backend: "auto" (Triton where usable and the shapes suit it, else torch), "triton" (raises when it cannot
-            run) or "torch" (the chunked torch path).
+            run) or "torch" (the chunked torch path). A mask always takes the chunked torch path (see below).
+        chunk_tokens: query rows per chunk of the torch path (rounded up to whole blocks).
 
     Returns:
         scores [b, n] float32, or (scores, tiles [b, n, n] float32) with ``return_tiles``.
     """
-    _check_inputs(query, key, block_size, doc_ids)
-    use = resolve_backend(backend, query, key, doc_ids)
+    _check_inputs(query, key, block_size, allowed)
+    if _is_mask(allowed):
+        # The kernel tests a [BM, BN] tile from two doc-id vectors; a general mask (sliding window, custom) would be
+        # an [s, s] read it does not do. So a mask takes the chunked torch path, which reads it as it is, whatever
+        # the backend: there is no kernel to ask for, and dropping the mask would score the wrong pairs.
+        if backend not in BACKENDS:
+            resolve_backend(backend)  # raises its error for an unknown backend name
+        return oracle_scores_torch(query, key, block_size, allowed, return_tiles, chunk_tokens)
+    use = resolve_backend(backend, query, key, allowed)
     if use == "triton":
         reason = kernel_supports(query, key, block_size)
         if reason is not None:
@@ -508,7 +567,7 @@ def oracle_scores(
                 raise ValueError(f"oracle_scores: backend='triton' cannot run: {reason}; use 'auto' or 'torch'")
             use = "torch"
     if use == "torch":
-        return oracle_scores_torch(query, key, block_size, doc_ids, return_tiles)
+        return oracle_scores_torch(query, key, block_size, allowed, return_tiles, chunk_tokens)
     with torch.no_grad():
-        scores, tiles = _oracle_scores_launch(query, key, block_size, doc_ids, return_tiles)
+        scores, tiles = _oracle_scores_launch(query, key, block_size, allowed, return_tiles)
     return (scores, tiles) if return_tiles else scores

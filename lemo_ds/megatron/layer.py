@@ -60,7 +60,6 @@ from lemo_ds.errors import LemoConfigError, LemoInputError
 from lemo_ds.kernels import gather_rows, oracle_scores, write_back_rows
 from lemo_ds.scorers import build_scorer
 from lemo_ds.scorers.base import ScoreContext
-from lemo_ds.scorers.oracle import oracle_block_scores
 
 # Keyword arguments of TransformerLayer.forward a sparse layer cannot honour on a subset of tokens.
 _REFUSED_KWARGS = {
@@ -230,12 +229,14 @@ class LemoTransformerLayerMixin:
             )
             return plan.scorer.score(self, hidden_states.transpose(0, 1), context)
         query, key = self._lemo_query_key(hidden_states, rotary)  # [b, H, s, d], [b, KV, s, d]
-        if mask is not None:
+        if mask is not None:  # Megatron's mask is True where attention is masked out
             seq, batch = hidden_states.shape[:2]
             allowed = ~mask.expand(batch, 1, seq, seq)  # [b, 1, s, s], True = attend
-            return oracle_block_scores(query, key, config.block_size, allowed, config.oracle_chunk_tokens)
-        doc_ids = docs.doc_ids[None] if docs is not None else None  # [1, t]
-        return oracle_scores(query, key, config.block_size, doc_ids=doc_ids, backend=config.kernels)
+        else:
+            allowed = docs.doc_ids[None] if docs is not None else None  # doc_ids [1, t] or None (causal)
+        return oracle_scores(
+            query, key, config.block_size, allowed, backend=config.kernels, chunk_tokens=config.oracle_chunk_tokens
+        )
 
     def _lemo_query_key(self, hidden_states: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's queries [b, H, s, d] and keys [b, KV, s, d] after RoPE, as its attention makes them."""

@@ -6,7 +6,7 @@ from lemo_ds.config import LemoConfig
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.scorers.base import BlockScorer, ScoreContext
 from lemo_ds.scorers.norm import NormScorer
-from lemo_ds.scorers.oracle import OracleScorer, oracle_block_scores, oracle_block_scores_ref
+from lemo_ds.scorers.oracle import OracleScorer
 from lemo_ds.scorers.random import RandomScorer
 
 
@@ -32,6 +32,4 @@ __all__ = [
     "RandomScorer",
     "ScoreContext",
     "build_scorer",
-    "oracle_block_scores",
-    "oracle_block_scores_ref",
 ]

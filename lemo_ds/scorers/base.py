@@ -50,24 +50,3 @@ class BlockScorer(Protocol):
     def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
         """[b, n_blocks] float scores for ``hidden_states`` [b, s, h]."""
         ...
-
-
-def allowed_pairs(
-    attention_mask: torch.Tensor | None,  # [b or 1, 1, s, s] bool (True = attend) or additive float, or None
-    rows: slice,
-    keys: int,
-    batch: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Which (query, key) pairs attend, for query rows ``rows`` and keys ``0..keys-1``: [b, rows, keys] bool.
-
-    The model's own mask already holds causality, padding and packed-document boundaries; with no mask the
-    attention is plainly causal.
-    """
-    query = torch.arange(rows.start, rows.stop, device=device)[:, None]  # [cq, 1]
-    causal = torch.arange(keys, device=device)[None, :] <= query  # [cq, keys]
-    if attention_mask is None:
-        return causal.expand(batch, -1, -1)
-    block = attention_mask[:, 0, rows, :keys]  # [b or 1, cq, keys]
-    allowed = block if block.dtype == torch.bool else block == 0
-    return (allowed & causal).expand(batch, -1, -1)
