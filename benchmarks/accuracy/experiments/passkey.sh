@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Passkey retrieval beside perplexity (one H200, about 7 minutes with the reference model cached in WORK, 9 without):
+# Passkey retrieval beside perplexity (one H200; estimated 9 minutes on a fresh machine, 7 with the reference model
+# cached in WORK, e.g. the second scaling on the same machine; the predictor training and then the predictor run are
+# the longest path):
 # dense, and lemo in the nested mode at keep 0.4 with the predictor, oracle and random scorers. Every run fine-tunes
 # on the same books with recipe.passkey_rate of passkey rows and evaluates held-out perplexity and passkey accuracy
 # by needle depth (dense evaluation). Does choosing which blocks to keep matter for retrieval: predictor and oracle
