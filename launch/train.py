@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--eval-data", default=None, help="held-out text (same forms as --data): dense perplexity after training")
     add("--eval-rows", type=int, default=32, help="held-out rows of --seq-len tokens to evaluate (at most one pass)")
+    add(
+        "--eval-passkey",
+        default=None,
+        metavar="FILE",
+        type=evaluate.answer_file_arg,
+        help='.jsonl of {"prompt", "answer", "depth"}: dense teacher-forced answer accuracy after training',
+    )
     add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
     add(
         "--resume",
@@ -350,6 +357,8 @@ def train(run: Run) -> None:
         run.log(f"nothing to train: the run is at step {step} and --max-steps is {args.max_steps}")
         return
     evaluation = heldout_evaluation(run)
+    if args.eval_passkey is not None:
+        evaluation.update(evaluate.passkey_evaluation(run.engine, args.eval_passkey, run.tokenizer, run.log))
     if run.rank == 0:
         summary = {**_summary(run, step, totals, time.perf_counter() - started), **evaluation}
         metrics.write_json_atomic(Path(args.output_dir) / "summary.json", summary)

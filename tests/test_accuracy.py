@@ -115,6 +115,16 @@ def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
     assert document["predictor_training"]["ok"]
     assert (out / result_path.name.replace(".json", ".md")).read_text().count("| ") > 4
     assert document["reference"]["reference_short_ppl"] > 1.0
+    # Passkey retrieval: every run evaluated the same held-out rows, 2 per depth; the fine-tuning data mixed in
+    # passkey documents.
+    for run in document["runs"]:
+        assert "--eval-passkey" in run["command"] and run["passkey_rows"] == 10
+        assert set(run["passkey_by_depth"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+        assert all(entry["rows"] == 2 and 0.0 <= entry["accuracy"] <= 1.0 for entry in run["passkey_by_depth"].values())
+        assert 0.0 <= run["passkey_accuracy"] <= 1.0 and run["passkey_answer_loglik"] < 0.0
+    assert document["reference"]["extended_passkey_before_finetune"]["passkey_rows"] == 10
+    assert len(list((tmp_path / "work" / "finetune-2-passkey").glob("passkey-*.txt"))) > 0
+    assert "Passkey retrieval" in (out / result_path.name.replace(".json", ".md")).read_text()
 
     # The selection-bias measurement on the pipeline's extended model (benchmarks/accuracy/selection_bias.py).
     from benchmarks.accuracy import selection_bias
@@ -257,3 +267,132 @@ def test_attention_mass_scorer_sums_the_models_own_attention_weights():
     mass = torch.nn.functional.pad(weights.sum(dim=(1, 2)), (0, 3)).view(2, 6, 8).sum(-1)  # [b, 6]
     torch.testing.assert_close(scores, mass.float(), atol=1e-4, rtol=1e-4)
     assert scores.sum(1).allclose(torch.full((2,), 45.0 * 4))  # every query row of every head sums to one
+
+
+# ---- passkey retrieval (benchmarks/accuracy/passkey.py, lemo_ds.training.evaluate.passkey_evaluation) -------------
+
+
+def _prose_books(folder: Path, count: int, words: int) -> list[Path]:
+    """Book-like text without digits (the pass key is the only number), and a small tokenizer trained on it."""
+    import numpy as np
+
+    vocab = "the a cat dog sat ran on under old house river and then she he was by light night".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        sentences = [" ".join(rng.choice(vocab, size=int(rng.integers(4, 12)))).capitalize() + "." for _ in
+                     range(words // 8)]  # fmt: skip
+        paths.append(folder / f"pg{index}.txt")
+        paths[-1].write_text("\n".join(" ".join(sentences[i : i + 5]) for i in range(0, len(sentences), 5)))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory):
+    from benchmarks.accuracy.tokenizer import train_tokenizer
+    from lemo_ds.training.tokenizer import HFTokenizer
+
+    paths = _prose_books(tmp_path_factory.mktemp("prose"), 3, 6000)
+    return paths, HFTokenizer(train_tokenizer(paths, 320))
+
+
+def test_passkey_needle_sits_at_the_requested_depth(prose):
+    """The needle's tokens start after round(depth * haystack) haystack tokens of the prompt, the document is
+    exactly the asked length, and it tokenizes the same whole (training) as prompt and answer apart (evaluation)."""
+    import numpy as np
+
+    from benchmarks.accuracy import passkey
+
+    paths, tokenizer = prose
+    text = paths[0].read_text()
+    rng = np.random.default_rng(0)
+    for depth in (0.0, 0.1, 0.5, 0.9, 1.0):
+        key = passkey.make_passkey(tokenizer, text, rng, depth, 200)
+        prompt, answer = tokenizer.encode(key.prompt), tokenizer.encode(key.answer)
+        needle = tokenizer.encode(passkey.NEEDLE.format(key=key.key))
+        assert key.needle_token == round(depth * key.haystack_tokens)
+        assert np.array_equal(prompt[key.needle_token : key.needle_token + len(needle)], needle)
+        assert len(prompt) + len(answer) == 200
+        assert np.array_equal(tokenizer.encode(key.prompt + key.answer), np.concatenate([prompt, answer]))
+        assert key.prompt.count(str(key.key)) == 2 and key.answer == f" {key.key}"
+
+
+def test_passkey_training_data_keeps_the_rate_and_whole_rows(prose, tmp_path):
+    """The fine-tuning folder packs (launch/train.py's own packing) into rows that are each one whole document,
+    passkey_rate of them passkey documents; the same seed writes the same files."""
+    import numpy as np
+
+    from benchmarks.accuracy import passkey
+    from lemo_ds.training import data
+
+    paths, tokenizer = prose
+    meta = passkey.write_training_data(tokenizer, paths, tmp_path / "a", 128, 0.1, 0, "key")
+    rows = list(data.pack_rows(data.document_tokens(data.discover_files(str(tmp_path / "a")), tokenizer, 0, epochs=1),
+                               128))  # fmt: skip
+    assert all(np.array_equal(row.position_ids, np.arange(128)) for row in rows)  # one document per row
+    question = tokenizer.encode(passkey.QUESTION)
+    keyed = [row for row in rows if any(np.array_equal(row.input_ids[i : i + len(question)], question)
+                                        for i in range(128 - len(question)))]  # fmt: skip
+    assert len(rows) == meta["book_rows"] + meta["passkey_documents"]
+    assert len(keyed) == meta["passkey_documents"] == passkey.passkey_count(meta["book_rows"], 0.1) > 5
+    assert abs(len(keyed) / len(rows) - 0.1) <= 1 / len(rows)
+    assert all(row.input_ids[-1] == tokenizer.eos_id for row in keyed)  # the answer closes the document
+    passkey.write_training_data(tokenizer, paths, tmp_path / "b", 128, 0.1, 0, "key")
+    for path in (tmp_path / "a").iterdir():
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+    assert passkey.passkey_count(980, 0.02) == 20
+
+
+class _NextToken(torch.nn.Module):
+    """Logits [1, s, V] (or the last ``logits_to_keep``) that put ``scale`` on the row's next token, except at the
+    positions ``wrong`` counts from the end (1: the last position), where they put it on the token after it."""
+
+    def __init__(self, wrong: set[int], vocab: int = 300, scale: float = 4.0):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.wrong, self.vocab, self.scale = wrong, vocab, scale
+
+    def forward(self, input_ids, position_ids=None, use_cache=None, logits_to_keep=0):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # [1, s]
+        for k in self.wrong:
+            nxt[:, -k] = (nxt[:, -k] + 1) % self.vocab
+        logits = self.scale * torch.nn.functional.one_hot(nxt, self.vocab).float()  # [1, s, V]
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:]})()
+
+
+def test_passkey_evaluation_scores_exactly_the_answer_span(tmp_path):
+    """A row is right iff the argmax at every answer position is the answer's token: wrong prompt positions and the
+    position after the answer do not count, a wrong first or last answer token does; the log-likelihood is the
+    mean over answer tokens, by hand."""
+    import math
+
+    from lemo_ds.training.evaluate import answer_file_arg, passkey_evaluation
+    from lemo_ds.training.tokenizer import ByteTokenizer
+
+    path = tmp_path / "keys.jsonl"
+    records = [{"prompt": "some text, the key is 42. The key is", "answer": " 42", "depth": depth}
+               for depth in (0.1, 0.1, 0.9)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    s, n = 1 + len(records[0]["prompt"]) + 3, 3  # [BOS] prompt answer; the answer is 3 bytes
+
+    def evaluate(wrong):
+        return passkey_evaluation(_NextToken(wrong), answer_file_arg(str(path)), ByteTokenizer(), lambda m: None)
+
+    prompt_positions = set(range(n + 2, s + 1))  # from the end: positions that predict prompt tokens
+    right = evaluate(prompt_positions | {1})
+    assert right["passkey_accuracy"] == 1.0 and right["passkey_rows"] == 3
+    assert right["passkey_by_depth"] == {"0.1": {"accuracy": 1.0, "answer_loglik": pytest.approx(
+        right["passkey_answer_loglik"]), "rows": 2}, "0.9": {"accuracy": 1.0, "answer_loglik": pytest.approx(
+        right["passkey_answer_loglik"]), "rows": 1}}  # fmt: skip
+    log_z = math.log(math.exp(4.0) + 299)
+    assert right["passkey_answer_loglik"] == pytest.approx(4.0 - log_z, rel=1e-5)
+    for wrong in ({n + 1}, {2}):  # the first answer token, the last one
+        missed = evaluate(wrong)
+        assert missed["passkey_accuracy"] == 0.0
+        assert missed["passkey_answer_loglik"] == pytest.approx((2 * (4.0 - log_z) - log_z) / 3, rel=1e-5)
+    import argparse
+
+    path.write_text('{"prompt": "no answer"}\n')
+    with pytest.raises(argparse.ArgumentTypeError, match="keys.jsonl:1"):
+        answer_file_arg(str(path))

@@ -81,6 +81,12 @@ class Recipe:
     predictor_batches: int = 96
     predictor_eval_batches: int = 16
     eval_rows: int = 40  # held-out rows of short_seq * extension tokens
+    # -- passkey retrieval (benchmarks/accuracy/passkey.py) --------------------------------------------------------
+    # Share of the fine-tuning rows that are passkey documents (one row each; the books trimmed to whole rows so
+    # every run packs them alone in their rows); 0: the books as they are, no passkey documents. Every run alike.
+    passkey_rate: float = 0.02
+    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # needle depths of the held-out passkey rows
+    passkey_rows: int = 20  # held-out passkey rows of long_seq tokens per depth (dense evaluation); 0: none
     parallel: int = 12  # fine-tuning runs at once on the one GPU (small model: one run leaves it mostly idle)
     threads_per_run: int = 2
     seed: int = 0
@@ -137,6 +143,7 @@ TINY = Recipe(
     predictor_batches=2,
     predictor_eval_batches=1,
     eval_rows=2,
+    passkey_rows=2,
     parallel=2,
     threads_per_run=1,
 )

@@ -1,5 +1,6 @@
-"""The accuracy result: JSON, a Markdown table and a plot (held-out perplexity vs keep ratio, one line per
-scorer, dense as a horizontal line)."""
+"""The accuracy result: JSON, Markdown tables and a plot: held-out perplexity vs keep ratio (one line per scorer,
+dense as a horizontal line) and, with the passkey evaluation, retrieval accuracy vs needle depth (one line per run).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +47,39 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {run['name']} | {run['scorer']} | {keep} | {run['eval_ppl']:.3f} | {delta} | {recall} | "
             f"{run['final_loss']:.3f} | {run['tokens_per_s']:,.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + passkey_table(document, order)) + "\n"
+
+
+def _has_passkey(document: dict[str, Any]) -> bool:
+    return any(run.get("passkey_by_depth") for run in document["runs"])
+
+
+def passkey_table(document: dict[str, Any], order: list[dict]) -> list[str]:
+    """The passkey accuracy by needle depth of every run (empty without the passkey evaluation)."""
+    if not _has_passkey(document):
+        return []
+    recipe = document["recipe"]
+    depths = sorted({depth for run in document["runs"] for depth in run.get("passkey_by_depth") or {}}, key=float)
+    before = document["reference"].get("extended_passkey_before_finetune")
+    lines = [
+        "",
+        f"Passkey retrieval at {recipe['short_seq'] * recipe['extension']} tokens (dense evaluation, teacher-forced: a "
+        f"row is right when every answer token is the argmax): accuracy by needle depth, "
+        f"{recipe['passkey_rows']} held-out rows per depth; {100 * recipe['passkey_rate']:g}% of the fine-tuning rows "
+        "are passkey documents."
+        + (f" The extended model before fine-tuning: {before['passkey_accuracy']:.2f}." if before else ""),
+        "",
+        "| run | " + " | ".join(f"depth {depth}" for depth in depths) + " | all | answer log-likelihood |",
+        "|---|" + "---|" * (len(depths) + 2),
+    ]
+    for run in order:
+        by_depth = run.get("passkey_by_depth")
+        if not run["ok"] or not by_depth:
+            continue
+        cells = [f"{by_depth[d]['accuracy']:.2f}" if d in by_depth else "" for d in depths]
+        lines.append(f"| {run['name']} | {' | '.join(cells)} | {run['passkey_accuracy']:.2f} | "
+                     f"{run['passkey_answer_loglik']:.3f} |")  # fmt: skip
+    return lines
 
 
 def plot(document: dict[str, Any], path: Path) -> Path | None:
@@ -57,7 +90,9 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    passkey = _has_passkey(document)
+    figure, axes = plt.subplots(1, 2 if passkey else 1, figsize=(12.8 if passkey else 6.4, 4.2), squeeze=False)
+    axis = axes[0, 0]
     lines = sorted({(r["scorer"], r.get("mode", "")) for r in document["runs"] if r["scorer"] != "dense" and r["ok"]})
     for scorer, mode in lines:
         points = sorted((r["keep_ratio"], r["eval_ppl"]) for r in document["runs"]
@@ -74,10 +109,31 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
     axis.set_title("Context extension with token elimination")
     axis.legend()
     axis.grid(alpha=0.3)
+    if passkey:
+        passkey_panel(document, axes[0, 1])
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def passkey_panel(document: dict[str, Any], axis) -> None:
+    """Passkey accuracy vs needle depth, one line per run (dense in black)."""
+    for run in document["runs"]:
+        by_depth = run.get("passkey_by_depth")
+        if not run["ok"] or not by_depth:
+            continue
+        depths = sorted(by_depth, key=float)
+        style = {"color": "black", "linestyle": "--"} if run["scorer"] == "dense" else {}
+        axis.plot([float(d) for d in depths], [by_depth[d]["accuracy"] for d in depths], marker="o",
+                  label=run["name"], **style)  # fmt: skip
+    recipe = document["recipe"]
+    axis.set_xlabel("needle depth (share of the haystack before it)")
+    axis.set_ylabel("passkey accuracy")
+    axis.set_ylim(-0.05, 1.05)
+    axis.set_title(f"Passkey retrieval at {recipe['short_seq'] * recipe['extension']} tokens")
+    axis.legend(fontsize="small")
+    axis.grid(alpha=0.3)
 
 
 def write(document: dict[str, Any], out: Path, stem: str) -> list[Path]:

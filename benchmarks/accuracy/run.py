@@ -15,7 +15,10 @@ and seed: dense, and lemo with each scorer (predictor, oracle, norm, random) at 
 rule and under lemo_ds's "nested" rule (recipe.NESTED), plus a keep-ratio sweep of the predictor; several runs
 share the GPU at once; the predictors are trained offline first (launch/train_predictor.py on the extended model);
 (6) every run evaluates dense perplexity on the held-out books at 8K (launch/train.py --eval-data) and, with the
-predictor scorer, the predictors' top-k recall against the oracle on the same held-out rows.
+predictor scorer, the predictors' top-k recall against the oracle on the same held-out rows; (7) passkey retrieval
+(benchmarks/accuracy/passkey.py): the fine-tuning data holds recipe.passkey_rate of passkey rows (a number at a
+random depth of book text, asked for at the end), and every run evaluates dense retrieval accuracy on held-out
+passkey rows at 8K, by needle depth (launch/train.py --eval-passkey).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.accuracy import corpus, pretrain, report  # noqa: E402
+from benchmarks.accuracy import corpus, passkey, pretrain, report  # noqa: E402
 from benchmarks.accuracy.recipe import RECIPES, RUN_FIELDS, Recipe  # noqa: E402
 from benchmarks.accuracy.tokenizer import train_tokenizer  # noqa: E402
 from benchmarks.harness import results  # noqa: E402
@@ -203,6 +206,35 @@ def finetune_data(split: corpus.Split, work: Path, books: int | None) -> Path:
     return folder
 
 
+def training_data(split: corpus.Split, work: Path, books: int | None, recipe: Recipe, extended: Path) -> Path:
+    """What --data reads: the first ``books`` train books as they are, or with ``recipe.passkey_rate`` trimmed to
+    whole rows and mixed with passkey documents (passkey.write_training_data; kept while its inputs match)."""
+    if recipe.passkey_rate <= 0:
+        return finetune_data(split, work, books)
+    from lemo_ds.training.tokenizer import load_hf_tokenizer
+
+    chosen = split.train[:books]
+    folder = work / f"finetune-{books if books is not None else 'all'}-passkey"
+    key = passkey.data_key(recipe.reference_key(), chosen, recipe.long_seq, recipe.passkey_rate, recipe.seed)
+    started = time.perf_counter()
+    meta = passkey.write_training_data(load_hf_tokenizer(extended), chosen, folder, recipe.long_seq,
+                                       recipe.passkey_rate, recipe.seed, key)  # fmt: skip
+    log(f"fine-tuning data {folder.name}: {meta['book_rows']} rows of books, {meta['passkey_documents']} passkey "
+        f"rows ({100 * meta['passkey_share']:.2f}%), ready in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    return folder
+
+
+def passkey_eval_file(split: corpus.Split, work: Path, recipe: Recipe, extended: Path) -> Path | None:
+    """The held-out passkey rows every run evaluates (--eval-passkey), or None when ``recipe.passkey_rows`` is 0."""
+    if recipe.passkey_rows <= 0:
+        return None
+    from lemo_ds.training.tokenizer import load_hf_tokenizer
+
+    return passkey.write_eval_file(load_hf_tokenizer(extended), split.heldout, work / "passkey-eval.jsonl",
+                                   recipe.long_seq, recipe.passkey_depths, recipe.passkey_rows,
+                                   recipe.seed)  # fmt: skip
+
+
 def predictor_layers(runs: list[FineTune], recipe: Recipe) -> list[int]:
     """Every layer that some predictor run makes sparse (one predictors file serves them all)."""
     from lemo_ds.config import parse_lemo_config
@@ -237,7 +269,7 @@ def train_predictors(recipe: Recipe, extended: Path, finetune_dir: Path, work: P
 
 
 def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, heldout_dir: Path, work: Path,
-           predictors: Path | None = None):  # fmt: skip
+           predictors: Path | None = None, passkey_file: Path | None = None):  # fmt: skip
     run_dir = work / "runs" / run.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -252,6 +284,8 @@ def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, he
                "--output-dir", str(run_dir), "--no-save", "--log-every", "10"]  # fmt: skip
     if run.scorer == "predictor" and predictors is not None:
         command += ["--predictor", str(predictors)]
+    if passkey_file is not None:
+        command += ["--eval-passkey", str(passkey_file)]
     env = {**os.environ, "OMP_NUM_THREADS": str(recipe.threads_per_run), "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):  # each run is its own world
         env.pop(key, None)
@@ -260,11 +294,11 @@ def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, he
 
 
 def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.Split, heldout_dir: Path,
-            work: Path) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
+            work: Path, passkey_file: Path | None = None) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
     """Every fine-tuning run, ``recipe.parallel`` at a time (the predictor runs once the predictors are trained,
     the others meanwhile); ({name: record}, the predictor training's record or None)."""
     pending, active, records = list(runs), {}, {}
-    data_dirs = {books: finetune_data(split, work, books)  # one folder per book count, written once
+    data_dirs = {books: training_data(split, work, books, recipe, extended)  # one folder per book count
                  for books in {run.recipe(recipe).finetune_books for run in runs} | {recipe.finetune_books}}
     job = None
     if any(r.scorer == "predictor" for r in runs):
@@ -291,7 +325,8 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.
                 continue
             own = run.recipe(recipe)
             active[run.name] = (run, time.perf_counter(), *launch(run, own, extended, data_dirs[own.finetune_books],
-                                                                  heldout_dir, work, predictors))  # fmt: skip
+                                                                  heldout_dir, work, predictors,
+                                                                  passkey_file))  # fmt: skip
         time.sleep(1.0)
         for name, (run, started, process, handle, command) in list(active.items()):
             if process.poll() is None:
@@ -301,8 +336,9 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.
             records[name] = collect(run, work / "runs" / name, process.returncode, time.perf_counter() - started,
                                     command)  # fmt: skip
             status = "ok" if records[name]["ok"] else f"FAILED (exit {process.returncode}, see train.log)"
-            ppl = records[name].get("eval_ppl")
-            log(f"run {name}: {status}" + (f", held-out perplexity {ppl:.3f}" if ppl else ""))
+            ppl, key = records[name].get("eval_ppl"), records[name].get("passkey_accuracy")
+            log(f"run {name}: {status}" + (f", held-out perplexity {ppl:.3f}" if ppl else "")
+                + (f", passkey accuracy {key:.3f}" if key is not None else ""))  # fmt: skip
     return records, job_record
 
 
@@ -311,6 +347,7 @@ def _tail(path: Path, lines: int) -> list[str]:
 
 
 def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: list[str]) -> dict:
+    expect_passkey = "--eval-passkey" in command
     record = {"name": run.name, "scorer": run.scorer or "dense", "keep_ratio": run.keep_ratio, "mode": run.mode,
               "lemo_extra": run.extra, "recipe_changes": run.recipe_changes, "exit_code": code,
               "wall_s": wall_s, "command": " ".join(command), "ok": False}  # fmt: skip
@@ -318,11 +355,12 @@ def collect(run: FineTune, run_dir: Path, code: int, wall_s: float, command: lis
     if code == 0 and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         keys = ("eval_loss", "eval_ppl", "eval_tokens", "final_loss", "mean_keep_ratio", "keep_ratio_per_layer",
-                "tokens_per_s", "peak_mem_bytes", "predictor_recall")  # fmt: skip
+                "tokens_per_s", "peak_mem_bytes", "predictor_recall", "passkey_accuracy", "passkey_answer_loglik",
+                "passkey_rows", "passkey_by_depth")  # fmt: skip
         record.update({key: summary.get(key) for key in keys})
         record["predictor_recall_per_layer"] = {k.removeprefix("predictor_recall_layer"): v for k, v in summary.items()
                                                 if k.startswith("predictor_recall_layer")}  # fmt: skip
-        record["ok"] = summary.get("eval_ppl") is not None
+        record["ok"] = summary.get("eval_ppl") is not None and (not expect_passkey or "passkey_accuracy" in summary)
     else:
         record["log_tail"] = _tail(run_dir / "train.log", 15)
     return record
@@ -358,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"held-out perplexity: reference at {recipe.short_seq} tokens {baselines['reference_short_ppl']:.3f}; "
         f"extended model at {recipe.long_seq} before fine-tuning {baselines['extended_long_ppl_before_finetune']:.3f}")
+    passkey_file = passkey_eval_file(split, work, recipe, extended)
+    if passkey_file is not None:
+        before = passkey.evaluate_model(extended, passkey_file, device)
+        baselines["extended_passkey_before_finetune"] = before
+        log(f"passkey accuracy of the extended model before fine-tuning: {before['passkey_accuracy']:.3f}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -366,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         runs = [run for run in runs if run.name in wanted]
     t0 = time.perf_counter()
-    records, predictor_job = run_all(runs, recipe, extended, split, heldout_dir, work)
+    records, predictor_job = run_all(runs, recipe, extended, split, heldout_dir, work, passkey_file)
     timings["fine_tuning_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
