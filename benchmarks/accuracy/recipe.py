@@ -84,7 +84,7 @@ class Recipe:
     # -- passkey retrieval (benchmarks/accuracy/passkey.py) --------------------------------------------------------
     # Share of the fine-tuning rows that are passkey documents (one row each; the books trimmed to whole rows so
     # every run packs them alone in their rows); 0: the books as they are, no passkey documents. Every run alike.
-    passkey_rate: float = 0.02
+    passkey_rate: float = 0.05
     passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # needle depths of the held-out passkey rows
     passkey_rows: int = 20  # held-out passkey rows of long_seq tokens per depth (dense evaluation); 0: none
     parallel: int = 12  # fine-tuning runs at once on the one GPU (small model: one run leaves it mostly idle)
