@@ -18,7 +18,7 @@ from lemo_ds.predictors.fingerprint import model_fingerprint
 from lemo_ds.predictors.labels import oracle_labels
 from lemo_ds.predictors.layer_inputs import for_each_layer_input
 from lemo_ds.predictors.recall import topk_recall
-from lemo_ds.scorers.predictor import PredictorScorer, find_predictor_scorer
+from lemo_ds.predictors.scorer import PredictorScorer, find_predictor_scorer
 
 SEQ, BLOCK = 256, 16  # 16 blocks
 SECTION = {"scorer": "predictor", "block_size": BLOCK, "keep_ratio": 0.4, "kernels": "torch",
@@ -59,12 +59,14 @@ def test_uncalibrated_layers_calibrate_on_the_fly_with_oracle_selection():
     model = converted({"predictor": {**SECTION["predictor"], "calibration_batches": 2}})
     scorer = find_predictor_scorer(model)
     assert isinstance(scorer, PredictorScorer) and not scorer.bound
+    controller = lemo_ds.get_controller(model)
     captured = spy_on(model, 2)
     ids = batches(1, seed=9)[0]
     with pytest.warns(UserWarning, match="layer 2 has no trained predictor; calibrating on the fly on its first 2"):
         model(**ids)
     for calls in (1, 2):
         torch.testing.assert_close(captured["scores"], captured["oracle"])  # the oracle selects meanwhile
+        controller.set_step(calls)  # an optimizer step: the predictor trains on what the forward queued
         assert len(scorer.trainer.history[2]) == calls and scorer.trained == {2}
         if calls == 1:
             model(**ids)
@@ -171,6 +173,7 @@ def test_online_refresh_uses_the_oracle_logs_recall_and_updates_the_predictor():
     for step, ids in enumerate(batches(5, seed=8)):
         controller.set_step(step)
         model(**ids, labels=ids["input_ids"]).loss.backward()  # the recompute in backward must not refresh
+        controller.set_step(step + 1)  # the optimizer step: the refresh queued in the forward trains here
         steps_refreshed += [entry["step"] for entry in scorer.pop_refresh_log()]
     assert steps_refreshed == [2, 4]  # step 0 never refreshes (calibrated or loaded just before)
     assert len(scorer.trainer.history[2]) == 2 + 2  # two calibration batches, two refreshes

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemo_ds.kernels import oracle_scores
-from lemo_ds.scorers.base import ScoreContext, allowed_pairs
+from lemo_ds.score_context import ScoreContext, allowed_pairs
 from lemo_ds.selection import num_blocks
 
 

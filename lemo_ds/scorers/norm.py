@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
 from lemo_ds.selection import num_blocks
 
 
-class NormScorer:
+class NormScorer(BlockScorer):
     name = "norm"
 
     def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemo_ds.kernels import oracle_scores
-from lemo_ds.scorers.base import ScoreContext, allowed_pairs
+from lemo_ds.scorers.base import BlockScorer, ScoreContext, allowed_pairs
 from lemo_ds.selection import num_blocks
 
 
@@ -75,7 +75,7 @@ def oracle_block_scores_ref(
     return pair.view(batch, n, block_size, n, block_size).amax(dim=(2, 4)).sum(1)
 
 
-class OracleScorer:
+class OracleScorer(BlockScorer):
     """Causal attention, plain or within documents (``context.documents``: packed rows, padding), takes
     ``lemo_ds.kernels.oracle_scores`` (the fused Triton kernel where it runs, its chunked torch path elsewhere); a
     layer given a mask tensor (eager attention) takes the chunked PyTorch path above, which reads the mask as it

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
 from lemo_ds.selection import num_blocks
 
 
-class RandomScorer:
+class RandomScorer(BlockScorer):
     name = "random"
 
     def __init__(self, seed: int) -> None:
