@@ -86,11 +86,15 @@ class LemoController:
             hook(step)
 
     def needs_steps(self) -> bool:
-        """Whether this config does anything by optimizer step: a dense phase or ramp of the keep ratios, or an
-        online refresh of the predictors. Such a controller must be told the step (``step_guard``)."""
+        """Whether this config does anything by optimizer step: a dense phase or ramp of the keep ratios, or
+        predictors that train during training (an online refresh, or calibration on the fly without a predictors
+        file), which they do in a step hook. Such a controller must be told the step (``step_guard``)."""
         schedule = self.config.schedule
-        refresh = self.config.scorer == "predictor" and self.config.predictor.refresh_every > 0
-        return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or refresh)
+        predictor = self.config.predictor
+        trains = self.config.scorer == "predictor" and (
+            predictor.refresh_every > 0 or (self.config.predictor_path is None and predictor.calibration_batches > 0)
+        )
+        return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or trains)
 
     def on_model_forward(self, keeps_layer_outputs: bool = False, training: bool = True) -> None:
         """Called before every forward of the model (a forward pre-hook installed by apply_lemo)."""

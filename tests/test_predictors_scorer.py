@@ -270,3 +270,17 @@ def test_data_parallel_ranks_train_the_same_predictors_in_the_step_hook(tmp_path
     assert zero["refreshed"] == one["refreshed"] and [entry[:2] for entry in zero["refreshed"]] == [
         (1, 3), (1, 4), (2, 3), (2, 4)]  # fmt: skip
     assert zero["history"] == {3: 3, 4: 3}  # one calibration batch, two refreshes
+
+
+def test_calibration_on_the_fly_needs_a_loop_that_tells_the_step():
+    """The predictors calibrate after the optimizer step: a loop of one's own that never calls set_step would leave
+    them untrained (scored by the oracle) for the whole run, so it is refused after its first optimizer step."""
+    model = converted({"predictor": {**SECTION["predictor"], "calibration_batches": 2}})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = batches(1, seed=9)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the on-the-fly calibration says so once
+        model(**ids, labels=ids["input_ids"]).loss.backward()
+        optimizer.step()
+        with pytest.raises(LemoConfigError, match="predictors calibrated on the fly.*set_step"):
+            model(**ids, labels=ids["input_ids"])
