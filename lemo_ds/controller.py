@@ -6,14 +6,24 @@ Trainer's global step through ``lemo_ds.integrations.transformers``, or is set b
 model forwards (a key for the random scorer and the selection cache), turns the schedule into each layer's current
 keep ratio, and accumulates the share of tokens each layer really kept. A config that works by step on a controller
 nobody drives is refused after the first optimizer step (``lemo_ds.step_guard``).
+
+Step hooks (``add_step_hook``) run once each time the controller sees the optimizer step move, i.e. after an optimizer
+step and outside any forward of a layer: the predictor scorer trains its predictors there. Where the controller sees
+it depends on the driver: ``set_step`` (a loop of one's own, called after ``optimizer.step()``); ``poll_step``, which
+reads the step source of ``follow`` and which the Hugging Face callback calls right after the Trainer's optimizer step
+(``on_step_end``); else the next forward of the model (``on_model_forward``, the DeepSpeed engine's case, whose
+``global_steps`` moves inside ``engine.step()``). Every data-parallel rank sees the step move at the same point of
+its loop, so collectives in a hook line up across ranks.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from lemo_ds import step_guard
 from lemo_ds.config import LemoConfig
@@ -27,6 +37,7 @@ class LemoController:
         self.micro_step = 0
         self._step_source: Callable[[], int] | None = None
         self.driven = False  # something tells this controller the optimizer step (follow / set_step)
+        self._step_hooks: OrderedDict[int, Callable[[int], None]] = OrderedDict()
         self._kept = [0] * len(target_ratios)
         self._seen = [0] * len(target_ratios)
         # This forward's selections (training forwards only; a checkpoint's recompute reuses its selection):
@@ -50,21 +61,45 @@ class LemoController:
         self.follow(lambda: engine.global_steps)
 
     def set_step(self, step: int) -> None:
-        self.step = int(step)
+        """The optimizer steps taken so far; call it after every ``optimizer.step()`` (the step hooks run here)."""
         self.driven = True
+        self._advance(int(step))
+
+    def poll_step(self) -> None:
+        """Read the step source of ``follow`` now (the step hooks run if it moved): where a driver knows the
+        optimizer step was just taken, before the next forward of the model would read it."""
+        if self._step_source is not None:
+            self._advance(int(self._step_source()))
+
+    def add_step_hook(self, hook: Callable[[int], None]) -> RemovableHandle:
+        """Call ``hook(step)`` each time the controller sees the optimizer step move to ``step`` (see the module
+        docstring); hooks run in the order they were added. Returns a handle whose ``remove()`` drops the hook."""
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = hook
+        return handle
+
+    def _advance(self, step: int) -> None:
+        if step == self.step:
+            return
+        self.step = step
+        for hook in list(self._step_hooks.values()):
+            hook(step)
 
     def needs_steps(self) -> bool:
-        """Whether this config does anything by optimizer step: a dense phase or ramp of the keep ratios, or an
-        online refresh of the predictors. Such a controller must be told the step (``step_guard``)."""
+        """Whether this config does anything by optimizer step: a dense phase or ramp of the keep ratios, or
+        predictors that train during training (an online refresh, or calibration on the fly without a predictors
+        file), which they do in a step hook. Such a controller must be told the step (``step_guard``)."""
         schedule = self.config.schedule
-        refresh = self.config.scorer == "predictor" and self.config.predictor.refresh_every > 0
-        return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or refresh)
+        predictor = self.config.predictor
+        trains = self.config.scorer == "predictor" and (
+            predictor.refresh_every > 0 or (self.config.predictor_path is None and predictor.calibration_batches > 0)
+        )
+        return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or trains)
 
     def on_model_forward(self, keeps_layer_outputs: bool = False, training: bool = True) -> None:
         """Called before every forward of the model (a forward pre-hook installed by apply_lemo)."""
         step_guard.check(self, training)
-        if self._step_source is not None:
-            self.step = int(self._step_source())
+        self.poll_step()
         self.micro_step += 1
         self.processed_rows = self.last_kept_blocks = None
         self.keeps_layer_outputs = keeps_layer_outputs

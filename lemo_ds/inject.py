@@ -85,6 +85,7 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
     ratios = lemo_config.layer_keep_ratios(len(layers))
     controller = LemoController(lemo_config, ratios)
     scorer = build_scorer(lemo_config)
+    scorer.attach(controller)
     memory = lemo_config.memory
     fix_deepspeed_cpu_checkpointing()  # DeepSpeed's synchronous CPU checkpointing, see memory/ds_checkpointing.py
     offloader = CheckpointOffloader(generation=lambda: controller.micro_step) if memory.offload_checkpoints else None

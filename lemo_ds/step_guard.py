@@ -1,8 +1,9 @@
 """Misuse guard: a "lemo" schedule that works by optimizer step, on a model whose controller nobody steps.
 
-A dense phase, a keep-ratio ramp or an online predictor refresh reads ``controller.step``. A training loop that
-never tells the controller the step (no ``lemo_ds.initialize``, no ``lemo_ds.integrations.transformers``, no
-``set_step``) would leave the model dense, or never refresh, for the whole run without a word. Nothing in the
+A dense phase, a keep-ratio ramp or an online predictor refresh reads ``controller.step``, and the predictors
+train (calibration on the fly, refresh) in the controller's step hooks. A training loop that never tells the
+controller the step (no ``lemo_ds.initialize``, no ``lemo_ds.integrations.transformers``, no ``set_step``) would
+leave the model dense, or its predictors untrained, for the whole run without a word. Nothing in the
 model sees the optimizer, so this module watches every optimizer of the process (torch's global step hook):
 once an optimizer has stepped after a training forward of the model, the next forward of the model raises
 unless something drives the controller by then. Checking at the next forward, not in the hook, leaves a loop
@@ -52,14 +53,17 @@ def check(controller: Any, training: bool) -> None:
         del _watched[controller]  # driven once is driven for good: nothing more to watch
         return
     if state[1]:
-        schedule = controller.config.schedule
+        config = controller.config
+        calibrates = config.scorer == "predictor" and config.predictor_path is None
+        on_the_fly = ", predictors calibrated on the fly" if calibrates else ""
         raise LemoConfigError(
             "lemo: the model's optimizer stepped but its lemo controller does not know the step, and this lemo "
-            f"section works by step (schedule dense_steps {schedule.dense_steps}, ramp_steps {schedule.ramp_steps}, "
-            f"predictor refresh_every {controller.config.predictor.refresh_every}): the model would stay dense or "
-            "never refresh. With a Hugging Face Trainer call lemo_ds.integrations.transformers.enable(trainer); with "
-            "DeepSpeed use lemo_ds.initialize; in a loop of your own call lemo_ds.get_controller(model).set_step(step) "
-            "every step (or .follow(lambda: step_counter))"
+            f"section works by step (schedule dense_steps {config.schedule.dense_steps}, ramp_steps "
+            f"{config.schedule.ramp_steps}, predictor refresh_every {config.predictor.refresh_every}{on_the_fly}): "
+            "the model would stay dense, or its predictors untrained or never refreshed (they train after each "
+            "optimizer step). With a Hugging Face Trainer call lemo_ds.integrations.transformers.enable(trainer); "
+            "with DeepSpeed use lemo_ds.initialize; in a loop of your own call "
+            "lemo_ds.get_controller(model).set_step(step) every step (or .follow(lambda: step_counter))"
         )
     if training:
         state[0] = True

@@ -30,6 +30,7 @@ from transformers import (
 import lemo_ds
 from lemo_ds.hf_compat import trainer_checkpointing_arguments
 from lemo_ds.integrations.transformers import LemoCallback, enable
+from lemo_ds.predictors import find_predictor_scorer
 
 TRAIN, TRAIN_HF = REPO / "launch" / "train.py", REPO / "launch" / "train_hf.py"
 JOB_ENV = {"TRITON_INTERPRET": "0"}  # conftest turns the interpreter on for the kernel tests; jobs run PyTorch's path
@@ -224,6 +225,23 @@ def test_the_same_schedule_through_enable_ramps(tmp_path):
     assert isinstance(trainer.callback_handler.callbacks[0], LemoCallback)
     trainer.train()
     assert [logs["keep_ratio_layer2"] for logs in recorder.logs if "loss" in logs] == [1.0, 0.5]
+
+
+def test_predictors_train_right_after_the_trainers_optimizer_step(tmp_path):
+    """The predictor scorer calibrates on the fly (global step 0) and refreshes (global step 2) in the controller's
+    step hook, which LemoCallback runs after the optimizer step: a step's refresh is in that step's log."""
+    recorder = Recorder()
+    predictor = {"hidden_rank": 8, "out_rank": 8, "calibration_batches": 1, "calibration_updates": 2,
+                 "refresh_every": 2, "refresh_updates": 1}  # fmt: skip
+    section = {**LEMO, "scorer": "predictor", "kernels": "torch", "predictor": predictor}
+    model = lemo_ds.apply_lemo(tiny_model("llama", dtype=torch.float32), section)
+    trainer = enable(trainer_for(model, tmp_path, steps=3, recorder=recorder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the on-the-fly calibration says so once
+        trainer.train()
+    history = find_predictor_scorer(model).trainer.history
+    assert {layer: len(observations) for layer, observations in history.items()} == {2: 2}
+    assert ["predictor_recall" in logs for logs in recorder.logs if "loss" in logs] == [False, False, True]
 
 
 def test_own_loops_may_set_the_step_after_the_optimizer_step_and_must_set_it_at_all():

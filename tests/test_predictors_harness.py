@@ -18,7 +18,7 @@ from benchmarks.harness.model import build_model, random_batch  # noqa: E402
 from benchmarks.harness.shapes import get_shape  # noqa: E402
 from benchmarks.harness.variants import deactivate, get_variant  # noqa: E402
 from lemo_ds.predictors import read_metadata  # noqa: E402
-from lemo_ds.scorers.predictor import find_predictor_scorer  # noqa: E402
+from lemo_ds.predictors.scorer import find_predictor_scorer  # noqa: E402
 
 
 def test_predictor_variant_calibrates_once_then_loads_its_predictors():

@@ -19,7 +19,7 @@ from lemo_ds.predictors.fingerprint import model_fingerprint
 from lemo_ds.predictors.labels import oracle_labels
 from lemo_ds.predictors.layer_inputs import for_each_layer_input
 from lemo_ds.predictors.recall import topk_recall
-from lemo_ds.scorers.predictor import PredictorScorer, find_predictor_scorer
+from lemo_ds.predictors.scorer import PredictorScorer, find_predictor_scorer
 
 SEQ, BLOCK = 256, 16  # 16 blocks
 SECTION = {"scorer": "predictor", "block_size": BLOCK, "keep_ratio": 0.4, "kernels": "torch",
@@ -60,12 +60,14 @@ def test_uncalibrated_layers_calibrate_on_the_fly_with_oracle_selection():
     model = converted({"predictor": {**SECTION["predictor"], "calibration_batches": 2}})
     scorer = find_predictor_scorer(model)
     assert isinstance(scorer, PredictorScorer) and not scorer.bound
+    controller = lemo_ds.get_controller(model)
     captured = spy_on(model, 2)
     ids = batches(1, seed=9)[0]
     with pytest.warns(UserWarning, match="layer 2 has no trained predictor; calibrating on the fly on its first 2"):
         model(**ids)
     for calls in (1, 2):
         torch.testing.assert_close(captured["scores"], captured["oracle"])  # the oracle selects meanwhile
+        controller.set_step(calls)  # an optimizer step: the predictor trains on what the forward queued
         assert len(scorer.trainer.history[2]) == calls and scorer.trained == {2}
         if calls == 1:
             model(**ids)
@@ -172,6 +174,7 @@ def test_online_refresh_uses_the_oracle_logs_recall_and_updates_the_predictor():
     for step, ids in enumerate(batches(5, seed=8)):
         controller.set_step(step)
         model(**ids, labels=ids["input_ids"]).loss.backward()  # the recompute in backward must not refresh
+        controller.set_step(step + 1)  # the optimizer step: the refresh queued in the forward trains here
         steps_refreshed += [entry["step"] for entry in scorer.pop_refresh_log()]
     assert steps_refreshed == [2, 4]  # step 0 never refreshes (calibrated or loaded just before)
     assert len(scorer.trainer.history[2]) == 2 + 2  # two calibration batches, two refreshes
@@ -212,3 +215,73 @@ def test_loaded_file_records_what_the_table_needs(tmp_path):
     bank, meta = load_predictors(tmp_path / "p.safetensors")
     assert meta["fingerprint"]["block_size"] == BLOCK and meta["layers"]["2"]["hidden_q"] == 16
     assert meta["info"]["keep_ratio"] == {"2": 0.4} and bank.layers == [2]
+
+
+def test_step_hooks_run_once_each_time_the_controller_sees_the_step_move():
+    model = converted({"scorer": "norm"})
+    controller = lemo_ds.get_controller(model)
+    seen: list[int] = []
+    handle = controller.add_step_hook(seen.append)
+    for step in (0, 1, 1):  # set_step: 0 is where the controller starts
+        controller.set_step(step)
+    optimizer_steps = [1]
+    controller.follow(lambda: optimizer_steps[0])
+    model(**batches(1, seed=0)[0])  # the step source says 1: no move
+    optimizer_steps[0] = 3
+    controller.poll_step()  # a driver that knows the optimizer step was just taken (the Trainer's on_step_end)
+    model(**batches(1, seed=0)[0])
+    optimizer_steps[0] = 4
+    model(**batches(1, seed=0)[0])  # else the next forward of the model sees it (a DeepSpeed engine's global_steps)
+    handle.remove()
+    controller.set_step(5)
+    assert seen == [1, 3, 4]
+
+
+def _rank_trains_in_the_step_hook(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        predictor = {**SECTION["predictor"], "calibration_batches": 1, "refresh_every": 1, "refresh_updates": 2}
+        model = converted({"predictor": predictor}, layers=6)  # sparse layers 3 and 4: two trainings per hook
+        scorer, controller = find_predictor_scorer(model), lemo_ds.get_controller(model)
+        refreshed = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the on-the-fly calibration says so once
+            for step, ids in enumerate(batches(3, seed=200 + rank)):  # every rank its own data
+                model(**ids, labels=ids["input_ids"]).loss.backward()
+                controller.set_step(step + 1)  # the optimizer step: the queued inputs train, all-reducing
+                refreshed += [(entry["step"], entry["layer"], entry["recall"]) for entry in scorer.pop_refresh_log()]
+        history = {layer: len(observations) for layer, observations in scorer.trainer.history.items()}
+        torch.save({"params": [p.detach() for p in scorer.bank.parameters()], "refreshed": refreshed,
+                    "history": history}, f"{out}/{rank}.pt")  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_ranks_train_the_same_predictors_in_the_step_hook(tmp_path):
+    """Calibration on the fly (step 0) and online refreshes (steps 1, 2) train after each optimizer step, on every
+    rank its own data: the ranks keep the same predictors and log the same (averaged) recall."""
+    from launch_util import free_port
+
+    mp.start_processes(_rank_trains_in_the_step_hook, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")  # fmt: skip
+    zero, one = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(zero["params"], one["params"], strict=True))
+    assert zero["refreshed"] == one["refreshed"] and [entry[:2] for entry in zero["refreshed"]] == [
+        (1, 3), (1, 4), (2, 3), (2, 4)]  # fmt: skip
+    assert zero["history"] == {3: 3, 4: 3}  # one calibration batch, two refreshes
+
+
+def test_calibration_on_the_fly_needs_a_loop_that_tells_the_step():
+    """The predictors calibrate after the optimizer step: a loop of one's own that never calls set_step would leave
+    them untrained (scored by the oracle) for the whole run, so it is refused after its first optimizer step."""
+    model = converted({"predictor": {**SECTION["predictor"], "calibration_batches": 2}})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = batches(1, seed=9)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the on-the-fly calibration says so once
+        model(**ids, labels=ids["input_ids"]).loss.backward()
+        optimizer.step()
+        with pytest.raises(LemoConfigError, match="predictors calibrated on the fly.*set_step"):
+            model(**ids, labels=ids["input_ids"])

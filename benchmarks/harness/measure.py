@@ -1,7 +1,8 @@
 """One measured training step, the alternating loop over variants, and out-of-memory as a result.
 
 A training step is: forward + loss + backward of one batch of one sequence, then ``optimizer.step()`` (torch
-AdamW over the LoRA parameters) and ``zero_grad(set_to_none=True)``; the timer covers all of it. On CUDA it is
+AdamW over the LoRA parameters), the lemo controller told the step (``set_step``: the predictors of a predictor
+variant train there) and ``zero_grad(set_to_none=True)``; the timer covers all of it. On CUDA it is
 timed with CUDA events and its peak memory read with ``torch.cuda.max_memory_allocated/reserved`` after
 ``reset_peak_memory_stats``; on CPU it is timed with ``time.perf_counter`` and memory is not measured (null).
 
@@ -194,6 +195,8 @@ class TrainingStep:
             loss = self._loss(variant)
             loss.backward()
             bench.optimizer.step()
+            if controller is not None:  # the step taken: lemo_ds's step hooks (the predictors' training) run here
+                controller.set_step(controller.step + 1)
             bench.optimizer.zero_grad(set_to_none=True)
             seconds = self.timer.stop()
         peak_allocated = torch.cuda.max_memory_allocated(bench.device) if cuda else None

@@ -172,7 +172,7 @@ def _keep_predictors(bench: BenchModel, variant: Variant) -> None:
     """Save the variant's calibrated predictors for its next activation (once: later activations load them)."""
     import tempfile
 
-    from lemo_ds.scorers.predictor import find_predictor_scorer
+    from lemo_ds.predictors.scorer import find_predictor_scorer
 
     files = bench.info.setdefault("predictor_files", {})
     scorer = find_predictor_scorer(bench.model)

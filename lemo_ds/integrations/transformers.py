@@ -12,7 +12,8 @@ puts a ``LemoCallback`` first among the trainer's callbacks, which
 
 - makes the lemo controller follow the Trainer's global step (``controller.follow``, the same mechanism
   ``lemo_ds.initialize`` uses for a DeepSpeed engine), so the "schedule" section and the predictors' online
-  refresh run by optimizer step;
+  refresh run by optimizer step, and lets it see each step right after the optimizer took it (``on_step_end``:
+  the predictors train there, on what the step's forwards queued);
 - adds the measured keep ratios (``mean_keep_ratio``, ``keep_ratio_layer<i>``, averaged over the data-parallel
   ranks and the logging interval) and the predictors' refresh recall (``predictor_recall``...) to every training
   log, ahead of the reporting callbacks (wandb, tensorboard, ... through ``report_to``) and in
@@ -89,6 +90,10 @@ class LemoCallback(TrainerCallback):
         controller.follow(lambda: state.global_step)  # the optimizer steps taken, restored on resume
         controller.reset_stats()  # forwards before training (calibration, evaluation) are not the run's
         self.controller = controller
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.poll_step()  # after the optimizer step, before on_log: the step hooks run here
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if self.controller is None or logs is None or "loss" not in logs:

@@ -8,12 +8,12 @@
 - ``trainer``: streaming training, a few steps per observed batch, gradients averaged over data-parallel ranks; the
   positional prior each predictor must beat
 - ``layer_inputs``: a frozen model's forward over batches, every sparse layer's input handed to a callback
+- ``scorer``: the scorer that uses them (``scorer: "predictor"``): predicts in the forward, trains in the model
+  controller's step hook
 - ``calibrate``: training a converted model's predictors from a few batches, the model frozen
 - ``job``: what launch/train.py does with them (calibration before training, refresh metrics)
 - ``prune``: elastic pruning of ReLU units that are almost never active
 - ``fingerprint`` / ``io``: the model a predictors file fits; safetensors files with JSON metadata
-
-The scorer that uses them is ``lemo_ds.scorers.predictor.PredictorScorer`` (``scorer: "predictor"``).
 """
 
 from lemo_ds.predictors.calibrate import calibrate
@@ -22,6 +22,7 @@ from lemo_ds.predictors.io import load_predictors, read_metadata, save_predictor
 from lemo_ds.predictors.labels import OracleLabels, oracle_labels
 from lemo_ds.predictors.module import LayerPredictor, PredictorBank, PredictorDesign
 from lemo_ds.predictors.recall import topk_recall
+from lemo_ds.predictors.scorer import PredictorScorer, find_predictor_scorer
 from lemo_ds.predictors.trainer import PredictorTrainer, SelectionRule
 
 __all__ = [
@@ -29,10 +30,12 @@ __all__ = [
     "OracleLabels",
     "PredictorBank",
     "PredictorDesign",
+    "PredictorScorer",
     "PredictorTrainer",
     "SelectionRule",
     "calibrate",
     "check_fingerprint",
+    "find_predictor_scorer",
     "load_predictors",
     "model_fingerprint",
     "oracle_labels",

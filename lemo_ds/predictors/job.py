@@ -11,6 +11,7 @@ from torch import nn
 
 from lemo_ds.config import LemoConfig
 from lemo_ds.predictors.calibrate import calibrate
+from lemo_ds.predictors.scorer import find_predictor_scorer
 
 
 def calibrate_before_training(
@@ -40,9 +41,9 @@ def calibrate_before_training(
 
 def refresh_record(engine: nn.Module) -> dict[str, float]:
     """Metrics of the online refreshes since the last call: ``predictor_recall`` (mean over layers) and
-    ``predictor_recall_layer<i>``; empty when none happened (or the model has no predictor scorer)."""
-    from lemo_ds.scorers.predictor import find_predictor_scorer  # lemo_ds.scorers imports this package
-
+    ``predictor_recall_layer<i>``; empty when none happened (or the model has no predictor scorer). Every rank
+    calls it at the same point of its loop: the refresh of the step just taken trains here, if no forward since
+    has (``PredictorScorer.pop_refresh_log``)."""
     scorer = find_predictor_scorer(engine)
     entries = scorer.pop_refresh_log() if scorer is not None else []
     if not entries:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lemo_ds.core.selection import num_blocks
 from lemo_ds.kernels import oracle_scores
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.score_context import ScoreContext
 
 
 @dataclass

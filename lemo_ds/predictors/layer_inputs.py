@@ -17,7 +17,7 @@ from torch import nn
 from lemo_ds.controller import current_rank
 from lemo_ds.document_attention import DOCUMENTS_KWARG
 from lemo_ds.policies import policy_for, unwrap_model
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.score_context import ScoreContext
 
 LayerCallback = Callable[[nn.Module, torch.Tensor, ScoreContext], None]  # (layer, input [b, s, h], context)
 

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemo_ds.kernels.predictor_scores import pack_predictor
+
 RMS_EPS = 1e-6
 
 
@@ -178,8 +180,6 @@ class LayerPredictor(nn.Module):
 
     def packed(self, dtype: torch.dtype):
         """The weights in the layout of the inference kernel (lemo_ds.kernels.predictor_scores)."""
-        from lemo_ds.kernels.predictor_scores import pack_predictor
-
         return pack_predictor(self.w1q, self.b1q, self.w1k, self.b1k, self.wq, self.wk, dtype)
 
     def parameter_count(self) -> int:

@@ -53,10 +53,6 @@ def positional_prior(lo_block: torch.Tensor | None, n: int, batch: int, device: 
     return block_pair_allowed(lo_block, n, batch, device).sum(1).float()
 
 
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 def _world() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -110,10 +106,9 @@ class PredictorTrainer:
         optimizer = self._optimizer(layer)
         loss_value = float("nan")
         for _ in range(updates):
-            # Identity saved-tensor hooks: when this runs inside a layer under non-reentrant activation checkpointing
-            # (torch.utils.checkpoint), the checkpoint's own hooks would otherwise take the predictor's saved tensors
-            # for the layer's and then find them missing from the recompute (which reuses the selection).
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            # Never inside a layer's forward (the scorer queues, the controller's step hook trains): no activation
+            # checkpoint's saved-tensor hooks are active here. Grad on: the hook may run in an evaluation forward.
+            with torch.enable_grad():
                 tiles, scores = predictor(hidden_states, rule.block_size, labels.lo_block)
                 loss, parts = predictor_loss(tiles, scores, labels, choose, forced, self.rank_weight)
                 optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lemo_ds.config import LemoConfig
 from lemo_ds.errors import LemoConfigError
+from lemo_ds.predictors.scorer import PredictorScorer
 from lemo_ds.scorers.base import BlockScorer, ScoreContext
 from lemo_ds.scorers.norm import NormScorer
 from lemo_ds.scorers.oracle import OracleScorer
@@ -18,10 +19,8 @@ def build_scorer(config: LemoConfig) -> BlockScorer:
     if config.scorer == "norm":
         return NormScorer()
     if config.scorer == "predictor":
-        # Imported here: lemo_ds.predictors imports lemo_ds.scorers.base, so a module-level import would cycle.
-        from lemo_ds.scorers.predictor import PredictorScorer
-
-        return PredictorScorer(config)  # loads and checks predictor_path, if any
+        # Loads and checks predictor_path, if any; the oracle scores the layers it cannot yet.
+        return PredictorScorer(config, OracleScorer(config.oracle_chunk_tokens, config.kernels))
     raise LemoConfigError(f'lemo.scorer: unknown scorer "{config.scorer}"; use oracle, random, norm or predictor')
 
 
@@ -29,6 +28,7 @@ __all__ = [
     "BlockScorer",
     "NormScorer",
     "OracleScorer",
+    "PredictorScorer",
     "RandomScorer",
     "ScoreContext",
     "build_scorer",

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lemo_ds.core.selection import num_blocks
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
 
 
-class NormScorer:
+class NormScorer(BlockScorer):
     name = "norm"
 
     def score(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:

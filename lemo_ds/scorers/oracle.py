@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from lemo_ds.kernels import oracle_scores
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
 
 
-class OracleScorer:
+class OracleScorer(BlockScorer):
     """Scores a layer input with ``lemo_ds.kernels.oracle_scores`` (see the module docstring)."""
 
     name = "oracle"

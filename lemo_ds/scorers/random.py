@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from lemo_ds.core.selection import num_blocks
-from lemo_ds.scorers.base import ScoreContext
+from lemo_ds.scorers.base import BlockScorer, ScoreContext
 
 
-class RandomScorer:
+class RandomScorer(BlockScorer):
     name = "random"
 
     def __init__(self, seed: int) -> None:

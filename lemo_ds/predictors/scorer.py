@@ -1,19 +1,27 @@
 """Predictor scorer: learned per-layer predictors estimate the oracle's block scores from the layer input.
 
-The predictors (``lemo_ds.predictors``) come from a file (``predictor_path``, written by
-launch/train_predictor.py) or are trained at the start of training (``lemo_ds.predictors.calibrate``, which
-launch/train.py runs when no file is given). A layer that nobody calibrated calibrates on the fly, on its first
-``predictor.calibration_batches`` training micro-batches, which the oracle selects meanwhile (one warning); an
-untrained layer outside training is scored by the oracle. Inference is the fused kernel
-``lemo_ds.kernels.predictor_scores`` (two launches per layer).
-A layer whose predictor recalled less than the positional prior (the column length of each block, which every
-oracle score carries) over its last observations is scored by that prior instead (``prefers_prior``).
+The predictors (this package) come from a file (``predictor_path``, written by launch/train_predictor.py) or are
+trained at the start of training (``lemo_ds.predictors.calibrate``, which launch/train.py runs when no file is
+given). Inference is the fused kernel ``lemo_ds.kernels.predictor_scores`` (two launches per layer). A layer whose
+predictor recalled less than the positional prior (the column length of each block, which every oracle score
+carries) over its last observations is scored by that prior instead (``prefers_prior``).
 
-Online refresh (``predictor.refresh_every = K``): on the first micro-batch of every K-th optimizer step, each sparse
-layer is scored by the oracle instead (its selection is exact that step), the predictor's recall on that batch is
-recorded (:meth:`PredictorScorer.pop_refresh_log`), and the predictor takes a few optimizer steps on it, with the
-gradients averaged over data-parallel ranks. Every rank reaches every sparse layer at the same step in the same
-order, so the all-reduces match.
+``score`` only scores. Where a training micro-batch should also teach a predictor, it is selected by the oracle and
+queued: a copy of the layer input (on the host where the layer runs on CUDA) and the oracle's labels, computed there
+under no_grad while the layer's parameters are at hand (gathered, under ZeRO-3). The predictors train on the queue
+in the controller's step hook (``attach``), after the optimizer step and outside any forward, so no activation
+checkpoint sees their autograd graph. At most one input waits per layer, which bounds the queue's memory.
+
+- Calibration on the fly: a layer that nobody calibrated (no file, no ``calibrate``) queues one training micro-batch
+  per optimizer step until ``predictor.calibration_batches`` were queued, and is selected by the oracle meanwhile
+  (one warning); an untrained layer is scored by the oracle.
+- Online refresh (``predictor.refresh_every = K``): the first training micro-batch of every K-th optimizer step is
+  selected by the oracle at every sparse layer and queued; after that step the predictor's recall on it is recorded
+  (:meth:`PredictorScorer.pop_refresh_log`, under the step of the batch) and the predictor takes a few optimizer
+  steps on it.
+
+Gradients and recall are averaged over data-parallel ranks (``lemo_ds.predictors.trainer``): every rank queues the
+same layers at the same steps and trains them in layer order in the same step hook, so the all-reduces match.
 
 The bank of predictors is the scorer's, never a submodule of the model: ZeRO-3 does not partition it and the
 model's optimizer does not see it. It moves to the layer input's device on first use and stays fp32.
@@ -22,37 +30,70 @@ model's optimizer does not see it. It moves to the layer input's device on first
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lemo_ds.config import LemoConfig
+from lemo_ds.controller import LemoController
 from lemo_ds.core.selection import num_blocks
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.kernels.predictor_scores import predictor_scores
 from lemo_ds.predictors.fingerprint import check_fingerprint, model_fingerprint
 from lemo_ds.predictors.io import load_predictors, save_predictors
-from lemo_ds.predictors.labels import lo_block_from_mask, oracle_labels
+from lemo_ds.predictors.labels import OracleLabels, lo_block_from_mask, oracle_labels
 from lemo_ds.predictors.module import PredictorBank, PredictorDesign
-from lemo_ds.predictors.trainer import PredictorTrainer, SelectionRule, positional_prior
-from lemo_ds.scorers.base import ScoreContext
-from lemo_ds.scorers.oracle import OracleScorer
+from lemo_ds.predictors.trainer import Observation, PredictorTrainer, SelectionRule, positional_prior
+from lemo_ds.score_context import ScoreContext
+
+if TYPE_CHECKING:
+    from lemo_ds.scorers.base import BlockScorer
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@dataclass
+class QueuedInput:
+    """A layer input waiting for the step hook, with what the predictor's training needs of it."""
+
+    hidden_states: torch.Tensor  # [b, s, h] a copy of the layer input, on the host where the layer runs on CUDA
+    ready: torch.cuda.Event | None  # recorded after the copy to the host; None: no CUDA copy
+    labels: OracleLabels  # the oracle's, on the layer's device
+    updates: int  # optimizer steps of the predictor on it
+    refresh_step: int | None  # the optimizer step of an online refresh; None: calibration on the fly
+
+    @staticmethod
+    def hold(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A copy of ``hidden_states`` [b, s, h] that outlives the layer's in-place write-back: on the host (pinned,
+        copied asynchronously) for a CUDA input, so the queue takes no device memory across the backward."""
+        if hidden_states.device.type != "cuda":
+            return hidden_states.clone(), None
+        host = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, pin_memory=True)  # [b, s, h]
+        host.copy_(hidden_states, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def hidden_on(self, device: torch.device) -> torch.Tensor:
+        """[b, s, h] on ``device``, ordered after the copy to the host."""
+        if self.ready is not None:
+            torch.cuda.current_stream(device).wait_event(self.ready)
+        return self.hidden_states.to(device, non_blocking=True)
+
+
 class PredictorScorer:
     name = "predictor"
 
-    def __init__(self, config: LemoConfig) -> None:
+    def __init__(self, config: LemoConfig, oracle: BlockScorer) -> None:
+        """``oracle``: the scorer of untrained layers and of the micro-batches a predictor learns from (the oracle
+        scorer, given by ``lemo_ds.scorers.build_scorer``)."""
         self.config = config
         self.settings = config.predictor
-        self.design = PredictorDesign(
-            self.settings.hidden_rank, self.settings.out_rank, self.settings.distance_buckets
-        )
+        self.design = PredictorDesign(self.settings.hidden_rank, self.settings.out_rank, self.settings.distance_buckets)
         self.bank: PredictorBank | None = None
         self.meta: dict[str, Any] | None = None
         self.trained: set[int] = set()  # layers whose predictor has been trained (from the file, or observed)
@@ -64,13 +105,22 @@ class PredictorScorer:
             self.prior_layers = set(self.meta.get("prior_layers", []))
         self.trainer: PredictorTrainer | None = None
         self.fingerprint: dict[str, Any] | None = None
+        self.controller: LemoController | None = None
         self.refresh_log: list[dict[str, float]] = []
+        self.queue: dict[int, QueuedInput] = {}  # by layer: the input its predictor trains on after this step
         self._last_refresh: dict[int, int] = {}
         self._packed: dict[tuple, Any] = {}
         self._versions: dict[int, int] = {}
         self._warned: set[str] = set()
         self._on_the_fly_left: dict[int, int] = {}  # calibration micro-batches left to layers nobody calibrated
-        self._oracle = OracleScorer(config.oracle_chunk_tokens, config.kernels)
+        self._oracle = oracle
+
+    def attach(self, controller: LemoController) -> None:
+        """Train on the queued inputs each time ``controller`` sees the optimizer step move (its step hook)."""
+        if self.controller is not None:
+            raise LemoConfigError("a predictor scorer serves one model: build one per apply_lemo")
+        self.controller = controller
+        controller.add_step_hook(self.train_queued)
 
     # ---- binding to a model -----------------------------------------------------------------------------
 
@@ -122,20 +172,24 @@ class PredictorScorer:
             self.bind(context.policy.attention(layer).config)
         self.to(hidden_states.device)
         index = context.layer_index
-        if self._refresh_due(layer, index, context.step):
-            return self.refresh(layer, hidden_states, context)
+        learns = layer.training and not _in_backward()  # a checkpoint's recompute is not a new micro-batch
+        if learns and index not in self.queue and self._refresh_due(index, context.step):
+            self._last_refresh[index] = context.step
+            return self._queue(layer, hidden_states, context, self.settings.refresh_updates, context.step)
         if index not in self.trained and index not in self._on_the_fly_left:
             self._on_the_fly_left[index] = self.settings.calibration_batches
-        if self._on_the_fly_left.get(index, 0) > 0 and layer.training and not _in_backward():
+        if learns and self._on_the_fly_left.get(index, 0) > 0:
             # Nobody calibrated this layer (no file, no lemo_ds.predictors.calibrate): calibrate on the fly on its
-            # first scored training micro-batches, which the oracle selects meanwhile.
-            self._on_the_fly_left[index] -= 1
+            # first scored training micro-batches (one per optimizer step), which the oracle selects meanwhile.
             self._warn_once(
                 f"lemo predictor scorer: layer {index} has no trained predictor; calibrating on the fly on its first "
-                f"{self.settings.calibration_batches} training micro-batches (selected by the oracle meanwhile)"
+                f"{self.settings.calibration_batches} training micro-batches (one per optimizer step, selected by the "
+                "oracle meanwhile)"
             )
-            scores, _ = self.observe(layer, hidden_states, context, self.settings.calibration_updates)
-            return scores
+            if index in self.queue:  # one input waits per layer: the step's later micro-batches only select
+                return self._oracle.score(layer, hidden_states, context)
+            self._on_the_fly_left[index] -= 1
+            return self._queue(layer, hidden_states, context, self.settings.calibration_updates, None)
         if index not in self.trained:
             self._warn_once(f"lemo predictor scorer: layer {index} has no trained predictor yet; scoring with oracle")
             return self._oracle.score(layer, hidden_states, context)
@@ -186,35 +240,58 @@ class PredictorScorer:
 
     # ---- training -----------------------------------------------------------------------------------------
 
-    def observe(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext, updates: int):
-        """Oracle labels for this layer input, recall of the current predictor on them, then ``updates`` steps.
-        Returns (oracle scores [b, n], the trainer's Observation)."""
+    def observe(
+        self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext, updates: int
+    ) -> tuple[torch.Tensor, Observation]:
+        """Oracle labels for this layer input, recall of the current predictor on them, then ``updates`` steps, now
+        (calibration: the model frozen, outside any training forward). Returns (oracle scores [b, n], the
+        trainer's Observation)."""
         if not self.bound:
             self.bind(context.policy.attention(layer).config)
         self.to(hidden_states.device)
-        index = context.layer_index
         labels = oracle_labels(layer, hidden_states, context, backend=self.config.kernels)
+        return labels.scores, self._learn(context.layer_index, hidden_states, labels, updates)
+
+    def _learn(self, index: int, hidden_states: torch.Tensor, labels: OracleLabels, updates: int) -> Observation:
         observation = self.trainer.observe(index, hidden_states, labels, updates)
         self.trained.add(index)
         self._versions[index] = self._versions.get(index, 0) + 1
-        return labels.scores, observation
+        return observation
 
-    def _refresh_due(self, layer: nn.Module, index: int, step: int) -> bool:
+    def _refresh_due(self, index: int, step: int) -> bool:
         every = self.settings.refresh_every
-        if every <= 0 or step <= 0 or step % every or not layer.training or _in_backward():
+        if every <= 0 or step <= 0 or step % every:
             return False
         return self._last_refresh.get(index) != step
 
-    def refresh(self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext) -> torch.Tensor:
-        """One online refresh of this layer's predictor; returns the oracle's scores for this batch."""
-        self._last_refresh[context.layer_index] = context.step
-        scores, observation = self.observe(layer, hidden_states, context, self.settings.refresh_updates)
-        self.refresh_log.append({"step": context.step, "layer": context.layer_index, "recall": observation.recall,
-                                 "prior_recall": observation.prior_recall})  # fmt: skip
-        return scores
+    def _queue(
+        self, layer: nn.Module, hidden_states: torch.Tensor, context: ScoreContext, updates: int, refresh: int | None
+    ) -> torch.Tensor:
+        """Queue this layer input for the step hook (the caller found the layer's slot empty); returns the oracle's
+        scores [b, n]."""
+        labels = oracle_labels(layer, hidden_states, context, backend=self.config.kernels)  # under no_grad
+        held, ready = QueuedInput.hold(hidden_states)
+        self.queue[context.layer_index] = QueuedInput(held, ready, labels, updates, refresh)
+        return labels.scores
+
+    def train_queued(self, step: int) -> None:
+        """The step hook (``step``: the optimizer step now): train every layer's predictor on its queued input, in
+        layer order (the order of the trainer's all-reduces on every rank), and log the refreshes."""
+        queue, self.queue = self.queue, {}
+        for index in sorted(queue):
+            queued = queue[index]
+            device = queued.labels.scores.device
+            with torch.inference_mode(False):  # the hook may run in a forward under inference_mode
+                observation = self._learn(index, queued.hidden_on(device), queued.labels, queued.updates)
+            if queued.refresh_step is not None:
+                self.refresh_log.append({"step": queued.refresh_step, "layer": index, "recall": observation.recall,
+                                         "prior_recall": observation.prior_recall})  # fmt: skip
 
     def pop_refresh_log(self) -> list[dict[str, float]]:
-        """The refreshes since the last call: [{"step", "layer", "recall"}]."""
+        """The refreshes trained since the last call: [{"step" (of the refreshed batch), "layer", "recall",
+        "prior_recall"}]. The step just taken is seen first (``poll_step``), so that its refresh is in."""
+        if self.controller is not None:
+            self.controller.poll_step()
         log, self.refresh_log = self.refresh_log, []
         return log
 
