@@ -123,15 +123,16 @@ class LemoPredictorConfig(_LemoSection):
     calibration_batches: int = Field(8, ge=0, le=100000)
     """Without ``predictor_path``: micro-batches that train the predictors from scratch. launch/train.py runs
     them before training (model frozen, layers dense, oracle labels); elsewhere an uncalibrated layer calibrates
-    on the fly on its first this-many training micro-batches, which the oracle selects meanwhile."""
+    on the fly: the first micro-batch of each of its first this-many optimizer steps is selected by the oracle and
+    queued, and the predictors train on it after that step's optimizer step (the controller's step hook)."""
 
     calibration_updates: int = Field(20, ge=1, le=10000)
     """Optimizer steps of each layer's predictor per calibration micro-batch."""
 
     refresh_every: int = Field(0, ge=0)
     """Online refresh: every this many optimizer steps, the first micro-batch of the step is scored by the
-    oracle (its selection uses the oracle's scores), the predictors' recall on it is logged, and they take
-    ``refresh_updates`` steps on it, so they follow the weights as fine-tuning changes them. 0: off."""
+    oracle (its selection uses the oracle's scores), the predictors' recall on it is logged, and after the optimizer
+    step they take ``refresh_updates`` steps on it, so they follow the weights as fine-tuning changes them. 0: off."""
 
     refresh_updates: int = Field(4, ge=1, le=10000)
     """Optimizer steps of each layer's predictor per refresh."""
