@@ -518,7 +518,7 @@ def close(rt: Runtime | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rt = None
+    rt, status = None, 0
     try:
         launch_env.default_single_process_env()
         job = describe(args)
@@ -526,16 +526,16 @@ def main(argv: list[str] | None = None) -> int:
         train(job, rt)
     except LemoError as error:
         # One line, no traceback: bad input (every rank gets here on its own, before any collective), or a stop
-        # every rank learnt of together.
+        # every rank learnt of together (a non-finite loss, a failed save).
         message = ""
         for line in filter(None, (part.strip() for part in str(error).splitlines())):
             message += line if not message else (" " if message.endswith(":") else "; ") + line
         print(f"lemo_ds: error: {message}", file=sys.stderr, flush=True)
-        return getattr(error, "exit_code", 2)
+        status = getattr(error, "exit_code", 2)
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise (see there)
-    close(rt)
-    return 0
+    close(rt)  # also after a stop: a process that exits with its process group alive can abort on the way out
+    return status
 
 
 if __name__ == "__main__":

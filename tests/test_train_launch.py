@@ -239,6 +239,7 @@ def train_module():
     """launch/train.py imported as a module, to call its main() in this process (it is not a package)."""
     spec = importlib.util.spec_from_file_location("lemo_ds_launch_train", TRAIN)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
