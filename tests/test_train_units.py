@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_util import load_launch_script
 
 import lemo_ds
 from lemo_ds.training import (
@@ -27,8 +28,6 @@ from lemo_ds.training import (
 )
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 from lemo_ds.training.tokenizer import ByteTokenizer
-
-REPO = Path(__file__).resolve().parent.parent
 
 # ---- presets -------------------------------------------------------------------------------------------------
 
@@ -308,25 +307,13 @@ def test_world_size_of_the_checkpoint_is_checked_before_any_collective(tmp_path)
 # ---- the job description, and lemo_ds.initialize given the parsed section ------------------------------------
 
 
-def _train_script():
-    """launch/train.py imported as a module (it is not a package)."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("lemo_ds_launch_train_units", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_job_is_described_once_frozen_and_without_the_lemo_section(tmp_path, monkeypatch):
     import dataclasses
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 200)
-    train = _train_script()
+    train = load_launch_script("train")
     args = train.parse_args(["--seq-len", "256", "--data", str(corpus), "--output-dir", str(tmp_path / "out")])
     job = train.describe(args)
     assert isinstance(job.lemo, lemo_ds.LemoConfig) and job.lemo.keep_ratio == 0.4  # ds_configs/zero3_lemo.json
