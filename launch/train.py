@@ -32,7 +32,8 @@ OUTPUT_DIR holding an earlier run (without --resume or --overwrite) or one that 
 rank before any collective with one line "lemo_ds: error: ..." on stderr and exit status 2; a NaN/inf loss or
 weights, or a save the disk refuses, stop the job with one line and exit status 3, nothing bad saved.
 
-Shape of the job: parse -> build (checks, distributed start, model, engine, data) -> train -> close.
+Shape of the job: parse -> describe (the Job: every check, before anything heavy) -> start (the Runtime: distributed
+group, model, engine, data) -> train -> close.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ import math
 import os
 import sys
 import time
-import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout that was not pip-installed: import lemo_ds from here
@@ -53,7 +57,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import lemo_ds  # noqa: E402
-from lemo_ds.config import load_ds_config, split_ds_config  # noqa: E402
+from lemo_ds.config import LemoConfig, load_ds_config, split_ds_config  # noqa: E402
 from lemo_ds.errors import LemoError  # noqa: E402
 from lemo_ds.predictors import job as predictor_job  # noqa: E402
 from lemo_ds.scorers import build_scorer  # noqa: E402
@@ -72,41 +76,22 @@ from lemo_ds.training import (  # noqa: E402
     tracking,
 )
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped  # noqa: E402
-from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+from lemo_ds.training.parallel import ParallelDims  # noqa: E402
 from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "ds_configs" / "zero3_lemo.json"
-# DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates: one warning per call site per rank.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+flags.silence_deprecated_collectives()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = flags.job_parser(
+        __doc__.split("\n\n")[0],
+        output_dir="outputs/run",
+        output_help="metrics.jsonl, summary.json, checkpoints/",
+        grad_ckpt_help='activation checkpointing; auto: DeepSpeed\'s if the config has "activation_checkpointing", '
+        "else off",
+    )
     add = parser.add_argument
-    add(
-        "--deepspeed",
-        "--deepspeed_config",
-        dest="deepspeed",
-        default=str(DEFAULT_CONFIG),
-        metavar="CONFIG",
-        help='DeepSpeed JSON config, optionally with a "lemo" section (default: ds_configs/zero3_lemo.json)',
-    )
-    add(
-        "--model", default=DEFAULT_PRESET, help=f"local Hugging Face model directory, or a preset: {', '.join(PRESETS)}"
-    )
-    add("--data", default=None, help='text file, .jsonl ("text" field) or folder; default: the Python stdlib')
-    add("--seq-len", type=int, default=1024, help="tokens per packed row")
-    add("--max-steps", type=int, default=20, help="optimizer steps to train up to")
-    add("--output-dir", default="outputs/run", help="metrics.jsonl, summary.json, checkpoints/")
-    add("--lora-r", type=int, default=8, help="LoRA rank on q/k/v/o projections; 0 = full fine-tuning")
-    add("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
     add("--predictor", default=None, help='trained predictors file (lemo scorer "predictor")')
-    add(
-        "--grad-ckpt",
-        choices=checkpointing.MODES,
-        default="auto",
-        help='activation checkpointing; auto: DeepSpeed\'s if the config has "activation_checkpointing", else off',
-    )
     add("--eval-data", default=None, help="held-out text (same forms as --data): dense perplexity after training")
     add("--eval-rows", type=int, default=32, help="held-out rows of --seq-len tokens to evaluate (at most one pass)")
     add(
@@ -116,7 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=evaluate.answer_file_arg,
         help='.jsonl of {"prompt", "answer", "depth"}: dense teacher-forced answer accuracy after training',
     )
-    add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
     add(
         "--resume",
         nargs="?",
@@ -141,277 +125,350 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start over in an --output-dir that holds an earlier run, deleting its metrics, summary and checkpoints",
     )
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps")
-    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    args = parser.parse_args(argv)
-    for name in ("seq_len", "max_steps", "log_every", "eval_rows"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lora_r < 0 or args.save_every < 0 or args.keep_checkpoints < 0:
-        parser.error("--lora-r, --save-every and --keep-checkpoints must be 0 or more")
+    args = flags.parse_job_flags(
+        parser, argv, at_least_one=("log_every", "eval_rows"), non_negative=("save_every", "keep_checkpoints")
+    )
     if args.overwrite and args.resume:
         parser.error("--overwrite starts over and --resume continues: give one of them")
     return args
 
 
-# ---- build ---------------------------------------------------------------------------------------------
+# ---- describe: the Job ---------------------------------------------------------------------------------
 
 
-class Run:
-    """Everything the loop needs; ``build`` fills it in."""
+@dataclass(frozen=True)
+class Job:
+    """What the job is, built once from the flags and checked before anything heavy happens (no process group, no
+    model). Every rank builds it from the same flags and files, so they all reach the same verdict."""
+
+    # what to train on what: the model, its tokenizer, the text
+    model: str  # --model: a preset or a Hugging Face model directory
+    source: model.ModelSource
+    tokenizer: Any  # the presets' ByteTokenizer, else the model directory's own
+    data: str | None  # --data as given (a checkpoint records it)
+    files: tuple[Path, ...]
+    eval_files: tuple[Path, ...] | None  # None: no held-out evaluation
+    eval_passkey: str | None  # --eval-passkey: the answer file (checked as the flag is parsed)
+    seq_len: int
+    eval_rows: int
+    lora_r: int  # 0: full fine-tuning
+    seed: int
+    # how: DeepSpeed, lemo, precision, parallelism
+    ds_config: dict[str, Any]  # flags applied, precision resolved, without its "lemo" section
+    lemo: LemoConfig | None  # the parsed "lemo" section; None: dense (no section, or "enabled": false)
+    dtype: torch.dtype
+    precision_note: str | None
+    device_type: str
+    zero_stage: int
+    grad_ckpt: str  # checkpointing.MODES, "auto" resolved
+    dims: ParallelDims
+    # how long, and where everything goes
+    max_steps: int
+    log_every: int
+    output_dir: Path
+    resume: bool | str  # --resume: False, True or "auto"
+    overwrite: bool
+    save: bool  # not --no-save
+    save_every: int
+    keep_checkpoints: int
+    use_wandb: bool
+    flag_values: Mapping[str, Any]  # every flag as given: the tracker's run config
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.output_dir / output_dir.CHECKPOINTS
 
 
-def build(args: argparse.Namespace) -> Run:
-    """Check every input, then start the job: distributed group, model, engine, data."""
-    import deepspeed
+def describe(args: argparse.Namespace) -> Job:
+    """Every check of the input, before any collective: local, deterministic work only, so every rank reaches the
+    same verdict and a bad input stops them all (TrainingSetupError, LemoConfigError, ...)."""
     from deepspeed.accelerator import get_accelerator
 
-    launch_env.default_single_process_env()
-    run = check_inputs(args)
-    ds_config = run.ds_config
-
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    run.rank, run.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    launch_env.set_cpu_threads(run.device_type)
-    run.log = _rank0_printer(run.rank)
-    run.log(f"corpus: {data.describe_corpus(args.data, run.files)}")
-    if run.precision_note:
-        run.log(run.precision_note)
-
-    # -- model: partitioned as it is built under ZeRO-3; checkpointing and LoRA before the lemo conversion ---
-    run.zero3_handle = model.zero3_context(ds_config)  # must stay alive while the model is built
-    net = model.build_model(run.source, run.dtype, args.seed)
-    checkpointing.configure_activation_checkpointing(net, ds_config, run.grad_ckpt)
-    if args.lora_r > 0:
-        net = model.add_lora(net, args.lora_r, args.seed)
-    total, trainable = model.count_parameters(net)
-    run.log(
-        f"model: {args.model} ({run.source.config.model_type}, {total / 1e6:.1f}M parameters, "
-        f"{trainable / 1e6:.2f}M trainable), {str(run.dtype).removeprefix('torch.')}, "
-        f"activation checkpointing {run.grad_ckpt}"
-    )
-
-    # lemo_ds.initialize = deepspeed.initialize after converting the sparse layers ("lemo" section, if any).
-    config = {**ds_config, **({"lemo": run.lemo_section} if run.lemo_section is not None else {})}
-    params = [p for p in net.parameters() if p.requires_grad]
-    mpu = parallel.setup(run, net)  # Ulysses sequence parallelism when the config's sequence_parallel_size > 1
-    run.engine, _, _, _ = lemo_ds.initialize(model=net, model_parameters=params, config=config, mpu=mpu)
-    run.controller = lemo_ds.get_controller(run.engine)
-    # The rows are packed: the dense job attends within documents without [s, s] masks too, as apply_lemo does.
-    lemo_ds.enable_document_attention(net)
-    if run.controller is not None:
-        run.log(f"lemo: keep ratio per layer {run.controller.target_ratios}, scorer {run.lemo.scorer}")
-    else:
-        run.log("lemo: off (dense training)")
-
-    # -- data, from step 0 or from the checkpoint's step and data position ------------------------------------
-    run.start_step, start_row = 0, 0
-    if args.resume:
-        state = resume.load(run.engine, run.ckpt_dir, args, run.log)  # None: --resume auto found nothing
-        # From here on args.resume says whether this run continues a checkpoint (metrics.jsonl, summary).
-        args.resume = state is not None
-        if state is not None:
-            run.start_step, start_row = state["step"], state["rows_consumed"]
-    run.rows_per_step = run.dp_size * run.micro_batch * run.grad_accum  # an SP group shares its rows
-    rows = data.packed_rows(run.files, run.tokenizer, args.seq_len, args.seed, start=start_row)
-    run.batches = parallel.rank_batches(run, rows, run.engine.device)
-    # Predictors without a file: trained on this rank's first micro-batches (model frozen, oracle labels), read
-    # from a second iterator so that training still sees exactly the rows it would have seen.
-    first_rows = data.packed_rows(run.files, run.tokenizer, args.seq_len, args.seed, start=start_row)
-    first = data.rank_batches(first_rows, rank=run.rank, world_size=run.world_size, micro_batch=run.micro_batch)
-    predictor_job.calibrate_before_training(run.engine, first, run.lemo, run.engine.device, run.log)
-
-    run.metrics = run.wandb = None
-    if run.rank == 0:
-        metrics_path = Path(args.output_dir) / "metrics.jsonl"
-        run.metrics = metrics.MetricsLog(metrics_path, resume_step=run.start_step if args.resume else None)
-        run.wandb = tracking.WandbLogger(ds_config, vars(args)) if run.use_wandb else None
-    return run
-
-
-def check_inputs(args: argparse.Namespace) -> Run:
-    """Every check of the input, before any collective: local, deterministic work only, so every rank reaches
-    the same verdict and a bad input stops them all (TrainingSetupError, LemoConfigError, ...)."""
-    from deepspeed.accelerator import get_accelerator
-
-    run = Run()
-    run.args = args
-    run.device_type = get_accelerator().device_name()
+    device_type = get_accelerator().device_name()
     raw = flags.apply_flag_overrides(
         load_ds_config(args.deepspeed), lr=args.lr, predictor=args.predictor, config_path=args.deepspeed,
         max_steps=args.max_steps,
-    )
-    lemo_config, ds_config = split_ds_config(raw)  # validates the "lemo" section
-    ds_config, run.dtype, precision_note = precision.resolve_precision(ds_config, run.device_type)
-    run.lemo = lemo_config if lemo_config is not None and lemo_config.enabled else None
-    run.micro_batch = flags.micro_batch_size(ds_config)
+    )  # fmt: skip
+    section, ds_config = split_ds_config(raw)  # the one validation of the "lemo" section
+    lemo = section if section is not None and section.enabled else None
+    ds_config, dtype, precision_note = precision.resolve_precision(ds_config, device_type)
     flags.require_optimizer(ds_config)
-    run.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
-    run.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
-    run.source = model.resolve_model(args.model)
-    if run.lemo is not None:
-        lemo_ds.policies.check_supported(run.source.config.model_type)
-        scorer = build_scorer(run.lemo)  # an unavailable scorer or a bad predictors file fails here, not mid-build
-        if hasattr(scorer, "bind"):
-            scorer.bind(run.source.config)  # a predictors file made for another model fails here too
-        if args.seq_len < run.lemo.block_size:
+    source = model.resolve_model(args.model)
+    if lemo is not None:
+        lemo_ds.policies.check_supported(source.config.model_type)
+        if args.seq_len < lemo.block_size:
             raise TrainingSetupError(
-                f"--seq-len {args.seq_len} is shorter than one lemo block (block_size {run.lemo.block_size}); "
-                f"use --seq-len {run.lemo.block_size} or more, or a smaller lemo.block_size"
+                f"--seq-len {args.seq_len} is shorter than one lemo block (block_size {lemo.block_size}); "
+                f"use --seq-len {lemo.block_size} or more, or a smaller lemo.block_size"
             )
-    run.tokenizer = ByteTokenizer() if run.source.kind == "preset" else load_hf_tokenizer(args.model)
-    if run.tokenizer.vocab_size > run.source.config.vocab_size:
+    tokenizer = ByteTokenizer() if source.kind == "preset" else load_hf_tokenizer(args.model)
+    if tokenizer.vocab_size > source.config.vocab_size:
         raise TrainingSetupError(
-            f"--model {args.model}: the tokenizer has {run.tokenizer.vocab_size} ids, the model's vocabulary "
-            f"{run.source.config.vocab_size}; use the tokenizer the model was trained with"
+            f"--model {args.model}: the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary "
+            f"{source.config.vocab_size}; use the tokenizer the model was trained with"
         )
-    run.files = data.discover_files(args.data)
-    data.check_corpus(run.files, run.tokenizer, args.seq_len, args.data)
-    run.eval_files = None
+    files = data.discover_files(args.data)
+    data.check_corpus(files, tokenizer, args.seq_len, args.data)
+    eval_files = None
     if args.eval_data is not None:
-        run.eval_files = data.discover_files(args.eval_data, flag="--eval-data")
-        data.check_corpus(run.eval_files, run.tokenizer, args.seq_len, args.eval_data, flag="--eval-data")
+        eval_files = data.discover_files(args.eval_data, flag="--eval-data")
+        data.check_corpus(eval_files, tokenizer, args.seq_len, args.eval_data, flag="--eval-data")
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.output_dir)
-    run.ckpt_dir = out / output_dir.CHECKPOINTS
+    ckpt_dir = out / output_dir.CHECKPOINTS
     if args.resume is True:  # --resume auto may find nothing, and then starts fresh
-        resume.require_checkpoint(run.ckpt_dir)
+        resume.require_checkpoint(ckpt_dir)
     if args.resume:
-        resume.require_world_size(run.ckpt_dir, int(os.environ.get("WORLD_SIZE", "1")))
-    elif args.overwrite:
-        if int(os.environ.get("RANK", "0")) == 0:  # the other ranks write none of it; they do not look
-            output_dir.clear_earlier_run(out)
-    else:
+        resume.require_world_size(ckpt_dir, world_size)
+    elif not args.overwrite:  # --overwrite: rank 0 clears the earlier run once every rank is past these checks
         output_dir.refuse_earlier_run(out)
     output_dir.require_writable(out)
     if not args.no_save:
-        output_dir.require_writable(run.ckpt_dir)
-    run.use_wandb = tracking.prepare_wandb(ds_config, args.output_dir)
-    run.grad_ckpt = checkpointing.resolve_mode(args.grad_ckpt, ds_config)
-    run.ds_config, run.precision_note = ds_config, precision_note
-    run.lemo_section = raw.get("lemo")
-    parallel.check(run, args, ds_config)
-    return run
+        output_dir.require_writable(ckpt_dir)
+
+    return Job(
+        model=args.model,
+        source=source,
+        tokenizer=tokenizer,
+        data=args.data,
+        files=tuple(files),
+        eval_files=tuple(eval_files) if eval_files is not None else None,
+        eval_passkey=args.eval_passkey,
+        seq_len=args.seq_len,
+        eval_rows=args.eval_rows,
+        lora_r=args.lora_r,
+        seed=args.seed,
+        ds_config=ds_config,
+        lemo=lemo,
+        dtype=dtype,
+        precision_note=precision_note,
+        device_type=device_type,
+        zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        grad_ckpt=checkpointing.resolve_mode(args.grad_ckpt, ds_config),
+        dims=parallel.parallel_dims(
+            ds_config, world_size=world_size, seq_len=args.seq_len, lemo=lemo, model_config=source.config
+        ),
+        max_steps=args.max_steps,
+        log_every=args.log_every,
+        output_dir=out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        save=not args.no_save,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        use_wandb=tracking.prepare_wandb(ds_config, args.output_dir),
+        flag_values=MappingProxyType(dict(vars(args))),
+    )
+
+
+# ---- start: the Runtime --------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """The live objects of a started job, built from its Job by ``start``."""
+
+    rank: int
+    engine: Any  # the DeepSpeed engine
+    controller: Any  # the lemo controller; None when dense
+    sp: Any  # the sequence-parallel state; None without SP
+    batches: Iterator[dict[str, torch.Tensor]]  # this rank's micro-batches
+    start_step: int  # 0, or the step of the checkpoint this run continues
+    resumed: bool  # this run continues a checkpoint
+    log: Callable[[str], None]  # rank 0 prints
+    metrics: metrics.MetricsLog | None  # rank 0's
+    wandb: tracking.WandbLogger | None
+    zero3_handle: Any  # DeepSpeed's ZeRO-3 context: must stay alive while the model exists
+
+
+def start(job: Job) -> Runtime:
+    """The scorer, the distributed group, the output folder, model, engine, data."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    scorer = None
+    if job.lemo is not None:
+        # Built once, here, before any collective: an unavailable scorer or a bad predictors file (or one made for
+        # another model) stops every rank with one line; lemo_ds.initialize then converts the model with it.
+        scorer = build_scorer(job.lemo)
+        if hasattr(scorer, "bind"):
+            scorer.bind(job.source.config)
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank = torch.distributed.get_rank()
+    launch_env.set_cpu_threads(job.device_type)
+    log = _rank0_printer(rank)
+    if job.overwrite:
+        output_dir.start_over(job.output_dir)
+    log(f"corpus: {data.describe_corpus(job.data, list(job.files))}")
+    if job.precision_note:
+        log(job.precision_note)
+
+    # -- model: partitioned as it is built under ZeRO-3; checkpointing and LoRA before the lemo conversion ---
+    zero3_handle = model.zero3_context(job.ds_config)  # must stay alive while the model is built
+    net = model.build_model(job.source, job.dtype, job.seed)
+    checkpointing.configure_activation_checkpointing(net, job.ds_config, job.grad_ckpt)
+    if job.lora_r > 0:
+        net = model.add_lora(net, job.lora_r, job.seed)
+    total, trainable = model.count_parameters(net)
+    log(
+        f"model: {job.model} ({job.source.config.model_type}, {total / 1e6:.1f}M parameters, "
+        f"{trainable / 1e6:.2f}M trainable), {str(job.dtype).removeprefix('torch.')}, "
+        f"activation checkpointing {job.grad_ckpt}"
+    )
+
+    # lemo_ds.initialize = deepspeed.initialize after converting the sparse layers with the parsed section.
+    params = [p for p in net.parameters() if p.requires_grad]
+    sp = parallel.setup(job.dims, net)  # Ulysses sequence parallelism when the config's sequence_parallel_size > 1
+    engine, _, _, _ = lemo_ds.initialize(
+        model=net, model_parameters=params, config=job.ds_config, mpu=sp.mpu if sp is not None else None,
+        lemo_config=job.lemo, lemo_scorer=scorer,
+    )  # fmt: skip
+    controller = lemo_ds.get_controller(engine)
+    # The rows are packed: the dense job attends within documents without [s, s] masks too, as apply_lemo does.
+    lemo_ds.enable_document_attention(net)
+    if controller is not None:
+        log(f"lemo: keep ratio per layer {controller.target_ratios}, scorer {job.lemo.scorer}")
+    else:
+        log("lemo: off (dense training)")
+
+    # -- data, from step 0 or from the checkpoint's step and data position ------------------------------------
+    start_step, start_row = 0, 0
+    state = resume.load(engine, job.ckpt_dir, job, log) if job.resume else None  # None: --resume auto found none
+    if state is not None:
+        start_step, start_row = state["step"], state["rows_consumed"]
+    rows = data.packed_rows(list(job.files), job.tokenizer, job.seq_len, job.seed, start=start_row)
+    batches = parallel.rank_batches(rows, job.dims, sp, rank, engine.device)
+    # Predictors without a file: trained on this rank's first micro-batches (model frozen, oracle labels), read
+    # from a second iterator so that training still sees exactly the rows it would have seen.
+    first_rows = data.packed_rows(list(job.files), job.tokenizer, job.seq_len, job.seed, start=start_row)
+    first = data.rank_batches(first_rows, rank=rank, world_size=job.dims.world_size, micro_batch=job.dims.micro_batch)
+    predictor_job.calibrate_before_training(engine, first, job.lemo, engine.device, log)
+
+    metrics_log = wandb = None
+    if rank == 0:
+        resume_step = start_step if state is not None else None
+        metrics_log = metrics.MetricsLog(job.output_dir / "metrics.jsonl", resume_step=resume_step)
+        wandb = tracking.WandbLogger(job.ds_config, dict(job.flag_values)) if job.use_wandb else None
+    return Runtime(rank, engine, controller, sp, batches, start_step, state is not None, log, metrics_log, wandb,
+                   zero3_handle)  # fmt: skip
 
 
 # ---- train ---------------------------------------------------------------------------------------------
 
 
-def train(run: Run) -> None:
-    args, engine = run.args, run.engine
-    tokens_per_step = run.rows_per_step * args.seq_len  # all ranks together
-    mem_label = "cuda peak" if run.device_type == "cuda" else "peak RSS"
-    bar = tqdm(total=args.max_steps, initial=run.start_step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
+def train(job: Job, rt: Runtime) -> None:
+    engine, dims = rt.engine, job.dims
+    tokens_per_step = dims.rows_per_step * job.seq_len  # all ranks together
+    mem_label = "cuda peak" if job.device_type == "cuda" else "peak RSS"
+    bar = tqdm(total=job.max_steps, initial=rt.start_step, disable=rt.rank != 0, desc="train", dynamic_ncols=True)
     totals = metrics.RunTotals()
     started = time.perf_counter()
     engine.train()
-    if run.controller is not None:
-        run.controller.reset_stats()
+    if rt.controller is not None:
+        rt.controller.reset_stats()
 
-    step, recall_note = run.start_step, ""
-    for step in range(run.start_step + 1, args.max_steps + 1):
+    step, recall_note = rt.start_step, ""
+    for step in range(rt.start_step + 1, job.max_steps + 1):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside engine.step)
         loss_sum = torch.zeros((), device=engine.device)
-        for _ in range(run.grad_accum):  # engine.step() only updates at the accumulation boundary
-            batch = {k: v.to(engine.device) for k, v in next(run.batches).items()}  # [b, s] each
-            loss, reported = parallel.forward_loss(run, engine, batch)
+        for _ in range(dims.grad_accum):  # engine.step() only updates at the accumulation boundary
+            batch = {k: v.to(engine.device) for k, v in next(rt.batches).items()}  # [b, s] each
+            loss, reported = parallel.forward_loss(engine, batch, rt.sp)
             engine.backward(loss)
             engine.step()
             loss_sum += reported.float()
         # One all-reduce: loss and per-layer keep ratios [1 + L], averaged over the data-parallel ranks, so
         # every rank reports the same numbers.
-        reduced = torch.cat([loss_sum.reshape(1) / run.grad_accum, _keep_ratios(run).to(engine.device)])
+        keep = metrics.take_keep_ratios(rt.controller, job.source.config.num_hidden_layers)  # [L], 1.0 when dense
+        reduced = torch.cat([loss_sum.reshape(1) / dims.grad_accum, keep.to(engine.device)])
         torch.distributed.all_reduce(reduced)
-        loss_value, *keep_per_layer = (reduced / run.world_size).tolist()
+        loss_value, *keep_per_layer = (reduced / dims.world_size).tolist()
         if not math.isfinite(loss_value):
-            stop_on_nonfinite_loss(run, step, loss_value, lr)  # every rank: they all see the same reduced loss
+            stop_on_nonfinite_loss(job, rt, step, loss_value, lr)  # every rank: they all see the same reduced loss
         step_s = time.perf_counter() - t0
         mean_keep = sum(keep_per_layer) / len(keep_per_layer)
         # A process's first step pays for warm-up (allocation, lazy init): throughput leaves it out.
-        warm = step > run.start_step + 1 or args.max_steps == run.start_step + 1
+        warm = step > rt.start_step + 1 or job.max_steps == rt.start_step + 1
         totals.add(loss_value, keep_per_layer, tokens_per_step, step_s, timed=warm)
 
-        if args.save_every and step % args.save_every == 0 and not args.no_save:
-            resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args, keep=args.keep_checkpoints)
+        if job.save and job.save_every and step % job.save_every == 0:
+            resume.save(engine, job.ckpt_dir, step, step * dims.rows_per_step, job, keep=job.keep_checkpoints)
         refreshed = predictor_job.refresh_record(engine)  # online refresh of the predictors: recall (all ranks)
         recall_note = f" | recall {refreshed['predictor_recall']:.3f}" if refreshed else recall_note
-        if run.rank == 0:
-            peak, _ = metrics.peak_memory(run.device_type)
+        if rt.rank == 0:
+            peak, _ = metrics.peak_memory(job.device_type)
             record = {"step": step, "loss": loss_value, "tokens": tokens_per_step, "step_time_s": step_s,
                       "tokens_per_s": tokens_per_step / step_s, "lr": lr, "mean_keep_ratio": mean_keep,
                       "keep_ratio_per_layer": keep_per_layer, "peak_mem_bytes": peak, **refreshed}  # fmt: skip
-            run.metrics.write(record)
-            if run.wandb is not None:
-                run.wandb.log(record)
+            rt.metrics.write(record)
+            if rt.wandb is not None:
+                rt.wandb.log(record)
             bar.update(1)
-            if step % args.log_every == 0 or step == args.max_steps:
+            if step % job.log_every == 0 or step == job.max_steps:
                 bar.set_postfix_str(
                     f"loss {loss_value:.4f} | {tokens_per_step / step_s:,.0f} tok/s | keep {mean_keep:.2f} | "
                     f"{mem_label} {metrics.format_bytes(peak)}{recall_note}"
                 )
     bar.close()
 
-    if not args.no_save and step > run.start_step and not (args.save_every and step % args.save_every == 0):
-        resume.save(engine, run.ckpt_dir, step, step * run.rows_per_step, args, keep=args.keep_checkpoints)
+    if job.save and step > rt.start_step and not (job.save_every and step % job.save_every == 0):
+        resume.save(engine, job.ckpt_dir, step, step * dims.rows_per_step, job, keep=job.keep_checkpoints)
     if totals.steps == 0:
-        run.log(f"nothing to train: the run is at step {step} and --max-steps is {args.max_steps}")
+        rt.log(f"nothing to train: the run is at step {step} and --max-steps is {job.max_steps}")
         return
-    evaluation = heldout_evaluation(run)
-    if args.eval_passkey is not None:
-        evaluation.update(evaluate.passkey_evaluation(run.engine, args.eval_passkey, run.tokenizer, run.log))
-    if run.rank == 0:
-        summary = {**_summary(run, step, totals, time.perf_counter() - started), **evaluation}
-        metrics.write_json_atomic(Path(args.output_dir) / "summary.json", summary)
+    evaluation = heldout_evaluation(job, rt)
+    if job.eval_passkey is not None:
+        evaluation.update(evaluate.passkey_evaluation(rt.engine, job.eval_passkey, job.tokenizer, rt.log))
+    if rt.rank == 0:
+        summary = {**_summary(job, rt, step, totals, time.perf_counter() - started), **evaluation}
+        metrics.write_json_atomic(job.output_dir / "summary.json", summary)
         loss, keep = summary["final_loss"], summary["mean_keep_ratio"]
-        run.log(
+        rt.log(
             f"done: step {step}, loss {'n/a' if loss is None else f'{loss:.4f}'}, "
             f"{summary['tokens_per_s']:,.0f} tok/s, mean keep ratio {'n/a' if keep is None else f'{keep:.3f}'}; "
-            f"wrote {Path(args.output_dir) / 'summary.json'}"
+            f"wrote {job.output_dir / 'summary.json'}"
         )
 
 
-def stop_on_nonfinite_loss(run: Run, step: int, loss_value: float, lr: float) -> None:
+def stop_on_nonfinite_loss(job: Job, rt: Runtime, step: int, loss_value: float, lr: float) -> None:
     """A NaN/inf loss: the weights are (or are about to be) ruined, so stop before anything saves them. The
     step's record says so in strict JSON (loss null)."""
-    if run.rank == 0:
-        run.metrics.write({"step": step, "loss": None, "loss_nonfinite": str(loss_value), "lr": lr})
+    if rt.rank == 0:
+        rt.metrics.write({"step": step, "loss": None, "loss_nonfinite": str(loss_value), "lr": lr})
     raise TrainingStopped(
-        f"the loss is {loss_value} at step {step}; stopped without saving ({resume.latest_note(run.ckpt_dir)}); "
+        f"the loss is {loss_value} at step {step}; stopped without saving ({resume.latest_note(job.ckpt_dir)}); "
         "lower --lr (or check the data), then continue with --resume"
     )
 
 
-def heldout_evaluation(run: Run) -> dict:
+def heldout_evaluation(job: Job, rt: Runtime) -> dict:
     """With --eval-data: dense perplexity on the held-out rows and, with the predictor scorer, the predictors'
     recall against the oracle on the same rows (every rank takes part; rank 0 logs)."""
-    if run.eval_files is None:
+    if job.eval_files is None:
         return {}
-    args = run.args
 
     def batches():
-        rows = data.heldout_rows(run.eval_files, run.tokenizer, args.seq_len, args.seed, limit=args.eval_rows)
-        return data.rank_batches(rows, rank=run.rank, world_size=run.world_size, micro_batch=run.micro_batch)
+        rows = data.heldout_rows(list(job.eval_files), job.tokenizer, job.seq_len, job.seed, limit=job.eval_rows)
+        return data.rank_batches(rows, rank=rt.rank, world_size=job.dims.world_size, micro_batch=job.dims.micro_batch)
 
     started = time.perf_counter()
-    result = evaluate.heldout_perplexity(run.engine, batches())
-    if run.lemo is not None and run.lemo.scorer == "predictor":
-        result.update(evaluate.heldout_recall(run.engine, batches()))
+    result = evaluate.heldout_perplexity(rt.engine, batches())
+    if job.lemo is not None and job.lemo.scorer == "predictor":
+        result.update(evaluate.heldout_recall(rt.engine, batches()))
     recall = f", predictor recall {result['predictor_recall']:.3f}" if "predictor_recall" in result else ""
-    run.log(
+    rt.log(
         f"held-out: {result['eval_tokens']:,} tokens, loss {result['eval_loss']:.4f}, perplexity "
         f"{result['eval_ppl']:.3f}{recall} (dense evaluation, {time.perf_counter() - started:.1f} s)"
     )
     return result
 
 
-def _keep_ratios(run: Run) -> torch.Tensor:
-    """Measured kept-token share per decoder layer since the last call: [L] (all 1.0 without lemo)."""
-    return metrics.take_keep_ratios(run.controller, run.source.config.num_hidden_layers)
-
-
-def _summary(run: Run, step: int, totals: metrics.RunTotals, elapsed: float) -> dict:
-    args = run.args
-    peak, kind = metrics.peak_memory(run.device_type)
+def _summary(job: Job, rt: Runtime, step: int, totals: metrics.RunTotals, elapsed: float) -> dict:
+    peak, kind = metrics.peak_memory(job.device_type)
     return {
         "steps": step,
         "steps_this_run": totals.steps,
@@ -421,26 +478,26 @@ def _summary(run: Run, step: int, totals: metrics.RunTotals, elapsed: float) -> 
         "peak_mem_kind": kind,
         "mean_keep_ratio": totals.mean_keep_ratio,
         "keep_ratio_per_layer": totals.keep_ratio_per_layer,
-        "world_size": run.world_size,
-        "sequence_parallel_size": run.sp_size,
-        "zero_stage": run.zero_stage,
-        "model": args.model,
-        "model_type": run.source.config.model_type,
-        "seq_len": args.seq_len,
-        "micro_batch": run.micro_batch,
-        "grad_accum": run.grad_accum,
-        "lora_r": args.lora_r,
-        "scorer": run.lemo.scorer if run.lemo is not None else None,
-        "dtype": str(run.dtype).removeprefix("torch."),
-        "grad_ckpt": run.grad_ckpt,
-        "device": run.device_type,
-        "resumed_from_step": run.start_step if args.resume else None,
+        "world_size": job.dims.world_size,
+        "sequence_parallel_size": job.dims.sp,
+        "zero_stage": job.zero_stage,
+        "model": job.model,
+        "model_type": job.source.config.model_type,
+        "seq_len": job.seq_len,
+        "micro_batch": job.dims.micro_batch,
+        "grad_accum": job.dims.grad_accum,
+        "lora_r": job.lora_r,
+        "scorer": job.lemo.scorer if job.lemo is not None else None,
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "grad_ckpt": job.grad_ckpt,
+        "device": job.device_type,
+        "resumed_from_step": rt.start_step if rt.resumed else None,
         "elapsed_s": elapsed,
         "command": " ".join(sys.argv),
     }
 
 
-def _rank0_printer(rank: int):
+def _rank0_printer(rank: int) -> Callable[[str], None]:
     def log(message: str) -> None:
         if rank == 0:
             tqdm.write(f"lemo_ds: {message}", file=sys.stdout)
@@ -452,29 +509,33 @@ def _rank0_printer(rank: int):
 # ---- close ---------------------------------------------------------------------------------------------
 
 
-def close(run: Run) -> None:
-    if run.wandb is not None:
-        run.wandb.close()
+def close(rt: Runtime | None) -> None:
+    if rt is not None and rt.wandb is not None:
+        rt.wandb.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rt, status = None, 0
     try:
-        run = build(args)
-        train(run)
+        launch_env.default_single_process_env()
+        job = describe(args)
+        rt = start(job)
+        train(job, rt)
     except LemoError as error:
-        # Bad input: one line, no traceback. Every rank gets here on its own, before any collective.
+        # One line, no traceback: bad input (every rank gets here on its own, before any collective), or a stop
+        # every rank learnt of together (a non-finite loss, a failed save).
         message = ""
         for line in filter(None, (part.strip() for part in str(error).splitlines())):
             message += line if not message else (" " if message.endswith(":") else "; ") + line
         print(f"lemo_ds: error: {message}", file=sys.stderr, flush=True)
-        return getattr(error, "exit_code", 2)
+        status = getattr(error, "exit_code", 2)
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise (see there)
-    close(run)
-    return 0
+    close(rt)  # also after a stop: a process that exits with its process group alive can abort on the way out
+    return status
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,42 +38,21 @@ from lemo_ds.hf_compat import trainer_checkpointing_arguments  # noqa: E402
 from lemo_ds.inject import enable_document_attention  # noqa: E402
 from lemo_ds.integrations.transformers import enable  # noqa: E402
 from lemo_ds.training import checkpointing, data, flags, launch_env, metrics, model, precision  # noqa: E402
-from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "ds_configs" / "zero3_lemo.json"
-# DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates: one warning per call site per rank.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+flags.silence_deprecated_collectives()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add(
-        "--deepspeed",
-        "--deepspeed_config",
-        dest="deepspeed",
-        default=str(DEFAULT_CONFIG),
-        metavar="CONFIG",
-        help='DeepSpeed JSON config, with a "lemo" section or without (dense); default ds_configs/zero3_lemo.json',
+    parser = flags.job_parser(
+        __doc__.split("\n\n")[0],
+        output_dir="outputs/run_hf",
+        output_help="metrics.jsonl, final/ (the trained model or adapter)",
+        grad_ckpt_help="activation checkpointing; hf: TrainingArguments(gradient_checkpointing=True); deepspeed: "
+        'DeepSpeed\'s; auto: deepspeed if the config has "activation_checkpointing", else off',
     )
-    add("--model", default=DEFAULT_PRESET, help=f"local Hugging Face model directory or a preset: {', '.join(PRESETS)}")
-    add("--data", default=None, help='text file, .jsonl ("text" field) or folder; default: the Python stdlib')
-    add("--seq-len", type=int, default=1024, help="tokens per packed row")
-    add("--max-steps", type=int, default=20, help="optimizer steps")
-    add("--output-dir", default="outputs/run_hf", help="metrics.jsonl, final/ (the trained model or adapter)")
-    add("--lora-r", type=int, default=8, help="LoRA rank on q/k/v/o projections; 0 = full fine-tuning")
-    add("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
-    add("--grad-ckpt", choices=checkpointing.MODES, default="auto",
-        help="activation checkpointing; hf: TrainingArguments(gradient_checkpointing=True); deepspeed: DeepSpeed's; "
-        'auto: deepspeed if the config has "activation_checkpointing", else off')  # fmt: skip
-    add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
-    add("--no-save", action="store_true", help="do not write OUTPUT_DIR/final")
-    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    args = parser.parse_args(argv)
-    if min(args.seq_len, args.max_steps) < 1 or args.lora_r < 0:
-        parser.error("--seq-len and --max-steps must be at least 1, --lora-r 0 or more")
-    return args
+    parser.add_argument("--no-save", action="store_true", help="do not write OUTPUT_DIR/final")
+    return flags.parse_job_flags(parser, argv)
 
 
 class PackedRows(torch.utils.data.IterableDataset):
@@ -135,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = flags.apply_flag_overrides(load_ds_config(args.deepspeed), lr=args.lr, predictor=None,
                                          config_path=args.deepspeed, max_steps=args.max_steps)  # fmt: skip
-        _, ds_config = split_ds_config(raw)  # validates the "lemo" section
+        lemo, ds_config = split_ds_config(raw)  # the one validation of the "lemo" section
         device_type = get_accelerator().device_name()
         ds_config, dtype, _ = precision.resolve_precision(ds_config, device_type)
         grad_ckpt = checkpointing.resolve_mode(args.grad_ckpt, ds_config)
@@ -147,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # Built before the model: under ZeRO-3 it makes from_pretrained/from_config partition as they build.
         training_args = TrainingArguments(
             output_dir=args.output_dir,
-            deepspeed={**ds_config, **({"lemo": raw["lemo"]} if "lemo" in raw else {})},
+            deepspeed=dict(ds_config),  # the Trainer fills its "auto" values in: a copy
             max_steps=args.max_steps,
             logging_steps=1,
             save_strategy="no",
@@ -163,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.lora_r > 0:
             net = model.add_lora(net, args.lora_r, args.seed)
         dataset = PackedRows(files, tokenizer, args.seq_len, args.seed, training_args.per_device_train_batch_size)
-        trainer = enable(Trainer(model=net, args=training_args, train_dataset=dataset))  # the lemo_ds line
+        trainer = Trainer(model=net, args=training_args, train_dataset=dataset)
+        if lemo is not None:  # the lemo_ds line, with the section parsed above (the Trainer's config holds none)
+            enable(trainer, config=lemo)
         # The rows are packed: a dense job attends within documents without [s, s] masks too, as launch/train.py.
         enable_document_attention(trainer.model)
         dataset.own_shard = trainer.accelerator.num_processes < int(os.environ.get("WORLD_SIZE", "1"))

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config  # noqa: E402
+from lemo_ds.config import LEMO_KEY, LemoConfig, load_ds_config, parse_lemo_config  # noqa: E402
 from lemo_ds.errors import LemoError  # noqa: E402
 from lemo_ds.training import data, launch_env  # noqa: E402
 from lemo_ds.training.errors import TrainingSetupError  # noqa: E402
@@ -82,8 +82,7 @@ def lemo_section(args: argparse.Namespace) -> LemoConfig | None:
     if args.lemo.strip().lower() == "none":
         return None
     if os.path.isfile(args.lemo):
-        lemo, _ = split_ds_config(args.lemo)
-        section = lemo.model_dump() if lemo is not None else None
+        section = load_ds_config(args.lemo).get(LEMO_KEY)  # validated once, below, with --block-size applied
     else:
         try:
             section = json.loads(args.lemo)

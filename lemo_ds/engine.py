@@ -7,7 +7,8 @@ from typing import Any
 
 import deepspeed
 
-from lemo_ds.config import split_ds_config
+from lemo_ds.config import LemoConfig, split_ds_config
+from lemo_ds.errors import LemoConfigError
 from lemo_ds.inject import apply_lemo, get_controller
 
 
@@ -23,6 +24,8 @@ def initialize(
     collate_fn: Any = None,
     config: Any = None,
     config_params: Any = None,
+    lemo_config: LemoConfig | None = None,
+    lemo_scorer: Any = None,
     **kwargs: Any,
 ) -> tuple:
     """Same arguments and return value as ``deepspeed.initialize``.
@@ -31,19 +34,28 @@ def initialize(
     ``args.deepspeed_config``, as deepspeed reads it. Its "lemo" section is validated and applied to
     ``model`` (``apply_lemo``), removed from what DeepSpeed sees, and the model's controller is bound to the
     engine so the keep-ratio schedule follows ``engine.global_steps``.
+
+    ``lemo_config``: the "lemo" section already parsed (``split_ds_config``), for a caller that validated it before
+    (launch/train.py); the DeepSpeed config then holds none. ``lemo_scorer``: the scorer already built from it
+    (``lemo_ds.scorers.build_scorer``), so that a predictors file is read once; default: apply_lemo builds it.
     """
     source = config if config is not None else config_params
     if source is None and args is not None:
         source = getattr(args, "deepspeed_config", None)
     if source is not None:
-        lemo_config, ds_config = split_ds_config(source)
-        if lemo_config is not None:
-            apply_lemo(model, lemo_config)
+        section, ds_config = split_ds_config(source)
+        if section is not None and lemo_config is not None:
+            raise LemoConfigError(
+                'lemo_ds.initialize: a "lemo" section in the DeepSpeed config and lemo_config too; give one of them'
+            )
+        lemo_config = lemo_config if lemo_config is not None else section
         if args is not None and getattr(args, "deepspeed_config", None) is not None:
             # deepspeed refuses a config given both in args and as an argument: hand it ours alone.
             args = copy.copy(args)
             args.deepspeed_config = None
         config, config_params = ds_config, None
+    if lemo_config is not None:
+        apply_lemo(model, lemo_config, scorer=lemo_scorer)
     result = deepspeed.initialize(
         args=args,
         model=model,

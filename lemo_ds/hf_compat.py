@@ -28,7 +28,9 @@ def cache_argument(kwargs: dict[str, Any]) -> Any:
 
 def causal_lm_output(loss: Any, decoder_outputs: Any) -> CausalLMOutputWithPast:
     """A causal LM's output with ``loss``, no logits, and the decoder's cache, hidden states and attentions."""
-    cache = decoder_outputs.get("cache", decoder_outputs.get("past_key_values"))
+    # The old name only where the output has no "cache" field: 5.24 logs a deprecation for every read of the old one.
+    name = "cache" if "cache" in getattr(decoder_outputs, "__dataclass_fields__", ()) else "past_key_values"
+    cache = getattr(decoder_outputs, name, None)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=decoder_outputs.hidden_states,
                                   attentions=decoder_outputs.attentions, **{_OUTPUT_CACHE_FIELD: cache})  # fmt: skip
 

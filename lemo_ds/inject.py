@@ -37,7 +37,7 @@ from lemo_ds.memory.layer import LayerMemory
 from lemo_ds.memory.offload import CheckpointOffloader
 from lemo_ds.memory.tiled_mlp import MLPPlan, TiledMLPMixin
 from lemo_ds.policies import policy_for, unwrap_model
-from lemo_ds.scorers import build_scorer
+from lemo_ds.scorers import BlockScorer, build_scorer
 from lemo_ds.sequence_parallel import active as sequence_parallel
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -61,12 +61,19 @@ def get_controller(model: nn.Module) -> LemoController | None:
     return base._lemo.controller if isinstance(base, LemoCausalLMMixin) else None
 
 
-def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> nn.Module:
+def apply_lemo(
+    model: nn.Module,
+    config: LemoConfig | dict[str, Any] | str | os.PathLike | None,
+    *,
+    scorer: BlockScorer | None = None,
+) -> nn.Module:
     """Convert ``model`` in place and return it.
 
     ``model``: a Hugging Face causal LM (possibly peft-wrapped, possibly built under deepspeed.zero.Init).
     ``config``: the "lemo" section (dict or LemoConfig), a DeepSpeed config dict holding one, or a config file.
     A missing section or ``"enabled": false`` leaves the model as it is.
+    ``scorer``: one already built from ``config`` (``build_scorer``; launch/train.py checks it against the model
+    before it starts), else built here.
     """
     lemo_config = _as_lemo_config(config)
     if lemo_config is None or not lemo_config.enabled:
@@ -84,7 +91,7 @@ def apply_lemo(model: nn.Module, config: LemoConfig | dict[str, Any] | str | os.
     layers = policy.decoder_layers(base)
     ratios = lemo_config.layer_keep_ratios(len(layers))
     controller = LemoController(lemo_config, ratios)
-    scorer = build_scorer(lemo_config)
+    scorer = build_scorer(lemo_config) if scorer is None else scorer
     scorer.attach(controller)
     memory = lemo_config.memory
     fix_deepspeed_cpu_checkpointing()  # DeepSpeed's synchronous CPU checkpointing, see memory/ds_checkpointing.py

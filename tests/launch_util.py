@@ -76,3 +76,15 @@ def run_for_reports(script: str | Path, *args: str, ranks: int = 2, timeout: flo
         reports = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank*.json"))]
     assert sorted(report["rank"] for report in reports) == list(range(ranks)), tail
     return sorted(reports, key=lambda report: report["rank"])
+
+
+def load_launch_script(name: str):
+    """launch/<name>.py imported as a module, to call its functions in this process (launch/ is not a package).
+    Registered in sys.modules like any import: its dataclasses look their module up there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"lemo_ds_launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 from benchmarks import maxctx, report  # noqa: E402
 from benchmarks.harness import losses  # noqa: E402
 from benchmarks.harness.flops import layer_lora_params, layer_weight_params, step_flops  # noqa: E402
-from benchmarks.harness.measure import StepOutcome, is_oom, measure_configuration, summarize  # noqa: E402
+from benchmarks.harness.measure import StepOutcome, TrainingStep, is_oom, measure_configuration, summarize  # noqa: E402
 from benchmarks.harness.model import build_model, random_batch  # noqa: E402
 from benchmarks.harness.shapes import get_shape  # noqa: E402
 from benchmarks.harness.suites import MaxCtxTarget, get_suite  # noqa: E402
@@ -195,6 +195,23 @@ def test_switching_variants_on_one_model_leaves_nothing_behind():
     deactivate(bench)
     assert not embeddings._forward_hooks and not layers[0].gradient_checkpointing
     assert len({type(layer) for layer in layers}) == 1
+
+
+def test_packed_rows_turn_document_attention_on_once_per_activation(monkeypatch):
+    import lemo_ds
+
+    bench = build_model(TINY, 256, torch.device("cpu"), torch.float32)
+    step = TrainingStep(bench, random_batch(TINY.vocab, 256, bench.device, documents=4), chunked_impl="torch")
+    calls = []
+    enable = lemo_ds.enable_document_attention
+    monkeypatch.setattr(lemo_ds, "enable_document_attention", lambda model: calls.append(1) or enable(model))
+    base = bench.causal_lm
+    for name in ("dense", "dense", "lemo-norm", "lemo-norm", "dense"):
+        step(get_variant(name))
+        assert "_lemo_attention" in base.__dict__  # dense and lemo variants alike attend within documents
+    assert len(calls) == 3  # at each switch of variant, not at each step
+    deactivate(bench)
+    assert "_lemo_attention" not in base.__dict__  # the plain model again
 
 
 def test_errors_other_than_oom_are_not_taken_for_oom():

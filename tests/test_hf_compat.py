@@ -34,6 +34,28 @@ def test_segment_loss_output_carries_the_cache_field_of_the_installed_release():
     assert "cache" in out.__dataclass_fields__ or "past_key_values" in out.__dataclass_fields__
 
 
+def test_segment_loss_output_reads_the_cache_without_a_deprecation_warning():
+    # transformers 5.24 logs "`past_key_values`/`cache_params` are deprecated" (once per process, through its
+    # logger) at any read of the old name: the output must read only the installed release's name.
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.Logger.warning_once.cache_clear()  # an earlier read in this process must not hide this one's
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    library = hf_logging.get_logger("transformers")  # its handlers see every transformers module's records
+    library.addHandler(handler)
+    try:
+        model = lemo_ds.apply_lemo(tiny_model("llama"), {"keep_ratio": 1.0})
+        ids = torch.randint(1, VOCAB, (1, 16))
+        model(input_ids=ids, labels=ids)
+    finally:
+        library.removeHandler(handler)
+    assert not [record for record in records if "deprecated" in record.getMessage()], records
+
+
 def test_trainer_checkpointing_arguments_name_the_installed_releases_fields(tmp_path):
     import warnings
 

@@ -3,23 +3,15 @@ calibration path (no file: predictors trained on the first micro-batches, then o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from launch_util import REPO
+from launch_util import REPO, load_launch_script
 from test_train_launch import JOB_ENV, metrics, ok, summary, train_single
 
 from lemo_ds.predictors import read_metadata
 
 FAST = ("--seq-len", "256")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"lemo_ds_launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def mistral_predictors(tmp_path_factory):
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        status = load_script("train_predictor").main(
+        status = load_launch_script("train_predictor").main(
             ["--model", "tiny-mistral", *FAST, "--batches", "3", "--eval-batches", "1", "--out", str(out)]
         )
     assert status == 0, printed.getvalue()
@@ -55,10 +47,10 @@ def test_train_job_rejects_predictors_of_another_model(mistral_predictors, tmp_p
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     path, _ = mistral_predictors
-    status = load_script("train").main([*FAST, "--max-steps", "1", "--output-dir", str(tmp_path), "--predictor",
-                                        str(path)])  # fmt: skip  (the default model is tiny-llama)
+    train = load_launch_script("train")
+    status = train.main([*FAST, "--max-steps", "1", "--output-dir", str(tmp_path), "--predictor", str(path)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lemo_ds: error: ")]
-    assert status == 2 and len(errors) == 1
+    assert status == 2 and len(errors) == 1  # (the default model is tiny-llama)
     assert "was trained for another model: model_type 'mistral' (file) vs 'llama' (model)" in errors[0]
 
 

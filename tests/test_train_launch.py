@@ -9,7 +9,6 @@ its gather/write-back kernels interpreted, many times slower than the PyTorch pa
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_util import REPO, deepspeed_command, remove_cpu_comm_buffers, run_deepspeed
+from launch_util import REPO, deepspeed_command, load_launch_script, remove_cpu_comm_buffers, run_deepspeed
 
 TRAIN = REPO / "launch" / "train.py"
 LEMO = "ds_configs/zero3_lemo.json"
@@ -236,11 +235,8 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def train_module():
-    """launch/train.py imported as a module, to call its main() in this process (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("lemo_ds_launch_train", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """launch/train.py imported as a module, to call its main() in this process."""
+    return load_launch_script("train")
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_util import load_launch_script
 
+import lemo_ds
 from lemo_ds.training import (
     checkpoint_files,
     checkpointing,
@@ -300,3 +302,58 @@ def test_world_size_of_the_checkpoint_is_checked_before_any_collective(tmp_path)
     resume.require_world_size(tmp_path, 1)
     with pytest.raises(TrainingSetupError, match=r"saved by 1 ranks but this job has 4; .*resume it on 1 ranks"):
         resume.require_world_size(tmp_path, 4)
+
+
+# ---- the job description, and lemo_ds.initialize given the parsed section ------------------------------------
+
+
+def test_the_job_is_described_once_frozen_and_without_the_lemo_section(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 200)
+    train = load_launch_script("train")
+    args = train.parse_args(["--seq-len", "256", "--data", str(corpus), "--output-dir", str(tmp_path / "out")])
+    job = train.describe(args)
+    assert isinstance(job.lemo, lemo_ds.LemoConfig) and job.lemo.keep_ratio == 0.4  # ds_configs/zero3_lemo.json
+    assert "lemo" not in job.ds_config and job.ds_config["train_micro_batch_size_per_gpu"] == 1
+    assert (job.dims.world_size, job.dims.sp, job.dims.dp) == (1, 1, 1)
+    assert job.dims.rows_per_step == job.dims.micro_batch * job.dims.grad_accum
+    assert job.files == (corpus,) and job.ckpt_dir == tmp_path / "out" / "checkpoints" and job.save
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.seq_len = 512
+
+
+def test_initialize_takes_the_parsed_section_and_the_scorer_built_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from tiny_models import tiny_model
+
+    import lemo_ds.engine
+    import lemo_ds.inject
+    from lemo_ds.errors import LemoConfigError
+    from lemo_ds.scorers import build_scorer
+
+    seen = {}
+
+    def fake_deepspeed_initialize(**kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(global_steps=0), None, None, None
+
+    monkeypatch.setattr(lemo_ds.engine.deepspeed, "initialize", fake_deepspeed_initialize)
+    section = lemo_ds.parse_lemo_config({"keep_ratio": 0.5, "scorer": "norm"})
+    scorer = build_scorer(section)
+
+    def built_again(config):
+        raise AssertionError("apply_lemo built a second scorer")
+
+    monkeypatch.setattr(lemo_ds.inject, "build_scorer", built_again)
+    model = tiny_model("llama")
+    engine, *_ = lemo_ds.initialize(
+        model=model, config={"train_micro_batch_size_per_gpu": 1}, lemo_config=section, lemo_scorer=scorer
+    )
+    assert lemo_ds.get_controller(model).config is section  # converted with that very section
+    assert seen["config"] == {"train_micro_batch_size_per_gpu": 1}
+    with pytest.raises(LemoConfigError, match="lemo_config too; give one of them"):
+        lemo_ds.initialize(model=tiny_model("llama"), config={"lemo": {}}, lemo_config=section)

@@ -170,13 +170,7 @@ class TrainingStep:
 
     def __call__(self, variant: Variant, clean_cache: bool = False) -> StepOutcome:
         bench = self.bench
-        activate(bench, variant)
-        if self.batch.documents > 1:
-            import lemo_ds
-
-            # Dense and lemo variants alike attend within documents without [s, s] masks (apply_lemo turns it on,
-            # remove_lemo off again): like with like.
-            lemo_ds.enable_document_attention(bench.model)
+        activate(bench, variant, self.batch.documents)
         controller = None
         if variant.is_lemo:
             import lemo_ds  # only lemo variants need it (and it imports DeepSpeed)

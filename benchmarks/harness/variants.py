@@ -126,12 +126,21 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def activate(bench: BenchModel, variant: Variant) -> None:
-    """Switch the model to ``variant`` (a no-op when it is already active)."""
+def activate(bench: BenchModel, variant: Variant, documents: int = 1) -> None:
+    """Switch the model to ``variant`` for rows of ``documents`` packed documents (a no-op when it is already
+    active for such rows)."""
     current: Variant | None = bench.active_variant
-    if current is not None and current.name == variant.name:
+    packed = documents > 1
+    if current is not None and current.name == variant.name and bench.info.get("packed", False) == packed:
         return
     deactivate(bench)
+    if packed:
+        import lemo_ds
+
+        # Dense and lemo variants alike attend within documents without [s, s] masks: like with like. On before
+        # apply_lemo, which then leaves it on at remove_lemo; deactivate turns it off.
+        lemo_ds.enable_document_attention(bench.model)
+        bench.info["packed"] = True
     if variant.checkpointing:
         # HF's enable also makes the embedding output require grad (enable_input_require_grads), which peft +
         # checkpointing needs so that gradients reach the LoRA weights through checkpointed layers.
@@ -160,6 +169,10 @@ def deactivate(bench: BenchModel) -> None:
         if current.lemo.get("scorer") == "predictor":
             _keep_predictors(bench, current)
         lemo_ds.remove_lemo(bench.model)
+    if bench.info.pop("packed", False):
+        import lemo_ds
+
+        lemo_ds.disable_document_attention(bench.model)
     if current.checkpointing:
         checkpointing_disable(bench.causal_lm)
         # HF's disable leaves the input-grad hook in place (it removes it only for its own peft integration), and

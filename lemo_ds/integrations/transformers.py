@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from lemo_ds.config import LemoConfig
 from lemo_ds.controller import LemoController
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.inject import apply_lemo, get_controller
@@ -41,10 +42,11 @@ from lemo_ds.training.metrics import take_keep_ratios
 __all__ = ["LemoCallback", "enable"]
 
 
-def enable(trainer: Any, config: dict[str, Any] | str | os.PathLike | None = None) -> Any:
+def enable(trainer: Any, config: LemoConfig | dict[str, Any] | str | os.PathLike | None = None) -> Any:
     """Turn lemo on for ``trainer`` (a ``transformers.Trainer``); returns the trainer. Call it before ``train()``.
 
-    ``config``: a DeepSpeed config (path or dict) with a "lemo" section, or the "lemo" section itself; default
+    ``config``: a DeepSpeed config (path or dict) with a "lemo" section, or the "lemo" section itself (a dict, or a
+    LemoConfig already parsed); default
     the trainer's own ``TrainingArguments.deepspeed``. Without a "lemo" section (or with ``"enabled": false``) the
     model stays dense and nothing is added: a dense baseline is the same script with another config.
     """

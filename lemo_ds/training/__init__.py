@@ -6,7 +6,9 @@
 - ``model``: resolve ``--model``, build it (under ZeRO-3 partitioning), add LoRA
 - ``checkpointing``: activation checkpointing, transformers' or DeepSpeed's
 - ``precision``: bf16 "auto" resolved against the hardware
-- ``flags``: what the flags change in the DeepSpeed config
+- ``flags``: the flags launch/train.py and launch/train_hf.py share, what they change in the DeepSpeed config
+- ``parallel``: the job's ParallelDims (world, data- and sequence-parallel sizes, rows per step), Ulysses SP
+- ``output_dir``: an earlier run is never overwritten by accident (``--overwrite`` clears it on every rank at once)
 - ``launch_env``: a world of one without a launcher; CPU threads per rank
 - ``resume``: DeepSpeed checkpoints with the data position; resuming
 - ``metrics``: metrics.jsonl, summary.json, peak memory

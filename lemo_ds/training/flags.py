@@ -1,12 +1,18 @@
-"""What the training job's flags change in the DeepSpeed config, and what it reads from it."""
+"""The training jobs' flags: the ones launch/train.py and launch/train_hf.py share, what they change in the
+DeepSpeed config, and what the jobs read from it."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
+from lemo_ds.training.checkpointing import MODES
 from lemo_ds.training.errors import TrainingSetupError
+from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS
 
 
 def apply_flag_overrides(
@@ -59,3 +65,59 @@ def require_optimizer(ds_config: dict[str, Any]) -> None:
             'the DeepSpeed config has no "optimizer" section; add one, e.g. "optimizer": {"type": "AdamW", '
             '"params": {"lr": 2e-4, "torch_adam": true}} (see ds_configs/zero3_lemo.json)'
         )
+
+
+# ---- the flags launch/train.py and launch/train_hf.py share -----------------------------------------------------
+
+# The launch scripts' default config, in the checkout they run from (each script imports lemo_ds from there).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_lemo.json"
+
+
+def silence_deprecated_collectives() -> None:
+    """DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates: one warning per call site per rank."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def job_parser(description: str, *, output_dir: str, output_help: str, grad_ckpt_help: str) -> argparse.ArgumentParser:
+    """The parser of a training job's common flags: config, model, data, sequence length, steps, output, LoRA,
+    learning rate, activation checkpointing, seed (and the launcher's --local_rank)."""
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add(
+        "--deepspeed",
+        "--deepspeed_config",
+        dest="deepspeed",
+        default=str(DEFAULT_CONFIG),
+        metavar="CONFIG",
+        help='DeepSpeed JSON config, with a "lemo" section or without (dense); default ds_configs/zero3_lemo.json',
+    )
+    add("--model", default=DEFAULT_PRESET, help=f"local Hugging Face model directory or a preset: {', '.join(PRESETS)}")
+    add("--data", default=None, help='text file, .jsonl ("text" field) or folder; default: the Python stdlib')
+    add("--seq-len", type=int, default=1024, help="tokens per packed row")
+    add("--max-steps", type=int, default=20, help="optimizer steps to train up to")
+    add("--output-dir", default=output_dir, help=output_help)
+    add("--lora-r", type=int, default=8, help="LoRA rank on q/k/v/o projections; 0 = full fine-tuning")
+    add("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    add("--grad-ckpt", choices=MODES, default="auto", help=grad_ckpt_help)
+    add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
+    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return parser
+
+
+def parse_job_flags(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    at_least_one: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+) -> argparse.Namespace:
+    """Parse, then check the numbers: --seq-len, --max-steps and ``at_least_one`` >= 1; --lora-r and
+    ``non_negative`` >= 0 (names as attributes: "eval_rows")."""
+    args = parser.parse_args(argv)
+    for names, low, words in (
+        (("seq_len", "max_steps", *at_least_one), 1, "at least 1"),
+        (("lora_r", *non_negative), 0, "0 or more"),
+    ):
+        for name in names:
+            if getattr(args, name) < low:
+                parser.error(f"--{name.replace('_', '-')} must be {words}")
+    return args

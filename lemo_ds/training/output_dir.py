@@ -8,6 +8,8 @@ import shutil
 import socket
 from pathlib import Path
 
+import torch
+
 from lemo_ds.training.errors import TrainingSetupError
 
 # What a run leaves behind (launch/train.py): a new run without --resume would cut or replace each of them.
@@ -34,10 +36,31 @@ def refuse_earlier_run(output_dir: Path) -> None:
 
 
 def clear_earlier_run(output_dir: Path) -> None:
-    """--overwrite: remove what an earlier run left (rank 0 only; the other ranks write none of it)."""
+    """Remove what an earlier run left in ``output_dir``."""
     for name in RUN_FILES:
         (output_dir / name).unlink(missing_ok=True)
     shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def start_over(output_dir: Path) -> None:
+    """--overwrite, once the process group is up (a collective: every rank calls it): rank 0 clears the earlier
+    run while the others wait, so that no rank probes or reads the folder half deleted, and a failure to clear it
+    stops every rank with the same one line."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if distributed:
+        torch.distributed.barrier()  # every rank is past its own checks of the folder (describe, before any collective)
+    failure = None
+    if rank == 0:
+        try:
+            clear_earlier_run(output_dir)
+        except OSError as error:
+            failure = f"{error.filename or output_dir}: {error.strerror or error}"
+    box = [failure]
+    if distributed:
+        torch.distributed.broadcast_object_list(box, src=0)  # the others wait here until the folder is clear
+    if box[0] is not None:
+        raise TrainingSetupError(f"--overwrite: cannot delete the earlier run in {output_dir} ({box[0]})")
 
 
 def require_writable(folder: Path, flag: str = "--output-dir") -> None:

@@ -12,7 +12,8 @@ through writing a checkpoint, so a tag directory only counts once it is known to
    beyond ``--keep-checkpoints`` (lemo_ds.training.retention).
 
 Nothing non-finite is saved: a save first checks the trainable weights (lemo_ds.training.finite). A save the
-disk refuses (no space left, quota, file too large) stops the job with one line; ``latest`` is untouched.
+disk refuses (no space left, quota, file too large), or that fails otherwise on any one rank, stops every rank
+with the same line naming the rank and the cause; ``latest`` is untouched.
 
 Resuming takes ``latest`` if it names a complete tag, else the newest complete tag; tags without the marker
 are ignored and reported. The candidate's files are checked against its marker first; a damaged one is named
@@ -25,7 +26,6 @@ keep-ratio schedule, come back with the engine).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -116,9 +116,13 @@ def _check_world_size(tag_dir: Path, marker: dict, world_size: int) -> None:
         )
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, args: argparse.Namespace, keep: int = 0) -> None:
+def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, keep: int = 0) -> None:
     """Write checkpoint ``step{N}`` (a collective: every rank calls it), mark it complete, point ``latest`` at it,
-    then keep only the newest ``keep`` complete tags (0: all)."""
+    then keep only the newest ``keep`` complete tags (0: all). ``job``: the job's settings (``_MUST_MATCH``).
+
+    A failure on any rank stops every rank (TrainingStopped naming the rank and the cause): the ranks exchange
+    verdicts where they would exchange the manifest, so none is left waiting in a collective for one that gave up.
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
     tag_dir = ckpt_dir / tag
@@ -132,46 +136,81 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, args: argpa
         # Overwriting a tag (a run restarted in the same folder): it is incomplete until its new marker lands.
         # save_checkpoint starts with a barrier, so no rank writes into the folder before this removal.
         (tag_dir / COMPLETE).unlink(missing_ok=True)
-    state = {"step": step, "rows_consumed": rows_consumed, **{key: getattr(args, key) for key in _MUST_MATCH}}
+    state = {"step": step, "rows_consumed": rows_consumed, **{key: getattr(job, key) for key in _MUST_MATCH}}
+    failure = None
     try:
         # save_latest=False: DeepSpeed would write 'latest' itself, without fsync and before the marker.
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"lemo_ds_train": state}, save_latest=False)
-        # The marker must not reach the disk before the data it vouches for: every rank flushes and hashes a share
-        # of the files (all ranks see the same list: save_checkpoint ends with a barrier).
-        files = sorted(path for path in tag_dir.rglob("*") if path.is_file())
-        for path in files[rank::world_size]:
-            _fsync(path)
-        share = checkpoint_files.manifest_share(tag_dir, files, rank, world_size)
     except (OSError, RuntimeError) as error:
-        raise _save_failure(error, tag_dir) from error
-    manifest = {name: entry for part in _gather(share) for name, entry in part.items()}  # also the barrier
+        failure = _failure(error, tag_dir)
+        if world_size > 1:
+            # The files are written between save_checkpoint's collectives and its closing barrier, where the other
+            # ranks now wait: meet them there.
+            torch.distributed.barrier()
+    if failure is None:
+        try:
+            # The marker must not reach the disk before the data it vouches for: every rank flushes and hashes a
+            # share of the files (all ranks see the same list: save_checkpoint ends with a barrier).
+            files = sorted(path for path in tag_dir.rglob("*") if path.is_file())
+            for path in files[rank::world_size]:
+                _fsync(path)
+            share = checkpoint_files.manifest_share(tag_dir, files, rank, world_size)
+        except (OSError, RuntimeError) as error:
+            failure = _failure(error, tag_dir)
+    verdicts = _gather(failure if failure is not None else share)  # also the barrier before the marker
+    _stop_on_failures(verdicts, tag_dir)
+    failure = None
     if rank == 0:
         try:
+            manifest = {name: entry for part in verdicts for name, entry in part.items()}
             for folder in sorted({path.parent for path in files}, reverse=True):
                 _fsync(folder)
             marker = {"tag": tag, "step": step, "rows_consumed": rows_consumed, "world_size": world_size,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": manifest}  # fmt: skip
             write_text_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=2) + "\n")
+            write_text_atomic(ckpt_dir / LATEST, tag)
+            markers, incomplete = _scan(ckpt_dir)
+            complete = {name: int(found["step"]) for name, found in markers.items()}
+            for doomed in retention.tags_to_delete(complete, incomplete, tag, keep):
+                retention.delete_tag(ckpt_dir / doomed, COMPLETE, _fsync)
         except OSError as error:
-            raise _save_failure(error, tag_dir) from error
-        write_text_atomic(ckpt_dir / LATEST, tag)
-        markers, incomplete = _scan(ckpt_dir)
-        complete = {name: int(found["step"]) for name, found in markers.items()}
-        for doomed in retention.tags_to_delete(complete, incomplete, tag, keep):
-            retention.delete_tag(ckpt_dir / doomed, COMPLETE, _fsync)
+            failure = _failure(error, tag_dir)
+    # Rank 0's marker, 'latest' and pruning: the others learn how it went before they train on.
+    _stop_on_failures([_from_rank0(failure)], tag_dir)
 
 
-def _save_failure(error: BaseException, tag_dir: Path) -> BaseException:
-    """A one-line TrainingStopped where the disk refused the save (torch.save only says "unexpected pos"), else
-    the error itself."""
+@dataclass(frozen=True)
+class _Failure:
+    """One rank's failed share of a save, as it travels to the other ranks."""
+
+    rank: int
+    cause: str
+    disk_full: bool
+
+
+def _failure(error: BaseException, tag_dir: Path) -> _Failure:
+    """What went wrong on this rank: where the disk refused the save (torch.save only says "unexpected pos"), its
+    errno and file; else the error itself."""
     cause = error if isinstance(error, OSError) and error.errno in _DISK_FULL else _probe_write(tag_dir)
+    rank = _rank_and_size()[0]
     if cause is None:
-        return error
-    return TrainingStopped(
-        f"saving checkpoint {tag_dir} failed: {os.strerror(cause.errno)} ({errno.errorcode[cause.errno]}) on "
-        f"{cause.filename or tag_dir}; {latest_note(tag_dir.parent)}; free space (or pass a smaller "
-        "--keep-checkpoints) and continue with --resume"
+        return _Failure(rank, f"{type(error).__name__}: {error}", disk_full=False)
+    where = cause.filename or tag_dir
+    return _Failure(rank, f"{os.strerror(cause.errno)} ({errno.errorcode[cause.errno]}) on {where}", disk_full=True)
+
+
+def _stop_on_failures(verdicts: list, tag_dir: Path) -> None:
+    """Every rank raises the same TrainingStopped when any rank's verdict is a failure; 'latest' is untouched."""
+    failures = [verdict for verdict in verdicts if isinstance(verdict, _Failure)]
+    if not failures:
+        return
+    causes = "; ".join(f"{failure.cause} (rank {failure.rank})" for failure in failures)
+    advice = (
+        "free space (or pass a smaller --keep-checkpoints) and continue with --resume"
+        if any(failure.disk_full for failure in failures)
+        else "fix that and continue with --resume"
     )
+    raise TrainingStopped(f"saving checkpoint {tag_dir} failed: {causes}; {latest_note(tag_dir.parent)}; {advice}")
 
 
 def _probe_write(folder: Path) -> OSError | None:
@@ -195,8 +234,9 @@ def latest_note(ckpt_dir: Path) -> str:
     return f"'{LATEST}' still names {latest}" if latest else "no complete checkpoint yet"
 
 
-def load(engine: Any, ckpt_dir: Path, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Load the checkpoint ``find_checkpoint`` picks into ``engine``; returns its step and data position.
+def load(engine: Any, ckpt_dir: Path, job: Any, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Load the checkpoint ``find_checkpoint`` picks into ``engine``; returns its step and data position. ``job``:
+    the job's settings (``resume``, ``_MUST_MATCH``).
 
     Rank 0 picks and tells the others, so every rank loads the same tag even where a shared filesystem
     shows them the folder at different moments. None: ``--resume auto`` and no complete checkpoint.
@@ -208,7 +248,7 @@ def load(engine: Any, ckpt_dir: Path, args: argparse.Namespace, log: Callable[[s
     if found.incomplete:
         log(f"ignoring {_describe_incomplete(found.incomplete)}")
     if found.tag is None:
-        if args.resume == AUTO:
+        if job.resume == AUTO:
             log(f"--resume auto: no complete checkpoint in {ckpt_dir}, starting from step 0")
             return None
         raise TrainingSetupError(f"--resume: no complete checkpoint in {ckpt_dir}")
@@ -219,7 +259,7 @@ def load(engine: Any, ckpt_dir: Path, args: argparse.Namespace, log: Callable[[s
     if path is None or state is None:
         raise TrainingSetupError(f"--resume: {ckpt_dir / tag} holds no checkpoint written by launch/train.py")
     changed = [
-        f"{key} {state[key]!r} -> {getattr(args, key)!r}" for key in _MUST_MATCH if state.get(key) != getattr(args, key)
+        f"{key} {state[key]!r} -> {getattr(job, key)!r}" for key in _MUST_MATCH if state.get(key) != getattr(job, key)
     ]
     if changed:
         log(f"warning: resuming with changed settings ({'; '.join(changed)}): the data order will not continue exactly")
@@ -329,10 +369,10 @@ def _gather(share: Any) -> list:
     return gathered
 
 
-def _from_rank0(found: Found | None) -> Found:
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a collective; the other ranks pass anything, e.g. None)."""
     if _rank_and_size()[1] == 1:
-        assert found is not None
-        return found
-    box = [found]
+        return value
+    box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]

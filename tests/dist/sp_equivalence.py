@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import deepspeed
 import numpy as np
@@ -137,17 +136,17 @@ def main() -> int:
     ref_losses = [reference_loss(reference, row, SPARSE if args.mode == "sparse" else None) for row in rows[: args.dp]]
     (sum(ref_losses) / args.dp).backward()  # the gradient DeepSpeed averages over the data-parallel groups
     model = zero_model(config, reference, args.checkpointing, use_cache=False)
-    # What launch/train.py does: its Run carries these fields into lemo_ds.training.parallel.
-    run = SimpleNamespace(sp_size=SP, micro_batch=1, world_size=world)
-    mpu = parallel.setup(run, model)
-    engine = lemo_engine(model, config, mpu=mpu)
-    dp_rank, sp_rank = run.sp.dp_rank, run.sp.rank
-    layout_ok = run.dp_size == args.dp and (dp_rank, sp_rank) == divmod(rank, SP)
+    # What launch/train.py does with its job's ParallelDims.
+    dims = parallel.ParallelDims(world_size=world, sp=SP, micro_batch=1, grad_accum=1)
+    sp = parallel.setup(dims, model)
+    engine = lemo_engine(model, config, mpu=sp.mpu)
+    dp_rank, sp_rank = sp.dp_rank, sp.rank
+    layout_ok = dims.dp == args.dp and (dp_rank, sp_rank) == divmod(rank, SP)
 
-    batches = parallel.rank_batches(run, rows, device=torch.device("cpu"))
+    batches = parallel.rank_batches(rows, dims, sp, rank, device=torch.device("cpu"))
     batch = next(batches)  # micro-step 0: row dp_rank, this rank's half, labels shifted before sharding
     rows_ok = same_shard(batch, rows[dp_rank], sp_rank)
-    loss, group_loss = parallel.forward_loss(run, engine, batch)
+    loss, group_loss = parallel.forward_loss(engine, batch, sp)
     engine.backward(loss)
     grads = full_grads(engine)
     rows_ok = rows_ok and same_shard(next(batches), rows[args.dp + dp_rank], sp_rank)  # micro-step 1
