@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         lemo, ds_config = split_ds_config(raw)  # the one validation of the "lemo" section
         device_type = get_accelerator().device_name()
         ds_config, dtype, _ = precision.resolve_precision(ds_config, device_type)
+        if device_type == "cpu" and dtype == torch.bfloat16:
+            # TrainingArguments refuses bf16 without a GPU unless use_cpu is set, which would take the Trainer off
+            # DeepSpeed: the Trainer path trains in fp32 on a CPU, even one with native bf16.
+            ds_config, dtype = precision.without_bf16(ds_config), torch.float32
         grad_ckpt = checkpointing.resolve_mode(args.grad_ckpt, ds_config)
         source = model.resolve_model(args.model)
         tokenizer = ByteTokenizer() if source.kind == "preset" else load_hf_tokenizer(args.model)

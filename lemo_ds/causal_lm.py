@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,20 @@ class LemoCausalLMMixin:
     """Placed before the ``*ForCausalLM`` class."""
 
     _lemo: ModelPlan
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The converted class shows the model's own forward signature: Hugging Face's Trainer keeps only the batch
+        # columns that ``model.forward`` names (input_ids, position_ids, labels...), so ``(*args, **kwargs)`` would
+        # make it drop them all.
+        super().__init_subclass__(**kwargs)
+        model_forward = cls.__mro__[cls.__mro__.index(LemoCausalLMMixin) + 1].forward
+
+        @functools.wraps(LemoCausalLMMixin.forward)
+        def forward(self, *args: Any, **kwargs: Any):
+            return LemoCausalLMMixin.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(model_forward)
+        cls.forward = forward
 
     def forward(self, *args: Any, **kwargs: Any):
         if args:  # positional arguments as the model's own forward names them

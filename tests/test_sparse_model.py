@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from functools import partial
 
@@ -396,6 +397,15 @@ def test_state_dict_and_remove_lemo_round_trip():
     assert not any(is_sparse_layer(m) for m in sparse.modules())
     assert type(sparse.model.layers[3]) is type(model.model.layers[3])
     assert lemo_ds.get_controller(sparse) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_model_shows_the_models_forward_signature(family):
+    """Hugging Face's Trainer keeps only the batch columns that ``model.forward`` names (position_ids among them)."""
+    model = tiny_model(family)
+    expected = inspect.signature(model.forward)
+    sparse = lemo_copy(model, keep_ratio=0.4)
+    assert type(sparse) is not type(model) and inspect.signature(sparse.forward) == expected
 
 
 def test_unsupported_model_family_is_a_clear_error():

@@ -67,6 +67,15 @@ def test_bf16_auto_follows_the_hardware():
     assert "auto" in note
 
 
+def test_without_bf16_turns_off_either_key_and_leaves_the_input():
+    given = {"bf16": {"enabled": True, "immediate_grad_update": True}, "train_micro_batch_size_per_gpu": 1}
+    assert precision.without_bf16(given) == {"bf16": {"enabled": False, "immediate_grad_update": True},
+                                             "train_micro_batch_size_per_gpu": 1}  # fmt: skip
+    assert given["bf16"]["enabled"] is True
+    assert precision.without_bf16({"bfloat16": {"enabled": True}}) == {"bfloat16": {"enabled": False}}
+    assert precision.without_bf16({}) == {}
+
+
 def test_precision_off_and_explicit():
     assert precision.resolve_precision({}, "cpu")[1] == torch.float32
     assert precision.resolve_precision({"bf16": {"enabled": False}}, "cpu")[1] == torch.float32

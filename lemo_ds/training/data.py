@@ -89,26 +89,36 @@ def describe_corpus(data: str | None, files: list[Path]) -> str:
     return f"{len(files)} file{'s' if len(files) != 1 else ''} from {where}"
 
 
+def jsonl_records(path: Path | str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a .jsonl file; a line that is not JSON is a ValueError
+    naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+
+
 def read_documents(path: Path, rng: np.random.Generator | None = None) -> list[str]:
     """The documents of one file: the whole file, or the "text" of every line of a .jsonl file (shuffled
     by ``rng`` when given)."""
     if path.suffix != ".jsonl":
         return [path.read_bytes().decode("utf-8", errors="replace")]
     docs = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TrainingSetupError(f"--data {path}:{line_no}: not valid JSON ({error.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise TrainingSetupError(
-                    f'--data {path}:{line_no}: every .jsonl line must be an object with a string "text" field'
-                )
-            docs.append(text)
+    try:
+        records = list(jsonl_records(path))
+    except ValueError as error:
+        raise TrainingSetupError(f"--data {error}") from None
+    for line_no, record in records:
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise TrainingSetupError(
+                f'--data {path}:{line_no}: every .jsonl line must be an object with a string "text" field'
+            )
+        docs.append(text)
     if rng is not None:
         order = rng.permutation(len(docs))
         docs = [docs[i] for i in order]

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lemo_ds.training.data import jsonl_records
+
 IGNORE_INDEX = -100
 
 
@@ -83,18 +85,11 @@ def read_answer_file(path: str) -> list[dict]:
     string "answer", and optionally a "depth" (any JSON value: results are grouped by it). A bad file is a
     ValueError naming the line."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-            if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                    and isinstance(record.get("answer"), str) and record["answer"]):  # fmt: skip
-                raise ValueError(f'{path}:{line_no}: expected an object with string "prompt" and "answer" fields')
-            records.append(record)
+    for line_no, record in jsonl_records(path):
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("answer"), str) and record["answer"]):  # fmt: skip
+            raise ValueError(f'{path}:{line_no}: expected an object with string "prompt" and "answer" fields')
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
     return records

@@ -49,3 +49,12 @@ def resolve_precision(ds_config: dict[str, Any], device_type: str) -> tuple[dict
     config[key] = {**section, "enabled": enabled}
     dtype = torch.bfloat16 if enabled else (torch.float16 if fp16 else torch.float32)
     return config, dtype, note
+
+
+def without_bf16(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The config with bf16 turned off (under whichever of its two keys it has)."""
+    config = copy.deepcopy(ds_config)
+    for key in ("bf16", "bfloat16"):
+        if isinstance(config.get(key), dict):
+            config[key]["enabled"] = False
+    return config
