@@ -46,6 +46,9 @@ def ds_config(tmp_path_factory) -> Path:
     config = json.loads((REPO / "ds_configs" / "zero3_lemo.json").read_text())
     config["lemo"]["schedule"] = SCHEDULE
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # a loadable final model
+    # fp32 for both jobs on every CPU: the Trainer path trains in fp32 on a CPU (TrainingArguments refuses bf16 without
+    # a GPU), launch/train.py in bf16 where the CPU has it; the comparison below is of the two loops, like with like.
+    config["bf16"] = {"enabled": False}
     path = tmp_path_factory.mktemp("config") / "zero3_lemo_schedule.json"
     path.write_text(json.dumps(config))
     return path
