@@ -97,7 +97,8 @@ class LemoController:
         return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or trains)
 
     def on_model_forward(self, keeps_layer_outputs: bool = False, training: bool = True) -> None:
-        """Called before every forward of the model (a forward pre-hook installed by apply_lemo)."""
+        """Called before every forward of the model (by the converted causal LM's forward, ``lemo_ds.causal_lm``; on
+        Megatron by the pre-hook of ``attach_lemo``)."""
         step_guard.check(self, training)
         self.poll_step()
         self.micro_step += 1

@@ -162,23 +162,27 @@ class LemoDecoderLayerMixin:
         cos, sin = kwargs[policy.position_embeddings_kwarg]  # [b or 1, s, d]
         mask = kwargs.get(policy.mask_kwarg)  # [b or 1, 1, s, s] or None
         documents = kwargs.get(DOCUMENTS_KWARG)
-        context = ScoreContext(
-            layer_index=plan.layer_index,
-            block_size=plan.config.block_size,
-            position_embeddings=(cos, sin),
-            # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
-            # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
-            attention_mask=mask,
-            policy=policy,
-            step=plan.controller.step,
-            micro_step=plan.controller.micro_step,
-            rank=current_rank(),
-            documents=documents,
-        )
+
+        def score() -> torch.Tensor:  # [b, n]; not called where the recompute reuses the forward's selection
+            context = ScoreContext(
+                layer_index=plan.layer_index,
+                block_size=plan.config.block_size,
+                position_embeddings=(cos, sin),
+                # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
+                # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
+                attention_mask=mask,
+                policy=policy,
+                step=plan.controller.step,
+                micro_step=plan.controller.micro_step,
+                rank=current_rank(),
+                documents=documents,
+            )
+            return plan.scorer.score(self, hidden_states.detach(), context)
+
         blocks = plan.select(
             seq,
             ratio,
-            lambda: plan.scorer.score(self, hidden_states.detach(), context),
+            score,
             checkpointed=checkpoint_key is not None,
             key=checkpoint_key,
             sp=sp,
