@@ -123,6 +123,8 @@ def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
         assert all(entry["rows"] == 2 and 0.0 <= entry["accuracy"] <= 1.0 for entry in run["passkey_by_depth"].values())
         assert 0.0 <= run["passkey_accuracy"] <= 1.0 and run["passkey_answer_loglik"] < 0.0
     assert document["reference"]["extended_passkey_before_finetune"]["passkey_rows"] == 10
+    # The tiny recipe pretrains with passkey rows; the reference is scored on held-out rows of its own length.
+    assert document["reference"]["reference_passkey_short"]["passkey_rows"] == 10
     assert len(list((tmp_path / "work" / "finetune-2-passkey").glob("passkey-*.txt"))) > 0
     assert "Passkey retrieval" in (out / result_path.name.replace(".json", ".md")).read_text()
 
@@ -342,6 +344,35 @@ def test_passkey_training_data_keeps_the_rate_and_whole_rows(prose, tmp_path):
     for path in (tmp_path / "a").iterdir():
         assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
     assert passkey.passkey_count(980, 0.02) == 20
+
+
+def test_passkey_pretraining_row_is_the_evaluation_layout(prose):
+    """A pretraining row is exactly ``length`` tokens: BOS, a window of the stream with the needle inside, the
+    question and the answer, the same tokens as an evaluation document built by make_passkey (prompt, answer)."""
+    import numpy as np
+
+    from benchmarks.accuracy import passkey
+
+    paths, tokenizer = prose
+    stream = tokenizer.encode(paths[0].read_text())
+    rng = np.random.default_rng(0)
+    question = tokenizer.encode(passkey.QUESTION)
+    depths = []
+    for _ in range(40):
+        row = passkey.pretraining_row(tokenizer.encode, stream, rng, 160, tokenizer.bos_id)
+        assert row.shape == (160,) and row[0] == tokenizer.bos_id
+        tail = tokenizer.decode(row[1:])
+        key = tail.rsplit(" ", 1)[-1]
+        assert tail.count(key) == 3 and tail.endswith(passkey.QUESTION + f" {key}")
+        answer = tokenizer.encode(passkey.ANSWER.format(key=key))
+        assert np.array_equal(row[len(row) - len(answer) - len(question) : len(row) - len(answer)], question)
+        needle = tokenizer.encode(passkey.NEEDLE.format(key=key))
+        starts = [i for i in range(1, len(row)) if np.array_equal(row[i : i + len(needle)], needle)]
+        assert len(starts) == 1
+        depths.append(starts[0] / (len(row) - len(needle) - len(question) - len(answer)))
+    assert min(depths) < 0.2 and max(depths) > 0.8  # the needle's depth is spread, not fixed
+    with pytest.raises(passkey.PasskeyError, match="no room"):
+        passkey.pretraining_row(tokenizer.encode, stream, rng, 20, tokenizer.bos_id)
 
 
 class _NextToken(torch.nn.Module):

@@ -105,6 +105,26 @@ def make_passkey(tokenizer, text: str, rng: np.random.Generator, depth: float, t
     raise PasskeyError(f"no haystack window of {haystack} tokens tokenizes apart from the needle in {_TRIES} tries")
 
 
+def pretraining_row(encode, stream: np.ndarray, rng: np.random.Generator, length: int,
+                    bos_id: int | None) -> np.ndarray:  # fmt: skip
+    """One pretraining row of exactly ``length`` tokens holding a passkey document: [BOS] haystack with the needle at
+    a uniform random depth, the question, the answer: [length]. ``encode``: text -> token ids; the haystack is a
+    random window of the token ``stream`` (the pretraining books). Built by joining the pieces' own tokens, which
+    is what the evaluation's rows tokenize to (make_passkey keeps only such rows); the pretraining does not need
+    the text."""
+    key = int(rng.integers(10_000, 100_000))
+    needle, question, answer = (np.asarray(encode(text), stream.dtype)
+                                for text in (NEEDLE.format(key=key), QUESTION, ANSWER.format(key=key)))  # fmt: skip
+    head = np.asarray([bos_id] if bos_id is not None else [], stream.dtype)
+    haystack = length - len(head) - len(needle) - len(question) - len(answer)
+    if haystack < 1 or len(stream) <= haystack:
+        raise PasskeyError(f"{length} tokens leave no room for a haystack beside the needle and the question")
+    start = int(rng.integers(0, len(stream) - haystack))
+    window = stream[start : start + haystack]  # [haystack]
+    before = int(rng.integers(0, haystack + 1))
+    return np.concatenate([head, window[:before], needle, window[before:], question, answer])  # [length]
+
+
 def trim(tokenizer, books: list[Book], row_tokens: int) -> list[tuple[str, int]]:
     """(text, rows) per book: the book cut to a whole number of rows of ``row_tokens`` once launch/train.py adds
     its special tokens; ("", 0) for a book shorter than a row."""

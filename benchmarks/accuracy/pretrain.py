@@ -2,7 +2,8 @@
 context-extended model (RoPE scaling, linear or YaRN): two Hugging Face model directories with the tokenizer.
 
 Plain PyTorch on one device: random windows of ``short_seq`` tokens from the concatenated train books (documents
-joined by </s><s>), AdamW, linear warm-up then cosine decay to 10%, bf16 autocast on CUDA.
+joined by </s><s>), ``recipe.pretrain_passkey_rate`` of them replaced by passkey documents, AdamW, linear
+warm-up then cosine decay to 10%, bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.accuracy import passkey
 from benchmarks.accuracy.recipe import Recipe
 
 
@@ -79,11 +81,22 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
     rng = np.random.default_rng(recipe.seed)
     stream = torch.from_numpy(train_ids.astype(np.int64))
     window = recipe.short_seq
+    # Passkey rows draw from a stream of their own, so a recipe without them pretrains exactly as before.
+    passkey_rng = np.random.default_rng([recipe.seed, 2])
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     started, last = time.perf_counter(), 0.0
     model.train()
     for step in range(recipe.pretrain_steps):
         starts = torch.from_numpy(rng.integers(0, len(stream) - window, size=recipe.pretrain_batch))
-        batch = torch.stack([stream[s : s + window] for s in starts.tolist()]).to(device)  # [b, s]
+        batch = torch.stack([stream[s : s + window] for s in starts.tolist()])  # [b, s]
+        if recipe.pretrain_passkey_rate > 0:
+            for row in np.flatnonzero(passkey_rng.random(recipe.pretrain_batch) < recipe.pretrain_passkey_rate):
+                ids = passkey.pretraining_row(encode, stream.numpy(), passkey_rng, window, tokenizer.bos_token_id)
+                batch[row] = torch.from_numpy(ids)
+        batch = batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -22,7 +22,7 @@ NESTED = {"loss_tokens": "processed", "nested_selection": True, "selection_windo
 # The fields the reference model depends on (a cached model is reused only when they match; runs share it).
 REFERENCE_FIELDS = ("heldout_every", "book_limit", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
                     "intermediate_size", "rope_theta", "short_seq", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                    "pretrain_warmup", "deterministic_pretraining", "seed")  # fmt: skip
+                    "pretrain_warmup", "pretrain_passkey_rate", "deterministic_pretraining", "seed")  # fmt: skip
 # The fields one run may change for itself (a mode's ``recipe.FIELD`` keys): the fine-tuning, not the shared model,
 # data split or evaluation.
 RUN_FIELDS = ("finetune_books", "finetune_steps", "finetune_lr", "finetune_warmup", "lr_schedule", "lora_r",
@@ -51,6 +51,12 @@ class Recipe:
     pretrain_batch: int = 32  # rows of short_seq tokens per step
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 60
+    # Share of the pretraining rows that are passkey documents of short_seq tokens (passkey.pretraining_row): the
+    # reference learns retrieval at the short context, so the passkey evaluation at the extended context asks
+    # whether context extension keeps it, not whether LoRA fine-tuning can teach it from nothing (with 0, no run
+    # retrieved at 8K, dense included: benchmarks/results/passkey-20261202). 0: books only (the references of
+    # the results before 2026-12-03).
+    pretrain_passkey_rate: float = 0.1
     # torch.use_deterministic_algorithms during pretraining (strict: flash attention's backward then runs its
     # deterministic path); see pretrain.pretrain.
     deterministic_pretraining: bool = True
@@ -77,7 +83,9 @@ class Recipe:
         *(("predictor", keep, "nested") for keep in (0.2, 0.6, 0.8)),
     )
     modes: dict[str, dict] = field(default_factory=lambda: {"": {}, "nested": dict(NESTED)})
-    # Predictors trained offline (launch/train_predictor.py) on the extended model before the predictor runs.
+    # Predictors trained offline (launch/train_predictor.py) on the extended model before the predictor runs; 0: no
+    # offline training, each predictor run calibrates its own at its start (lemo.predictor.calibration_batches, as a
+    # user's job without a predictors file does).
     predictor_batches: int = 96
     predictor_eval_batches: int = 16
     eval_rows: int = 40  # held-out rows of short_seq * extension tokens
@@ -135,6 +143,7 @@ TINY = Recipe(
     pretrain_batch=4,
     pretrain_lr=3e-3,
     pretrain_warmup=5,
+    pretrain_passkey_rate=0.25,
     extension=2,
     finetune_steps=3,
     finetune_warmup=1,

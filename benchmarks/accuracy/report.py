@@ -61,12 +61,15 @@ def passkey_table(document: dict[str, Any], order: list[dict]) -> list[str]:
     recipe = document["recipe"]
     depths = sorted({depth for run in document["runs"] for depth in run.get("passkey_by_depth") or {}}, key=float)
     before = document["reference"].get("extended_passkey_before_finetune")
+    short = document["reference"].get("reference_passkey_short")
     lines = [
         "",
         f"Passkey retrieval at {recipe['short_seq'] * recipe['extension']} tokens (dense evaluation, teacher-forced: a "
         f"row is right when every answer token is the argmax): accuracy by needle depth, "
         f"{recipe['passkey_rows']} held-out rows per depth; {100 * recipe['passkey_rate']:g}% of the fine-tuning rows "
         "are passkey documents."
+        + (f" The reference model at {recipe['short_seq']} tokens ({100 * recipe['pretrain_passkey_rate']:g}% of its "
+           f"pretraining rows are passkey documents): {short['passkey_accuracy']:.2f}." if short else "")
         + (f" The extended model before fine-tuning: {before['passkey_accuracy']:.2f}." if before else ""),
         "",
         "| run | " + " | ".join(f"depth {depth}" for depth in depths) + " | all | answer log-likelihood |",

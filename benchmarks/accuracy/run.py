@@ -224,15 +224,15 @@ def training_data(split: corpus.Split, work: Path, books: int | None, recipe: Re
     return folder
 
 
-def passkey_eval_file(split: corpus.Split, work: Path, recipe: Recipe, extended: Path) -> Path | None:
-    """The held-out passkey rows every run evaluates (--eval-passkey), or None when ``recipe.passkey_rows`` is 0."""
+def passkey_eval_file(split: corpus.Split, work: Path, recipe: Recipe, model: Path, row_tokens: int) -> Path | None:
+    """Held-out passkey rows of ``row_tokens`` tokens (at long_seq: what every run evaluates, --eval-passkey), or
+    None when ``recipe.passkey_rows`` is 0."""
     if recipe.passkey_rows <= 0:
         return None
     from lemo_ds.training.tokenizer import load_hf_tokenizer
 
-    return passkey.write_eval_file(load_hf_tokenizer(extended), split.heldout, work / "passkey-eval.jsonl",
-                                   recipe.long_seq, recipe.passkey_depths, recipe.passkey_rows,
-                                   recipe.seed)  # fmt: skip
+    return passkey.write_eval_file(load_hf_tokenizer(model), split.heldout, work / f"passkey-eval-{row_tokens}.jsonl",
+                                   row_tokens, recipe.passkey_depths, recipe.passkey_rows, recipe.seed)  # fmt: skip
 
 
 def predictor_layers(runs: list[FineTune], recipe: Recipe) -> list[int]:
@@ -296,12 +296,13 @@ def launch(run: FineTune, recipe: Recipe, extended: Path, finetune_dir: Path, he
 def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.Split, heldout_dir: Path,
             work: Path, passkey_file: Path | None = None) -> tuple[dict[str, dict], dict | None]:  # fmt: skip
     """Every fine-tuning run, ``recipe.parallel`` at a time (the predictor runs once the predictors are trained,
-    the others meanwhile); ({name: record}, the predictor training's record or None)."""
+    the others meanwhile; with ``recipe.predictor_batches`` 0 every run at once, each predictor run calibrating its
+    own); ({name: record}, the predictor training's record or None)."""
     pending, active, records = list(runs), {}, {}
     data_dirs = {books: training_data(split, work, books, recipe, extended)  # one folder per book count
                  for books in {run.recipe(recipe).finetune_books for run in runs} | {recipe.finetune_books}}
     job = None
-    if any(r.scorer == "predictor" for r in runs):
+    if recipe.predictor_batches > 0 and any(r.scorer == "predictor" for r in runs):
         job = train_predictors(recipe, extended, data_dirs[recipe.finetune_books], work,
                                predictor_layers(runs, recipe))  # fmt: skip
     job_started, job_record, predictors = time.perf_counter(), None, None
@@ -319,7 +320,7 @@ def run_all(runs: list[FineTune], recipe: Recipe, extended: Path, split: corpus.
             if len(active) >= recipe.parallel:
                 break
             pending.remove(run)
-            if run.scorer == "predictor" and predictors is None:
+            if run.scorer == "predictor" and job is not None and predictors is None:
                 records[run.name] = {"name": run.name, "scorer": run.scorer, "keep_ratio": run.keep_ratio,
                                      "mode": run.mode, "ok": False, "log_tail": ["no predictors file"]}  # fmt: skip
                 continue
@@ -396,11 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"held-out perplexity: reference at {recipe.short_seq} tokens {baselines['reference_short_ppl']:.3f}; "
         f"extended model at {recipe.long_seq} before fine-tuning {baselines['extended_long_ppl_before_finetune']:.3f}")
-    passkey_file = passkey_eval_file(split, work, recipe, extended)
+    passkey_file = passkey_eval_file(split, work, recipe, extended, recipe.long_seq)
     if passkey_file is not None:
         before = passkey.evaluate_model(extended, passkey_file, device)
         baselines["extended_passkey_before_finetune"] = before
         log(f"passkey accuracy of the extended model before fine-tuning: {before['passkey_accuracy']:.3f}")
+    if passkey_file is not None and recipe.pretrain_passkey_rate > 0:  # did pretraining teach retrieval?
+        short = passkey_eval_file(split, work, recipe, reference, recipe.short_seq)
+        baselines["reference_passkey_short"] = passkey.evaluate_model(reference, short, device)
+        log(f"passkey accuracy of the reference model at {recipe.short_seq} tokens: "
+            f"{baselines['reference_passkey_short']['passkey_accuracy']:.3f}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -6,7 +6,8 @@
 # on the same books with recipe.passkey_rate of passkey rows and evaluates held-out perplexity and passkey accuracy
 # by needle depth (dense evaluation). Does choosing which blocks to keep matter for retrieval: predictor and oracle
 # near dense, random below? SCALING: "linear" (position interpolation, the headline) or "yarn".
-#   bash benchmarks/accuracy/experiments/passkey.sh BOOKS WORK OUT [linear|yarn]
+#   bash benchmarks/accuracy/experiments/passkey.sh BOOKS WORK OUT [linear|yarn] [run.py options...]
+# e.g. "--set predictor_batches=0" (each predictor run calibrates its own predictors: no offline training first).
 set -euo pipefail
 books=${1:?books folder} work=${2:?work folder} out=${3:?results folder} scaling=${4:-linear}
 case "$scaling" in
@@ -15,4 +16,4 @@ case "$scaling" in
 esac
 echo "passkey ($scaling): results go to $out/accuracy-full-<stamp>.{json,md,png}"
 python3 "$(dirname "$0")/../run.py" --books "$books" --work "$work" --out "$out" --set "rope_scaling=\"$scaling\"" \
-  --only "dense,predictor@0.4+nested,oracle@0.4+nested,random@0.4+nested"
+  --only "dense,predictor@0.4+nested,oracle@0.4+nested,random@0.4+nested" "${@:5}"
