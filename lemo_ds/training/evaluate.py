@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lemo_ds.predictors.calibrate import calibrate
 from lemo_ds.training.data import jsonl_records
 
 IGNORE_INDEX = -100
@@ -52,8 +53,6 @@ def heldout_perplexity(engine: nn.Module, batches: Iterable[dict[str, torch.Tens
 def heldout_recall(engine: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
     """The predictors' top-k recall against the oracle on ``batches`` (model frozen, no predictor update):
     ``predictor_recall`` (mean over sparse layers and batches, averaged over ranks) and one entry per layer."""
-    from lemo_ds.predictors.calibrate import calibrate
-
     sums: dict[int, float] = {}
     count = 0
 
