@@ -61,7 +61,7 @@ class SparsePlan:
     cache: SelectionCache = field(default_factory=SelectionCache)
     # The latest selection's blocks [b, k] and their inverse inclusion probabilities [b, k] (sampled_share > 0), for
     # ``account``; None where the selection drew nothing (no sampling, or a recompute that took the forward's back).
-    _drawn: tuple[torch.Tensor, torch.Tensor] | None = None
+    _drawn: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self) -> LemoConfig:
