@@ -155,6 +155,18 @@ def test_recipe_overrides_from_the_command_line():
             override_recipe(TINY, [bad])
 
 
+def test_the_sampled_mode_is_a_valid_lemo_section_asked_for_by_name():
+    from benchmarks.accuracy.recipe import FULL, TINY
+    from benchmarks.accuracy.run import ds_config, fine_tunes, override_recipe
+    from lemo_ds.config import parse_lemo_config
+
+    assert all(mode != "sampled" for _, _, mode in FULL.runs)  # not in the default runs
+    recipe = override_recipe(TINY, ['runs=[["oracle", 0.4, "sampled"]]'])
+    runs = {run.name: run for run in fine_tunes(recipe, {})}
+    lemo = parse_lemo_config(ds_config(runs["oracle@0.4+sampled"], recipe)["lemo"])
+    assert lemo.sampled_share == 0.5 and lemo.nested_selection and lemo.loss_tokens == "processed"
+
+
 @pytest.mark.parametrize("scaling", ["linear", "yarn"])
 def test_extended_model_has_the_recipes_rope_scaling(tmp_path, scaling):
     """write_extended's config loads in Hugging Face with the chosen rope type, and the extended model's rotary

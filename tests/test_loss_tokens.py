@@ -31,9 +31,9 @@ def _selections(model):
     seen = []
     original = controller.note_selection
 
-    def note(blocks, rows, seq):
+    def note(blocks, rows, seq, inverse_prob=None):
         seen.append(blocks.clone())
-        original(blocks, rows, seq)
+        original(blocks, rows, seq, inverse_prob)
 
     controller.note_selection = note
     return seen

@@ -119,3 +119,118 @@ def test_one_window_over_the_whole_sequence_is_the_global_top_k():
 
     scores = torch.randn(2, 20, generator=torch.Generator().manual_seed(0))
     assert torch.equal(select_blocks(stratified_priority(scores, 32), 7, [0]), select_blocks(scores, 7, [0]))
+
+
+# ---- sampled selection (sampled_share): a share of the picks drawn at random, with inverse probabilities ----------
+
+
+def _masked(priority: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """The priority as SparsePlan.select hands it over under nesting: blocks out of play below every other."""
+    return priority if allowed is None else torch.where(allowed, priority, torch.finfo(torch.float32).min)
+
+
+def _dense(blocks: torch.Tensor, inverse_prob: torch.Tensor, n: int) -> torch.Tensor:
+    """[b, k] kept blocks and weights -> [b, n]: the block's weight where kept, 0 elsewhere."""
+    return torch.zeros(blocks.shape[0], n).scatter_(1, blocks, inverse_prob)
+
+
+@pytest.mark.parametrize(("n", "keep", "forced"), [(12, 5, [0]), (9, 9, [0, 8]), (20, 7, []), (6, 2, [0, 5])])
+@pytest.mark.parametrize("share", [0.0, 0.05])  # 0.05: round(0.05 x m) = 0 picks drawn here
+@pytest.mark.parametrize("masked", [False, True])
+def test_sample_blocks_without_a_draw_is_select_blocks(n, keep, forced, share, masked):
+    from lemo_ds.core.selection import sample_blocks
+
+    generator = torch.Generator().manual_seed(n + keep)
+    priority = torch.randn(4, n, generator=generator)
+    priority[1, 2] = float("nan")
+    allowed = torch.rand(4, n, generator=generator) < 0.6 if masked else None
+    blocks, inverse_prob = sample_blocks(_masked(priority, allowed), allowed, keep, forced, share, generator)
+    assert torch.equal(blocks, select_blocks(_masked(priority, allowed), keep, forced))
+    assert torch.equal(inverse_prob, torch.ones(4, keep))
+
+
+@pytest.mark.parametrize(("n", "keep", "forced"), [(12, 5, [0]), (16, 9, [0, 15]), (20, 7, []), (10, 4, [0])])
+@pytest.mark.parametrize("share", [0.5, 0.9])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sample_blocks_keeps_forced_top_and_drawn_blocks(n, keep, forced, share, masked):
+    from lemo_ds.core.selection import sample_blocks
+
+    generator = torch.Generator().manual_seed(n * keep)
+    priority = torch.randn(6, n, generator=generator)
+    allowed = None
+    if masked:
+        allowed = torch.rand(6, n, generator=generator) < 0.5
+        allowed[:, forced] = True
+        allowed[0] = False  # sample 0: nothing left in play but the forced blocks (the draw is all fill)
+        allowed[0, forced] = True
+    blocks, inverse_prob = sample_blocks(_masked(priority, allowed), allowed, keep, forced, share, generator)
+    assert blocks.shape == inverse_prob.shape == (6, keep) and inverse_prob.dtype == torch.float32
+    drawn = round(share * (keep - len(forced)))
+    top = select_blocks(_masked(priority, allowed), keep - drawn, forced)  # forced + the best by priority
+    for b in range(6):
+        kept = blocks[b].tolist()
+        assert kept == sorted(set(kept))  # ascending, no repeats
+        assert set(top[b].tolist()) <= set(kept)  # forced blocks and the top picks
+        in_play = set(range(n)) if allowed is None else set(allowed[b].nonzero().flatten().tolist())
+        left = len(in_play - set(top[b].tolist()))  # r
+        for block, weight in zip(kept, inverse_prob[b].tolist(), strict=True):
+            if block in top[b].tolist() or block not in in_play:
+                assert weight == 1.0  # kept for sure, or out of play (its weight is never read)
+            else:
+                assert weight == pytest.approx(max(1.0, left / drawn))
+
+
+def _unbiasedness(estimates: torch.Tensor, blocks: list[int]) -> None:
+    """estimates [T, n]: per trial, 1{block kept through every layer} x the product of inverse probabilities. Their
+    mean is 1 for every block that can be kept, within 4.5 standard errors of the Monte-Carlo mean."""
+    trials = estimates.shape[0]
+    for block in blocks:
+        column = estimates[:, block].double()
+        error = column.std() / math.sqrt(trials)
+        assert abs(column.mean() - 1.0) <= 4.5 * error + 1e-9, (block, column.mean().item(), error.item())
+
+
+TRIALS = 20000  # independent draws: one row each of one batch (every row draws its own keys)
+
+
+@pytest.mark.parametrize("case", ["all", "nested", "few-in-play"])
+def test_sampled_weights_are_unbiased_in_one_layer(case):
+    from lemo_ds.core.selection import sample_blocks
+
+    n, keep, forced = 12, 5, [0]  # 4 free picks: 2 by priority, 2 drawn
+    priority = torch.linspace(1.0, 0.0, n).roll(5).expand(TRIALS, n)  # one fixed ranking, not the index order
+    allowed = None
+    if case != "all":
+        in_play = [0, 2, 3, 5, 7, 8, 10, 11] if case == "nested" else [0, 3, 5, 7]  # few: r = 1 < 2 drawn
+        allowed = torch.zeros(TRIALS, n, dtype=torch.bool)
+        allowed[:, in_play] = True
+    generator = torch.Generator().manual_seed(0)
+    blocks, inverse_prob = sample_blocks(_masked(priority, allowed), allowed, keep, forced, 0.5, generator)
+    estimates = _dense(blocks, inverse_prob, n)  # [T, n]
+    candidates = [i for i in range(n) if i not in forced and (allowed is None or allowed[0, i])]
+    _unbiasedness(estimates, candidates)
+    # The check can fail: without the weights, the blocks that are drawn are kept less often than 1.
+    kept_rate = (estimates > 0).double().mean(0)
+    assert case == "few-in-play" or kept_rate[candidates].min() < 0.75
+
+
+def test_sampled_weights_are_unbiased_through_a_nested_chain():
+    """Two sparse layers: the second's candidates are the first's kept blocks and its priorities depend on the
+    first's draw (as a later layer's scores depend on the earlier layers' kept tokens). The product of the two
+    layers' inverse probabilities is unbiased for every block (the tower rule)."""
+    from lemo_ds.core.selection import sample_blocks
+
+    n, forced = 12, [0]
+    generator = torch.Generator().manual_seed(1)
+    first_priority = torch.linspace(1.0, 0.0, n).expand(TRIALS, n)
+    first, first_weight = sample_blocks(first_priority, None, 8, forced, 0.5, generator)  # 7 free: 3 top, 4 drawn
+    allowed = torch.zeros(TRIALS, n, dtype=torch.bool).scatter_(1, first, True)  # [T, n]
+    shift = first.sum(dim=1, keepdim=True) % n  # [T, 1]: the second ranking moves with the first draw
+    second_priority = ((torch.arange(n) + shift) % n).float()  # [T, n]
+    second, second_weight = sample_blocks(_masked(second_priority, allowed), allowed, 5, forced, 0.5, generator)
+    estimates = _dense(first, first_weight, n) * _dense(second, second_weight, n)  # [T, n]
+    _unbiasedness(estimates, list(range(1, n)))
+    # The check can fail: the first layer's weights alone do not correct the second layer's draw.
+    first_only = _dense(first, first_weight, n) * (_dense(second, second_weight, n) > 0)
+    means = first_only[:, 1:].double().mean(0)
+    assert (means - 1.0).abs().max() > 0.2

@@ -413,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = fine_tunes(recipe, parse_modes(args.mode))
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = wanted - {run.name for run in runs}
+        if unknown:  # a typo, or a run of a mode that recipe.runs does not list: refused, not silently skipped
+            print(f"accuracy: error: --only names no run of this recipe: {', '.join(sorted(unknown))}; its runs: "
+                  f"{', '.join(run.name for run in runs)} (add others with --set 'runs=[[SCORER, KEEP, MODE], ...]')",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         runs = [run for run in runs if run.name in wanted]
     t0 = time.perf_counter()
     records, predictor_job = run_all(runs, recipe, extended, split, heldout_dir, work, passkey_file)
