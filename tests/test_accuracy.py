@@ -439,3 +439,28 @@ def test_passkey_evaluation_scores_exactly_the_answer_span(tmp_path):
     path.write_text('{"prompt": "no answer"}\n')
     with pytest.raises(argparse.ArgumentTypeError, match="keys.jsonl:1"):
         answer_file_arg(str(path))
+
+
+def test_accuracy_summary_compares_each_run_with_its_own_dense(tmp_path):
+    """benchmarks/accuracy/summary.py: one row per result, each gap against that result's dense run; a run missing
+    from a result leaves its cell empty; both plots are written."""
+    from benchmarks.accuracy import summary
+
+    def run(name, ppl, key):
+        return {"name": name, "ok": True, "eval_ppl": ppl, "passkey_accuracy": key}
+
+    first = {"runs": [run("dense", 40.0, 0.9), run("oracle@0.4+nested", 41.0, 0.8),
+                      run("random@0.4+nested", 42.0, 0.5)]}  # fmt: skip
+    second = {"runs": [run("dense", 50.0, 1.0), run("random@0.4+nested", 50.5, 0.7),
+                       {"name": "oracle@0.4+nested", "ok": False}]}  # fmt: skip
+    paths = []
+    for name, document in (("a", first), ("b", second)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(document))
+    assert summary.main(["--out", str(tmp_path / "s"), "--result", f"A={paths[0]}", "--result", f"B={paths[1]}"]) == 0
+    text = (tmp_path / "s.md").read_text()
+    assert "| A | 40.00 | +2.50% | +5.00% |" in text and "| B | 50.00 |  | +1.00% |" in text
+    assert "| A | 0.90 | 0.80 | 0.50 |" in text and "| B | 1.00 |  | 0.70 |" in text
+    assert (tmp_path / "s-perplexity.png").is_file() and (tmp_path / "s-passkey.png").is_file()
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        summary.main(["--out", str(tmp_path / "t"), "--result", "no-such-file"])
