@@ -25,6 +25,11 @@ def test_a_save_failing_on_one_rank_stops_every_rank_naming_it(tmp_path):
         assert report["inside"].startswith(f"saving checkpoint {ckpt / 'step1'} failed: OSError: [Errno 5] injected")
         assert "(rank 1); no complete checkpoint yet; fix that and continue with --resume" in report["inside"]
         assert report["good"] is None and report["latest"] == "step2"
+        # Making the folder fails on rank 0 alone: both stop before save_checkpoint, naming rank 0.
+        assert report["folder"] == (
+            f"saving checkpoint {ckpt / 'step4'} failed: PermissionError: [Errno 13] Permission denied: "
+            f"'{ckpt / 'step4'}' (rank 0); 'latest' still names step2; fix that and continue with --resume"
+        )
         # Hashing on rank 0 with a full disk: both stop, naming rank 0 and ENOSPC; 'latest' still names step2.
         assert report["manifest"] == (
             f"saving checkpoint {ckpt / 'step3'} failed: No space left on device (ENOSPC) on {ckpt / 'step3' / 'x.pt'} "

@@ -134,10 +134,18 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
         )
     if rank == 0:
         # Overwriting a tag (a run restarted in the same folder): it is incomplete until its new marker lands.
-        # save_checkpoint starts with a barrier, so no rank writes into the folder before this removal.
+        # The verdict exchange below is a barrier, so no rank writes into the folder before this removal.
         (tag_dir / COMPLETE).unlink(missing_ok=True)
-    state = {"step": step, "rows_consumed": rows_consumed, **{key: getattr(job, key) for key in _MUST_MATCH}}
+    # Every rank makes the tag's folder and the ranks compare verdicts before save_checkpoint: inside it, rank 0
+    # alone makes the folder before its first barrier, and a rank 0 that failed there would leave the others
+    # waiting in collectives it never reaches.
     failure = None
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        failure = _failure(error, tag_dir)
+    _stop_on_failures(_gather(failure), tag_dir)
+    state = {"step": step, "rows_consumed": rows_consumed, **{key: getattr(job, key) for key in _MUST_MATCH}}
     try:
         # save_latest=False: DeepSpeed would write 'latest' itself, without fsync and before the marker.
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"lemo_ds_train": state}, save_latest=False)

@@ -71,7 +71,21 @@ def main() -> int:
     report["good"] = stopped(2)
     report["latest"] = (ckpt_dir / resume.LATEST).read_text()
 
-    # 3. Hashing the files, on rank 0 only: the disk is full. Left to stop the script, as launch/train.py stops.
+    # 3. Making the tag's folder, on rank 0 only: permission denied (inside save_checkpoint, rank 0 alone makes it
+    # before a barrier the other ranks would wait at).
+    real_mkdir = Path.mkdir
+    if rank == 0:
+
+        def refused_mkdir(path, *args, **kwargs):
+            if path.name == "step4":
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        Path.mkdir = refused_mkdir
+    report["folder"] = stopped(4)
+    Path.mkdir = real_mkdir
+
+    # 4. Hashing the files, on rank 0 only: the disk is full. Left to stop the script, as launch/train.py stops.
     if rank == 0:
 
         def full_disk(*args, **kwargs):
