@@ -135,11 +135,9 @@ def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
     work = tmp_path / "work"
     assert selection_bias.main(["--model", str(work / "extended"), "--heldout", str(work / "books" / "heldout"),
                                 "--seq-len", "256", "--rows", "2", "--block-size", "16", "--device", "cpu",
-                                "--dense-layers", "first_half", "--sampled-share", "0.5",
-                                "--out", str(bias_path)]) == 0  # fmt: skip
+                                "--dense-layers", "first_half", "--out", str(bias_path)]) == 0  # fmt: skip
     bias = json.loads(bias_path.read_text())
-    assert set(bias["scorers"]) == {"oracle", "norm", "random", "attention", "oracle+sampled", "norm+sampled",
-                                    "random+sampled"} and bias["rows"] == 2  # fmt: skip
+    assert set(bias["scorers"]) == {"oracle", "norm", "random", "attention"} and bias["rows"] == 2
     for entry in bias["scorers"].values():
         assert 0.0 < entry["processed_share"] < 1.0 and 0.0 < entry["mean_position"] < 1.0
         assert math.isfinite(entry["forward_gap"]) and math.isfinite(entry["target_bias"])

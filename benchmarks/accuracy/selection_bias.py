@@ -11,10 +11,6 @@ held-out rows, with the model frozen (no training):
   scorer picks easier or harder targets than a uniform sample; a uniform sample gives about 0);
 - ``mean_position``: mean relative position (0 = start of the row, 1 = end) of the processed targets.
 
-With ``--sampled-share``, each scorer is measured again as ``<scorer>+sampled`` (lemo's ``sampled_share``), every
-mean weighted by the targets' inverse inclusion probabilities, as its training loss weights them: its target bias
-should be about 0 whatever the scorer.
-
     python benchmarks/accuracy/selection_bias.py --model outputs/accuracy/extended \\
         --heldout outputs/accuracy/books/heldout --seq-len 8192 --rows 16 --out selection_bias.json
 """
@@ -58,9 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='lemo scorers, and "attention" (AttentionMassScorer, this measurement only)')
     parser.add_argument("--dense-layers", default="auto", help='lemo dense_layers: "auto", "first_half" or a JSON list')
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampled-share", type=float, default=0.0,
-                        help="above 0: also measure each scorer as '<scorer>+sampled' with this lemo "
-                             "sampled_share, its sums weighted by the inverse inclusion probabilities")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="the JSON result file")
     return parser.parse_args(argv)
@@ -117,25 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     scorers = args.scorers.split(",")
     sparse = {}
     dense_layers = args.dense_layers if args.dense_layers in ("auto", "first_half") else json.loads(args.dense_layers)
-    variants = [(scorer, scorer, 0.0) for scorer in scorers]
-    if args.sampled_share > 0:
-        variants += [(f"{scorer}+sampled", scorer, args.sampled_share) for scorer in scorers if scorer != "attention"]
-    for name, scorer, share in variants:
+    for scorer in scorers:
         section = {"keep_ratio": args.keep, "scorer": "norm" if scorer == "attention" else scorer,
                    "block_size": args.block_size, "seed": args.seed, "dense_layers": dense_layers,
-                   "memory": {"segment_loss": False}, "sampled_share": share, **SELECTION}  # fmt: skip
+                   "memory": {"segment_loss": False}, **SELECTION}  # fmt: skip
         # Training mode so the sparse layers eliminate (evaluation is dense); no dropout in these models.
-        sparse[name] = lemo_ds.apply_lemo(copy.deepcopy(dense), section).train()
+        sparse[scorer] = lemo_ds.apply_lemo(copy.deepcopy(dense), section).train()
         if scorer == "attention":
-            model = sparse[name]
+            model = sparse[scorer]
             for layer in policy_for(model).decoder_layers(model):
                 if is_sparse_layer(layer):
                     layer._lemo.sparse.scorer = AttentionMassScorer()
     files = data.discover_files(args.heldout, "--heldout")
-    # Sums over the processed targets, each weighted by its inverse inclusion probability (1 without a sampled
-    # share); "count" is the number of processed targets, "weight" their weight.
-    sums = {name: {"sparse": 0.0, "dense_processed": 0.0, "position": 0.0, "count": 0, "weight": 0.0}
-            for name in sparse}  # fmt: skip
+    sums = {scorer: {"sparse": 0.0, "dense_processed": 0.0, "position": 0.0, "count": 0} for scorer in scorers}
     dense_sum, dense_count, rows = 0.0, 0, 0
     started = time.perf_counter()
     with torch.no_grad():
@@ -147,25 +134,21 @@ def main(argv: list[str] | None = None) -> int:
             dense_sum += float(reference[counted].sum())
             dense_count += int(counted.sum())
             where = torch.arange(reference.shape[0], device=device, dtype=torch.float32) / args.seq_len  # [s - 1]
-            for name, model in sparse.items():
+            for scorer, model in sparse.items():
                 ours = token_losses(model, batch)  # [s - 1]
-                controller = lemo_ds.get_controller(model)
-                processed = controller.processed_rows[0, :-1] & counted  # [s - 1]
-                weights = controller.processed_weights  # [1, s] or None
-                w = weights[0, :-1][processed] if weights is not None else torch.ones_like(ours[processed])  # [p]
-                total = sums[name]
-                total["sparse"] += float((w * ours[processed]).sum())
-                total["dense_processed"] += float((w * reference[processed]).sum())
-                total["position"] += float((w * where[processed]).sum())
+                processed = lemo_ds.get_controller(model).processed_rows[0, :-1] & counted  # [s - 1]
+                total = sums[scorer]
+                total["sparse"] += float(ours[processed].sum())
+                total["dense_processed"] += float(reference[processed].sum())
+                total["position"] += float(where[processed].sum())
                 total["count"] += int(processed.sum())
-                total["weight"] += float(w.sum())
             rows += 1
     dense_mean = dense_sum / dense_count
     report = {}
     for scorer, total in sums.items():
-        n = total["weight"]
+        n = total["count"]
         report[scorer] = {
-            "processed_share": total["count"] / dense_count,
+            "processed_share": n / dense_count,
             "forward_gap": (total["sparse"] - total["dense_processed"]) / n,
             "target_bias": total["dense_processed"] / n - dense_mean,
             "mean_position": total["position"] / n,
