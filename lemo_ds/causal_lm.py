@@ -93,8 +93,7 @@ class LemoCausalLMMixin:
                 if targets is None:
                     targets = shift_labels(labels)  # [b, s]
                 loss = _processed_loss(head, outputs.last_hidden_state, targets, skipped,
-                                       controller.config.skipped_loss_weight, memory,
-                                       controller.processed_weights)  # fmt: skip
+                                       controller.config.skipped_loss_weight, memory)  # fmt: skip
             else:
                 loss = segment_lm_loss(head, outputs.last_hidden_state, labels, memory.segment_tokens, num_items,
                                        memory.segment_loss_impl, shift_labels=targets)  # fmt: skip
@@ -129,17 +128,16 @@ def _processed_loss(
     skipped: torch.Tensor,  # [b, s] bool: the row skipped a sparse layer
     weight: float,
     memory: LemoMemoryConfig,
-    processed_weights: torch.Tensor | None = None,  # [b, s] float32: inverse inclusion probabilities (sampled_share)
 ) -> torch.Tensor:
-    """sum of w_t x CE_t / sum of w_t over the counted targets, with w_t = the target's inverse probability of being
-    processed (1 without a sampled share) where its row ran through every sparse layer, ``weight`` where it skipped
-    one: the mean over the processed targets when weight is 0 and nothing is sampled (then unweighted, so Liger's
-    fused loss can run it). The count changed, so any num_items_in_batch is not used."""
+    """(sum of the processed targets' losses + weight x sum of the skipped ones') / (n_processed + weight x
+    n_skipped): the mean over the processed targets when weight is 0. The count changed, so any
+    num_items_in_batch is not used."""
+    kept = targets.masked_fill(skipped, IGNORE_INDEX)  # [b, s]
     if weight == 0.0:
-        targets = targets.masked_fill(skipped, IGNORE_INDEX)  # [b, s]
-    weights = None
-    if weight > 0.0 or processed_weights is not None:
-        processed = torch.ones_like(targets, dtype=torch.float32) if processed_weights is None else processed_weights
-        weights = torch.where(skipped, weight, processed.to(targets.device))  # [b, s]
-    return segment_lm_loss(head, hidden, None, memory.segment_tokens, None, memory.segment_loss_impl,
-                           shift_labels=targets, weights=weights)  # fmt: skip
+        return segment_lm_loss(head, hidden, None, memory.segment_tokens, None, memory.segment_loss_impl,
+                               shift_labels=kept)  # fmt: skip
+    dropped = targets.masked_fill(~skipped, IGNORE_INDEX)  # [b, s]
+    count = (kept != IGNORE_INDEX).sum() + weight * (dropped != IGNORE_INDEX).sum()
+    sums = [segment_lm_loss(head, hidden, None, memory.segment_tokens, 1, memory.segment_loss_impl, shift_labels=t)
+            for t in (kept, dropped)]  # fmt: skip
+    return (sums[0] + weight * sums[1]) / count.clamp(min=1).to(torch.float32)

@@ -199,8 +199,7 @@ class LemoConfig(_LemoSection):
     skipped_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
     """With ``loss_tokens: "processed"``: the weight of the other positions' targets in the loss (0: left out; 1:
     the ``all`` loss). The loss is (sum over processed + weight x sum over the others) / (their weighted count);
-    above 0 the loss is a per-target weighted one, computed by lemo_ds's torch segment loss (README, "Accuracy",
-    for what the accuracy benchmark measured)."""
+    above 0 the LM head runs twice (README, "Accuracy", for what the accuracy benchmark measured)."""
 
     selection_window: int = Field(0, ge=0)
     """Stratified selection: each window of this many blocks keeps about the keep ratio of its blocks (the
@@ -213,19 +212,11 @@ class LemoConfig(_LemoSection):
     (token dropping, as in random-LTD): the positions that run through every sparse layer are then exactly the
     last sparse layer's kept share, instead of the intersection of independent choices."""
 
-    sampled_share: float = Field(0.0, ge=0.0, lt=1.0)
-    """Share of each sparse layer's scored picks (the kept blocks besides ``always_keep_blocks``) drawn uniformly at
-    random among the blocks still in play, the rest by score. Every target then has a known probability of running
-    through every sparse layer, and with ``loss_tokens: "processed"`` each processed target's loss is weighted by its
-    inverse (a self-normalised estimate of the loss over every target): a scorer alone also chooses which targets the
-    fine-tuning learns from, which biases the loss. Training forwards only. 0: every pick by score."""
-
     apply_in_eval: bool = False
     """Eliminate tokens in eval mode too. Default: evaluation and inference are dense."""
 
     seed: int = Field(0, ge=0)
-    """Seed of the random scorer and of the ``sampled_share`` draws (combined with the layer index, step and
-    micro-batch counter)."""
+    """Seed of the random scorer (combined with the layer index, step and micro-batch counter)."""
 
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Gather/write-back implementation. ``auto``: Triton where it can run (CUDA tensors, or CPU under
@@ -256,13 +247,6 @@ class LemoConfig(_LemoSection):
             raise ValueError(
                 f'skipped_loss_weight {self.skipped_loss_weight} only applies with loss_tokens "processed" (with '
                 '"all" every position already counts fully); set loss_tokens to "processed" or the weight to 0'
-            )
-        weighted = self.loss_tokens == "processed" and (self.sampled_share > 0 or self.skipped_loss_weight > 0)
-        if weighted and self.memory.segment_loss_impl == "liger":
-            key = "sampled_share" if self.sampled_share > 0 else "skipped_loss_weight"
-            raise ValueError(
-                f'{key} {getattr(self, key)} weights the targets of the "processed" loss one by one, which Liger\'s '
-                'fused loss cannot; set memory.segment_loss_impl to "auto" or "torch"'
             )
         if self.predictor_path is not None and self.scorer != "predictor":
             raise ValueError(f'predictor_path is set but scorer is "{self.scorer}"; set scorer to "predictor"')

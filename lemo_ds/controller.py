@@ -42,9 +42,6 @@ class LemoController:
         self._seen = [0] * len(target_ratios)
         # This forward's selections (training forwards only; a checkpoint's recompute reuses its selection):
         self.processed_rows: torch.Tensor | None = None  # [b, s] bool: the row ran through every sparse layer
-        # [b, s] float32: the inverse of the row's probability of running through every sparse layer (sampled_share
-        # > 0; None otherwise); meaningful where processed_rows is True.
-        self.processed_weights: torch.Tensor | None = None
         self.last_kept_blocks: torch.Tensor | None = None  # [b, k] the latest sparse layer's kept blocks
         # The caller keeps every layer's output (output_hidden_states): no layer may overwrite its input in place.
         self.keeps_layer_outputs = False
@@ -105,33 +102,15 @@ class LemoController:
         step_guard.check(self, training)
         self.poll_step()
         self.micro_step += 1
-        self.processed_rows = self.processed_weights = self.last_kept_blocks = None
+        self.processed_rows = self.last_kept_blocks = None
         self.keeps_layer_outputs = keeps_layer_outputs
 
-    def note_selection(
-        self, blocks: torch.Tensor, rows: torch.Tensor, seq: int, inverse_prob: torch.Tensor | None = None
-    ) -> None:
-        """A sparse layer of this forward kept ``blocks`` [b, k] = token ``rows`` [b, K] of ``seq``; with a sampled
-        share, ``inverse_prob`` [b, k] is each kept block's inverse probability of being kept, given the layer's
-        input."""
+    def note_selection(self, blocks: torch.Tensor, rows: torch.Tensor, seq: int) -> None:
+        """A sparse layer of this forward kept ``blocks`` [b, k] = token ``rows`` [b, K] of ``seq``."""
         kept = torch.zeros(rows.shape[0], seq, dtype=torch.bool, device=rows.device)  # [b, s]
         kept.scatter_(1, rows, True)
         self.processed_rows = kept if self.processed_rows is None else self.processed_rows & kept
         self.last_kept_blocks = blocks
-        if inverse_prob is not None:
-            self._note_weights(inverse_prob, rows, seq)
-
-    def _note_weights(self, inverse_prob: torch.Tensor, rows: torch.Tensor, seq: int) -> None:
-        # A row's weight is the product of its blocks' inverse probabilities over the sparse layers of the forward.
-        # A later layer's candidates (its scores, the nesting) depend on the earlier layers' random draws, but each
-        # factor is the inclusion probability given everything before that layer, so by the tower rule
-        # E[1{kept by every layer} x product of 1 / p] = 1: the weight is unbiased for each row. Rows a layer did not
-        # keep get a factor 1 (they are not processed: their weight is never read).
-        # Block j of the kept blocks is rows j * B .. j * B + B - 1 (token_index); a partial tail block is last.
-        row_weight = inverse_prob.repeat_interleave(self.config.block_size, dim=1)[:, : rows.shape[1]]  # [b, K]
-        layer = torch.ones(rows.shape[0], seq, dtype=torch.float32, device=rows.device)  # [b, s]
-        layer.scatter_(1, rows, row_weight.to(rows.device))
-        self.processed_weights = layer if self.processed_weights is None else self.processed_weights * layer
 
     # ---- the schedule -------------------------------------------------------------------------------
 

@@ -186,7 +186,6 @@ class LemoDecoderLayerMixin:
             checkpointed=checkpoint_key is not None,
             key=checkpoint_key,
             sp=sp,
-            training=self.training,
         )  # [b, k]
         rows = token_index(blocks, plan.config.block_size, seq)  # [b, K]
         backend = plan.config.kernels

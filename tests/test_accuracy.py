@@ -155,18 +155,6 @@ def test_recipe_overrides_from_the_command_line():
             override_recipe(TINY, [bad])
 
 
-def test_the_sampled_mode_is_a_valid_lemo_section_asked_for_by_name():
-    from benchmarks.accuracy.recipe import FULL, TINY
-    from benchmarks.accuracy.run import ds_config, fine_tunes, override_recipe
-    from lemo_ds.config import parse_lemo_config
-
-    assert all(mode != "sampled" for _, _, mode in FULL.runs)  # not in the default runs
-    recipe = override_recipe(TINY, ['runs=[["oracle", 0.4, "sampled"]]'])
-    runs = {run.name: run for run in fine_tunes(recipe, {})}
-    lemo = parse_lemo_config(ds_config(runs["oracle@0.4+sampled"], recipe)["lemo"])
-    assert lemo.sampled_share == 0.5 and lemo.nested_selection and lemo.loss_tokens == "processed"
-
-
 @pytest.mark.parametrize("scaling", ["linear", "yarn"])
 def test_extended_model_has_the_recipes_rope_scaling(tmp_path, scaling):
     """write_extended's config loads in Hugging Face with the chosen rope type, and the extended model's rotary
@@ -464,3 +452,16 @@ def test_accuracy_summary_compares_each_run_with_its_own_dense(tmp_path):
     assert (tmp_path / "s-perplexity.png").is_file() and (tmp_path / "s-passkey.png").is_file()
     with pytest.raises(SystemExit, match="LABEL=PATH"):
         summary.main(["--out", str(tmp_path / "t"), "--result", "no-such-file"])
+
+
+def test_only_refuses_a_run_the_recipe_does_not_have(tmp_path, capsys):
+    """--only with a name that is not a run of the recipe (a typo, or a mode's run that recipe.runs does not list)
+    stops before any work, naming it and the runs there are; nothing is written."""
+    from benchmarks.accuracy import run
+
+    code = run.main(["--recipe", "tiny", "--books", str(tmp_path / "no-books"), "--work", str(tmp_path / "work"),
+                     "--out", str(tmp_path / "out"), "--only", "dense,oracle@0.4+nestd"])  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--only names no run of this recipe: oracle@0.4+nestd" in error and "predictor@0.4+nested" in error
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

@@ -35,16 +35,6 @@ def test_defaults_follow_the_paper_artifact():
         ({"min_blocks": 0}, r"lemo\.min_blocks"),
         ({"scorer": "attention"}, r"lemo\.scorer: Input should be 'oracle', 'random', 'norm' or 'predictor'"),
         ({"kernels": "cuda"}, r"lemo\.kernels: Input should be 'auto', 'triton' or 'torch'"),
-        ({"sampled_share": 1.0}, r"lemo\.sampled_share: Input should be less than 1"),
-        ({"sampled_share": -0.1}, r"lemo\.sampled_share: Input should be greater than or equal to 0"),
-        (
-            {"sampled_share": 0.5, "loss_tokens": "processed", "memory": {"segment_loss_impl": "liger"}},
-            r"sampled_share 0\.5 weights the targets .* set memory\.segment_loss_impl to \"auto\" or \"torch\"",
-        ),
-        (
-            {"skipped_loss_weight": 0.1, "loss_tokens": "processed", "memory": {"segment_loss_impl": "liger"}},
-            r"skipped_loss_weight 0\.1 weights the targets .* Liger",
-        ),
         ({"keep_ratio": [1.0, 0.4], "dense_layers": [1]}, r"dense_layers: layer 1 is dense but keep_ratio\[1\] = 0.4"),
         # strict types: a value of the wrong JSON type is refused, not converted
         ({"keep_ratio": "0.4"}, r"lemo\.keep_ratio"),

@@ -31,9 +31,9 @@ def _selections(model):
     seen = []
     original = controller.note_selection
 
-    def note(blocks, rows, seq, inverse_prob=None):
+    def note(blocks, rows, seq):
         seen.append(blocks.clone())
-        original(blocks, rows, seq, inverse_prob)
+        original(blocks, rows, seq)
 
     controller.note_selection = note
     return seen

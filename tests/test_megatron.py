@@ -258,14 +258,8 @@ def test_spec_makes_first_half_and_last_layer_dense():
 
 @pytest.mark.parametrize(
     "section",
-    [
-        {"loss_tokens": "processed"},
-        {"skipped_loss_weight": 0.0},
-        {"sampled_share": 0.5},
-        {"memory": {"tiled_mlp": True}},
-        {"memory": {}},
-    ],
-    ids=["loss_tokens", "skipped_loss_weight", "sampled_share", "memory", "empty-memory"],
+    [{"loss_tokens": "processed"}, {"skipped_loss_weight": 0.0}, {"memory": {"tiled_mlp": True}}, {"memory": {}}],
+    ids=["loss_tokens", "skipped_loss_weight", "memory", "empty-memory"],
 )
 def test_spec_refuses_keys_the_megatron_path_cannot_honour(section):
     with pytest.raises(LemoConfigError, match=f"lemo.{next(iter(section))} is not available for Megatron"):

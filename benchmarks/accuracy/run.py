@@ -376,6 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    runs = fine_tunes(recipe, parse_modes(args.mode))
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {run.name for run in runs}
+        if unknown:  # a typo, or a run of a mode that recipe.runs does not list: refused before any work
+            print(f"accuracy: error: --only names no run of this recipe: {', '.join(sorted(unknown))}; its runs: "
+                  f"{', '.join(run.name for run in runs)} (add others with --set 'runs=[[SCORER, KEEP, MODE], ...]')",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        runs = [run for run in runs if run.name in wanted]
 
     try:
         split = corpus.prepare(Path(args.books), work / "books", recipe.heldout_every, recipe.book_limit)
@@ -410,16 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    runs = fine_tunes(recipe, parse_modes(args.mode))
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {run.name for run in runs}
-        if unknown:  # a typo, or a run of a mode that recipe.runs does not list: refused, not silently skipped
-            print(f"accuracy: error: --only names no run of this recipe: {', '.join(sorted(unknown))}; its runs: "
-                  f"{', '.join(run.name for run in runs)} (add others with --set 'runs=[[SCORER, KEEP, MODE], ...]')",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        runs = [run for run in runs if run.name in wanted]
     t0 = time.perf_counter()
     records, predictor_job = run_all(runs, recipe, extended, split, heldout_dir, work, passkey_file)
     timings["fine_tuning_s"] = time.perf_counter() - t0

@@ -7,11 +7,9 @@ hold one ``SparsePlan`` each and differ only in layout (``[b, s, h]`` vs ``[s, b
 1. ``keep_ratio``: the schedule's ratio for this layer now (1.0: run dense);
 2. ``check_length``: a row too short for one block, or a sequence-parallel shard that is not whole blocks;
 3. ``select``: scores -> stratified windows -> nesting under the previous sparse layer -> forced blocks (the
-   always-kept ones, per shard under sequence parallelism) and top-k, or with ``sampled_share`` a share of the
-   kept blocks drawn at random -> agreement across tensor-parallel ranks; under activation checkpointing the
-   recompute takes the forward's selection back (``lemo_ds.core.recompute``);
-4. ``account``: the measured keep ratio, the rows this forward processed and their inverse inclusion probabilities
-   (for the loss and nesting);
+   always-kept ones, per shard under sequence parallelism) and top-k -> agreement across tensor-parallel ranks;
+   under activation checkpointing the recompute takes the forward's selection back (``lemo_ds.core.recompute``);
+4. ``account``: the measured keep ratio and the rows this forward processed (for the loss and nesting);
 5. ``writes_in_place``: whether the write-back may overwrite the layer input.
 """
 
@@ -23,13 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lemo_ds.controller import current_rank
 from lemo_ds.core.recompute import SelectionCache
 from lemo_ds.core.selection import (
     forced_blocks,
     keep_block_count,
     num_blocks,
-    sample_blocks,
     select_blocks,
     shard_forced_blocks,
     stratified_priority,
@@ -48,20 +44,12 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-# Mixed into the seed of the sampled share's draws, so that they differ from the random scorer's of the same layer
-# and forward (an int: Python salts the hash of a str per process, which would break reproducibility).
-_SAMPLING_SALT = 0x5A3D_1E70
-
-
 @dataclass(eq=False)
 class SparsePlan:
     layer_index: int  # global, 0-based
     controller: LemoController  # shared by every layer of the model
     scorer: BlockScorer | None  # None: the layer computes the oracle from its own queries and keys (Megatron)
     cache: SelectionCache = field(default_factory=SelectionCache)
-    # The latest selection's blocks [b, k] and their inverse inclusion probabilities [b, k] (sampled_share > 0), for
-    # ``account``; None where the selection drew nothing (no sampling, or a recompute that took the forward's back).
-    _drawn: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self) -> LemoConfig:
@@ -93,7 +81,6 @@ class SparsePlan:
         key: object | None = None,
         sp: SequenceParallel | None = None,
         agree: Callable[[torch.Tensor], None] | None = None,
-        training: bool = True,
     ) -> torch.Tensor:
         """Kept block indices [b, k], ascending.
 
@@ -101,11 +88,8 @@ class SparsePlan:
         ``checkpointed``: this call runs under an activation checkpoint that will call it again in backward; the
         recompute takes the forward's selection back (by ``key`` when given, else the oldest of this step).
         ``sp``: this rank's sequence-parallel shard (forced blocks are global block indices).
-        ``agree``: makes every rank of a tensor-parallel group keep the same blocks (in place).
-        ``training``: a training forward (only those draw ``sampled_share`` of the blocks at random: the draw exists
-        to weight the training loss; a sparse evaluation keeps the best-scored blocks)."""
+        ``agree``: makes every rank of a tensor-parallel group keep the same blocks (in place)."""
         controller = self.controller
-        self._drawn = None
         if checkpointed and in_backward():
             saved = self.cache.take(controller.step, key)
             if saved is not None:
@@ -123,39 +107,23 @@ class SparsePlan:
             if config.selection_window:
                 scores = stratified_priority(scores, config.selection_window)  # [b, n]
             earlier = controller.last_kept_blocks  # [b, k'] kept by the previous sparse layer of this forward
-            allowed = None  # [b, n] bool: the blocks still in play
             if config.nested_selection and earlier is not None and earlier.shape[0] == scores.shape[0]:
                 # Blocks eliminated earlier rank below every block still in play (kept blocks first).
                 allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, earlier, True)  # [b, n]
                 scores = torch.where(allowed, scores.float(), torch.finfo(torch.float32).min)
-            if config.sampled_share > 0 and training:
-                blocks, inverse_prob = sample_blocks(
-                    scores, allowed, keep, forced, config.sampled_share, self._generator()
-                )  # [b, k], [b, k]
-                self._drawn = (blocks, inverse_prob)
-            else:
-                blocks = select_blocks(scores, keep, forced)  # [b, k]
+            blocks = select_blocks(scores, keep, forced)  # [b, k]
             if agree is not None:
                 agree(blocks)
         if checkpointed and not in_backward():
             self.cache.put(controller.step, blocks, key)
         return blocks
 
-    def _generator(self) -> torch.Generator:
-        """A CPU generator of its own for the sampled share, seeded like the random scorer (seed, layer, forward
-        counter, rank) plus a salt: reproducible, independent of the global RNG, its own pattern on every rank."""
-        controller = self.controller
-        mixed = hash((self.config.seed, self.layer_index, controller.micro_step, current_rank(), _SAMPLING_SALT))
-        return torch.Generator(device="cpu").manual_seed(mixed & 0x7FFF_FFFF_FFFF_FFFF)
-
     def account(self, blocks: torch.Tensor, rows: torch.Tensor, seq: int, training: bool) -> None:
         """Count a sparse call that kept ``blocks`` [b, k] = ``rows`` [b, K] of ``seq`` (training forwards only: a
-        checkpoint's recompute is not a second pass of data, so its blocks' weights are not counted again)."""
+        checkpoint's recompute is not a second pass of data)."""
         if training and not in_backward():
-            drawn, self._drawn = self._drawn, None
-            inverse_prob = drawn[1] if drawn is not None and drawn[0] is blocks else None  # [b, k]
             self.controller.record(self.layer_index, rows.shape[1], seq)
-            self.controller.note_selection(blocks, rows, seq, inverse_prob)
+            self.controller.note_selection(blocks, rows, seq)
 
     def account_dense(self, seq: int, training: bool) -> None:
         """Count a call that ran dense (a dense phase of the schedule)."""

@@ -3,8 +3,7 @@
 For a sequence of ``s`` tokens split into ``n = ceil(s / B)`` blocks, a sparse layer with keep ratio ``r``
 keeps ``k = max(min_blocks, round(r * n))`` blocks per sample: the forced blocks (the always-kept ones, and
 the partial tail block when ``B`` does not divide ``s``, so that every sample keeps the same number of
-tokens) plus the best-scored others, sorted ascending so causal order is preserved. With a sampled share
-(``sample_blocks``), part of the others is drawn uniformly at random instead, with known inclusion probabilities.
+tokens) plus the best-scored others, sorted ascending so causal order is preserved.
 """
 
 from __future__ import annotations
@@ -57,46 +56,6 @@ def select_blocks(
         work[:, forced] = math.inf
     kept = work.topk(keep, dim=1, sorted=False).indices  # [b, keep]
     return kept.sort(dim=1).values
-
-
-def sample_blocks(
-    priority: torch.Tensor,  # [b, n] float, higher = kept first
-    allowed: torch.Tensor | None,  # [b, n] bool: still in play (nested selection); None: every block
-    keep: int,
-    forced: list[int],
-    share: float,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept blocks [b, keep] (int64, ascending) and their inverse inclusion probabilities [b, keep] (float32).
-
-    Of the m = keep - |forced| free picks, m_s = round(share * m) are drawn uniformly without replacement among the
-    allowed blocks that are neither forced nor among the m - m_s best by priority; the rest are the best by priority
-    (with share 0 this is exactly ``select_blocks``). Why: a selection by score alone decides which targets a
-    "processed" loss learns from (a biased loss); a share drawn at random gives every allowed block a known
-    probability of being kept, given this layer's input: 1 for forced and top picks, min(1, m_s / r) for the r
-    candidates left. When fewer than m_s allowed candidates are left, the rest is filled from disallowed blocks (they
-    are not processed: their weight does not matter, 1). ``generator``: a CPU generator (the draw is made on CPU)."""
-    batch, n = priority.shape
-    m = keep - len(forced)
-    drawn = round(share * m)
-    if drawn == 0:
-        blocks = select_blocks(priority, keep, forced)  # [b, keep]
-        return blocks, torch.ones(blocks.shape, dtype=torch.float32, device=blocks.device)
-    top = select_blocks(priority, keep - drawn, forced)  # [b, keep - m_s]: forced + the best by priority
-    picked = torch.zeros(batch, n, dtype=torch.bool, device=priority.device).scatter_(1, top, True)  # [b, n]
-    candidate = ~picked if allowed is None else allowed & ~picked  # [b, n]
-    left = candidate.sum(dim=1, keepdim=True)  # [b, 1] r
-    # Uniform keys in [0, 1) for the candidates, below them (in [-2, -1)) for the fill, -inf for the picked: the
-    # largest m_s keys are a uniform draw without replacement among the candidates, filled up when r < m_s.
-    keys = torch.rand(batch, n, generator=generator).to(priority.device)  # [b, n]
-    keys = torch.where(candidate, keys, keys - 2.0).masked_fill(picked, -math.inf)
-    sampled = keys.topk(drawn, dim=1, sorted=False).indices  # [b, m_s]
-    sampled_weight = (left.float() / drawn).clamp(min=1.0).expand(-1, drawn)  # [b, m_s] 1 / min(1, m_s / r)
-    sampled_weight = torch.where(candidate.gather(1, sampled), sampled_weight, 1.0)  # the fill: 1
-    blocks = torch.cat([top, sampled], dim=1)  # [b, keep]
-    weights = torch.cat([torch.ones(top.shape, dtype=torch.float32, device=top.device), sampled_weight], dim=1)
-    blocks, order = blocks.sort(dim=1)  # [b, keep]
-    return blocks, weights.gather(1, order)
 
 
 def stratified_priority(scores: torch.Tensor, window: int) -> torch.Tensor:

@@ -145,7 +145,6 @@ class LemoTransformerLayerMixin:
             # it owns the checkpoint, so the recompute takes the oldest selection back (no key).
             checkpointed=full_recompute and (in_backward() or not torch.is_grad_enabled()),
             agree=self._lemo_agree,
-            training=self.training,
         )  # [b, k]
         rows = token_index(blocks, plan.config.block_size, seq)  # [b, K] ascending
         kept = rows.shape[1]

@@ -96,8 +96,6 @@ _OWN_LOSS = "the loss is the Megatron model's own (lemo_ds's segment loss is a H
 _HF_ONLY_KEYS = {
     "loss_tokens": _OWN_LOSS,
     "skipped_loss_weight": _OWN_LOSS,
-    "sampled_share": "its inverse-probability weights reach only lemo_ds's own loss (a Hugging Face causal LM's), and "
-    "the tensor-parallel agreement broadcasts the kept blocks, not their weights",
     "memory": "the memory stack converts Hugging Face modules; use Megatron's own recompute and offload settings",
 }
 

@@ -16,9 +16,6 @@ float32 softmax gradient: at 128K tokens and Llama-3's 128256-token vocabulary t
 Exactly Hugging Face's loss: labels shifted left by one with -100 appended (the last position predicts
 nothing), -100 ignored, logits upcast to float32, the sum over counted positions divided by their number (or
 by ``num_items_in_batch`` when the caller gives it, as the Trainer does under gradient accumulation).
-
-Optionally weighted per position (``weights``; the torch implementation only, Liger's fused loss has no per-token
-weights): the sum of w_t x CE_t over counted positions, divided by the sum of their weights (or the given number).
 """
 
 from __future__ import annotations
@@ -55,33 +52,26 @@ def _set_grad_ready(params: list[nn.Parameter], ready: bool) -> None:
         param.ds_grad_is_ready = ready
 
 
-def _segment_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """sum of CE over one segment's logits [c, V] and targets [c], each weighted by ``weights`` [c] when given."""
-    if weights is None:
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return (F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none") * weights).sum()
-
-
 class SegmentedLMLoss(torch.autograd.Function):
-    """sum over positions of [w_t x] CE(lm_head(hidden), targets) / divisor, one segment of positions at a time."""
+    """sum over positions of CE(lm_head(hidden), targets) / divisor, one segment of positions at a time."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, divisor: torch.Tensor,
-                segment_tokens: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-        # hidden [N, h], targets [N], divisor [] float32, weights [N] float32 or None
+                segment_tokens: int) -> torch.Tensor:
+        # hidden [N, h], targets [N], divisor [] float32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.no_grad():
             for start in range(0, hidden.shape[0], segment_tokens):
-                end = start + segment_tokens
-                logits = lm_head(hidden[start:end]).float()  # [c, V]
-                total += _segment_sum(logits, targets[start:end], None if weights is None else weights[start:end])
-        ctx.save_for_backward(hidden, targets, divisor, weights)
+                logits = lm_head(hidden[start : start + segment_tokens]).float()  # [c, V]
+                total += F.cross_entropy(logits, targets[start : start + segment_tokens], ignore_index=IGNORE_INDEX,
+                                         reduction="sum")
+        ctx.save_for_backward(hidden, targets, divisor)
         ctx.lm_head, ctx.segment_tokens = lm_head, segment_tokens
         return total / divisor
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        hidden, targets, divisor, weights = ctx.saved_tensors
+        hidden, targets, divisor = ctx.saved_tensors
         lm_head, step = ctx.lm_head, ctx.segment_tokens
         params = [p for p in lm_head.parameters() if p.requires_grad]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # [N, h]
@@ -94,14 +84,14 @@ class SegmentedLMLoss(torch.autograd.Function):
             segment = hidden[start : start + step].detach().requires_grad_(grad_hidden is not None)  # [c, h]
             with torch.enable_grad():
                 logits = lm_head(segment).float()  # [c, V]
-                segment_weights = None if weights is None else weights[start : start + step]  # [c]
-                loss = _segment_sum(logits, targets[start : start + step], segment_weights) * scale
+                loss = F.cross_entropy(logits, targets[start : start + step], ignore_index=IGNORE_INDEX,
+                                       reduction="sum") * scale
             # One segment at a time: its [c, V] logits and their gradient are freed before the next one. The
             # LM head's parameter gradients accumulate through autograd (and ZeRO's hooks) as usual.
             loss.backward()
             if grad_hidden is not None:
                 grad_hidden[start : start + step] = segment.grad
-        return grad_hidden, None, None, None, None, None
+        return grad_hidden, None, None, None, None
 
 
 def _liger_usable(hidden: torch.Tensor, lm_head: nn.Module) -> bool:
@@ -122,30 +112,18 @@ def segment_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     impl: str = "auto",
     shift_labels: torch.Tensor | None = None,  # [b, s] targets already shifted (sequence-parallel shards)
-    weights: torch.Tensor | None = None,  # [b, s] float: each position's weight in the sum
 ) -> torch.Tensor:
     """Hugging Face's causal-LM loss without full logits (see the module docstring). ``shift_labels``, as in
-    Hugging Face's loss, replaces the shifted ``labels``. ``weights``: the loss is sum of w_t x CE_t over the counted
-    positions / (``num_items_in_batch``, else the sum of their weights); the torch implementation only."""
+    Hugging Face's loss, replaces the shifted ``labels``."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"segment loss implementation {impl!r}: allowed values are {', '.join(IMPLEMENTATIONS)}")
-    if weights is not None and impl == "liger":
-        raise ValueError(
-            'segment_loss_impl "liger" cannot weight positions one by one (Liger\'s fused loss has no per-token '
-            'weights); use "auto" or "torch"'
-        )
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, h]
     targets = (shift_labels if shift_labels is not None else _shift(labels)).reshape(-1).to(hidden.device)  # [N]
-    if weights is not None:
-        weights = weights.reshape(-1).to(device=hidden.device, dtype=torch.float32)  # [N]
-    counted = targets != IGNORE_INDEX  # [N]
-    if num_items_in_batch is not None:
-        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    elif weights is not None:
-        divisor = torch.where(counted, weights, 0.0).sum()
+    if num_items_in_batch is None:
+        divisor = (targets != IGNORE_INDEX).sum().to(torch.float32)
     else:
-        divisor = counted.sum().to(torch.float32)
-    use_liger = weights is None and (impl == "liger" or (impl == "auto" and _liger_usable(hidden, lm_head)))
+        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    use_liger = impl == "liger" or (impl == "auto" and _liger_usable(hidden, lm_head))
     if use_liger:
         if not _liger_usable(hidden, lm_head):
             raise RuntimeError(
@@ -157,4 +135,4 @@ def segment_lm_loss(
         total = liger_fused_linear_cross_entropy(hidden, lm_head.weight, targets, ignore_index=IGNORE_INDEX,
                                                  reduction="sum")
         return total.float() / divisor
-    return SegmentedLMLoss.apply(hidden, lm_head, targets, divisor, segment_tokens, weights)
+    return SegmentedLMLoss.apply(hidden, lm_head, targets, divisor, segment_tokens)

@@ -23,10 +23,3 @@ selection_bias_both() {
       --seq-len 8192 --rows 16 --dense-layers "$layers" --out "$out/selection-bias-$layers.json"
   done
 }
-
-# reuse_reference FROM TO: wait until the run.py working in folder FROM has saved its reference model, then copy
-# it to folder TO, so a second run.py (another scaling, another mode) started on TO skips pretraining.
-reuse_reference() {
-  until [ -f "$1/reference/lemo_accuracy.json" ]; do sleep 2; done
-  mkdir -p "$2" && rm -rf "$2/reference" && cp -r "$1/reference" "$2/reference"
-}
