@@ -435,7 +435,7 @@ def test_accuracy_summary_compares_each_run_with_its_own_dense(tmp_path):
     from benchmarks.accuracy import summary
 
     def run(name, ppl, key):
-        return {"name": name, "ok": True, "eval_ppl": ppl, "passkey_accuracy": key}
+        return {"name": name, "ok": True, "eval_ppl": ppl, "passkey_accuracy": key, "passkey_answer_loglik": -key}
 
     first = {"runs": [run("dense", 40.0, 0.9), run("oracle@0.4+nested", 41.0, 0.8),
                       run("random@0.4+nested", 42.0, 0.5)]}  # fmt: skip
@@ -448,7 +448,10 @@ def test_accuracy_summary_compares_each_run_with_its_own_dense(tmp_path):
     assert summary.main(["--out", str(tmp_path / "s"), "--result", f"A={paths[0]}", "--result", f"B={paths[1]}"]) == 0
     text = (tmp_path / "s.md").read_text()
     assert "| A | 40.00 | +2.50% | +5.00% |" in text and "| B | 50.00 |  | +1.00% |" in text
-    assert "| A | 0.90 | 0.80 | 0.50 |" in text and "| B | 1.00 |  | 0.70 |" in text
+    assert "| A | 0.90 (-0.90) | 0.80 (-0.80) | 0.50 (-0.50) |" in text
+    assert "| B | 1.00 (-1.00) |  | 0.70 (-0.70) |" in text
+    summary.main(["--out", str(tmp_path / "r"), "--result", f"A={paths[0]}", "--runs", "random@0.4+nested,dense"])
+    assert "| reference | random@0.4+nested | dense |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "s-perplexity.png").is_file() and (tmp_path / "s-passkey.png").is_file()
     with pytest.raises(SystemExit, match="LABEL=PATH"):
         summary.main(["--out", str(tmp_path / "t"), "--result", "no-such-file"])

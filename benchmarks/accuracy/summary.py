@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--result", action="append", required=True, metavar="LABEL=PATH",
                         help="an accuracy result JSON and the label of its row; repeatable")  # fmt: skip
     parser.add_argument("--out", required=True, help="output stem: <out>.md, <out>-perplexity.png, <out>-passkey.png")
+    parser.add_argument("--runs", default=None, help="comma-separated run names to show (default: every run)")
     return parser.parse_args(argv)
 
 
@@ -44,8 +45,10 @@ def load(pairs: list[str]) -> list[tuple[str, dict]]:
     return results
 
 
-def columns(results: list[tuple[str, dict]]) -> list[str]:
+def columns(results: list[tuple[str, dict]], only: list[str] | None = None) -> list[str]:
     names = [run["name"] for _, document in results for run in document["runs"] if run["ok"]]
+    if only is not None:
+        return [name for name in only if name in names]
     seen = [name for name in _FIRST if name in names]
     return seen + [name for name in dict.fromkeys(names) if name not in seen]
 
@@ -61,29 +64,38 @@ def perplexity_gaps(document: dict, names: list[str]) -> dict[str, float]:
     return {name: 100 * (run["eval_ppl"] / dense - 1) for name, run in runs.items() if run and dense}
 
 
-def passkey_accuracy(document: dict, names: list[str]) -> dict[str, float]:
+def passkey_metric(document: dict, names: list[str], key: str = "passkey_accuracy") -> dict[str, float]:
+    """{run: its passkey ``key``} ("passkey_accuracy" or "passkey_answer_loglik") for the runs that evaluated it."""
     runs = {name: _run(document, name) for name in names}
-    return {name: run["passkey_accuracy"] for name, run in runs.items() if run and "passkey_accuracy" in run}
+    return {name: run[key] for name, run in runs.items() if run and run.get(key) is not None}
 
 
-def markdown(results: list[tuple[str, dict]]) -> str:
-    names = columns(results)
+def answer_loglik(document: dict, names: list[str]) -> dict[str, float]:
+    return passkey_metric(document, names, "passkey_answer_loglik")
+
+
+def markdown(results: list[tuple[str, dict]], names: list[str]) -> str:
     head = "| reference | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     ppl_rows, key_rows = [], []
     for label, document in results:
-        gaps, keys = perplexity_gaps(document, names), passkey_accuracy(document, names)
+        gaps, keys, logliks = perplexity_gaps(document, names), passkey_metric(document, names), answer_loglik(
+            document, names)
         dense = _dense_ppl(document)
         cells = [(f"{dense:.2f}" if name == "dense" and dense else f"{gaps[name]:+.2f}%") if name in gaps else ""
                  for name in names]  # fmt: skip
         ppl_rows.append(f"| {label} | " + " | ".join(cells) + " |")
-        key_rows.append(f"| {label} | " + " | ".join(f"{keys[n]:.2f}" if n in keys else "" for n in names) + " |")
+        if keys:  # results from before the passkey evaluation have no row here
+            key_rows.append(f"| {label} | " + " | ".join(f"{keys[n]:.2f} ({logliks[n]:.2f})" if n in keys else ""
+                                                          for n in names) + " |")  # fmt: skip
     return "\n".join([
         "Held-out perplexity at the extended context (dense: the perplexity; others: vs dense):", "", head, *ppl_rows,
-        "", "Passkey retrieval accuracy at the extended context (every depth):", "", head, *key_rows, "",
+        "", "Passkey retrieval at the extended context, every depth: accuracy (answer log-likelihood per token):", "",
+        head, *key_rows, "",
     ])  # fmt: skip
 
 
-def plot_bars(results: list[tuple[str, dict]], values, ylabel: str, title: str, path: Path) -> Path | None:
+def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel: str, title: str,
+              path: Path) -> Path | None:  # fmt: skip
     try:
         import matplotlib
 
@@ -91,16 +103,17 @@ def plot_bars(results: list[tuple[str, dict]], values, ylabel: str, title: str, 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = columns(results)
-    table = [values(document, names) for _, document in results]
+    rows = [(label, values(document, names)) for label, document in results]
+    rows = [(label, row) for label, row in rows if row]  # a result without these figures gets no group
+    labels, table = [label for label, _ in rows], [row for _, row in rows]
     shown = [name for name in names if any(name in row for row in table)]
     width = 0.8 / max(len(shown), 1)
-    figure, axis = plt.subplots(figsize=(max(6.4, 1.6 * len(results) + 3), 4.2))
+    figure, axis = plt.subplots(figsize=(max(6.4, 1.9 * len(labels) + 3), 4.6))
     for index, name in enumerate(shown):
-        xs = [i + (index - (len(shown) - 1) / 2) * width for i in range(len(results))]
+        xs = [i + (index - (len(shown) - 1) / 2) * width for i in range(len(labels))]
         axis.bar(xs, [row.get(name, float("nan")) for row in table], width, label=name,
                  color="black" if name == "dense" else None)  # fmt: skip
-    axis.set_xticks(range(len(results)), [label for label, _ in results])
+    axis.set_xticks(range(len(labels)), [label.replace(", ", ",\n") for label in labels], fontsize="small")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.axhline(0, color="grey", linewidth=0.8)
@@ -115,18 +128,20 @@ def plot_bars(results: list[tuple[str, dict]], values, ylabel: str, title: str, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = load(args.result)
+    names = columns(results, args.runs.split(",") if args.runs else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(markdown(results))
+    out.with_suffix(".md").write_text(markdown(results, names))
 
     def gaps_without_dense(document: dict, names: list[str]) -> dict[str, float]:
         return {k: v for k, v in perplexity_gaps(document, names).items() if k != "dense"}
 
-    plot_bars(results, gaps_without_dense, "held-out perplexity vs dense (%)", "Perplexity cost of elimination",
-              out.with_name(out.name + "-perplexity.png"))  # fmt: skip
-    plot_bars(results, passkey_accuracy, "passkey accuracy", "Passkey retrieval (dense evaluation)",
-              out.with_name(out.name + "-passkey.png"))  # fmt: skip
-    print(markdown(results))
+    plot_bars(results, names, gaps_without_dense, "held-out perplexity vs dense (%)",
+              "Perplexity cost of elimination", out.with_name(out.name + "-perplexity.png"))  # fmt: skip
+    # The answer's log-likelihood, not the accuracy: it still ranks the runs when none retrieves.
+    plot_bars(results, names, answer_loglik, "passkey answer log-likelihood per token",
+              "Passkey retrieval (dense evaluation)", out.with_name(out.name + "-passkey.png"))  # fmt: skip
+    print(markdown(results, names))
     return 0
 
 
