@@ -117,7 +117,7 @@ def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel:
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.axhline(0, color="grey", linewidth=0.8)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
