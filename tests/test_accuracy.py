@@ -347,8 +347,8 @@ def test_passkey_training_data_keeps_the_rate_and_whole_rows(prose, tmp_path):
 
 
 def test_passkey_pretraining_row_is_the_evaluation_layout(prose):
-    """A pretraining row is exactly ``length`` tokens: BOS, a window of the stream with the needle inside, the
-    question and the answer, the same tokens as an evaluation document built by make_passkey (prompt, answer)."""
+    """A pretraining row is exactly ``length`` tokens in the evaluation documents' layout: BOS, a window of the
+    stream with the needle inside it once (at depths spread over the row), the question, the answer."""
     import numpy as np
 
     from benchmarks.accuracy import passkey
