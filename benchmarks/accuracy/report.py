@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _dense_ppl(document: dict[str, Any]) -> float | None:
+def dense_ppl(document: dict[str, Any]) -> float | None:
     """The plain dense run's perplexity (runs named "dense+<mode>" are dense under other fine-tuning settings)."""
     return next((r.get("eval_ppl") for r in document["runs"] if r["name"] == "dense" and r["ok"]), None)
 
@@ -21,7 +21,7 @@ _SCALING = {"linear": "RoPE position interpolation", "yarn": "RoPE YaRN"}
 def markdown(document: dict[str, Any]) -> str:
     recipe, ref = document["recipe"], document["reference"]
     long_seq = recipe["short_seq"] * recipe["extension"]
-    dense = _dense_ppl(document)
+    dense = dense_ppl(document)
     scaling = _SCALING[recipe.get("rope_scaling", "linear")]
     lines = [
         f"Held-out perplexity at {long_seq} tokens (dense evaluation) after {recipe['finetune_steps']} LoRA steps "
@@ -103,7 +103,7 @@ def plot(document: dict[str, Any], path: Path) -> Path | None:
         label = f"lemo, {scorer}" + (f" + {mode}" if mode else "")
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", linestyle="-" if not mode else ":",
                   label=label)  # fmt: skip
-    dense = _dense_ppl(document)
+    dense = dense_ppl(document)
     if dense is not None:
         axis.axhline(dense, color="black", linestyle="--", label="dense")
     recipe = document["recipe"]

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy.report import _dense_ppl  # noqa: E402
+from benchmarks.accuracy.report import dense_ppl  # noqa: E402
 
 # Column order: dense first, then the nested mode's scorers, then anything else in the order met.
 _FIRST = ("dense", "predictor@0.4+nested", "oracle@0.4+nested", "random@0.4+nested")
@@ -59,7 +59,7 @@ def _run(document: dict, name: str) -> dict | None:
 
 def perplexity_gaps(document: dict, names: list[str]) -> dict[str, float]:
     """{run: held-out perplexity vs the result's dense run, in percent} (dense itself: 0)."""
-    dense = _dense_ppl(document)
+    dense = dense_ppl(document)
     runs = {name: _run(document, name) for name in names}
     return {name: 100 * (run["eval_ppl"] / dense - 1) for name, run in runs.items() if run and dense}
 
@@ -80,7 +80,7 @@ def markdown(results: list[tuple[str, dict]], names: list[str]) -> str:
     for label, document in results:
         gaps, keys, logliks = perplexity_gaps(document, names), passkey_metric(document, names), answer_loglik(
             document, names)
-        dense = _dense_ppl(document)
+        dense = dense_ppl(document)
         cells = [(f"{dense:.2f}" if name == "dense" and dense else f"{gaps[name]:+.2f}%") if name in gaps else ""
                  for name in names]  # fmt: skip
         ppl_rows.append(f"| {label} | " + " | ".join(cells) + " |")
