@@ -375,6 +375,78 @@ def test_passkey_pretraining_row_is_the_evaluation_layout(prose):
         passkey.pretraining_row(tokenizer.encode, stream, rng, 20, tokenizer.bos_id)
 
 
+def test_induction_row_repeats_one_random_segment():
+    """An induction row is exactly ``length`` tokens: BOS, then one segment of ids in [low, high) repeated (so every
+    token after the first copy equals the token one segment earlier), segments of lengths spread from 8 to half the
+    row; a row too short for two copies is refused."""
+    import numpy as np
+
+    from benchmarks.accuracy.pretrain import induction_row
+
+    rng = np.random.default_rng(0)
+    periods = []
+    for _ in range(200):
+        row = induction_row(rng, 101, 3, 50, 0)
+        assert row.shape == (101,) and row[0] == 0
+        body = row[1:]
+        assert body.min() >= 3 and body.max() < 50
+        # The segment's length: the smallest shift under which the body repeats (random ids may repeat by chance
+        # inside a segment, so the shift found is at most the segment's length, and at least 8 but for that).
+        period = next(p for p in range(1, 51) if np.array_equal(body[p:], body[:-p]))
+        periods.append(period)
+    assert min(periods) <= 12 and max(periods) >= 45 and all(p <= 50 for p in periods)
+    row = induction_row(rng, 40, 3, 9, None)  # no BOS: the row is all segment
+    assert row.shape == (40,) and row.min() >= 3
+    assert any(np.array_equal(row[p:], row[:-p]) for p in range(1, 21))
+    with pytest.raises(ValueError, match="no room"):
+        induction_row(rng, 16, 3, 50, 0)
+
+
+def test_recipe_refuses_pretraining_shares_that_leave_no_books():
+    from benchmarks.accuracy.recipe import TINY
+
+    assert dataclasses.replace(TINY, pretrain_passkey_rate=0.2, pretrain_induction_rate=0.5).pretrain_induction_rate
+    for passkey_rate, induction_rate in ((0.5, 0.5), (0.0, 1.0), (-0.1, 0.0), (0.2, 1.2)):
+        with pytest.raises(ValueError, match="pretrain_"):
+            dataclasses.replace(TINY, pretrain_passkey_rate=passkey_rate, pretrain_induction_rate=induction_rate)
+
+
+@pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/data/gutenberg")
+def test_curriculum_probe_pretrains_and_measures_each_variant(tmp_path):
+    """curriculum.py pretrains every variant at once and measures each: perplexity, copying loss on the first and
+    later copies, passkey at the short context; a variant may be named like the corpus folder."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "accuracy" / "curriculum.py"), "--recipe", "tiny", "--books",
+         str(BOOKS), "--work", str(tmp_path / "work"), "--out", str(out), "--variant", "books:",
+         "--variant", "copying:pretrain_induction_rate=0.5,pretrain_passkey_rate=0"],  # fmt: skip
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = out.glob("curriculum-tiny-*.json")
+    document = json.loads(result.read_text())
+    books, copying = document["variants"]
+    assert [books["name"], copying["name"]] == ["books", "copying"] and books["ok"] and copying["ok"]
+    assert books["overrides"] == {} and copying["overrides"] == {"pretrain_induction_rate": 0.5,
+                                                                 "pretrain_passkey_rate": 0}  # fmt: skip
+    for record in (books, copying):
+        assert math.isfinite(record["short_ppl"]) and record["short_ppl"] > 1
+        assert 0 < record["later_copies_loss"] and 0 < record["first_copy_loss"]
+        assert record["passkey"]["passkey_rows"] == 2 * len(document["recipe"]["passkey_depths"])
+    assert (out / result.with_suffix(".md").name).read_text().count("| copying |") == 1
+
+
+def test_curriculum_variants_are_checked_before_any_work():
+    from benchmarks.accuracy.curriculum import parse_variants
+    from benchmarks.accuracy.recipe import TINY
+
+    variants = parse_variants(TINY, ["a:", "b:pretrain_steps=5,pretrain_induction_rate=0.1"])
+    assert variants["a"] == TINY and variants["b"].pretrain_steps == 5
+    for bad in (["a:", "a:"], ["nocolon"], ["x:no_such_field=1"], ["x:pretrain_induction_rate=1.5"], ["a/b:"]):
+        with pytest.raises(SystemExit, match="--variant|--set"):
+            parse_variants(TINY, bad)
+
+
 class _NextToken(torch.nn.Module):
     """Logits [1, s, V] (or the last ``logits_to_keep``) that put ``scale`` on the row's next token, except at the
     positions ``wrong`` counts from the end (1: the last position), where they put it on the token after it."""

@@ -2,8 +2,9 @@
 context-extended model (RoPE scaling, linear or YaRN): two Hugging Face model directories with the tokenizer.
 
 Plain PyTorch on one device: random windows of ``short_seq`` tokens from the concatenated train books (documents
-joined by </s><s>), ``recipe.pretrain_passkey_rate`` of them replaced by passkey documents, AdamW, linear
-warm-up then cosine decay to 10%, bf16 autocast on CUDA.
+joined by </s><s>), ``recipe.pretrain_passkey_rate`` of them replaced by passkey documents and
+``recipe.pretrain_induction_rate`` by repeated random tokens (induction_row), AdamW, linear warm-up then cosine
+decay to 10%, bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
     rng = np.random.default_rng(recipe.seed)
     stream = torch.from_numpy(train_ids.astype(np.int64))
     window = recipe.short_seq
-    # Passkey rows draw from a stream of their own, so a recipe without them pretrains exactly as before.
+    # Passkey and induction rows draw from streams of their own, so a recipe without them pretrains exactly as
+    # before. Induction rows replace book rows only: their draw is conditioned on the row not being a passkey row.
     passkey_rng = np.random.default_rng([recipe.seed, 2])
+    induction_rng = np.random.default_rng([recipe.seed, 3])
+    induction_given_book = recipe.pretrain_induction_rate / (1.0 - recipe.pretrain_passkey_rate)
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -92,9 +96,17 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
     for step in range(recipe.pretrain_steps):
         starts = torch.from_numpy(rng.integers(0, len(stream) - window, size=recipe.pretrain_batch))
         batch = torch.stack([stream[s : s + window] for s in starts.tolist()])  # [b, s]
+        is_passkey = np.zeros(recipe.pretrain_batch, bool)
         if recipe.pretrain_passkey_rate > 0:
-            for row in np.flatnonzero(passkey_rng.random(recipe.pretrain_batch) < recipe.pretrain_passkey_rate):
+            is_passkey = passkey_rng.random(recipe.pretrain_batch) < recipe.pretrain_passkey_rate
+            for row in np.flatnonzero(is_passkey):
                 ids = passkey.pretraining_row(encode, stream.numpy(), passkey_rng, window, tokenizer.bos_token_id)
+                batch[row] = torch.from_numpy(ids)
+        if recipe.pretrain_induction_rate > 0:
+            is_induction = ~is_passkey & (induction_rng.random(recipe.pretrain_batch) < induction_given_book)
+            for row in np.flatnonzero(is_induction):
+                ids = induction_row(induction_rng, window, max(tokenizer.all_special_ids) + 1, recipe.vocab_size,
+                                    tokenizer.bos_token_id)  # fmt: skip
                 batch[row] = torch.from_numpy(ids)
         batch = batch.to(device)
         for group in optimizer.param_groups:
@@ -110,6 +122,20 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
             last = now
             log(f"pretrain step {step + 1}/{recipe.pretrain_steps}: loss {loss.item():.3f} ({now - started:.0f} s)")
     return model.eval()
+
+
+def induction_row(rng: np.random.Generator, length: int, low: int, high: int, bos_id: int | None) -> np.ndarray:
+    """One pretraining row of exactly ``length`` tokens: [BOS] then a segment of uniform random ids in [low, high),
+    of a random length between 8 and half the row, repeated until the row is full: [length]. From the segment's
+    second copy on, every token is predictable only by finding its previous occurrence and copying what followed:
+    the induction circuit a model needs to retrieve a passkey, which books alone did not teach a small model in
+    the pretraining budget (benchmarks/results/accuracy-20261202-round2)."""
+    head = np.asarray([bos_id] if bos_id is not None else [], np.int64)
+    body = length - len(head)
+    if body < 16:
+        raise ValueError(f"an induction row of {length} tokens has no room for two copies of an 8-token segment")
+    segment = rng.integers(low, high, size=int(rng.integers(8, body // 2 + 1)))  # [m]
+    return np.concatenate([head, np.resize(segment, body)])  # [length]
 
 
 def save_reference(model, tokenizer, out: Path, recipe: Recipe, meta: dict) -> None:

@@ -22,7 +22,8 @@ NESTED = {"loss_tokens": "processed", "nested_selection": True, "selection_windo
 # The fields the reference model depends on (a cached model is reused only when they match; runs share it).
 REFERENCE_FIELDS = ("heldout_every", "book_limit", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
                     "intermediate_size", "rope_theta", "short_seq", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                    "pretrain_warmup", "pretrain_passkey_rate", "deterministic_pretraining", "seed")  # fmt: skip
+                    "pretrain_warmup", "pretrain_passkey_rate", "pretrain_induction_rate", "deterministic_pretraining",
+                    "seed")  # fmt: skip
 # The fields one run may change for itself (a mode's ``recipe.FIELD`` keys): the fine-tuning, not the shared model,
 # data split or evaluation.
 RUN_FIELDS = ("finetune_books", "finetune_steps", "finetune_lr", "finetune_warmup", "lr_schedule", "lora_r",
@@ -57,6 +58,9 @@ class Recipe:
     # is mostly one digit per token) near guessing each digit (-ln 10 = -2.30; benchmarks/results/
     # accuracy-20261202-round2), so 0 (books only) stays the default.
     pretrain_passkey_rate: float = 0.0
+    # Share of the pretraining rows that are repeated random tokens (pretrain.induction_row): a copying task meant
+    # to form the induction circuit retrieval needs, which books alone do not teach at this budget.
+    pretrain_induction_rate: float = 0.0
     # torch.use_deterministic_algorithms during pretraining (strict: flash attention's backward then runs its
     # deterministic path); see pretrain.pretrain.
     deterministic_pretraining: bool = True
@@ -104,6 +108,13 @@ class Recipe:
         for name, choices in _choice_fields().items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"recipe.{name} = {getattr(self, name)!r}: expected one of {', '.join(choices)}")
+        for name in ("pretrain_passkey_rate", "pretrain_induction_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"recipe.{name} = {getattr(self, name)!r}: expected a share in [0, 1)")
+        if self.pretrain_passkey_rate + self.pretrain_induction_rate >= 1.0:
+            raise ValueError(f"recipe.pretrain_passkey_rate + pretrain_induction_rate = "
+                             f"{self.pretrain_passkey_rate + self.pretrain_induction_rate:g}: leave some rows for the "
+                             f"books (a sum under 1)")  # fmt: skip
 
     @property
     def long_seq(self) -> int:
@@ -144,6 +155,7 @@ TINY = Recipe(
     pretrain_lr=3e-3,
     pretrain_warmup=5,
     pretrain_passkey_rate=0.25,
+    pretrain_induction_rate=0.25,
     extension=2,
     finetune_steps=3,
     finetune_warmup=1,

@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         before = passkey.evaluate_model(extended, passkey_file, device)
         baselines["extended_passkey_before_finetune"] = before
         log(f"passkey accuracy of the extended model before fine-tuning: {before['passkey_accuracy']:.3f}")
-    if passkey_file is not None and recipe.pretrain_passkey_rate > 0:  # did pretraining teach retrieval?
+    if passkey_file is not None:  # did pretraining teach retrieval at the short context?
         short = passkey_eval_file(split, work, recipe, reference, recipe.short_seq)
         baselines["reference_passkey_short"] = passkey.evaluate_model(reference, short, device)
         log(f"passkey accuracy of the reference model at {recipe.short_seq} tokens: "
