@@ -402,6 +402,29 @@ def test_induction_row_repeats_one_random_segment():
         induction_row(rng, 16, 3, 50, 0)
 
 
+def test_induction_row_from_books_repeats_a_window_of_the_stream():
+    """With a token stream, the repeated segment is one contiguous window of it (the text's own tokens), its
+    length spread like the random segment's; a stream shorter than the segment is refused."""
+    import numpy as np
+
+    from benchmarks.accuracy.pretrain import induction_row
+
+    rng = np.random.default_rng(1)
+    books = np.arange(1000, 1500, dtype=np.int32)  # distinct ids: a window is found by its first id
+    lengths = []
+    for _ in range(100):
+        row = induction_row(rng, 101, 3, 50, 0, books)
+        assert row.shape == (101,) and row[0] == 0 and row.dtype == np.int64
+        body = row[1:]
+        period = next(p for p in range(8, 51) if np.array_equal(body[p:], body[:-p]))
+        start = int(body[0]) - 1000
+        assert np.array_equal(body[:period], books[start : start + period])  # a window of the stream, in order
+        lengths.append(period)
+    assert min(lengths) <= 12 and max(lengths) >= 45
+    with pytest.raises(ValueError, match="holds no induction segment"):
+        induction_row(rng, 101, 3, 50, 0, books[:8])
+
+
 def test_recipe_refuses_pretraining_shares_that_leave_no_books():
     from benchmarks.accuracy.recipe import TINY
 
@@ -419,7 +442,8 @@ def test_curriculum_probe_pretrains_and_measures_each_variant(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "accuracy" / "curriculum.py"), "--recipe", "tiny", "--books",
          str(BOOKS), "--work", str(tmp_path / "work"), "--out", str(out), "--variant", "books:",
-         "--variant", "copying:pretrain_induction_rate=0.5,pretrain_passkey_rate=0"],  # fmt: skip
+         "--variant", 'copying:pretrain_induction_rate=0.5,pretrain_passkey_rate=0,'
+         'pretrain_induction_source="books"'],  # fmt: skip
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -427,11 +451,13 @@ def test_curriculum_probe_pretrains_and_measures_each_variant(tmp_path):
     document = json.loads(result.read_text())
     books, copying = document["variants"]
     assert [books["name"], copying["name"]] == ["books", "copying"] and books["ok"] and copying["ok"]
-    assert books["overrides"] == {} and copying["overrides"] == {"pretrain_induction_rate": 0.5,
-                                                                 "pretrain_passkey_rate": 0}  # fmt: skip
+    assert books["overrides"] == {}
+    assert copying["overrides"] == {"pretrain_induction_rate": 0.5, "pretrain_passkey_rate": 0,
+                                    "pretrain_induction_source": "books"}  # fmt: skip
     for record in (books, copying):
         assert math.isfinite(record["short_ppl"]) and record["short_ppl"] > 1
         assert 0 < record["later_copies_loss"] and 0 < record["first_copy_loss"]
+        assert 0 < record["text_later_copies_loss"] and 0 < record["text_first_copy_loss"]
         assert record["passkey"]["passkey_rows"] == 2 * len(document["recipe"]["passkey_depths"])
     assert (out / result.with_suffix(".md").name).read_text().count("| copying |") == 1
 

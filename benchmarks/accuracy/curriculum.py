@@ -69,13 +69,14 @@ def parse_variants(recipe: Recipe, specs: list[str]) -> dict[str, Recipe]:
 
 
 @torch.no_grad()
-def copying_loss(model, tokenizer, recipe: Recipe, device: torch.device) -> dict:
-    """Mean next-token loss on PROBE_ROWS induction rows: on the segment's first copy and on its later copies."""
+def copying_loss(model, tokenizer, recipe: Recipe, device: torch.device, books: np.ndarray | None = None) -> dict:
+    """Mean next-token loss on PROBE_ROWS induction rows: on the segment's first copy and on its later copies. The
+    segments are uniform random ids, or with ``books`` (a held-out token stream) windows of it."""
     rng = np.random.default_rng([recipe.seed, 4])  # not a pretraining stream
     low = max(tokenizer.all_special_ids) + 1
     first, later = [], []
     for _ in range(PROBE_ROWS):
-        row = pretrain.induction_row(rng, recipe.short_seq, low, recipe.vocab_size, tokenizer.bos_token_id)
+        row = pretrain.induction_row(rng, recipe.short_seq, low, recipe.vocab_size, tokenizer.bos_token_id, books)
         body = row[1:]
         period = next(p for p in range(8, len(body)) if np.array_equal(body[p:], body[:-p]))
         ids = torch.from_numpy(row)[None].to(device)  # [1, s]
@@ -98,6 +99,8 @@ def measure_one(name: str, recipe: Recipe, books: Path, work: Path, device: torc
     model = pretrain.pretrain(recipe, tokenizer, ids, device, lambda message: log(f"{name}: {message}"))
     pretrain_s = time.perf_counter() - started
     copying = copying_loss(model, tokenizer, recipe, device)
+    # The same probe on held-out book windows: copying the text's own tokens, which may come before copying any id.
+    text_copying = copying_loss(model, tokenizer, recipe, device, pretrain.tokenize_books(tokenizer, split.heldout))
     reference = work / "references" / name  # not beside the corpus: a variant may be called "books"
     pretrain.save_reference(model, tokenizer, reference, recipe, {"pretrain_s": pretrain_s})
     del model
@@ -109,13 +112,16 @@ def measure_one(name: str, recipe: Recipe, books: Path, work: Path, device: torc
         "short_ppl": pretrain.perplexity(reference, split.heldout, recipe.short_seq,
                                          recipe.eval_rows * recipe.extension, device, recipe.seed),  # fmt: skip
         **copying,
+        "text_first_copy_loss": text_copying["first_copy_loss"],
+        "text_later_copies_loss": text_copying["later_copies_loss"],
     }
     eval_file = work / f"passkey-eval-{recipe.short_seq}.jsonl"  # written by the parent
     if recipe.passkey_rows > 0:
         record["passkey"] = passkey.evaluate_model(reference, eval_file, device)
     (work / f"{name}.json").write_text(json.dumps(record, indent=1))
     log(f"{name}: perplexity {record['short_ppl']:.2f}, copying loss {copying['later_copies_loss']:.2f} (first copy "
-        f"{copying['first_copy_loss']:.2f})" + (f", passkey accuracy {record['passkey']['passkey_accuracy']:.2f}"
+        f"{copying['first_copy_loss']:.2f}; text {text_copying['later_copies_loss']:.2f} / "
+        f"{text_copying['first_copy_loss']:.2f})" + (f", passkey accuracy {record['passkey']['passkey_accuracy']:.2f}"
                                                  if "passkey" in record else ""))  # fmt: skip
     return record
 
@@ -123,21 +129,23 @@ def measure_one(name: str, recipe: Recipe, books: Path, work: Path, device: torc
 def markdown(document: dict) -> str:
     lines = [
         f"Pretraining curricula at {document['recipe']['short_seq']} tokens (held-out; the {document['recipe']['name']}"
-        f" recipe, {document['recipe']['layers']} layers). Copying loss: induction rows, first copy / later copies "
-        "(ln vocab when nothing is copied). Passkey: accuracy (answer log-likelihood per token).",
+        f" recipe, {document['recipe']['layers']} layers). Copying loss: induction rows, first copy / later copies, "
+        "of random ids (ln vocab when nothing is copied) and of held-out text windows. Passkey: accuracy (answer "
+        "log-likelihood per token).",
         "",
-        "| variant | overrides | tokens | pretrain s | perplexity | copying loss | passkey |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | overrides | tokens | pretrain s | perplexity | copying loss, ids | copying loss, text | passkey |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in document["variants"]:
         if not r.get("ok", True):
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | |")
             continue
         key = r.get("passkey")
         lines.append(
             f"| {r['name']} | {', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or '(recipe)'} | "
             f"{r['tokens_seen'] / 1e6:.1f}M | {r['pretrain_s']:.0f} | {r['short_ppl']:.2f} | "
             f"{r['first_copy_loss']:.2f} / {r['later_copies_loss']:.2f} | "
+            f"{r['text_first_copy_loss']:.2f} / {r['text_later_copies_loss']:.2f} | "
             + (f"{key['passkey_accuracy']:.2f} ({key['passkey_answer_loglik']:.2f})" if key else "-") + " |"
         )
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@ context-extended model (RoPE scaling, linear or YaRN): two Hugging Face model di
 
 Plain PyTorch on one device: random windows of ``short_seq`` tokens from the concatenated train books (documents
 joined by </s><s>), ``recipe.pretrain_passkey_rate`` of them replaced by passkey documents and
-``recipe.pretrain_induction_rate`` by repeated random tokens (induction_row), AdamW, linear warm-up then cosine
+``recipe.pretrain_induction_rate`` by one repeated segment (induction_row), AdamW, linear warm-up then cosine
 decay to 10%, bf16 autocast on CUDA.
 """
 
@@ -87,6 +87,7 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
     passkey_rng = np.random.default_rng([recipe.seed, 2])
     induction_rng = np.random.default_rng([recipe.seed, 3])
     induction_given_book = recipe.pretrain_induction_rate / (1.0 - recipe.pretrain_passkey_rate)
+    books = stream.numpy() if recipe.pretrain_induction_source == "books" else None  # induction segments' source
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -106,7 +107,7 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
             is_induction = ~is_passkey & (induction_rng.random(recipe.pretrain_batch) < induction_given_book)
             for row in np.flatnonzero(is_induction):
                 ids = induction_row(induction_rng, window, max(tokenizer.all_special_ids) + 1, recipe.vocab_size,
-                                    tokenizer.bos_token_id)  # fmt: skip
+                                    tokenizer.bos_token_id, books)  # fmt: skip
                 batch[row] = torch.from_numpy(ids)
         batch = batch.to(device)
         for group in optimizer.param_groups:
@@ -124,17 +125,28 @@ def _pretrain(recipe: Recipe, tokenizer, train_ids: np.ndarray, device: torch.de
     return model.eval()
 
 
-def induction_row(rng: np.random.Generator, length: int, low: int, high: int, bos_id: int | None) -> np.ndarray:
-    """One pretraining row of exactly ``length`` tokens: [BOS] then a segment of uniform random ids in [low, high),
-    of a random length between 8 and half the row, repeated until the row is full: [length]. From the segment's
-    second copy on, every token is predictable only by finding its previous occurrence and copying what followed:
-    the induction circuit a model needs to retrieve a passkey, which books alone did not teach a small model in
-    the pretraining budget (benchmarks/results/accuracy-20261202-round2)."""
+def induction_row(rng: np.random.Generator, length: int, low: int, high: int, bos_id: int | None,
+                  books: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """One pretraining row of exactly ``length`` tokens: [BOS] then one segment, of a random length between 8 and half
+    the row, repeated until the row is full: [length]. The segment is uniform random ids in [low, high), or with
+    ``books`` (a token stream) a random window of it. From the segment's second copy on, every token is predictable
+    by finding its previous occurrence and copying what followed: the induction circuit a model needs to retrieve a
+    passkey, which books alone did not teach a small model in the pretraining budget
+    (benchmarks/results/accuracy-20261202-round2). Book windows make the copied tokens the text's own, frequent ones
+    first, where uniform ids over the whole vocabulary give each id too few occurrences per step (see
+    recipe.pretrain_induction_source)."""
     head = np.asarray([bos_id] if bos_id is not None else [], np.int64)
     body = length - len(head)
     if body < 16:
         raise ValueError(f"an induction row of {length} tokens has no room for two copies of an 8-token segment")
-    segment = rng.integers(low, high, size=int(rng.integers(8, body // 2 + 1)))  # [m]
+    size = int(rng.integers(8, body // 2 + 1))
+    if books is None:
+        segment = rng.integers(low, high, size=size)  # [m]
+    else:
+        if len(books) <= size:
+            raise ValueError(f"a token stream of {len(books)} tokens holds no induction segment of {size}")
+        start = int(rng.integers(0, len(books) - size))
+        segment = books[start : start + size].astype(np.int64)  # [m]
     return np.concatenate([head, np.resize(segment, body)])  # [length]
 
 

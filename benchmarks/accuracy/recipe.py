@@ -22,8 +22,8 @@ NESTED = {"loss_tokens": "processed", "nested_selection": True, "selection_windo
 # The fields the reference model depends on (a cached model is reused only when they match; runs share it).
 REFERENCE_FIELDS = ("heldout_every", "book_limit", "vocab_size", "hidden_size", "layers", "heads", "kv_heads",
                     "intermediate_size", "rope_theta", "short_seq", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                    "pretrain_warmup", "pretrain_passkey_rate", "pretrain_induction_rate", "deterministic_pretraining",
-                    "seed")  # fmt: skip
+                    "pretrain_warmup", "pretrain_passkey_rate", "pretrain_induction_rate", "pretrain_induction_source",
+                    "deterministic_pretraining", "seed")  # fmt: skip
 # The fields one run may change for itself (a mode's ``recipe.FIELD`` keys): the fine-tuning, not the shared model,
 # data split or evaluation.
 RUN_FIELDS = ("finetune_books", "finetune_steps", "finetune_lr", "finetune_warmup", "lr_schedule", "lora_r",
@@ -58,9 +58,12 @@ class Recipe:
     # is mostly one digit per token) near guessing each digit (-ln 10 = -2.30; benchmarks/results/
     # accuracy-20261202-round2), so 0 (books only) stays the default.
     pretrain_passkey_rate: float = 0.0
-    # Share of the pretraining rows that are repeated random tokens (pretrain.induction_row): a copying task meant
+    # Share of the pretraining rows that are one repeated segment (pretrain.induction_row): a copying task meant
     # to form the induction circuit retrieval needs, which books alone do not teach at this budget.
     pretrain_induction_rate: float = 0.0
+    # What an induction row repeats: "random", uniform ids over the vocabulary; "books", a window of the pretraining
+    # books (the copied tokens are the text's own, so frequent ones recur in every step).
+    pretrain_induction_source: Literal["random", "books"] = "random"
     # torch.use_deterministic_algorithms during pretraining (strict: flash attention's backward then runs its
     # deterministic path); see pretrain.pretrain.
     deterministic_pretraining: bool = True

@@ -69,8 +69,9 @@ def passkey_table(document: dict[str, Any], order: list[dict]) -> list[str]:
         f"{recipe['passkey_rows']} held-out rows per depth; {100 * recipe['passkey_rate']:g}% of the fine-tuning rows "
         "are passkey documents."
         + (f" The reference model at {recipe['short_seq']} tokens ({100 * recipe['pretrain_passkey_rate']:g}% of its "
-           f"pretraining rows are passkey documents, {100 * recipe.get('pretrain_induction_rate', 0.0):g}% repeated "
-           f"random tokens): {short['passkey_accuracy']:.2f}." if short else "")
+           f"pretraining rows are passkey documents, {100 * recipe.get('pretrain_induction_rate', 0.0):g}% one "
+           f"repeated segment of {recipe.get('pretrain_induction_source', 'random')} tokens): "
+           f"{short['passkey_accuracy']:.2f}." if short else "")
         + (f" The extended model before fine-tuning: {before['passkey_accuracy']:.2f}." if before else ""),
         "",
         "| run | " + " | ".join(f"depth {depth}" for depth in depths) + " | all | answer log-likelihood |",
