@@ -8,11 +8,12 @@ measured on held-out data at ``short_seq``: perplexity, copying loss on inductio
 is unpredictable, ln(vocab); later copies near 0 once the model copies), and passkey accuracy and answer
 log-likelihood (the evaluation rows of run.py's ``reference_passkey_short``).
 
-    # one H200: four references at once, results in OUT/curriculum-<stamp>.{json,md}
+    # one H200: four references at once (8 minutes), results in OUT/curriculum-<stamp>.{json,md}
     python benchmarks/accuracy/curriculum.py --books .bench_data/gutenberg --work outputs/curriculum --out OUT \\
-      --variant books: --variant "induction20:pretrain_induction_rate=0.2" \\
-      --variant "induction50:pretrain_induction_rate=0.5" \\
-      --variant "induction20-passkey10-x2:pretrain_induction_rate=0.2,pretrain_passkey_rate=0.1,pretrain_steps=2400"
+      --variant 'seg20:pretrain_induction_rate=0.2,pretrain_induction_source="books"' \\
+      --variant 'seg50:pretrain_induction_rate=0.5,pretrain_induction_source="books"' \\
+      --variant 'seg90:pretrain_induction_rate=0.9,pretrain_induction_source="books"' \\
+      --variant 'rand90:pretrain_induction_rate=0.9,pretrain_induction_source="random"'
 
     # the tiny recipe (CPU, what tests/test_accuracy.py runs)
     python benchmarks/accuracy/curriculum.py --recipe tiny --work /tmp/cur --out /tmp/cur/out --variant books:

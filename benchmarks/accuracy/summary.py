@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an accuracy result JSON and the label of its row; repeatable")  # fmt: skip
     parser.add_argument("--out", required=True, help="output stem: <out>.md, <out>-perplexity.png, <out>-passkey.png")
     parser.add_argument("--runs", default=None, help="comma-separated run names to show (default: every run)")
+    parser.add_argument("--passkey-metric", choices=("loglik", "accuracy"), default="loglik",
+                        help="what the passkey plot shows: the answer's log-likelihood per token (ranks runs even "
+                             "when none retrieves) or the accuracy with binomial standard errors")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -74,6 +77,13 @@ def answer_loglik(document: dict, names: list[str]) -> dict[str, float]:
     return passkey_metric(document, names, "passkey_answer_loglik")
 
 
+def accuracy_error(document: dict, names: list[str]) -> dict[str, float]:
+    """{run: the binomial standard error of its passkey accuracy, sqrt(p (1 - p) / rows)}."""
+    runs = {name: _run(document, name) for name in names}
+    return {name: (run["passkey_accuracy"] * (1 - run["passkey_accuracy"]) / run["passkey_rows"]) ** 0.5
+            for name, run in runs.items() if run and run.get("passkey_rows")}  # fmt: skip
+
+
 def markdown(results: list[tuple[str, dict]], names: list[str]) -> str:
     head = "| reference | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     ppl_rows, key_rows = [], []
@@ -95,7 +105,8 @@ def markdown(results: list[tuple[str, dict]], names: list[str]) -> str:
 
 
 def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel: str, title: str,
-              path: Path) -> Path | None:  # fmt: skip
+              path: Path, errors=None) -> Path | None:  # fmt: skip
+    """Grouped bars, a group per result; ``errors`` (like ``values``) adds error bars."""
     try:
         import matplotlib
 
@@ -104,6 +115,7 @@ def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel:
     except ImportError:
         return None
     rows = [(label, values(document, names)) for label, document in results]
+    spread = {label: errors(document, names) if errors else {} for label, document in results}
     rows = [(label, row) for label, row in rows if row]  # a result without these figures gets no group
     labels, table = [label for label, _ in rows], [row for _, row in rows]
     shown = [name for name in names if any(name in row for row in table)]
@@ -112,7 +124,8 @@ def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel:
     for index, name in enumerate(shown):
         xs = [i + (index - (len(shown) - 1) / 2) * width for i in range(len(labels))]
         axis.bar(xs, [row.get(name, float("nan")) for row in table], width, label=name,
-                 color="black" if name == "dense" else None)  # fmt: skip
+                 color="black" if name == "dense" else None,
+                 yerr=[spread[label].get(name, 0.0) for label in labels] if errors else None, capsize=2)  # fmt: skip
     axis.set_xticks(range(len(labels)), [label.replace(", ", ",\n") for label in labels], fontsize="small")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
@@ -138,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
 
     plot_bars(results, names, gaps_without_dense, "held-out perplexity vs dense (%)",
               "Perplexity cost of elimination", out.with_name(out.name + "-perplexity.png"))  # fmt: skip
-    # The answer's log-likelihood, not the accuracy: it still ranks the runs when none retrieves.
-    plot_bars(results, names, answer_loglik, "passkey answer log-likelihood per token",
-              "Passkey retrieval (dense evaluation)", out.with_name(out.name + "-passkey.png"))  # fmt: skip
+    # The answer's log-likelihood ranks the runs even when none retrieves; the accuracy once the reference does.
+    if args.passkey_metric == "accuracy":
+        plot_bars(results, names, passkey_metric, "passkey accuracy (± one standard error)",
+                  "Passkey retrieval (dense evaluation)", out.with_name(out.name + "-passkey.png"),
+                  errors=accuracy_error)  # fmt: skip
+    else:
+        plot_bars(results, names, answer_loglik, "passkey answer log-likelihood per token",
+                  "Passkey retrieval (dense evaluation)", out.with_name(out.name + "-passkey.png"))  # fmt: skip
     print(markdown(results, names))
     return 0
 
