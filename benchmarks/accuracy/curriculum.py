@@ -113,8 +113,7 @@ def measure_one(name: str, recipe: Recipe, books: Path, work: Path, device: torc
         "short_ppl": pretrain.perplexity(reference, split.heldout, recipe.short_seq,
                                          recipe.eval_rows * recipe.extension, device, recipe.seed),  # fmt: skip
         **copying,
-        "text_first_copy_loss": text_copying["first_copy_loss"],
-        "text_later_copies_loss": text_copying["later_copies_loss"],
+        **{f"text_{key}": value for key, value in text_copying.items()},
     }
     eval_file = work / f"passkey-eval-{recipe.short_seq}.jsonl"  # written by the parent
     if recipe.passkey_rows > 0:

@@ -115,7 +115,7 @@ def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel:
     except ImportError:
         return None
     rows = [(label, values(document, names)) for label, document in results]
-    spread = {label: errors(document, names) if errors else {} for label, document in results}
+    spread = {label: errors(document, names) for label, document in results} if errors else None
     rows = [(label, row) for label, row in rows if row]  # a result without these figures gets no group
     labels, table = [label for label, _ in rows], [row for _, row in rows]
     shown = [name for name in names if any(name in row for row in table)]
@@ -125,7 +125,7 @@ def plot_bars(results: list[tuple[str, dict]], names: list[str], values, ylabel:
         xs = [i + (index - (len(shown) - 1) / 2) * width for i in range(len(labels))]
         axis.bar(xs, [row.get(name, float("nan")) for row in table], width, label=name,
                  color="black" if name == "dense" else None,
-                 yerr=[spread[label].get(name, 0.0) for label in labels] if errors else None, capsize=2)  # fmt: skip
+                 yerr=[spread[label].get(name, 0.0) for label in labels] if spread else None, capsize=2)  # fmt: skip
     axis.set_xticks(range(len(labels)), [label.replace(", ", ",\n") for label in labels], fontsize="small")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
@@ -152,13 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_bars(results, names, gaps_without_dense, "held-out perplexity vs dense (%)",
               "Perplexity cost of elimination", out.with_name(out.name + "-perplexity.png"))  # fmt: skip
     # The answer's log-likelihood ranks the runs even when none retrieves; the accuracy once the reference does.
-    if args.passkey_metric == "accuracy":
-        plot_bars(results, names, passkey_metric, "passkey accuracy (± one standard error)",
-                  "Passkey retrieval (dense evaluation)", out.with_name(out.name + "-passkey.png"),
-                  errors=accuracy_error)  # fmt: skip
-    else:
-        plot_bars(results, names, answer_loglik, "passkey answer log-likelihood per token",
-                  "Passkey retrieval (dense evaluation)", out.with_name(out.name + "-passkey.png"))  # fmt: skip
+    values, ylabel, errors = {
+        "loglik": (answer_loglik, "passkey answer log-likelihood per token", None),
+        "accuracy": (passkey_metric, "passkey accuracy (± one standard error)", accuracy_error),
+    }[args.passkey_metric]
+    plot_bars(results, names, values, ylabel, "Passkey retrieval (dense evaluation)",
+              out.with_name(out.name + "-passkey.png"), errors=errors)  # fmt: skip
     print(markdown(results, names))
     return 0
 
