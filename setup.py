@@ -32,6 +32,9 @@ setup(
         # under TRITON_INTERPRET=1.
         "triton": ["triton>=3.6"],
         "wandb": ["wandb"],
+        # Liger-Kernel's fused linear cross-entropy: the segment loss's kernel on CUDA (memory.segment_loss_impl
+        # "auto" takes it where it is installed). lemo_ds's own fused RMSNorm/RoPE/SwiGLU need only Triton.
+        "liger": ["liger-kernel>=0.8.5"],
         "bench": ["matplotlib"],
         # lemo_ds.megatron (Megatron-core GPT layer specs); its local spec also runs on CPU (lemo_ds/megatron/cpu.py).
         "megatron": ["megatron-core>=0.16.1"],
@@ -45,6 +48,7 @@ setup(
             "matplotlib",
             "wandb",
             "trl",
+            "liger-kernel>=0.8.5",
         ],
     },
 )

@@ -28,14 +28,20 @@ def swap_in(module: nn.Module, mixin: type) -> nn.Module:
 
 
 def swap_out(module: nn.Module) -> nn.Module:
-    """Undo ``swap_in``: the module gets its original class back."""
-    module.__class__ = original_class(module)
+    """Undo every ``swap_in`` of the module: it gets the class it had before the first one back."""
+    module.__class__ = root_class(module)
     return module
 
 
 def original_class(module: nn.Module) -> type:
+    """The class the last ``swap_in`` replaced."""
     return _ORIGINALS.get(type(module), type(module))
 
 
-def is_swapped(module: nn.Module, mixin: type) -> bool:
-    return isinstance(module, mixin)
+def root_class(module: nn.Module) -> type:
+    """The module's class before any ``swap_in`` (one module may carry several mixins: a fused RMSNorm that
+    compaction also records)."""
+    cls = type(module)
+    while cls in _ORIGINALS:
+        cls = _ORIGINALS[cls]
+    return cls

@@ -65,9 +65,10 @@ class LemoMemoryConfig(_LemoSection):
     """Positions per segment of the segment loss (its working memory is about segment x vocab x 4 bytes)."""
 
     segment_loss_impl: Literal["auto", "liger", "torch"] = "auto"
-    """``liger``: Liger-Kernel's fused linear cross-entropy (CUDA, LM head not partitioned by ZeRO-3);
-    ``torch``: lemo_ds's segmented PyTorch loss (works everywhere, ZeRO-3 included); ``auto``: Liger where it
-    fits and is installed, else torch."""
+    """``liger``: Liger-Kernel's fused linear cross-entropy (CUDA; ZeRO-3 included: it runs as the LM head's
+    forward, so DeepSpeed gathers the partitioned weight for it); ``torch``: lemo_ds's segmented PyTorch loss
+    (works everywhere); ``auto``: Liger on CUDA where liger-kernel is installed (the extra ``lemo_ds[liger]``),
+    else torch."""
 
     sparse_checkpointing: bool = True
     """Under activation checkpointing, a sparse layer stores only the kept rows of its input (and recomputes
@@ -221,6 +222,13 @@ class LemoConfig(_LemoSection):
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Gather/write-back implementation. ``auto``: Triton where it can run (CUDA tensors, or CPU under
     TRITON_INTERPRET=1), PyTorch elsewhere; ``triton``: Triton or an error; ``torch``: PyTorch only."""
+
+    fused_ops: Literal["auto", "on", "off"] = "auto"
+    """RMSNorm, RoPE and the SwiGLU product of every decoder layer (dense and sparse) and the final norm as lemo_ds's
+    fused Triton kernels (lemo_ds/fused.py): one pass each, and no float32 or SiLU copies stored for backward.
+    ``auto``: on CUDA tensors, the model's own PyTorch ops elsewhere (a CPU run is unchanged); ``on``: the kernels
+    everywhere (a CPU needs TRITON_INTERPRET=1, else an error); ``off``: the model's own ops. Families with a policy
+    (Llama, Mistral, Qwen2, Qwen3); an MLP whose activation is not SiLU keeps its own forward."""
 
     inplace_writeback: bool = True
     """Write kept rows back into the residual stream in place when autograd allows it (training, no

@@ -7,7 +7,9 @@ and gets its class swapped for ``Lemo<Name>`` (``lemo_ds.class_swap``) and one p
 - each decoder layer with something to do: ``LemoDecoderLayerMixin`` / ``LayerPlan`` (lemo_ds/decoder_layer.py):
   the memory context around the layer, and token elimination where its keep ratio is below 1.0;
 - each MLP with the tiled MLP on: ``TiledMLPMixin`` / ``MLPPlan`` (lemo_ds/memory/tiled_mlp.py);
-- each RMSNorm under compaction: ``RecordedNormMixin`` (lemo_ds/memory/compact.py), no state.
+- each RMSNorm under compaction: ``RecordedNormMixin`` (lemo_ds/memory/compact.py), no state;
+- each RMSNorm, SwiGLU MLP and attention with the fused ops on: ``Fused*Mixin`` (lemo_ds/fused.py), converted first,
+  so that the memory features above wrap the fused forward.
 
 ``remove_lemo`` swaps every class back and deletes ``_lemo``. DeepSpeed's ``module_inject.replace_module``
 traversal was considered and not used: it is the inference-injection path (it replaces modules by class with new
@@ -31,6 +33,7 @@ from lemo_ds.core.plan import SparsePlan
 from lemo_ds.decoder_layer import LayerPlan, LemoDecoderLayerMixin
 from lemo_ds.document_attention import ATTENTION, add_documents
 from lemo_ds.errors import LemoConfigError
+from lemo_ds.fused import apply_fused_ops, forget_fused_state, fused_mixins
 from lemo_ds.memory.compact import RecordedNormMixin, is_rms_norm
 from lemo_ds.memory.ds_checkpointing import fix_deepspeed_cpu_checkpointing
 from lemo_ds.memory.layer import LayerMemory
@@ -39,10 +42,11 @@ from lemo_ds.memory.tiled_mlp import MLPPlan, TiledMLPMixin
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.scorers import BlockScorer, build_scorer
 from lemo_ds.sequence_parallel import active as sequence_parallel
+from lemo_ds.zero_fetch import skip_needless_fetch_syncs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
-_CONVERTED = (LemoCausalLMMixin, LemoDecoderLayerMixin, TiledMLPMixin, RecordedNormMixin)
+_CONVERTED = (LemoCausalLMMixin, LemoDecoderLayerMixin, TiledMLPMixin, RecordedNormMixin, *fused_mixins())
 
 
 def _as_lemo_config(config: LemoConfig | dict[str, Any] | str | os.PathLike | None) -> LemoConfig | None:
@@ -94,7 +98,9 @@ def apply_lemo(
     scorer = build_scorer(lemo_config) if scorer is None else scorer
     scorer.attach(controller)
     memory = lemo_config.memory
+    apply_fused_ops(base, policy, lemo_config.fused_ops)  # innermost: the memory features below wrap it
     fix_deepspeed_cpu_checkpointing()  # DeepSpeed's synchronous CPU checkpointing, see memory/ds_checkpointing.py
+    skip_needless_fetch_syncs()  # ZeRO-3 on one rank: no stream sync per module fetch, see zero_fetch.py
     offloader = CheckpointOffloader(generation=lambda: controller.micro_step) if memory.offload_checkpoints else None
     layer_memory = LayerMemory(memory.compact_saves, offloader) if memory.compact_saves or offloader else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
@@ -130,6 +136,7 @@ def remove_lemo(model: nn.Module) -> nn.Module:
         if isinstance(module, _CONVERTED):
             swap_out(module)
             module.__dict__.pop("_lemo", None)
+            forget_fused_state(module)
     return model
 
 

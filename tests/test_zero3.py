@@ -10,8 +10,9 @@ from launch_util import REPO, run_for_reports
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True, "all-memory"])
 def test_zero3_two_ranks_match_single_process_reference(checkpointing):
-    """``all-memory``: checkpointing with every memory feature (segment loss, kept-rows checkpointing, tiled MLP,
-    saved-tensor compaction, host offload of the stored inputs) against a reference with none of them."""
+    """``all-memory``: checkpointing with the fused ops (Triton RMSNorm/RoPE/SwiGLU, Liger's fused linear
+    cross-entropy on the partitioned LM head) and every memory feature (segment loss, kept-rows checkpointing, tiled
+    MLP, saved-tensor compaction, host offload of the stored inputs) against a reference with none of them."""
     args = ["--checkpointing"] if checkpointing else []
     args += ["--all-memory"] if checkpointing == "all-memory" else []
     reports = run_for_reports(REPO / "tests/dist/zero3_equivalence.py", *args, env={"DS_ACCELERATOR": "cpu"})

@@ -89,3 +89,22 @@ def mfu(flops: float, step_s: float | None, peak: float | None) -> float | None:
     if not step_s or not peak:
         return None
     return flops / step_s / peak
+
+
+def row_flops(shape: ModelShape, doc_lengths: Sequence[int], lora_rank: int) -> dict[str, float]:
+    """What the GPU computes for one packed row in a dense LoRA step with activation checkpointing, the same figure
+    for every job run on that row (so a job's TFLOP/s on it compares with another's as the inverse of their times):
+
+        F = sum_l [6*P*T + 6*P_lora*T + 8*H*d*sum_docs n^2] + 4*h*V*T
+
+    T tokens of the row, n each document's length. Base matmuls: forward, recompute, input gradient (2 FLOPs per
+    weight and token each; frozen weights get no weight gradient). Attention: causal within each document (forward
+    2*n^2*H*d, recompute the same, backward twice it). LM head: forward and input gradient (a fused linear
+    cross-entropy computes both in one pass). A sparse job does less work on the same row: its TFLOP/s is then
+    dense-equivalent. Norms, RoPE, elementwise ops and scorers are not counted."""
+    tokens = sum(doc_lengths)
+    attention = 8 * shape.heads * shape.head_dim * sum(n * n for n in doc_lengths)
+    per_layer = 6 * layer_weight_params(shape) * tokens + 6 * layer_lora_params(shape, lora_rank) * tokens + attention
+    head = 4 * shape.hidden * shape.vocab * tokens
+    return {"flops": shape.layers * per_layer + head, "attention_flops": shape.layers * attention, "tokens": tokens,
+            "documents": len(doc_lengths)}

@@ -49,6 +49,16 @@ class ModelShape:
     def describe(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_config(cls, config, name: str = "") -> ModelShape:
+        """The shape of a Hugging Face Llama-style config (a preset of lemo_ds.training.presets, say)."""
+        rope = getattr(config, "rope_parameters", None) or {}
+        return cls(name or getattr(config, "model_type", ""), hidden=config.hidden_size,
+                   layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                   kv_heads=config.num_key_value_heads, intermediate=config.intermediate_size,
+                   vocab=config.vocab_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                   max_positions=config.max_position_embeddings)  # fmt: skip
+
 
 SHAPES: dict[str, ModelShape] = {
     shape.name: shape

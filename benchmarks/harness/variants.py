@@ -30,13 +30,15 @@ class Variant:
     checkpointing: bool = False
     loss: Literal["hf", "chunked"] = "hf"
     lemo: dict[str, Any] | None = field(default=None, hash=False)  # the "lemo" section for apply_lemo, or None
+    liger: bool = False  # Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy on the model
 
     @property
     def is_lemo(self) -> bool:
         return self.lemo is not None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "checkpointing": self.checkpointing, "loss": self.loss, "lemo": self.lemo}
+        return {"name": self.name, "checkpointing": self.checkpointing, "loss": self.loss, "lemo": self.lemo,
+                "liger": self.liger}
 
 
 def dense_variant(checkpointing: bool = False, chunked_loss: bool = False) -> Variant:
@@ -91,6 +93,11 @@ def dense_stack_variant(checkpointing: bool = False, stack: str = "stack") -> Va
     return Variant(_name("dense", checkpointing, False) + f"+{stack}", checkpointing, "hf", section)
 
 
+# What users run instead of lemo_ds: Hugging Face + Liger-Kernel (what TrainingArguments(use_liger_kernel=True)
+# applies) + non-reentrant activation checkpointing, on packed rows through the document attention (activate).
+HF_LIGER = Variant("hf-liger", checkpointing=True, loss="hf", liger=True)
+
+
 def _name(stem: str, checkpointing: bool, chunked_loss: bool) -> str:
     return stem + ("+ckpt" if checkpointing else "") + ("+chunked-loss" if chunked_loss else "")
 
@@ -116,6 +123,7 @@ VARIANTS: dict[str, Variant] = {
         lemo_variant("oracle", stack="exact"),
         dense_stack_variant(checkpointing=True, stack="offload"),
         lemo_variant("oracle", checkpointing=True, stack="offload"),
+        HF_LIGER,
     )
 }
 
@@ -147,6 +155,8 @@ def activate(bench: BenchModel, variant: Variant, documents: int = 1) -> None:
         checkpointing_enable(bench.causal_lm, use_reentrant=False)
         if not getattr(bench.causal_lm, "_require_grads_hooks", None):
             bench.causal_lm.enable_input_require_grads()
+    if variant.liger:
+        bench.info["liger_undo"] = apply_liger(bench.causal_lm)
     if variant.lemo is not None:
         import lemo_ds  # only lemo variants need it (and it imports DeepSpeed)
 
@@ -169,6 +179,9 @@ def deactivate(bench: BenchModel) -> None:
         if current.lemo.get("scorer") == "predictor":
             _keep_predictors(bench, current)
         lemo_ds.remove_lemo(bench.model)
+    undo_liger = bench.info.pop("liger_undo", None)
+    if undo_liger is not None:
+        undo_liger()
     if bench.info.pop("packed", False):
         import lemo_ds
 
@@ -179,6 +192,33 @@ def deactivate(bench: BenchModel) -> None:
         # each enable adds one more: remove it, so variants without checkpointing run exactly as plain LoRA.
         bench.causal_lm.disable_input_require_grads()
     bench.active_variant = None
+
+
+def apply_liger(causal_lm: Any) -> Any:
+    """Liger-Kernel's ``apply_liger_kernel_to_llama`` on the model (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)
+    and a function that undoes it. Liger patches the modeling module's globals and the modules' instance dicts (their
+    ``forward`` and a few settings); the undo restores both from a snapshot, so the next variant runs the plain
+    model again."""
+    import sys
+
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    modeling = sys.modules[type(causal_lm).__module__]
+    saved_globals = dict(vars(modeling))
+    saved_dicts = [(module, dict(module.__dict__)) for module in causal_lm.modules()]
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=causal_lm)  # fmt: skip
+
+    def undo() -> None:
+        for name, value in saved_globals.items():
+            if vars(modeling).get(name) is not value:
+                setattr(modeling, name, value)
+        for module, before in saved_dicts:
+            for key in [key for key in module.__dict__ if key not in before]:
+                del module.__dict__[key]
+            module.__dict__.update(before)
+
+    return undo
 
 
 def _keep_predictors(bench: BenchModel, variant: Variant) -> None:

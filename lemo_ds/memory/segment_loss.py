@@ -10,8 +10,10 @@ float32 softmax gradient: at 128K tokens and Llama-3's 128256-token vocabulary t
   back-propagates it at once (one segment's [segment, V] float32 block alive at a time). The LM head is
   called as a module, so ZeRO-3 gathers its partitioned weight and reduces its gradient as usual; its
   gradient is computed in backward, so loss scaling and gradient accumulation apply to it normally.
-- ``liger`` (CUDA, LM head not partitioned by ZeRO-3): Liger-Kernel's fused linear cross-entropy, which does
-  the same in Triton kernels.
+- ``liger``: Liger-Kernel's fused linear cross-entropy, which does the same in Triton kernels and computes the
+  gradients in its forward (no recomputed LM head). It is called inside the LM head's own module call, so that
+  under ZeRO-3 DeepSpeed's hooks gather the partitioned weight for it and, where the head trains, take its
+  gradient back, as for any module.
 
 Exactly Hugging Face's loss: labels shifted left by one with -100 appended (the last position predicts
 nothing), -100 ignored, logits upcast to float32, the sum over counted positions divided by their number (or
@@ -20,9 +22,13 @@ by ``num_items_in_batch`` when the caller gives it, as the Trainer does under gr
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lemo_ds.kernels.dispatch import triton_usable
 
 IGNORE_INDEX = -100
 IMPLEMENTATIONS = ("auto", "liger", "torch")
@@ -94,14 +100,39 @@ class SegmentedLMLoss(torch.autograd.Function):
         return grad_hidden, None, None, None, None
 
 
-def _liger_usable(hidden: torch.Tensor, lm_head: nn.Module) -> bool:
-    if not hidden.is_cuda or getattr(lm_head.weight, "ds_id", None) is not None or lm_head.bias is not None:
-        return False
+def _liger_usable(hidden: torch.Tensor) -> bool:
+    """Liger's kernels can run here: liger-kernel imports, and the tensors are CUDA ones (or CPU ones under
+    TRITON_INTERPRET=1, which is how the tests run them)."""
     try:
         import liger_kernel.transformers.functional  # noqa: F401
     except ImportError:
         return False
-    return True
+    return triton_usable(hidden)
+
+
+def _fused_head_forward(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, lm_head.weight, targets, bias=lm_head.bias,
+                                            ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+
+
+def fused_linear_cross_entropy_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum over positions of CE(lm_head(hidden), targets), by Liger's fused kernel, run as the LM head's forward.
+
+    The module call is what ZeRO-3 hooks: its pre-forward hook gathers the partitioned weight, its backward hooks
+    gather it again and reduce the weight's gradient. The forward is bound on the instance for this one call only
+    (restoring whatever the instance had), so the head stays an ordinary ``nn.Linear`` for everyone else."""
+    had = "forward" in lm_head.__dict__
+    previous = lm_head.__dict__.get("forward")
+    lm_head.forward = types.MethodType(_fused_head_forward, lm_head)
+    try:
+        return lm_head(hidden, targets)
+    finally:
+        if had:
+            lm_head.forward = previous
+        else:
+            del lm_head.forward
 
 
 def segment_lm_loss(
@@ -123,16 +154,13 @@ def segment_lm_loss(
         divisor = (targets != IGNORE_INDEX).sum().to(torch.float32)
     else:
         divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    use_liger = impl == "liger" or (impl == "auto" and _liger_usable(hidden, lm_head))
+    use_liger = impl == "liger" or (impl == "auto" and hidden.is_cuda and _liger_usable(hidden))
     if use_liger:
-        if not _liger_usable(hidden, lm_head):
+        if not _liger_usable(hidden):
             raise RuntimeError(
-                "segment_loss_impl \"liger\" needs CUDA tensors, liger-kernel installed and an LM head without bias "
-                "that ZeRO-3 does not partition; use \"auto\" or \"torch\""
+                "segment_loss_impl \"liger\" needs liger-kernel installed (pip install liger-kernel, or the extra "
+                "lemo_ds[liger]) and CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); use \"auto\" or "
+                "\"torch\""
             )
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        total = liger_fused_linear_cross_entropy(hidden, lm_head.weight, targets, ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
-        return total.float() / divisor
+        return fused_linear_cross_entropy_sum(lm_head, hidden, targets).float() / divisor
     return SegmentedLMLoss.apply(hidden, lm_head, targets, divisor, segment_tokens)

@@ -8,6 +8,7 @@ queries and keys (for the oracle scorer). Adding a family is one small subclass 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -47,6 +48,31 @@ class DecoderLayerPolicy:
     mask_kwarg: ClassVar[str] = "attention_mask"
     position_embeddings_kwarg: ClassVar[str] = "position_embeddings"
     position_ids_kwarg: ClassVar[str] = "position_ids"
+
+    # ---- what the fused ops replace (lemo_ds.fused) ---------------------------------------------------
+
+    family: ClassVar[str] = ""
+    """Prefix of the modeling classes (``Llama``: LlamaRMSNorm, LlamaMLP, LlamaAttention), all written as Llama's:
+    RMSNorm rounding to the input dtype before the weight, MLP ``down(act(gate(x)) * up(x))``, attention calling
+    its modeling file's ``rope_function``. Empty: the family has no fused ops."""
+
+    rope_function: ClassVar[str] = "apply_rotary_pos_emb"
+
+    def fusable_modules(self, model: nn.Module) -> Iterator[tuple[nn.Module, type]]:
+        """(module, fused mixin) for every RMSNorm, SwiGLU MLP and attention of the decoder that the fused ops
+        replace; an MLP whose activation is not SiLU is left out."""
+        from lemo_ds.class_swap import root_class
+        from lemo_ds.fused import FusedRMSNormMixin, FusedRoPEAttentionMixin, FusedSwiGLUMixin
+
+        if not self.family:
+            return
+        kinds = {f"{self.family}RMSNorm": FusedRMSNormMixin, f"{self.family}MLP": FusedSwiGLUMixin,
+                 f"{self.family}Attention": FusedRoPEAttentionMixin}  # fmt: skip
+        silu = getattr(getattr(model, "config", None), "hidden_act", None) in ("silu", "swish")
+        for module in self.decoder_model(model).modules():
+            mixin = kinds.get(root_class(module).__name__)
+            if mixin is not None and (mixin is not FusedSwiGLUMixin or silu):
+                yield module, mixin
 
     # ---- what the oracle scorer needs ------------------------------------------------------------------
 

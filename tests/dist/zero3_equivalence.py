@@ -21,9 +21,10 @@ import lemo_ds
 LEMO = {"block_size": 8, "keep_ratio": 0.4, "dense_layers": [0], "scorer": "oracle"}
 SEQ = 40
 MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
-# --all-memory: every memory feature on the ZeRO-3 model; the reference runs with none of them.
+# --all-memory: every memory feature and the fused ops (Triton RMSNorm/RoPE/SwiGLU, Liger's fused linear
+# cross-entropy as the partitioned LM head's forward) on the ZeRO-3 model; the reference runs with none of them.
 MEMORY_ALL = {"segment_loss": True, "segment_tokens": 16, "sparse_checkpointing": True, "tiled_mlp": True,
-              "tiled_mlp_tokens": 16, "compact_saves": True, "offload_checkpoints": True}
+              "tiled_mlp_tokens": 16, "compact_saves": True, "offload_checkpoints": True, "segment_loss_impl": "liger"}
 
 
 def batch_of(rank: int):
@@ -37,7 +38,7 @@ def main() -> int:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--all-memory", action="store_true")
     args = parser.parse_args()
-    lemo = {**LEMO, "memory": MEMORY_ALL} if args.all_memory else LEMO
+    lemo = {**LEMO, "fused_ops": "on", "memory": MEMORY_ALL} if args.all_memory else LEMO
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     config = ds_config(lemo=lemo)
@@ -50,7 +51,7 @@ def main() -> int:
     engine.backward(loss)
     grads = full_grads(engine)
 
-    lemo_ds.apply_lemo(reference, {**LEMO, "memory": MEMORY_OFF} if args.all_memory else LEMO)
+    lemo_ds.apply_lemo(reference, {**LEMO, "fused_ops": "off", "memory": MEMORY_OFF} if args.all_memory else LEMO)
     losses = []
     for other in range(world):
         other_ids = batch_of(other)

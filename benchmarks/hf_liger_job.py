@@ -1,0 +1,123 @@
+"""The job a user runs instead of lemo_ds: Hugging Face + Liger-Kernel + activation checkpointing + packed rows.
+
+What ``TrainingArguments(use_liger_kernel=True, gradient_checkpointing=True)`` with padding-free packing gives,
+written as a plain loop so that nothing else differs from launch/train.py's job: the same model (preset or local
+directory, built directly on the GPU), the same LoRA, the same rows in the same order (``lemo_ds.training.data``,
+same seed), torch AdamW with the shipped configs' settings and gradient clipping, no DeepSpeed. Liger:
+``apply_liger_kernel_to_llama(rope, rms_norm, swiglu, fused_linear_cross_entropy)`` on the model; Hugging Face's
+non-reentrant checkpointing of every decoder layer; packed documents attend within themselves through
+``lemo_ds.enable_document_attention`` (varlen attention, no [s, s] mask: what flash-attention's padding-free path
+does). ``--kernels torch`` leaves Liger out (plain Hugging Face + checkpointing + packing).
+
+    python benchmarks/hf_liger_job.py --model llama-3-8b --data ROWS --seq-len 65536 --max-steps 6 --output-dir OUT
+
+Writes OUT/metrics.jsonl (one line per step: loss, step_time_s, peak_mem_bytes) and OUT/summary.json with
+launch/train.py's keys (tokens_per_s without the first step, peak_mem_bytes), so benchmarks/product_path.py reads
+both jobs alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import lemo_ds  # noqa: E402
+from lemo_ds.hf_compat import checkpointing_enable  # noqa: E402
+from lemo_ds.training import data, metrics, model  # noqa: E402
+from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa: E402
+
+# The shipped configs' optimizer (ds_configs/zero3_lemo.json): AdamW, betas (0.9, 0.95), clipping 1.0.
+BETAS, CLIP = (0.9, 0.95), 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", default="tiny-llama", help="a preset or a local Hugging Face model directory")
+    parser.add_argument("--data", default=None, help="launch/train.py's --data (default: the Python stdlib)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--lora-r", type=int, default=8, help="0: full fine-tuning")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernels", choices=("liger", "torch"), default="liger",
+                        help="liger: Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy (CUDA)")
+    parser.add_argument("--output-dir", required=True)
+    return parser.parse_args(argv)
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    source = model.resolve_model(args.model)
+    with device:  # straight onto the GPU: an 8B model is never materialised on the host
+        net = model.build_model(source, dtype, args.seed)
+    if args.kernels == "liger":
+        if source.config.model_type != "llama":
+            raise SystemExit(f"--kernels liger: this job applies Liger's Llama patch; the model is a "
+                             f"{source.config.model_type}")  # fmt: skip
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=net)  # fmt: skip
+    checkpointing_enable(net, use_reentrant=False)
+    net.enable_input_require_grads()  # LoRA + checkpointing: gradients must reach the adapters
+    if args.lora_r > 0:
+        net = model.add_lora(net, args.lora_r, args.seed)
+    lemo_ds.enable_document_attention(net)
+    return net.train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = model.resolve_model(args.model)
+    tokenizer = ByteTokenizer() if source.kind == "preset" else load_hf_tokenizer(args.model)
+    files = data.discover_files(args.data)
+    net = build(args, device, dtype)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=BETAS, eps=1e-8, weight_decay=0.0)
+    rows = data.packed_rows(files, tokenizer, args.seq_len, args.seed)  # launch/train.py's rows, in its order
+    batches = data.rank_batches(rows, rank=0, world_size=1, micro_batch=1)
+    log = metrics.MetricsLog(out / "metrics.jsonl")
+    totals = metrics.RunTotals()
+    started = time.perf_counter()
+    for step in range(1, args.max_steps + 1):
+        batch = {key: value.to(device) for key, value in next(batches).items()}  # [1, s] each
+        t0 = time.perf_counter()
+        loss = net(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # waits for the step
+        step_s = time.perf_counter() - t0
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"the loss is {loss_value} at step {step}")
+        peak, _ = metrics.peak_memory(device.type)
+        totals.add(loss_value, [1.0], args.seq_len, step_s, timed=step > 1 or args.max_steps == 1)
+        log.write({"step": step, "loss": loss_value, "tokens": args.seq_len, "step_time_s": step_s,
+                   "tokens_per_s": args.seq_len / step_s, "peak_mem_bytes": peak})  # fmt: skip
+    peak, kind = metrics.peak_memory(device.type)
+    metrics.write_json_atomic(out / "summary.json", {
+        "steps": args.max_steps, "final_loss": totals.final_loss, "tokens_per_s": totals.tokens_per_s,
+        "peak_mem_bytes": peak, "peak_mem_kind": kind, "mean_keep_ratio": 1.0, "world_size": 1,
+        "model": args.model, "seq_len": args.seq_len, "lora_r": args.lora_r, "kernels": args.kernels,
+        "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": "hf", "device": device.type,
+        "elapsed_s": time.perf_counter() - started, "command": " ".join(sys.argv),
+    })  # fmt: skip
+    print(f"hf job ({args.kernels}): {totals.tokens_per_s:,.0f} tok/s, peak {metrics.format_bytes(peak)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""benchmarks/product_path.py on CPU: the main job and the baseline job (benchmarks/hf_liger_job.py) on the same rows,
+the per-row FLOPs, the table against the baseline; and the harness's hf-liger variant leaving the model as it was."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the checkout, not an installed package
+
+from benchmarks import product_path  # noqa: E402
+from benchmarks.harness.flops import layer_lora_params, layer_weight_params, row_flops  # noqa: E402
+from benchmarks.harness.shapes import get_shape  # noqa: E402
+
+TINY = get_shape("tiny-llama")
+
+
+def test_row_flops_count_attention_per_document():
+    one = row_flops(TINY, [96], lora_rank=8)
+    packed = row_flops(TINY, [40, 56], lora_rank=8)
+    linear = TINY.layers * 6 * (layer_weight_params(TINY) + layer_lora_params(TINY, 8)) * 96
+    head = 4 * TINY.hidden * TINY.vocab * 96
+    attention = TINY.layers * 8 * TINY.heads * TINY.head_dim
+    assert one["flops"] == linear + head + attention * 96**2
+    assert packed["flops"] == linear + head + attention * (40**2 + 56**2)
+    assert (packed["tokens"], packed["documents"]) == (96, 2)
+
+
+@pytest.mark.slow
+def test_main_job_and_baseline_run_on_the_same_rows(tmp_path, monkeypatch):
+    books = tmp_path / "books"
+    books.mkdir()
+    for index in range(3):  # text of varied sizes: the longest makes the one-document rows
+        (books / f"book{index}.txt").write_text("It was a dark and stormy night. " * (200 * (index + 1)))
+    out = tmp_path / "out"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the jobs' kernels in PyTorch: the interpreter only slows them
+    product_path.main(["--model", "tiny-llama", "--seq", "256", "--rows", "packed", "--config",
+                       "hf,ds_configs/zero3_lemo.json", "--books", str(books), "--doc-bytes", "100",
+                       "--steps", "3", "--out", str(out)])  # fmt: skip
+    (result_file,) = out.glob("product-path-*.json")
+    result = json.loads(result_file.read_text())
+    cases = {case["config"]: case for case in result["cases"]}
+    assert set(cases) == {"hf", "ds_configs/zero3_lemo.json"}
+    for case in cases.values():
+        assert case["status"] == "ok", case.get("tail")
+        assert case["timed_steps"] == 2 and case["s_per_step"] > 0 and case["tflops_per_s"] > 0
+        rows = [(step["tokens"], step["documents"]) for step in case["steps"]]
+        assert all(tokens == 256 and documents >= 3 for tokens, documents in rows)  # 100-byte documents, packed
+    # Both jobs were handed the same rows: the same figures per step (they come from the rows, not the jobs).
+    flops = {name: [step["flops"] for step in case["steps"]] for name, case in cases.items()}
+    assert flops["hf"] == flops["ds_configs/zero3_lemo.json"]
+    assert cases["hf"]["summary"]["kernels"] == "torch"
+    lemo = cases["ds_configs/zero3_lemo.json"]["summary"]
+    assert lemo["mean_keep_ratio"] < 1.0 and lemo["scorer"] == "oracle"
+    table = product_path.table(result["cases"])
+    assert "speed vs hf" in table and "| hf | packed | 256 |" in table and "| zero3_lemo | packed | 256 |" in table
+    plot = tmp_path / "plot.png"
+    product_path.main(["--plot", str(result_file), "--out", str(plot)])
+    assert plot.stat().st_size > 0
+
+
+def test_hf_liger_variant_is_undone():
+    """The harness's hf-liger variant applies Liger's Llama patch (module globals and the modules' instance dicts) and
+    undoes it exactly, so the next variant runs the plain model."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    from benchmarks.harness.model import build_model
+    from benchmarks.harness.variants import HF_LIGER, apply_liger
+
+    assert HF_LIGER.liger and HF_LIGER.checkpointing and HF_LIGER.lemo is None
+    bench = build_model(TINY, 256, torch.device("cpu"), torch.float32)
+    before_globals = dict(vars(modeling_llama))
+    before = [(module, dict(module.__dict__)) for module in bench.causal_lm.modules()]
+    undo = apply_liger(bench.causal_lm)
+    assert modeling_llama.apply_rotary_pos_emb is not before_globals["apply_rotary_pos_emb"]
+    assert "forward" in bench.decoder.layers[0].mlp.__dict__  # Liger's SwiGLU on the instance
+    undo()
+    assert {k: v for k, v in vars(modeling_llama).items() if k in before_globals} == before_globals
+    for module, saved in before:
+        assert module.__dict__.keys() == saved.keys(), type(module).__name__
+        assert all(module.__dict__[key] is value for key, value in saved.items())
