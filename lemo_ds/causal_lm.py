@@ -1,6 +1,6 @@
 """The converted causal LM: counts the model's forwards for the controller, and computes the loss by segments.
 
-``apply_lemo`` swaps the ``*ForCausalLM`` class for ``Lemo<Name>`` (``LemoCausalLMMixin`` in front, see
+``apply_lemo`` swaps the ``*ForCausalLM`` class for ``LemoCausalLM<Name>`` (``LemoCausalLMMixin`` in front, see
 ``lemo_ds.class_swap``) and stores one ``ModelPlan`` on it as ``_lemo``. Its forward, in order:
 
 1. tells the controller a forward starts (the optimizer step it follows, the forward counter, whether the caller

@@ -1,8 +1,12 @@
-"""Converting a module in place by swapping its class for a subclass with a mixin in front.
+"""The one class factory of lemo_ds: a subclass with a mixin in front, and converting a module in place with it.
 
-The module object stays the same: its parameters and their names (so checkpoints, peft adapters and ZeRO-3
-partitions are untouched), its hooks, and ``isinstance`` checks against the original class. Each subclass is
-made once per (mixin, class) and registered in this module so that pickling finds it by name.
+``mixed_class(mixin, cls)`` is the class ``<Mixin's name without "Mixin"><cls's name>`` = (mixin, cls), made once
+per (mixin, class) and registered in this module so that pickling finds it by name (``LemoDecoderLayerMixin`` on
+``LlamaDecoderLayer`` gives ``LemoDecoderLayerLlamaDecoderLayer``; ``FusedRMSNormMixin`` on ``LlamaRMSNorm`` gives
+``FusedRMSNormLlamaRMSNorm``); ``register`` names one written by hand instead (Megatron's ``LemoTransformerLayer``).
+``swap_in`` gives a module such a class: the module object stays the same (its parameters and their names, so
+checkpoints, peft adapters and ZeRO-3 partitions are untouched; its hooks; ``isinstance`` checks against its
+original class); ``swap_out`` undoes every swap.
 """
 
 from __future__ import annotations
@@ -13,17 +17,26 @@ _SUBCLASSES: dict[tuple[type, type], type] = {}
 _ORIGINALS: dict[type, type] = {}
 
 
-def swap_in(module: nn.Module, mixin: type) -> nn.Module:
-    """Give ``module`` the class ``Lemo<Mixin-less name>`` = (mixin, original class); returns the module."""
-    original = type(module)
-    key = (mixin, original)
+def register(mixin: type, cls: type, subclass: type) -> None:
+    """Make ``mixed_class(mixin, cls)`` return ``subclass`` (defined elsewhere, with the mixin before ``cls``)."""
+    _SUBCLASSES[mixin, cls] = subclass
+    _ORIGINALS[subclass] = cls
+
+
+def mixed_class(mixin: type, cls: type) -> type:
+    """The subclass (mixin, cls) (see the module docstring)."""
+    key = (mixin, cls)
     if key not in _SUBCLASSES:
-        name = f"{mixin.__name__.removesuffix('Mixin')}{original.__name__}"
-        subclass = type(name, (mixin, original), {"__module__": __name__, "__qualname__": name})
-        _SUBCLASSES[key] = subclass
-        _ORIGINALS[subclass] = original
+        name = f"{mixin.__name__.removesuffix('Mixin')}{cls.__name__}"
+        subclass = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        register(mixin, cls, subclass)
         globals()[name] = subclass
-    module.__class__ = _SUBCLASSES[key]
+    return _SUBCLASSES[key]
+
+
+def swap_in(module: nn.Module, mixin: type) -> nn.Module:
+    """Give ``module`` the class ``mixed_class(mixin, its class)``; returns the module."""
+    module.__class__ = mixed_class(mixin, type(module))
     return module
 
 

@@ -28,10 +28,6 @@ from lemo_ds.errors import LemoConfigError
 
 LEMO_KEY = "lemo"
 
-SCORERS = ("oracle", "random", "norm", "predictor")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
-
-
 class _LemoSection(DeepSpeedConfigModel):
     # DeepSpeed's settings (extra="forbid", validated assignment), plus each field's docstring as its description
     # so that the README's reference table is generated from this file (``python -m lemo_ds.config``).
@@ -160,6 +156,14 @@ class LemoConfig(_LemoSection):
     ``loss_tokens: "processed"`` a dense last layer would read the skipped rows' shallower states as keys,
     a mix evaluation never shows (README, "Accuracy"). A list: those layers. Negative indices count from the end
     (-1 is the last layer)."""
+
+    eliminate: Literal["layer", "attention"] = "layer"
+    """What an eliminated block skips in a sparse layer. ``layer``: the whole decoder layer (attention and MLP: its
+    row is the layer input, exactly). ``attention``: only the attention sublayer, as in LeMo's artifact: the
+    attention (input norm, Q/K/V, RoPE at the true positions, attention among the kept rows, O projection) runs on
+    the kept rows and is added to their residual, then the MLP sublayer runs on every row. Attention's cost and
+    activations shrink quadratically with the kept share, the MLP's not at all; under activation checkpointing such a
+    layer stores its whole input, as a dense layer does (``memory.sparse_checkpointing`` is for ``layer``)."""
 
     always_keep_blocks: list[int] = Field(default_factory=lambda: [0])
     """Block indices kept in every sparse layer whatever their score (default: the first block, the

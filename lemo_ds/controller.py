@@ -154,9 +154,3 @@ class LemoController:
     def reset_stats(self) -> None:
         self._kept = [0] * len(self.target_ratios)
         self._seen = [0] * len(self.target_ratios)
-
-
-def current_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0

@@ -1,20 +1,23 @@
 """The converted Hugging Face decoder layer: the memory stack around the layer, and token elimination where sparse.
 
-``apply_lemo`` converts a decoder layer in place by swapping its class for ``Lemo<Name>`` = (``LemoDecoderLayerMixin``,
-the model's class), see ``lemo_ds.class_swap``, and storing one ``LayerPlan`` on it as ``_lemo``. Nothing else about
-the module changes: its parameters and their names (checkpoints, peft adapters and ZeRO-3 partitions are untouched),
-its hooks, and ``isinstance`` checks (Hugging Face's hidden-state capture and gradient checkpointing still see a
-decoder layer). The forward, in order:
+``apply_lemo`` converts a decoder layer in place by swapping its class for ``LemoDecoderLayer<Name>`` (the mixin
+``LemoDecoderLayerMixin`` before the model's class ``<Name>``, e.g. ``LemoDecoderLayerLlamaDecoderLayer``; see
+``lemo_ds.class_swap``) and storing one ``LayerPlan`` on it as ``_lemo``. Nothing else about the module changes: its
+parameters and their names (checkpoints, peft adapters and ZeRO-3 partitions are untouched), its hooks, and
+``isinstance`` checks (Hugging Face's hidden-state capture and gradient checkpointing still see a decoder layer).
+The forward:
 
-1. a dense layer (or a sparse one in a dense phase) runs the model's layer on every row, inside the memory context;
-2. a sparse layer asks its ``SparsePlan`` (``lemo_ds.core.plan``) which blocks to keep, gathers the kept rows with
-   their RoPE cos/sin, position ids, mask and documents (``[b, s, *] -> [b, K, *]``), runs the model's layer on
-   them inside the memory context (under a kept-rows checkpoint where asked), and writes the result back into the
-   kept rows; eliminated rows are the layer input, exactly, in forward and backward.
+1. a dense layer runs the model's layer on every row, inside the memory context;
+2. a sparse layer runs the sparse step (``lemo_ds.core.step``) with ``HuggingFaceLayout``: its ``SparsePlan`` picks
+   the blocks, the kept rows are gathered with their RoPE cos/sin, position ids, mask and documents
+   (``[b, s, *] -> [b, K, *]``), the model's layer (``eliminate: "layer"``, under a kept-rows checkpoint where asked)
+   or its attention sublayer (``"attention"``) runs on them inside the memory context, the result is written back
+   into the kept rows, and with ``"attention"`` the MLP sublayer then runs on every row.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -22,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lemo_ds.controller import current_rank
+from lemo_ds import distributed
 from lemo_ds.core.plan import SparsePlan
-from lemo_ds.core.selection import token_index
+from lemo_ds.core.step import sparse_step
 from lemo_ds.document_attention import DOCUMENTS_KWARG
 from lemo_ds.errors import LemoInputError
 from lemo_ds.hf_compat import CACHE_KWARGS, cache_argument
@@ -107,14 +110,15 @@ class LemoDecoderLayerMixin:
                 f"{type(self).__name__}: pass everything after hidden_states as keyword arguments "
                 "(as Hugging Face models do)"
             )
-        if self._lemo_checkpointing() and not self._lemo_checkpoints_kept_rows():
-            # The whole layer under one checkpoint, as Hugging Face would take it: its input is stored, and the
+        ratio = sparse.keep_ratio(self.training)  # once per call
+        if self._lemo_checkpointing() and not self._lemo_checkpoints_kept_rows(ratio):
+            # The whole sparse call under one checkpoint, as Hugging Face would take it: its input is stored, and the
             # recompute takes the forward's selection back by ``key``. hidden_states goes positionally so that
             # reentrant checkpointing sees it as an input.
             kwargs = {name: value for name, value in kwargs.items() if name not in CACHE_KWARGS}
-            body = partial(self._lemo_sparse_forward, checkpoint_key=object(), **kwargs)
+            body = partial(self._lemo_sparse_forward, ratio=ratio, checkpoint_key=object(), **kwargs)
             return self._gradient_checkpointing_func(body, hidden_states)
-        return self._lemo_sparse_forward(hidden_states, checkpoint_key=None, **kwargs)
+        return self._lemo_sparse_forward(hidden_states, ratio=ratio, checkpoint_key=None, **kwargs)
 
     def _lemo_layer(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own layer, inside the memory context."""
@@ -128,94 +132,132 @@ class LemoDecoderLayerMixin:
         """Whether this call takes an activation checkpoint: asked for, training, and a backward to replay it in."""
         return self.training and torch.is_grad_enabled() and bool(self.__dict__.get(_HF_FLAG, False))
 
-    def _lemo_checkpoints_kept_rows(self) -> bool:
-        """Sparsity-aware checkpointing: instead of checkpointing the whole layer call (which stores the whole
-        input [b, s, h] for the recompute), checkpoint only the original layer on the kept rows [b, K, h]. The
-        gather and the write-back need nothing stored (their gradients are a scatter and a gather by index),
-        so the layer stores K rows instead of s."""
-        sparse = self._lemo.sparse
+    def _lemo_checkpoints_kept_rows(self, ratio: float) -> bool:
+        """Sparsity-aware checkpointing (``eliminate: "layer"``): instead of checkpointing the whole layer call (which
+        stores the whole input [b, s, h] for the recompute), checkpoint only the original layer on the kept rows
+        [b, K, h]. The gather and the write-back need nothing stored (their gradients are a scatter and a gather by
+        index), so the layer stores K rows instead of s. With ``"attention"`` the MLP needs every row: the whole call
+        is checkpointed."""
+        config = self._lemo.sparse.config
         return (
             self._lemo_checkpointing()
-            and sparse.config.memory.sparse_checkpointing
-            and sparse.keep_ratio(self.training) < 1.0
+            and config.memory.sparse_checkpointing
+            and config.eliminate == "layer"
+            and ratio < 1.0
         )
 
     def _lemo_sparse_forward(
-        self, hidden_states: torch.Tensor, checkpoint_key: object | None, **kwargs: Any
+        self, hidden_states: torch.Tensor, ratio: float, checkpoint_key: object | None, **kwargs: Any
     ) -> torch.Tensor:  # hidden_states [b, s, h]
         """``checkpoint_key``: set when this call is the body of a whole-layer checkpoint (its recompute reuses the
         forward's selection, and its input must stay as it is)."""
-        plan, policy = self._lemo.sparse, self._lemo.policy
-        batch, seq = hidden_states.shape[:2]
-        ratio = plan.keep_ratio(self.training)
-        if ratio >= 1.0:  # dense: a dense phase of the schedule, or evaluation
-            plan.account_dense(seq, self.training)
-            return self._lemo_layer(hidden_states, **kwargs)
-        if cache_argument(kwargs) is not None:
+        layout = HuggingFaceLayout(
+            self, hidden_states, kwargs, kept_rows_checkpoint=self._lemo_checkpoints_kept_rows(ratio),
+            whole_call_checkpointed=checkpoint_key is not None,
+        )  # fmt: skip
+        return sparse_step(self._lemo.sparse, layout, ratio, self.training, checkpointed=checkpoint_key is not None,
+                           key=checkpoint_key)  # fmt: skip
+
+
+@dataclass
+class _Kept:
+    hidden: torch.Tensor  # [b, K, h]
+    kwargs: dict[str, Any]  # the layer's keyword arguments for the kept rows
+
+
+class HuggingFaceLayout:
+    """The Hugging Face decoder layer's side of the sparse step (``lemo_ds.core.step``): [b, s, h] hidden states, RoPE
+    cos/sin [b or 1, s, d], a 4D mask [b or 1, 1, s, s] or document keys, position ids; the layer's own forward for
+    ``eliminate: "layer"``, its attention and MLP sublayers (the policy names them) for ``"attention"``."""
+
+    def __init__(self, layer: LemoDecoderLayerMixin, hidden: torch.Tensor, kwargs: dict[str, Any],
+                 kept_rows_checkpoint: bool, whole_call_checkpointed: bool) -> None:  # fmt: skip
+        self.layer, self.hidden, self.kwargs = layer, hidden, kwargs
+        self.policy, self.plan = layer._lemo.policy, layer._lemo.sparse
+        self.kept_rows_checkpoint = kept_rows_checkpoint
+        self.whole_call_checkpointed = whole_call_checkpointed
+        self.seq = hidden.shape[1]
+        self.shard = sequence_parallel()
+
+    def run_dense(self) -> torch.Tensor:
+        return self.layer._lemo_layer(self.hidden, **self.kwargs)
+
+    def refuse_unsupported(self) -> None:
+        if cache_argument(self.kwargs) is not None:
             raise LemoInputError(
                 "token elimination runs without a KV cache (a cache needs every token of every layer): call the "
                 "model with use_cache=False (apply_lemo sets config.use_cache = False; generation is dense unless "
                 "lemo.apply_in_eval is true)"
             )
-        sp = sequence_parallel()
-        plan.check_length(seq, sp)
+
+    def scores(self) -> torch.Tensor:  # [b, n]
+        plan, kwargs = self.plan, self.kwargs
+        context = ScoreContext(
+            layer_index=plan.layer_index,
+            block_size=plan.config.block_size,
+            position_embeddings=kwargs[self.policy.position_embeddings_kwarg],  # cos, sin [b or 1, s, d]
+            # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
+            # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
+            attention_mask=kwargs.get(self.policy.mask_kwarg),  # [b or 1, 1, s, s] or None
+            policy=self.policy,
+            step=plan.controller.step,
+            micro_step=plan.controller.micro_step,
+            rank=distributed.rank(),
+            documents=kwargs.get(DOCUMENTS_KWARG),
+        )
+        return plan.scorer.score(self.layer, self.hidden.detach(), context)
+
+    def agree(self, blocks: torch.Tensor) -> None:
+        """Nothing: every rank of a Hugging Face model holds every head (no tensor parallelism)."""
+
+    def gather(self, rows: torch.Tensor) -> _Kept:  # rows [b, K]
+        policy, kwargs = self.policy, self.kwargs
+        batch = rows.shape[0]
         cos, sin = kwargs[policy.position_embeddings_kwarg]  # [b or 1, s, d]
-        mask = kwargs.get(policy.mask_kwarg)  # [b or 1, 1, s, s] or None
-        documents = kwargs.get(DOCUMENTS_KWARG)
-
-        def score() -> torch.Tensor:  # [b, n]; not called where the recompute reuses the forward's selection
-            context = ScoreContext(
-                layer_index=plan.layer_index,
-                block_size=plan.config.block_size,
-                position_embeddings=(cos, sin),
-                # Under sequence parallelism the model's mask covers this rank's shard only: the scorer uses it (the
-                # per-shard rule, lemo_ds.sequence_parallel), the layer does not (Ulysses attends over all shards).
-                attention_mask=mask,
-                policy=policy,
-                step=plan.controller.step,
-                micro_step=plan.controller.micro_step,
-                rank=current_rank(),
-                documents=documents,
-            )
-            return plan.scorer.score(self, hidden_states.detach(), context)
-
-        blocks = plan.select(
-            seq,
-            ratio,
-            score,
-            checkpointed=checkpoint_key is not None,
-            key=checkpoint_key,
-            sp=sp,
-        )  # [b, k]
-        rows = token_index(blocks, plan.config.block_size, seq)  # [b, K]
-        backend = plan.config.kernels
-
-        kept_hidden, kept_cos, kept_sin = gather_rows(hidden_states, rows, cos, sin, backend=backend)  # [b, K, *]
-        kept_kwargs = dict(kwargs)
-        kept_kwargs[policy.position_embeddings_kwarg] = (kept_cos, kept_sin)
+        hidden, kept_cos, kept_sin = gather_rows(self.hidden, rows, cos, sin, backend=self.plan.config.kernels)
+        kept = dict(kwargs)
+        kept[policy.position_embeddings_kwarg] = (kept_cos, kept_sin)  # [b, K, d] each: the true positions
         position_ids = kwargs.get(policy.position_ids_kwarg)  # [b or 1, s]
         if position_ids is not None:
-            kept_kwargs[policy.position_ids_kwarg] = position_ids.expand(batch, -1).gather(1, rows)  # [b, K]
-        if sp is not None:
-            kept_kwargs[policy.mask_kwarg] = None
+            kept[policy.position_ids_kwarg] = position_ids.expand(batch, -1).gather(1, rows)  # [b, K]
+        mask = kwargs.get(policy.mask_kwarg)
+        if self.shard is not None:
+            kept[policy.mask_kwarg] = None
         elif mask is not None:
-            kept_kwargs[policy.mask_kwarg] = gather_attention_mask(mask, rows)  # [b, 1, K, K]
+            kept[policy.mask_kwarg] = gather_attention_mask(mask, rows)  # [b, 1, K, K]
+        documents = kwargs.get(DOCUMENTS_KWARG)
         if documents is not None:  # each document's kept rows are one run again (rows ascend)
-            kept_kwargs[DOCUMENTS_KWARG] = documents.gather(rows)
+            kept[DOCUMENTS_KWARG] = documents.gather(rows)
         if kwargs.get(DOC_KWARG) is not None:  # document keys travel with the kept rows (sequence parallel)
-            kept_kwargs[DOC_KWARG] = kwargs[DOC_KWARG].expand(batch, -1).gather(1, rows)  # [b, K]
-        layer_forward = partial(self._lemo_layer, **kept_kwargs)
-        if checkpoint_key is None and self._lemo_checkpoints_kept_rows():
-            kept_out = self._gradient_checkpointing_func(layer_forward, kept_hidden)  # [b, K, h]
-        else:
-            kept_out = layer_forward(kept_hidden)  # [b, K, h]
-        if isinstance(kept_out, tuple):  # families that still return (hidden_states, ...)
-            kept_out = kept_out[0]
+            kept[DOC_KWARG] = kwargs[DOC_KWARG].expand(batch, -1).gather(1, rows)  # [b, K]
+        return _Kept(hidden, kept)
 
-        plan.account(blocks, rows, seq, self.training)
-        # A whole-layer checkpoint keeps our input for the recompute: no overwriting it.
-        inplace = plan.writes_in_place() and checkpoint_key is None
-        return write_back_rows(hidden_states, kept_out, rows, inplace=inplace, backend=backend)
+    def run_layer(self, kept: _Kept) -> torch.Tensor:  # [b, K, h]
+        forward = partial(self.layer._lemo_layer, **kept.kwargs)
+        out = self.layer._gradient_checkpointing_func(forward, kept.hidden) if self.kept_rows_checkpoint else (
+            forward(kept.hidden))  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out  # families that still return (hidden_states, ...)
+
+    def run_attention(self, kept: _Kept) -> torch.Tensor:  # [b, K, h]: h_K + attention(norm(h_K))
+        layer, policy = self.layer, self.policy
+        with self._memory_context():
+            attention_out = policy.attention(layer)(hidden_states=policy.input_norm(layer)(kept.hidden), **kept.kwargs)
+            return kept.hidden + attention_out[0]
+
+    def may_overwrite_input(self) -> bool:
+        return not self.whole_call_checkpointed  # a whole-call checkpoint keeps our input for the recompute
+
+    def write_back(self, kept_out: torch.Tensor, rows: torch.Tensor, inplace: bool) -> torch.Tensor:
+        return write_back_rows(self.hidden, kept_out, rows, inplace=inplace, backend=self.plan.config.kernels)
+
+    def run_mlp(self, hidden: torch.Tensor) -> torch.Tensor:  # [b, s, h]: h + mlp(norm(h)) on every row
+        layer, policy = self.layer, self.policy
+        with self._memory_context():
+            return hidden + policy.mlp(layer)(policy.post_attention_norm(layer)(hidden))
+
+    def _memory_context(self):
+        memory = self.layer._lemo.memory
+        return memory.context() if memory is not None else contextlib.nullcontext()
 
 
 def is_sparse_layer(layer: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """``apply_lemo``: convert a Hugging Face model in place: one converted class per module kind, each with one plan.
 
 The policy of the model's family (``lemo_ds.policies``) locates the modules. Each converted module keeps its object
-and gets its class swapped for ``Lemo<Name>`` (``lemo_ds.class_swap``) and one plan in ``_lemo``:
+and gets its class swapped for ``<Mixin><Name>`` (``lemo_ds.class_swap.mixed_class``: ``LemoCausalLMLlamaForCausalLM``,
+``LemoDecoderLayerLlamaDecoderLayer``, ...) and one plan in ``_lemo``:
 
 - the causal LM: ``LemoCausalLMMixin`` / ``ModelPlan`` (lemo_ds/causal_lm.py): counts forwards, segment loss;
 - each decoder layer with something to do: ``LemoDecoderLayerMixin`` / ``LayerPlan`` (lemo_ds/decoder_layer.py):

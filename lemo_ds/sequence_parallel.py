@@ -44,9 +44,9 @@ from torch import nn
 from lemo_ds.document_attention import document_attention
 from lemo_ds.documents import Documents
 from lemo_ds.errors import LemoConfigError, LemoInputError
+from lemo_ds.memory.segment_loss import IGNORE_INDEX
 
 DOC_KWARG = "lemo_sp_doc_start"
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -296,9 +296,3 @@ def check_zero_config(ds_config: dict[str, Any], sp: int) -> None:
             "sequence parallelism with ZeRO-3 needs zero_optimization.reduce_scatter true (the default): with it "
             "off, DeepSpeed 0.19 scales SP gradients differently per bucket"
         )
-
-
-def teardown() -> None:
-    """Forget the SP state (tests that build several models in one process)."""
-    global _ACTIVE
-    _ACTIVE = None

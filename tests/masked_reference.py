@@ -1,7 +1,10 @@
 """An independent masked reference of token elimination, for the tests.
 
 It runs the UNMODIFIED Hugging Face layers on every token, with the eliminated tokens removed as keys
-through the attention mask, and replaces the outputs of eliminated rows by their inputs. It shares no code
+through the attention mask, and replaces the outputs of eliminated rows by their inputs (``granularity="layer"``);
+or, for ``"attention"``, runs the unmodified attention sublayer the same way, adds its output to the kept rows only
+(h' = h + where(kept, attention, 0)), and the unmodified MLP sublayer on every row (out = h' + mlp(norm(h'))).
+It shares no code
 with lemo_ds's sparse layer, gather or write-back: it computes its own mask (causal, same document, no
 padding), its own block scores and RoPE, and only the selection rule (top-k of scores plus forced blocks,
 tested on its own in test_selection.py) is shared, so that exactly tied scores are broken the same way.
@@ -70,7 +73,8 @@ def _no_grad_scores(*args):
 
 
 def reference_forward(
-    model, input_ids, padding=None, position_ids=None, *, ratios, block, scorer, min_blocks=1, always=(0,), record=None
+    model, input_ids, padding=None, position_ids=None, *, ratios, block, scorer, min_blocks=1, always=(0,), record=None,
+    granularity="layer",
 ):
     """Logits [b, s, V] of the masked reference. ``ratios``: keep ratio per layer (1.0 = dense)."""
     inner = model.model
@@ -104,6 +108,14 @@ def reference_forward(
             record[index] = kept
         # Eliminated tokens are no keys; an eliminated query may see itself so its (discarded) row stays finite.
         mask = (base & kept[:, None, None, :]) | eye
+        if granularity == "attention":
+            attention, _ = layer.self_attn(
+                hidden_states=layer.input_layernorm(hidden), attention_mask=as_model_mask(mask),
+                position_embeddings=(cos, sin), position_ids=position_ids,
+            )  # fmt: skip
+            hidden = hidden + torch.where(kept[..., None], attention, torch.zeros_like(attention))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            continue
         out = layer(
             hidden, attention_mask=as_model_mask(mask), position_embeddings=(cos, sin), position_ids=position_ids
         )

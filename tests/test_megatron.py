@@ -205,16 +205,21 @@ def reference_kept(scores: torch.Tensor, seq: int, ratio: float) -> torch.Tensor
     return kept.repeat_interleave(BLOCK, dim=1)[:, :seq]
 
 
-def reference_layer(layer, hidden, rotary, allowed, kept) -> torch.Tensor:
+def reference_layer(layer, hidden, rotary, allowed, kept, granularity="layer") -> torch.Tensor:
     """The stock layer on every token; eliminated tokens are no keys (an eliminated query sees itself, so its
-    discarded row stays finite) and their rows are the input. hidden [s, b, h], kept [b, s]."""
+    discarded row stays finite) and their rows are the input (``layer``), or their rows get no attention term and the
+    stock MLP sublayer runs on every row (``attention``). hidden [s, b, h], kept [b, s]."""
     eye = torch.eye(hidden.shape[0], dtype=torch.bool, device=DEVICE)
     mask = (allowed & kept[:, None, None, :]) | eye
+    if granularity == "attention":
+        attended = layer._forward_attention(hidden_states=hidden, attention_mask=~mask, rotary_pos_emb=rotary)[0]
+        return layer._forward_mlp(torch.where(kept.t()[:, :, None], attended, hidden))
     out = layer(hidden_states=hidden, attention_mask=~mask, rotary_pos_emb=rotary)[0]  # [s, b, h]
     return torch.where(kept.t()[:, :, None], out, hidden)
 
 
-def reference_loss_and_grads(stock: GPTModel, ids, labels, mask, ratios, scorer: str, kept_log: dict | None = None):
+def reference_loss_and_grads(stock: GPTModel, ids, labels, mask, ratios, scorer: str, kept_log: dict | None = None,
+                             granularity: str = "layer"):
     stock.zero_grad(set_to_none=True)
     position_ids = torch.arange(SEQ, device=DEVICE).expand(BATCH, -1)
     hidden = stock.embedding(input_ids=ids, position_ids=position_ids)  # [s, b, h]
@@ -230,7 +235,7 @@ def reference_loss_and_grads(stock: GPTModel, ids, labels, mask, ratios, scorer:
         kept = reference_kept(scores, SEQ, ratios[index])
         if kept_log is not None:
             kept_log[index] = kept
-        hidden = reference_layer(layer, hidden, rotary, allowed, kept)
+        hidden = reference_layer(layer, hidden, rotary, allowed, kept, granularity)
     logits = stock.output_layer(stock.decoder.final_layernorm(hidden))[0]  # [s, b, V]
     loss = F.cross_entropy(logits.float().permute(1, 2, 0), labels, reduction="none").mean()
     loss.backward()
@@ -258,8 +263,9 @@ def test_spec_makes_first_half_and_last_layer_dense():
 
 @pytest.mark.parametrize(
     "section",
-    [{"loss_tokens": "processed"}, {"skipped_loss_weight": 0.0}, {"memory": {"tiled_mlp": True}}, {"memory": {}}],
-    ids=["loss_tokens", "skipped_loss_weight", "memory", "empty-memory"],
+    [{"loss_tokens": "processed"}, {"skipped_loss_weight": 0.0}, {"memory": {"tiled_mlp": True}}, {"memory": {}},
+     {"fused_ops": "on"}],
+    ids=["loss_tokens", "skipped_loss_weight", "memory", "empty-memory", "fused_ops"],
 )
 def test_spec_refuses_keys_the_megatron_path_cannot_honour(section):
     with pytest.raises(LemoConfigError, match=f"lemo.{next(iter(section))} is not available for Megatron"):
@@ -274,13 +280,13 @@ def test_nested_selection_keeps_a_subset_of_the_previous_sparse_layer():
     attach_lemo(model)
     kept = []
     for layer in lemo_layers(model):
-        select = layer._lemo.select
+        choose = layer._lemo.choose
 
-        def recording(*args, _select=select, **kwargs):
-            kept.append(_select(*args, **kwargs))
+        def recording(*args, _choose=choose, **kwargs):
+            kept.append(_choose(*args, **kwargs))
             return kept[-1]
 
-        layer._lemo.select = recording
+        layer._lemo.choose = recording
     ids, labels, mask = make_batch(seed=5)
     loss_and_grads(model, ids, labels, mask)
     first, second = kept  # [b, 8], [b, 4] of 16 blocks
@@ -337,6 +343,21 @@ def test_sparse_equals_masked_reference(scorer, docs):
     assert measured == pytest.approx([1.0, 3 / 8, 4 / 8, 1.0])
     if docs or scorer == "norm":  # the samples chose differently: per-sample gathers of rows, angles and masks
         assert any(not torch.equal(kept[index][0], kept[index][1]) for index in (1, 2))
+
+
+@pytest.mark.parametrize(("scorer", "docs"), [("oracle", False), ("norm", True)], ids=["oracle", "norm-docs"])
+def test_attention_granularity_equals_masked_reference(scorer, docs):
+    """``eliminate: "attention"``: eliminated tokens skip the attention sublayer only (stock ``_forward_attention`` on
+    the kept rows, then the stock ``_forward_mlp`` on every row)."""
+    ratios = [1.0, 0.4, 0.5, 1.0]
+    section = {"keep_ratio": ratios, "block_size": BLOCK, "scorer": scorer, "eliminate": "attention"}
+    model, stock = lemo_and_stock(section)
+    controller = attach_lemo(model)
+    ids, labels, mask = make_batch(seed=4, docs=docs)
+    got = loss_and_grads(model, ids, labels, mask)
+    expected = reference_loss_and_grads(stock, ids, labels, mask, ratios, scorer, granularity="attention")
+    assert_same(expected, got, rtol=1e-5, atol=1e-6)
+    assert controller.stats()["keep_ratio_per_layer"] == pytest.approx([1.0, 3 / 8, 4 / 8, 1.0])
 
 
 # ---- packed sequences (thd) ---------------------------------------------------------------------------------------

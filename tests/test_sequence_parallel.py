@@ -25,12 +25,14 @@ def test_sp2_with_every_keep_ratio_one_equals_sp1(mode):
         assert report["keep_ratio_per_layer"] == ([1.0] * 4 if mode == "dense" else None)
 
 
-@pytest.mark.parametrize(("checkpointing", "zero_stage"), [(False, 3), (True, 3), (False, 2)])
-def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, zero_stage):
+@pytest.mark.parametrize(("checkpointing", "zero_stage", "eliminate"),
+                         [(False, 3, "layer"), (True, 3, "layer"), (False, 2, "layer"), (True, 3, "attention")])
+def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, zero_stage, eliminate):
     """SP=2 with elimination (oracle, keep 0.5) equals an independent masked single-process model that applies
     the per-shard selection rule, with and without activation checkpointing, under ZeRO-3 and ZeRO-2 (whose
     gradient reductions scale SP gradients differently)."""
-    args = ["--mode", "sparse", "--zero-stage", str(zero_stage)] + (["--checkpointing"] if checkpointing else [])
+    args = ["--mode", "sparse", "--zero-stage", str(zero_stage), "--eliminate", eliminate]
+    args += ["--checkpointing"] if checkpointing else []
     for report in run_for_reports(REPO / "tests/dist/sp_equivalence.py", *args, env=ENV, timeout=600):
         assert report["ok"], report
         assert report["keep_ratio_per_layer"][0] == 1.0 and max(report["keep_ratio_per_layer"][1:]) == 0.5

@@ -8,13 +8,15 @@ from launch_util import REPO, run_for_reports
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True, "all-memory"])
+@pytest.mark.parametrize("checkpointing", [False, True, "all-memory", "attention"])
 def test_zero3_two_ranks_match_single_process_reference(checkpointing):
     """``all-memory``: checkpointing with the fused ops (Triton RMSNorm/RoPE/SwiGLU, Liger's fused linear
     cross-entropy on the partitioned LM head) and every memory feature (segment loss, kept-rows checkpointing, tiled
-    MLP, saved-tensor compaction, host offload of the stored inputs) against a reference with none of them."""
+    MLP, saved-tensor compaction, host offload of the stored inputs) against a reference with none of them.
+    ``attention``: checkpointing with ``eliminate: "attention"`` (the MLP of every row, through ZeRO-3's hooks)."""
     args = ["--checkpointing"] if checkpointing else []
     args += ["--all-memory"] if checkpointing == "all-memory" else []
+    args += ["--eliminate", "attention"] if checkpointing == "attention" else []  # with checkpointing
     reports = run_for_reports(REPO / "tests/dist/zero3_equivalence.py", *args, env={"DS_ACCELERATOR": "cpu"})
     for report in reports:
         assert report["ok"], report

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from lemo_ds.memory.segment_loss import IGNORE_INDEX
+
 LOSS_IMPLS = ("auto", "liger", "torch")
 
 

@@ -1,21 +1,20 @@
 """One sparse layer's plan: which blocks it keeps, and the bookkeeping around running it on them.
 
-The Hugging Face decoder layer (``lemo_ds.decoder_layer``) and the Megatron-core layer (``lemo_ds.megatron.layer``)
-hold one ``SparsePlan`` each and differ only in layout (``[b, s, h]`` vs ``[s, b, h]``, RoPE as cos/sin vs angles,
-4D masks vs PackedSeqParams). Everything that decides or counts tokens is here, once:
+The sparse step (``lemo_ds.core.step``) drives it, for the Hugging Face layer (``lemo_ds.decoder_layer``) and the
+Megatron-core layer (``lemo_ds.megatron.layer``) alike. Everything that decides or counts tokens is here, once:
 
 1. ``keep_ratio``: the schedule's ratio for this layer now (1.0: run dense);
 2. ``check_length``: a row too short for one block, or a sequence-parallel shard that is not whole blocks;
-3. ``select``: scores -> stratified windows -> nesting under the previous sparse layer -> forced blocks (the
-   always-kept ones, per shard under sequence parallelism) and top-k -> agreement across tensor-parallel ranks;
-   under activation checkpointing the recompute takes the forward's selection back (``lemo_ds.core.recompute``);
-4. ``account``: the measured keep ratio and the rows this forward processed (for the loss and nesting);
-5. ``writes_in_place``: whether the write-back may overwrite the layer input.
+3. ``recalled``: under activation checkpointing, the recompute takes the forward's selection back
+   (``lemo_ds.core.recompute``) instead of choosing again;
+4. ``choose``: scores -> stratified windows -> nesting under the previous sparse layer -> forced blocks (the
+   always-kept ones, per shard under sequence parallelism) and top-k; ``remember`` keeps it for the recompute;
+5. ``account``: the measured keep ratio and the rows this forward processed (for the loss and nesting);
+6. ``writes_in_place``: whether the write-back may overwrite the layer input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,29 +70,21 @@ class SparsePlan:
                 f"tokens, block_size is {block}; use a sequence length that is a multiple of {sp.size} x {block}"
             )
 
-    def select(
-        self,
-        seq: int,
-        ratio: float,
-        score: Callable[[], torch.Tensor],
-        *,
-        checkpointed: bool,
-        key: object | None = None,
-        sp: SequenceParallel | None = None,
-        agree: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Kept block indices [b, k], ascending.
+    def recalled(self, checkpointed: bool, key: object | None = None) -> torch.Tensor | None:
+        """The forward's kept blocks [b, k] when this call is a checkpoint's recompute, else None.
 
-        ``score()``: the layer input's block scores [b, n] (called under no_grad, only when a selection is made).
-        ``checkpointed``: this call runs under an activation checkpoint that will call it again in backward; the
-        recompute takes the forward's selection back (by ``key`` when given, else the oldest of this step).
-        ``sp``: this rank's sequence-parallel shard (forced blocks are global block indices).
-        ``agree``: makes every rank of a tensor-parallel group keep the same blocks (in place)."""
-        controller = self.controller
+        ``checkpointed``: the call runs under an activation checkpoint that will call it again in backward; the
+        recompute takes the forward's selection back by ``key`` when given, else the oldest of this step."""
         if checkpointed and in_backward():
-            saved = self.cache.take(controller.step, key)
-            if saved is not None:
-                return saved
+            return self.cache.take(self.controller.step, key)
+        return None
+
+    def choose(self, scores: torch.Tensor, seq: int, ratio: float,
+               sp: SequenceParallel | None = None) -> torch.Tensor:  # fmt: skip
+        """Kept block indices [b, k], ascending, from the layer input's block scores [b, n].
+
+        ``sp``: this rank's sequence-parallel shard (forced blocks are global block indices; every rank keeps the
+        same number of blocks)."""
         config = self.config
         n = num_blocks(seq, config.block_size)
         if sp is None:
@@ -103,20 +94,19 @@ class SparsePlan:
             forced, most_forced = shard_forced_blocks(n, sp.size, sp.rank, config.always_keep_blocks)
             keep = keep_block_count(n, ratio, config.min_blocks, most_forced)  # equal on every SP rank
         with torch.no_grad():
-            scores = score()  # [b, n]
             if config.selection_window:
                 scores = stratified_priority(scores, config.selection_window)  # [b, n]
-            earlier = controller.last_kept_blocks  # [b, k'] kept by the previous sparse layer of this forward
+            earlier = self.controller.last_kept_blocks  # [b, k'] kept by the previous sparse layer of this forward
             if config.nested_selection and earlier is not None and earlier.shape[0] == scores.shape[0]:
                 # Blocks eliminated earlier rank below every block still in play (kept blocks first).
                 allowed = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, earlier, True)  # [b, n]
                 scores = torch.where(allowed, scores.float(), torch.finfo(torch.float32).min)
-            blocks = select_blocks(scores, keep, forced)  # [b, k]
-            if agree is not None:
-                agree(blocks)
+            return select_blocks(scores, keep, forced)  # [b, k]
+
+    def remember(self, blocks: torch.Tensor, checkpointed: bool, key: object | None = None) -> None:
+        """Keep a checkpointed forward's selection for its recompute (see ``recalled``)."""
         if checkpointed and not in_backward():
-            self.cache.put(controller.step, blocks, key)
-        return blocks
+            self.cache.put(self.controller.step, blocks, key)
 
     def account(self, blocks: torch.Tensor, rows: torch.Tensor, seq: int, training: bool) -> None:
         """Count a sparse call that kept ``blocks`` [b, k] = ``rows`` [b, K] of ``seq`` (training forwards only: a

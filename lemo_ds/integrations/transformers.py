@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from lemo_ds import distributed
 from lemo_ds.config import LemoConfig
 from lemo_ds.controller import LemoController
 from lemo_ds.errors import LemoConfigError
@@ -113,7 +114,7 @@ class LemoCallback(TrainerCallback):
         keep = take_keep_ratios(controller, len(controller.target_ratios)).to(args.device)  # [L]
         counted = torch.tensor([float(measured)], device=args.device)
         reduced = torch.cat([keep * counted, counted])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed.initialized():
             torch.distributed.all_reduce(reduced)
         ranks = reduced[-1].item()
         record: dict[str, float] = {}

@@ -18,6 +18,9 @@ the indices of one sample are unique. An out-of-range index reads or writes outs
 (the torch path raises on CPU, device-asserts on CUDA); duplicates make the backward pass keep one of the gradients
 instead of summing them.
 
+The launchers ``gather_rows_launch`` and ``merge_rows_launch``, the kept-row map and the checks are public within
+the package: ``write_back_rows`` (the inverse op) shares them, and its backward is a gather.
+
 Inputs may have any strides (expanded cos/sin, sliced hidden states, stride-0 gradients): the kernels take every
 stride, and Triton specialises a stride of 1, so contiguous rows still get vectorised accesses.
 """
@@ -37,7 +40,7 @@ except ImportError:  # torch-only installs keep the reference path (dispatch.tri
 _MAX_BLOCK_BYTES = 16384
 
 
-def _block_config(n_cols: int, elem_size: int) -> tuple[int, int]:
+def block_config(n_cols: int, elem_size: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for copying rows of ``n_cols`` elements of ``elem_size`` bytes."""
     block = min(triton.next_power_of_2(max(n_cols, 1)), max(1, _MAX_BLOCK_BYTES // elem_size))
     # About 32 bytes per thread (two 16-byte vector accesses): enough bytes in flight for a pure copy.
@@ -147,7 +150,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_rows_index(x: torch.Tensor, index: torch.Tensor) -> None:
+def check_rows_index(x: torch.Tensor, index: torch.Tensor) -> None:
     """x [b, s, h] and index [b, k] (int64/int32, same device, k <= s). Index values are not checked (no sync)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [b, s, h] tensor, got {_shape_of(x)}")
@@ -192,7 +195,7 @@ def _shape_of(t) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _kept_row_map(index: torch.Tensor, s: int) -> torch.Tensor:
+def kept_row_map(index: torch.Tensor, s: int) -> torch.Tensor:
     """pos [b, s] int32: j where index[b, j] == r, else -1 (the inverse of index; b * s * 4 bytes).
 
     It lets the merge kernel run over output rows (each written exactly once, no memset) instead of needing a
@@ -204,7 +207,7 @@ def _kept_row_map(index: torch.Tensor, s: int) -> torch.Tensor:
     return pos
 
 
-def _gather_rows_launch(
+def gather_rows_launch(
     x: torch.Tensor,  # [b, s, h]
     index: torch.Tensor,  # [b, k]
     cos: torch.Tensor | None = None,  # [bc, s, d]
@@ -223,10 +226,10 @@ def _gather_rows_launch(
     if b * k == 0:
         return x_kept, cos_kept, sin_kept
 
-    block_h, num_warps = _block_config(h, x.element_size())
+    block_h, num_warps = block_config(h, x.element_size())
     n_tiles = triton.cdiv(h, block_h)
     if has_rope:
-        block_d, warps_d = _block_config(d, max(cos.element_size(), sin.element_size()))
+        block_d, warps_d = block_config(d, max(cos.element_size(), sin.element_size()))
         n_tiles = max(n_tiles, triton.cdiv(d, block_d))
         num_warps = max(num_warps, warps_d)
         # A batch of one is broadcast by a batch stride of 0 (whatever stride the size-1 dim reports).
@@ -258,10 +261,10 @@ def _gather_rows_launch(
     return x_kept, cos_kept, sin_kept
 
 
-def _merge_rows_launch(
+def merge_rows_launch(
     base: torch.Tensor | None,  # [b, s, h] or None: eliminated rows are zero
     rows: torch.Tensor | None,  # [b, k, h] or None: kept rows are zero
-    pos: torch.Tensor,  # [b, s] int32 from _kept_row_map
+    pos: torch.Tensor,  # [b, s] int32 from kept_row_map
     h: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -272,7 +275,7 @@ def _merge_rows_launch(
     if out.numel() == 0:
         return out
     pos = pos.contiguous()
-    block_h, num_warps = _block_config(h, out.element_size())
+    block_h, num_warps = block_config(h, out.element_size())
     placeholder = out  # never dereferenced when the matching constexpr flag is False
     _merge_rows_kernel[(b * s, triton.cdiv(h, block_h))](
         base if base is not None else placeholder,
@@ -303,7 +306,7 @@ class GatherRowsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, index, cos, sin):
-        x_kept, cos_kept, sin_kept = _gather_rows_launch(x, index, cos, sin)
+        x_kept, cos_kept, sin_kept = gather_rows_launch(x, index, cos, sin)
         ctx.save_for_backward(index)
         ctx.s = x.shape[1]
         ctx.cos_batch = cos.shape[0] if cos is not None else None
@@ -324,8 +327,8 @@ class GatherRowsFunction(torch.autograd.Function):
         def scatter(grad_kept):  # [b, k, n] -> [b, s, n], zero on eliminated rows
             nonlocal pos
             if pos is None:
-                pos = _kept_row_map(index, ctx.s)
-            return _merge_rows_launch(None, grad_kept, pos, grad_kept.shape[2], grad_kept.dtype)
+                pos = kept_row_map(index, ctx.s)
+            return merge_rows_launch(None, grad_kept, pos, grad_kept.shape[2], grad_kept.dtype)
 
         grad_x = grad_cos = grad_sin = None
         if ctx.needs_input_grad[0] and grad_x_kept is not None:
@@ -356,7 +359,7 @@ def gather_rows_ref(
 
     Returns ``(x_kept [b, k, h], cos_kept [b, k, d] or None, sin_kept [b, k, d] or None)``.
     """
-    _check_rows_index(x, index)
+    check_rows_index(x, index)
     _check_rope(x, cos, sin)
     b, s, _ = x.shape
     idx = index.long()
@@ -392,10 +395,10 @@ def gather_rows(
         ``(x_kept [b, k, h], cos_kept [b, k, d] or None, sin_kept [b, k, d] or None)``, new contiguous tensors.
         Gradients flow to x (and to cos/sin when they require grad); eliminated rows get a zero gradient.
     """
-    _check_rows_index(x, index)
+    check_rows_index(x, index)
     _check_rope(x, cos, sin)
     if resolve_backend(backend, x, index, cos, sin) == "torch":
         return gather_rows_ref(x, index, cos, sin)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, cos, sin)):
         return GatherRowsFunction.apply(x, index, cos, sin)
-    return _gather_rows_launch(x, index, cos, sin)  # nothing to differentiate: skip the Function's overhead
+    return gather_rows_launch(x, index, cos, sin)  # nothing to differentiate: skip the Function's overhead

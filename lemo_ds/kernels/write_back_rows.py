@@ -20,7 +20,7 @@ Same preconditions as ``gather_rows``, not checked on the device: indices in ``[
 import torch
 
 from .dispatch import resolve_backend
-from .gather_rows import _block_config, _check_rows_index, _gather_rows_launch, _kept_row_map, _merge_rows_launch
+from .gather_rows import block_config, check_rows_index, gather_rows_launch, kept_row_map, merge_rows_launch
 
 try:
     import triton
@@ -68,7 +68,7 @@ def _scatter_rows_launch(
     if b * k * h == 0:
         return out
     index = index.contiguous()
-    block_h, num_warps = _block_config(h, out.element_size())
+    block_h, num_warps = block_config(h, out.element_size())
     _scatter_rows_kernel[(b * k, triton.cdiv(h, block_h))](
         rows,
         index,
@@ -84,7 +84,7 @@ def _scatter_rows_launch(
 
 
 def _check_write_back(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, inplace: bool) -> None:
-    _check_rows_index(x, index)
+    check_rows_index(x, index)
     b, _, h = x.shape
     k = index.shape[1]
     if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (b, k, h):
@@ -118,8 +118,8 @@ def _write_back_rows_launch(
     # One fused pass (read s - k rows of x and k rows of rows, write s rows) rather than clone + scatter (read s,
     # write s, then read k, write k): at keep 0.4 that is 2.0 instead of 2.8 [b, s, h] volumes of traffic, for a
     # [b, s] int32 map of the kept rows (under 0.1% of x at h >= 2048).
-    pos = _kept_row_map(index, x.shape[1])
-    return _merge_rows_launch(x, rows, pos, x.shape[2], x.dtype), pos
+    pos = kept_row_map(index, x.shape[1])
+    return merge_rows_launch(x, rows, pos, x.shape[2], x.dtype), pos
 
 
 class WriteBackRowsFunction(torch.autograd.Function):
@@ -147,10 +147,10 @@ class WriteBackRowsFunction(torch.autograd.Function):
         grad_x = grad_rows = None
         if ctx.needs_input_grad[0]:
             if pos is None:
-                pos = _kept_row_map(index, ctx.s)
-            grad_x = _merge_rows_launch(grad_out, None, pos, grad_out.shape[2], grad_out.dtype)
+                pos = kept_row_map(index, ctx.s)
+            grad_x = merge_rows_launch(grad_out, None, pos, grad_out.shape[2], grad_out.dtype)
         if ctx.needs_input_grad[1]:
-            grad_rows, _, _ = _gather_rows_launch(grad_out, index)
+            grad_rows, _, _ = gather_rows_launch(grad_out, index)
         return grad_x, grad_rows, None, None
 
 

@@ -1,9 +1,10 @@
 """The sparse Megatron-core transformer layer: score blocks, gather the kept tokens, run the layer, write back.
 
 ``LemoTransformerLayer`` is Megatron-core's ``TransformerLayer`` with token elimination in front
-(``lemo_layer_class`` makes the same for any ``TransformerLayer`` subclass a spec names). Which blocks it keeps, the
-recompute's reuse of the selection and the token counts are the sparse core's (``lemo_ds.core.plan.SparsePlan``,
-shared with the Hugging Face layer); this module is the layout around it. Its submodules, their
+(``lemo_layer_class`` makes the same for any ``TransformerLayer`` subclass a spec names). The sparse step is the
+core's (``lemo_ds.core.step``, with ``SparsePlan`` choosing the blocks), shared with the Hugging Face layer; this
+module is its layout, ``MegatronLayout``: the stock forward on the kept rows for ``eliminate: "layer"``, the stock
+``_forward_attention`` on the kept rows and ``_forward_mlp`` on every row for ``"attention"``. Its submodules, their
 parameters and their names are the stock layer's, so checkpoints, optimizers and distributed wrappers see an
 ordinary layer. Megatron's conventions and how each is honoured:
 
@@ -53,11 +54,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
-from lemo_ds.controller import LemoController, current_rank
+from lemo_ds import class_swap, distributed
+from lemo_ds.controller import LemoController
 from lemo_ds.core.plan import SparsePlan, in_backward
-from lemo_ds.core.selection import token_index
+from lemo_ds.core.step import sparse_step
 from lemo_ds.errors import LemoConfigError, LemoInputError
-from lemo_ds.kernels import gather_rows, oracle_scores, write_back_rows
+from lemo_ds.kernels import gather_rows, write_back_rows
 from lemo_ds.scorers import build_scorer
 from lemo_ds.scorers.base import ScoreContext
 
@@ -77,7 +79,7 @@ _REFUSED_KWARGS = {
 class LemoTransformerLayerMixin:
     """Placed before a Megatron-core ``TransformerLayer`` class in the MRO of the sparse layer's class."""
 
-    _lemo: SparsePlan  # scorer None: the oracle, computed here from the layer's own queries and keys
+    _lemo: SparsePlan
 
     def __init__(self, *args: Any, lemo_controller: LemoController, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,7 +104,7 @@ class LemoTransformerLayerMixin:
             raise LemoConfigError(
                 'lemo.scorer: "predictor" is not available for Megatron layers; use "oracle", "random" or "norm"'
             )
-        self._lemo = SparsePlan(index, lemo_controller, None if lemo.scorer == "oracle" else build_scorer(lemo))
+        self._lemo = SparsePlan(index, lemo_controller, build_scorer(lemo))
 
     # ---- forward ---------------------------------------------------------------------------------------------
 
@@ -114,70 +116,26 @@ class LemoTransformerLayerMixin:
             )
         hidden_states = args[0] if args else kwargs.pop("hidden_states")  # [s, b, h] or [t, 1, h] (packed)
         plan = self._lemo
-        seq, batch, width = hidden_states.shape
-        ratio = plan.keep_ratio(self.training)
-        if ratio >= 1.0:  # dense: a dense phase of the schedule, or evaluation
-            plan.account_dense(seq, self.training)
-            return super().forward(hidden_states=hidden_states, **kwargs)
-        for name, reason in _REFUSED_KWARGS.items():
-            if kwargs.get(name) is not None:
-                raise LemoInputError(f"{type(self).__name__} (layer {self.layer_number}): {reason}")
-        plan.check_length(seq)
-
-        packed: PackedSeqParams | None = kwargs.get("packed_seq_params")
-        mask: torch.Tensor | None = kwargs.get("attention_mask")  # bool, True = masked out
-        rotary = kwargs.get("rotary_pos_emb")  # [s, 1, 1, d] angles, a (query, key) pair of them, or None
-        docs = _Documents.of(packed, hidden_states) if packed is not None else None
-        if docs is not None:
-            if batch != 1:
-                raise LemoInputError(f"packed (thd) hidden states must be [t, 1, h], got {tuple(hidden_states.shape)}")
-            if mask is not None:
-                raise LemoInputError("pass either packed_seq_params or an attention_mask to a sparse layer, not both")
-            # Angles of each token's true position, [t, 1, 1, d]: the scorer's RoPE and the gather take these.
-            rotary = _map_rotary(rotary, lambda table: docs.token_angles(table))
-
+        layout = MegatronLayout(self, hidden_states, kwargs)
+        # Megatron's CheckpointFunction runs the forward under no_grad and the recompute inside the backward; it owns
+        # the checkpoint, so the recompute takes the oldest selection back (no key).
         full_recompute = self.training and self.config.recompute_granularity == "full"
-        blocks = plan.select(
-            seq,
-            ratio,
-            lambda: self._lemo_scores(hidden_states.detach(), mask, rotary, docs),
-            # Megatron's CheckpointFunction runs the forward under no_grad and the recompute inside the backward;
-            # it owns the checkpoint, so the recompute takes the oldest selection back (no key).
-            checkpointed=full_recompute and (in_backward() or not torch.is_grad_enabled()),
-            agree=self._lemo_agree,
-        )  # [b, k]
-        rows = token_index(blocks, plan.config.block_size, seq)  # [b, K] ascending
-        kept = rows.shape[1]
-
-        # Row r of sample i is row r * b + i of the flat [s * b, h] view: one gather yields [K, b, h] contiguous.
-        flat_rows = (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(1, kept * batch)  # [1, K*b]
-        flat = hidden_states.reshape(1, seq * batch, width)  # [1, s*b, h]; a view of a contiguous input
-        backend = plan.config.kernels
-        kept_hidden = gather_rows(flat, flat_rows, backend=backend)[0].view(kept, batch, width)  # [K, b, h]
-
-        kept_kwargs = dict(kwargs)
-        kept_kwargs["rotary_pos_emb"] = _map_rotary(rotary, lambda table: _gather_angles(table, rows, seq))
-        if mask is not None:
-            kept_kwargs["attention_mask"] = _gather_mask(mask, rows, seq)  # [b, 1, K or 1, K]
-        if kwargs.get("padding_mask") is not None:  # [b, s], MoE routing
-            kept_kwargs["padding_mask"] = kwargs["padding_mask"].gather(1, rows)  # [b, K]
-        if docs is not None:
-            kept_kwargs["packed_seq_params"] = docs.kept_params(rows[0])
-
-        with self._rope_for_gathered_angles(per_sample=batch > 1 or docs is not None):
-            kept_out, context = super().forward(hidden_states=kept_hidden, **kept_kwargs)  # [K, b, h]
-
-        plan.account(blocks, rows, seq, self.training)
-        inplace = (
-            plan.writes_in_place()
-            and self.config.recompute_granularity != "full"  # the checkpoint keeps our input for the recompute
-            and not (hidden_states.is_leaf and hidden_states.requires_grad)  # a pipeline stage's received input
-            and flat._base is not None  # flat is a view of hidden_states, not a copy
-        )
-        kept_flat = kept_out.reshape(1, kept * batch, width)  # [1, K*b, h], row j * b + i = kept row j of sample i
-        out = write_back_rows(flat, kept_flat, flat_rows, inplace=inplace, backend=backend)  # [1, s*b, h]
+        out = sparse_step(plan, layout, plan.keep_ratio(self.training), self.training,
+                          checkpointed=full_recompute and (in_backward() or not torch.is_grad_enabled()))  # fmt: skip
+        if isinstance(out, tuple):  # run_dense: the stock layer's (output, context)
+            return out
         # Megatron's pipeline schedules free stage outputs and insist they are not views.
-        return make_viewless_tensor(out.view(seq, batch, width), requires_grad=True, keep_graph=True), context
+        return make_viewless_tensor(out, requires_grad=True, keep_graph=True), layout.context
+
+    def _lemo_stock_forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The stock layer's forward (``TransformerLayer.forward`` or the spec's subclass)."""
+        return super().forward(**kwargs)
+
+    def _lemo_agree(self, blocks: torch.Tensor) -> None:
+        """One selection for every tensor-parallel rank of the layer: the group's first rank's, in place."""
+        tp_group = self.pg_collection.tp
+        if tp_group is not None and tp_group.size() > 1:
+            torch.distributed.broadcast(blocks, src=torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
 
     @contextlib.contextmanager
     def _rope_for_gathered_angles(self, per_sample: bool):
@@ -197,49 +155,9 @@ class LemoTransformerLayerMixin:
             for name, value in fused.items():
                 setattr(config, name, value)
 
-    # ---- selection -------------------------------------------------------------------------------------------
-
-    def _lemo_agree(self, blocks: torch.Tensor) -> None:
-        """One selection for every tensor-parallel rank of the layer: the group's first rank's, in place."""
-        tp_group = self.pg_collection.tp
-        if tp_group is not None and tp_group.size() > 1:
-            torch.distributed.broadcast(blocks, src=torch.distributed.get_global_rank(tp_group, 0), group=tp_group)
-
-    def _lemo_scores(
-        self,
-        hidden_states: torch.Tensor,  # [s, b, h]
-        mask: torch.Tensor | None,
-        rotary: Any,
-        docs: _Documents | None,
-    ) -> torch.Tensor:
-        """Block scores [b, n] float32 of the layer input."""
-        plan = self._lemo
-        controller = plan.controller
-        config = plan.config
-        if plan.scorer is not None:  # norm, random: they read the input as [b, s, h]
-            context = ScoreContext(
-                layer_index=plan.layer_index,
-                block_size=config.block_size,
-                position_embeddings=None,
-                attention_mask=None,
-                policy=None,
-                step=controller.step,
-                micro_step=controller.micro_step,
-                rank=current_rank(),
-            )
-            return plan.scorer.score(self, hidden_states.transpose(0, 1), context)
-        query, key = self._lemo_query_key(hidden_states, rotary)  # [b, H, s, d], [b, KV, s, d]
-        if mask is not None:  # Megatron's mask is True where attention is masked out
-            seq, batch = hidden_states.shape[:2]
-            allowed = ~mask.expand(batch, 1, seq, seq)  # [b, 1, s, s], True = attend
-        else:
-            allowed = docs.doc_ids[None] if docs is not None else None  # doc_ids [1, t] or None (causal)
-        return oracle_scores(
-            query, key, config.block_size, allowed, backend=config.kernels, chunk_tokens=config.oracle_chunk_tokens
-        )
-
     def _lemo_query_key(self, hidden_states: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's queries [b, H, s, d] and keys [b, KV, s, d] after RoPE, as its attention makes them."""
+        """This layer's queries [b, H, s, d] and keys [b, KV, s, d] after RoPE, as its attention makes them, from the
+        layer input [s, b, h]."""
         attention = self.self_attention
         normed = self.input_layernorm(hidden_states)  # [s, b, h]
         query, key = attention.get_query_key_value_tensors(normed, None)[:2]  # [s, b, H, d], [s, b, KV, d]
@@ -259,16 +177,130 @@ class LemoTransformerLayerMixin:
         return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3)
 
 
+class MegatronQueryKeys:
+    """The policy the oracle scorer asks for a Megatron layer's queries and keys (``query_key_states``), so that one
+    oracle adapter (``lemo_ds.scorers.oracle``) serves both layer kinds."""
+
+    @staticmethod
+    def query_key_states(layer: LemoTransformerLayerMixin, hidden_states: torch.Tensor,
+                         rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return layer._lemo_query_key(hidden_states.transpose(0, 1), rotary)  # hidden_states [b, s, h]
+
+
+@dataclass
+class _Kept:
+    hidden: torch.Tensor  # [K, b, h]
+    kwargs: dict[str, Any]
+    flat_rows: torch.Tensor  # [1, K * b]: the kept rows in the flat [s * b, h] view
+    per_sample_angles: bool
+
+
+class MegatronLayout:
+    """The Megatron-core layer's side of the sparse step (``lemo_ds.core.step``): hidden states [s, b, h] (packed:
+    [t, 1, h] with PackedSeqParams), RoPE angles, bool masks (True = masked out); the stock forward for
+    ``eliminate: "layer"``, ``_forward_attention`` and ``_forward_mlp`` for ``"attention"``."""
+
+    def __init__(self, layer: LemoTransformerLayerMixin, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        self.layer, self.hidden, self.kwargs = layer, hidden, kwargs
+        self.plan = layer._lemo
+        self.seq, self.batch, self.width = hidden.shape
+        self.shard = None  # Megatron's sequence and context parallelism are refused at construction
+        self.mask: torch.Tensor | None = kwargs.get("attention_mask")  # bool, True = masked out
+        self.rotary = kwargs.get("rotary_pos_emb")  # [s, 1, 1, d] angles, a (query, key) pair of them, or None
+        packed: PackedSeqParams | None = kwargs.get("packed_seq_params")
+        self.docs = _Documents.of(packed, hidden) if packed is not None else None
+        self.context = None  # the stock forward's second output (cross-attention context)
+        # Row r of sample i is row r * b + i of the flat [s * b, h] view: one gather yields [K, b, h] contiguous.
+        self.flat = hidden.reshape(1, self.seq * self.batch, self.width)  # [1, s*b, h]; a view of a contiguous input
+
+    def run_dense(self) -> tuple[torch.Tensor, Any]:
+        return self.layer._lemo_stock_forward(hidden_states=self.hidden, **self.kwargs)
+
+    def refuse_unsupported(self) -> None:
+        for name, reason in _REFUSED_KWARGS.items():
+            if self.kwargs.get(name) is not None:
+                raise LemoInputError(f"{type(self.layer).__name__} (layer {self.layer.layer_number}): {reason}")
+        if self.docs is not None:
+            if self.batch != 1:
+                raise LemoInputError(f"packed (thd) hidden states must be [t, 1, h], got {tuple(self.hidden.shape)}")
+            if self.mask is not None:
+                raise LemoInputError("pass either packed_seq_params or an attention_mask to a sparse layer, not both")
+            # Angles of each token's true position, [t, 1, 1, d]: the scorer's RoPE and the gather take these.
+            self.rotary = _map_rotary(self.rotary, self.docs.token_angles)
+
+    def scores(self) -> torch.Tensor:  # [b, n]
+        plan = self.plan
+        allowed = None
+        if self.mask is not None:  # the oracle's allowed pairs: True = attend, [b, 1, s, s]
+            allowed = ~self.mask.expand(self.batch, 1, self.seq, self.seq)
+        context = ScoreContext(
+            layer_index=plan.layer_index,
+            block_size=plan.config.block_size,
+            position_embeddings=self.rotary,  # what MegatronQueryKeys hands to the layer's own RoPE
+            attention_mask=allowed,
+            policy=MegatronQueryKeys,
+            step=plan.controller.step,
+            micro_step=plan.controller.micro_step,
+            rank=distributed.rank(),
+            documents=self.docs,
+        )
+        return plan.scorer.score(self.layer, self.hidden.detach().transpose(0, 1), context)  # scorers read [b, s, h]
+
+    def agree(self, blocks: torch.Tensor) -> None:
+        self.layer._lemo_agree(blocks)
+
+    def gather(self, rows: torch.Tensor) -> _Kept:  # rows [b, K] ascending
+        batch, kept = rows.shape
+        flat_rows = (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(1, kept * batch)  # [1, K*b]
+        hidden = gather_rows(self.flat, flat_rows, backend=self.plan.config.kernels)[0].view(kept, batch, self.width)
+        kwargs = dict(self.kwargs)
+        kwargs["rotary_pos_emb"] = _map_rotary(self.rotary, lambda table: _gather_angles(table, rows, self.seq))
+        if self.mask is not None:
+            kwargs["attention_mask"] = _gather_mask(self.mask, rows, self.seq)  # [b, 1, K or 1, K]
+        if self.kwargs.get("padding_mask") is not None:  # [b, s], MoE routing
+            kwargs["padding_mask"] = self.kwargs["padding_mask"].gather(1, rows)  # [b, K]
+        if self.docs is not None:
+            kwargs["packed_seq_params"] = self.docs.kept_params(rows[0])
+        return _Kept(hidden, kwargs, flat_rows, per_sample_angles=batch > 1 or self.docs is not None)
+
+    def run_layer(self, kept: _Kept) -> torch.Tensor:  # [K, b, h]
+        with self.layer._rope_for_gathered_angles(kept.per_sample_angles):
+            out, self.context = self.layer._lemo_stock_forward(hidden_states=kept.hidden, **kept.kwargs)
+        return out
+
+    def run_attention(self, kept: _Kept) -> torch.Tensor:  # [K, b, h]: the kept rows after attention + residual
+        with self.layer._rope_for_gathered_angles(kept.per_sample_angles):
+            out, self.context = self.layer._forward_attention(hidden_states=kept.hidden, **kept.kwargs)
+        return out
+
+    def may_overwrite_input(self) -> bool:
+        return (
+            self.layer.config.recompute_granularity != "full"  # the checkpoint keeps our input for the recompute
+            and not (self.hidden.is_leaf and self.hidden.requires_grad)  # a pipeline stage's received input
+            and self.flat._base is not None  # flat is a view of hidden_states, not a copy
+        )
+
+    def write_back(self, kept_out: torch.Tensor, rows: torch.Tensor, inplace: bool) -> torch.Tensor:  # [s, b, h]
+        batch, kept = rows.shape
+        flat_rows = (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(1, kept * batch)
+        kept_flat = kept_out.reshape(1, kept * batch, self.width)  # row j * b + i = kept row j of sample i
+        out = write_back_rows(self.flat, kept_flat, flat_rows, inplace=inplace, backend=self.plan.config.kernels)
+        return out.view(self.seq, batch, self.width)
+
+    def run_mlp(self, hidden: torch.Tensor) -> torch.Tensor:  # [s, b, h]
+        return self.layer._forward_mlp(hidden, None, padding_mask=self.kwargs.get("padding_mask"))
+
+
 class LemoTransformerLayer(LemoTransformerLayerMixin, TransformerLayer):
     """Megatron-core's TransformerLayer with LeMo token elimination (see the module docstring)."""
 
 
-_SPARSE_CLASSES: dict[type, type] = {TransformerLayer: LemoTransformerLayer}
+class_swap.register(LemoTransformerLayerMixin, TransformerLayer, LemoTransformerLayer)
 
 
 def lemo_layer_class(layer_class: type[TransformerLayer]) -> type[TransformerLayer]:
-    """``Lemo<Name>``: a TransformerLayer (sub)class with the sparse forward in front. Made once per class and
-    registered in this module so that pickling finds it by name."""
+    """The sparse class of a TransformerLayer (sub)class a spec names: ``LemoTransformerLayer`` for the stock one,
+    ``LemoTransformerLayer<Name>`` for a subclass (``lemo_ds.class_swap.mixed_class``)."""
     if not (isinstance(layer_class, type) and issubclass(layer_class, TransformerLayer)):
         raise LemoConfigError(
             f"lemo_ds.megatron: the layer spec's module must be a megatron.core TransformerLayer (sub)class, got "
@@ -276,12 +308,7 @@ def lemo_layer_class(layer_class: type[TransformerLayer]) -> type[TransformerLay
         )
     if issubclass(layer_class, LemoTransformerLayerMixin):
         return layer_class
-    if layer_class not in _SPARSE_CLASSES:
-        name = f"Lemo{layer_class.__name__}"
-        sparse = type(name, (LemoTransformerLayerMixin, layer_class), {"__module__": __name__, "__qualname__": name})
-        _SPARSE_CLASSES[layer_class] = sparse
-        globals()[name] = sparse
-    return _SPARSE_CLASSES[layer_class]
+    return class_swap.mixed_class(LemoTransformerLayerMixin, layer_class)
 
 
 # ---- gathers ---------------------------------------------------------------------------------------------------
@@ -327,7 +354,7 @@ class _Documents:
 
     params: PackedSeqParams
     cu_seqlens: torch.Tensor  # [n_docs + 1] int32
-    doc_ids: torch.Tensor  # [t] int64: the document of every token
+    ids: torch.Tensor  # [t] int64: the document of every token
 
     @classmethod
     def of(cls, params: PackedSeqParams, hidden_states: torch.Tensor) -> _Documents:
@@ -348,22 +375,26 @@ class _Documents:
         if int(cu[-1]) != tokens:
             raise LemoInputError(f"cu_seqlens_q ends at {int(cu[-1])} but the packed row has {tokens} tokens")
         positions = torch.arange(tokens, device=cu.device)
-        doc_ids = torch.searchsorted(cu[1:].long(), positions, right=True)  # [t]
-        return cls(params, cu, doc_ids)
+        ids = torch.searchsorted(cu[1:].long(), positions, right=True)  # [t]
+        return cls(params, cu, ids)
+
+    def doc_ids(self) -> torch.Tensor:
+        """The oracle kernel's document ids [1, t] (``ScoreContext.doc_ids``)."""
+        return self.ids[None]
 
     def token_angles(self, table: torch.Tensor) -> torch.Tensor:
         """Each token's RoPE angles [t, 1, 1, d], at the position Megatron's THD RoPE gives it: its offset in its
         document, or its row when the table has one entry per token of the pack (Megatron's exact mapping)."""
-        tokens = self.doc_ids.shape[0]
-        rows = torch.arange(tokens, device=self.doc_ids.device)
-        positions = rows if table.shape[0] == tokens else rows - self.cu_seqlens.long()[self.doc_ids]
+        tokens = self.ids.shape[0]
+        rows = torch.arange(tokens, device=self.ids.device)
+        positions = rows if table.shape[0] == tokens else rows - self.cu_seqlens.long()[self.ids]
         return table[positions]
 
     def kept_params(self, rows: torch.Tensor) -> PackedSeqParams:
         """PackedSeqParams of the kept tokens (rows [K], ascending): each document's kept tokens, empty documents
         dropped (a zero-length sequence is no sequence), lengths recomputed. Megatron then applies the per-token
         angle table by exact mapping, as its size equals the new cu_seqlens[-1]."""
-        counts = torch.bincount(self.doc_ids[rows], minlength=self.cu_seqlens.shape[0] - 1)  # [n_docs]
+        counts = torch.bincount(self.ids[rows], minlength=self.cu_seqlens.shape[0] - 1)  # [n_docs]
         counts = counts[counts > 0]
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)  # [n_kept_docs + 1]
         longest = int(counts.max())

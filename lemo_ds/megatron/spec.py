@@ -2,9 +2,9 @@
 
 A Megatron model is built from specs, so token elimination enters as a spec: a ``TransformerBlockSubmodules``
 whose per-layer specs are the stock layer spec for dense layers and the same spec with ``LemoTransformerLayer``
-(or ``Lemo<YourLayerClass>``) as the module for sparse ones. Which layers are sparse, and their keep ratios, come
-from a ``LemoConfig`` (``lemo_ds.config.parse_lemo_config``, the "lemo" section of lemo_ds's DeepSpeed configs):
-``layer_keep_ratios(num_layers)`` gives 1.0 (dense) to the first half and the last layer by default.
+(or ``LemoTransformerLayer<YourLayerClass>``) as the module for sparse ones. Which layers are sparse, and their keep
+ratios, come from a ``LemoConfig`` (``lemo_ds.config.parse_lemo_config``, the "lemo" section of lemo_ds's DeepSpeed
+configs): ``layer_keep_ratios(num_layers)`` gives 1.0 (dense) to the first half and the last layer by default.
 
     lemo = parse_lemo_config({"keep_ratio": 0.4, "block_size": 64})
     block_spec = get_lemo_gpt_layer_local_spec(lemo, config=transformer_config)
@@ -50,7 +50,7 @@ def get_lemo_block_spec(
     layer_norm: Any = None,
 ) -> TransformerBlockSubmodules:
     """Per-layer specs from one stock layer spec (local, Transformer Engine, yours): sparse layers get
-    ``Lemo<module>`` with the same submodules and params, dense layers keep ``layer_spec`` itself.
+    ``lemo_layer_class(module)`` with the same submodules and params, dense layers keep ``layer_spec`` itself.
 
     Args:
         layer_spec: a ModuleSpec whose module is a megatron.core TransformerLayer (sub)class.
@@ -97,6 +97,8 @@ _HF_ONLY_KEYS = {
     "loss_tokens": _OWN_LOSS,
     "skipped_loss_weight": _OWN_LOSS,
     "memory": "the memory stack converts Hugging Face modules; use Megatron's own recompute and offload settings",
+    "fused_ops": "the fused ops replace Hugging Face modules; Megatron-core has its own fused kernels "
+    "(Transformer Engine's RMSNorm, RoPE and SwiGLU)",
 }
 
 

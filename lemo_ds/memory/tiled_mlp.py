@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
+from lemo_ds import distributed
+
 
 def _agreed_shards(shards: int, device: torch.device) -> int:
     # Under ZeRO-3 every tile gathers the MLP's weights: every rank must run the same number of tiles.
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed.world_size() > 1:
         backend = torch.distributed.get_backend()
         count = torch.tensor([shards], device=device if backend != "gloo" else "cpu")
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)

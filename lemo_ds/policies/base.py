@@ -34,11 +34,21 @@ class DecoderLayerPolicy:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.decoder_model(model).layers
 
-    def rotary_embedding(self, model: nn.Module) -> nn.Module:
-        return self.decoder_model(model).rotary_emb
-
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
+
+    # A decoder layer's sublayers, pre-norm: h + attention(input_norm(h)), then h + mlp(post_attention_norm(h)).
+
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """Called as ``attention(hidden_states=..., position_embeddings=..., attention_mask=..., **kwargs)``; returns
+        (output, weights)."""
+        return layer.self_attn
+
+    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.post_attention_layernorm
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
@@ -76,9 +86,6 @@ class DecoderLayerPolicy:
 
     # ---- what the oracle scorer needs ------------------------------------------------------------------
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
     def head_counts(self, layer: nn.Module) -> tuple[int, int, int]:
         """(query heads, key/value heads, head dim) of a decoder layer."""
         attn = self.attention(layer)
@@ -94,7 +101,7 @@ class DecoderLayerPolicy:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's queries [b, H, s, d] and keys [b, KV, s, d] after RoPE, as its attention computes them."""
         attn = self.attention(layer)
-        normed = layer.input_layernorm(hidden_states)  # [b, s, h]
+        normed = self.input_norm(layer)(hidden_states)  # [b, s, h]
         batch, seq = normed.shape[:2]
         num_heads, num_kv, head_dim = self.head_counts(layer)
         query = attn.q_proj(normed).view(batch, seq, -1, head_dim).transpose(1, 2)  # [b, H, s, d]

@@ -1,9 +1,8 @@
 """Training labels for the predictors: the oracle's block scores and block-pair tiles of one layer input.
 
-The queries and keys come from the layer itself (``policy.query_key_states``: the layer's input norm, q/k
-projections, per-head norms where the family has them, RoPE), the scores and tiles from
-``lemo_ds.kernels.oracle_scores(..., return_tiles=True)`` under the model's 4D mask where it has one (padding,
-packed documents, sliding windows), else the row's document ids.
+The scores and tiles come from the oracle scorer's adapter (``lemo_ds.scorers.oracle.oracle_block_scores``, with
+tiles): the layer's own queries and keys, under the model's 4D mask where it has one (padding, packed documents,
+sliding windows), else the row's document ids.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ import torch
 from torch import nn
 
 from lemo_ds.core.selection import num_blocks
-from lemo_ds.kernels import oracle_scores
 from lemo_ds.score_context import ScoreContext
+from lemo_ds.scorers.oracle import oracle_block_scores
 
 
 @dataclass
@@ -51,10 +50,8 @@ def oracle_labels(
     backend: str = "auto",
 ) -> OracleLabels:
     """The oracle's scores and tiles for ``hidden_states`` at ``layer`` (no gradients)."""
-    query, key = context.policy.query_key_states(layer, hidden_states, context.position_embeddings)
+    scores, tiles = oracle_block_scores(layer, hidden_states, context, backend, return_tiles=True)
     mask = context.attention_mask  # [b or 1, 1, s, s] or None
-    allowed = mask if mask is not None else context.doc_ids()  # doc_ids [b, s] or None
-    scores, tiles = oracle_scores(query, key, context.block_size, allowed, return_tiles=True, backend=backend)
     if mask is None:
         return OracleLabels(scores, tiles, context.first_key_block())
     return OracleLabels(scores, tiles, lo_block_from_mask(mask, context.block_size, hidden_states.shape[1]))

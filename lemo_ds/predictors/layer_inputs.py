@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lemo_ds.controller import current_rank
+from lemo_ds import distributed
 from lemo_ds.document_attention import DOCUMENTS_KWARG
 from lemo_ds.policies import policy_for, unwrap_model
 from lemo_ds.score_context import ScoreContext
@@ -48,7 +48,7 @@ def for_each_layer_input(
                 policy=policy,
                 step=0,
                 micro_step=0,
-                rank=current_rank(),
+                rank=distributed.rank(),
             )
             callback(module, hidden, context)
 

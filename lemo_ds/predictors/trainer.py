@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lemo_ds import step_guard
+from lemo_ds import distributed, step_guard
 from lemo_ds.core.selection import num_blocks
 from lemo_ds.predictors.labels import OracleLabels
 from lemo_ds.predictors.loss import predictor_loss
@@ -54,8 +54,7 @@ def positional_prior(lo_block: torch.Tensor | None, n: int, batch: int, device: 
 
 
 def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return distributed.world_size()
 
 
 class PredictorTrainer:
@@ -154,7 +153,3 @@ class PredictorTrainer:
         if not recent:
             return False
         return sum(obs.recall for obs in recent) < sum(obs.prior_recall for obs in recent)
-
-    def last_recall(self) -> dict[int, float]:
-        """The latest measured recall of every layer observed so far."""
-        return {layer: obs[-1].recall for layer, obs in sorted(self.history.items()) if obs}

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lemo_ds.memory.segment_loss import IGNORE_INDEX
 from lemo_ds.training.errors import TrainingSetupError
 from lemo_ds.training.text_check import not_text_reason
 from lemo_ds.training.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
-IGNORE_INDEX = -100
 _NOT_STDLIB = ("site-packages", "dist-packages", "__pycache__")
 
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lemo_ds import distributed
+from lemo_ds.memory.segment_loss import IGNORE_INDEX
 from lemo_ds.predictors.calibrate import calibrate
 from lemo_ds.training.data import jsonl_records
-
-IGNORE_INDEX = -100
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def heldout_perplexity(engine: nn.Module, batches: Iterable[dict[str, torch.Tens
         counted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # []
         loss = engine(**batch).loss  # mean over the counted tokens
         totals += torch.stack([loss.double() * counted, counted.double()])
-    if torch.distributed.is_initialized():
+    if distributed.initialized():
         torch.distributed.all_reduce(totals)
     engine.train(was_training)
     loss_sum, tokens = totals.tolist()
@@ -67,7 +67,7 @@ def heldout_recall(engine: nn.Module, batches: Iterator[dict[str, torch.Tensor]]
     calibrate(engine, on_device, updates=0, on_batch=on_batch)
     layers = sorted(sums)
     values = torch.tensor([sums[layer] / max(count, 1) for layer in layers], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
+    if distributed.initialized():
         torch.distributed.all_reduce(values)
         values /= torch.distributed.get_world_size()
     per_layer = dict(zip(layers, values.tolist(), strict=True))
@@ -134,7 +134,7 @@ def answer_accuracy(engine: nn.Module, rows: Iterable[tuple[torch.Tensor, int, i
         correct = (logits.argmax(dim=-1) == answer).all().double()  # []
         sums[group] += weight * torch.stack([correct, torch.ones_like(correct), loglik.double(),
                                              torch.full_like(correct, n)])  # fmt: skip
-    if torch.distributed.is_initialized():
+    if distributed.initialized():
         torch.distributed.all_reduce(sums)
     engine.train(was_training)
     return sums
@@ -149,8 +149,7 @@ def passkey_evaluation(engine: nn.Module, path: str, tokenizer, log) -> dict:
     records = read_answer_file(path)
     depths = sorted({json.dumps(r.get("depth")) for r in records})
     prefix = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world, rank = distributed.world_size(), distributed.rank()
     per_rank = -(-len(records) // world)
 
     def rows():

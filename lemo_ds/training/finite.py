@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lemo_ds import distributed
+
 
 def trainable_weights_finite(engine: Any) -> bool:
     """All ranks' trainable weights are finite (a collective: every rank calls it)."""
@@ -23,6 +25,6 @@ def trainable_weights_finite(engine: Any) -> bool:
         if data.numel() and not bool(torch.isfinite(data).all()):
             bad += 1
             break
-    if torch.distributed.is_initialized():
+    if distributed.initialized():
         torch.distributed.all_reduce(bad)
     return int(bad.item()) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lemo_ds import distributed
 from lemo_ds.training.errors import TrainingSetupError
 
 # What a run leaves behind (launch/train.py): a new run without --resume would cut or replace each of them.
@@ -46,9 +47,9 @@ def start_over(output_dir: Path) -> None:
     """--overwrite, once the process group is up (a collective: every rank calls it): rank 0 clears the earlier
     run while the others wait, so that no rank probes or reads the folder half deleted, and a failure to clear it
     stops every rank with the same one line."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    if distributed:
+    rank = distributed.rank()
+    several = distributed.world_size() > 1
+    if several:
         torch.distributed.barrier()  # every rank is past its own checks of the folder (describe, before any collective)
     failure = None
     if rank == 0:
@@ -57,7 +58,7 @@ def start_over(output_dir: Path) -> None:
         except OSError as error:
             failure = f"{error.filename or output_dir}: {error.strerror or error}"
     box = [failure]
-    if distributed:
+    if several:
         torch.distributed.broadcast_object_list(box, src=0)  # the others wait here until the folder is clear
     if box[0] is not None:
         raise TrainingSetupError(f"--overwrite: cannot delete the earlier run in {output_dir} ({box[0]})")

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from lemo_ds import distributed
 from lemo_ds.training import checkpoint_files, finite, retention
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 
@@ -363,9 +364,7 @@ def _fsync(path: Path) -> None:
 
 
 def _rank_and_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return distributed.rank(), distributed.world_size()
 
 
 def _gather(share: Any) -> list:

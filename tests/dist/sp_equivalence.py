@@ -96,6 +96,12 @@ def per_shard_masked_forward(model, ids, position, lemo) -> torch.Tensor:
             kept.append(torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, blocks, True))
         kept = torch.cat(kept, dim=1).repeat_interleave(BLOCK, dim=1)  # [1, s]
         mask = (base & kept[:, None, None, :]) | eye
+        if lemo.get("eliminate") == "attention":  # the attention term on kept rows only; every row's MLP
+            attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=mask,
+                                           position_embeddings=(cos, sin), position_ids=position)  # fmt: skip
+            hidden = hidden + torch.where(kept[..., None], attention, torch.zeros_like(attention))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            continue
         out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position)
         hidden = torch.where(kept[..., None], out, hidden)
     return model.lm_head(inner.norm(hidden))
@@ -120,12 +126,14 @@ def main() -> int:
     parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=3)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel groups (the job needs dp x 2 ranks)")
+    parser.add_argument("--eliminate", default="layer", choices=("layer", "attention"))
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world != args.dp * SP:
         raise SystemExit(f"--dp {args.dp} x sequence_parallel_size {SP} needs {args.dp * SP} ranks, not {world}")
-    lemo = None if args.mode == "plain" else SPARSE if args.mode == "sparse" else DENSE
+    sparse = {**SPARSE, "eliminate": args.eliminate}
+    lemo = None if args.mode == "plain" else sparse if args.mode == "sparse" else DENSE
     config = ds_config(args.zero_stage, lemo, sequence_parallel_size=SP)
     sequence_parallel.check_dims(sp=SP, world_size=world, seq_len=SEQ, block_size=BLOCK, heads=4, kv_heads=2)
 
@@ -133,7 +141,7 @@ def main() -> int:
     reference = build(seed=0, use_cache=False)  # plain, on every rank
     rows = [make_row(i) for i in range(2 * args.dp)]  # two micro-steps of every data-parallel group
     # The reference runs before SP is set up: Ulysses replaces the process-wide "sdpa" attention function.
-    ref_losses = [reference_loss(reference, row, SPARSE if args.mode == "sparse" else None) for row in rows[: args.dp]]
+    ref_losses = [reference_loss(reference, row, sparse if args.mode == "sparse" else None) for row in rows[: args.dp]]
     (sum(ref_losses) / args.dp).backward()  # the gradient DeepSpeed averages over the data-parallel groups
     model = zero_model(config, reference, args.checkpointing, use_cache=False)
     # What launch/train.py does with its job's ParallelDims.

@@ -37,8 +37,10 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--all-memory", action="store_true")
+    parser.add_argument("--eliminate", default="layer", choices=("layer", "attention"))
     args = parser.parse_args()
     lemo = {**LEMO, "fused_ops": "on", "memory": MEMORY_ALL} if args.all_memory else LEMO
+    lemo = {**lemo, "eliminate": args.eliminate}
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     config = ds_config(lemo=lemo)
@@ -51,7 +53,8 @@ def main() -> int:
     engine.backward(loss)
     grads = full_grads(engine)
 
-    lemo_ds.apply_lemo(reference, {**LEMO, "fused_ops": "off", "memory": MEMORY_OFF} if args.all_memory else LEMO)
+    reference_section = {**LEMO, "fused_ops": "off", "memory": MEMORY_OFF} if args.all_memory else LEMO
+    lemo_ds.apply_lemo(reference, {**reference_section, "eliminate": args.eliminate})
     losses = []
     for other in range(world):
         other_ids = batch_of(other)
