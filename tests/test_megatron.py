@@ -360,6 +360,68 @@ def test_attention_granularity_equals_masked_reference(scorer, docs):
     assert controller.stats()["keep_ratio_per_layer"] == pytest.approx([1.0, 3 / 8, 4 / 8, 1.0])
 
 
+def hugging_face_twin(model: GPTModel):
+    """A Hugging Face Llama with the Megatron model's weights (fused q/k/v split per query group, fc1 split into
+    gate and up): the same network in the other layout."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=GROUPS, max_position_embeddings=SEQ,
+                         rms_norm_eps=model.config.layernorm_epsilon, tie_word_embeddings=False)  # fmt: skip
+    twin = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    weights = model.state_dict()
+    per_group = HEADS // GROUPS * HEAD_DIM
+    with torch.no_grad():
+        twin.model.embed_tokens.weight.copy_(weights["embedding.word_embeddings.weight"])
+        for index, layer in enumerate(twin.model.layers):
+            prefix = f"decoder.layers.{index}."
+            qkv = weights[prefix + "self_attention.linear_qkv.weight"].view(GROUPS, per_group + 2 * HEAD_DIM, HIDDEN)
+            query, key, value = qkv.split([per_group, HEAD_DIM, HEAD_DIM], dim=1)
+            layer.self_attn.q_proj.weight.copy_(query.reshape(-1, HIDDEN))
+            layer.self_attn.k_proj.weight.copy_(key.reshape(-1, HIDDEN))
+            layer.self_attn.v_proj.weight.copy_(value.reshape(-1, HIDDEN))
+            layer.self_attn.o_proj.weight.copy_(weights[prefix + "self_attention.linear_proj.weight"])
+            layer.input_layernorm.weight.copy_(weights[prefix + "input_layernorm.weight"])
+            layer.post_attention_layernorm.weight.copy_(weights[prefix + "pre_mlp_layernorm.weight"])
+            gate, up = weights[prefix + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            layer.mlp.gate_proj.weight.copy_(gate)
+            layer.mlp.up_proj.weight.copy_(up)
+            layer.mlp.down_proj.weight.copy_(weights[prefix + "mlp.linear_fc2.weight"])
+        twin.model.norm.weight.copy_(weights["decoder.final_layernorm.weight"])
+        twin.lm_head.weight.copy_(weights["output_layer.weight"])
+    return twin.to(DEVICE).train()
+
+
+@pytest.mark.parametrize("eliminate", ["layer", "attention"])
+def test_the_two_layouts_agree_on_the_same_weights(eliminate):
+    """The sparse step is written once (lemo_ds/core/step.py): the Megatron layout and the Hugging Face layout give
+    the same logits and gradients on the same network, input and selection rule (oracle scores, packed into one
+    causal row each)."""
+    import lemo_ds
+
+    section = {"keep_ratio": [1.0, 0.5, 0.4, 1.0], "block_size": BLOCK, "scorer": "oracle", "eliminate": eliminate,
+               "kernels": KERNELS}  # fmt: skip
+    model, _ = lemo_and_stock(section)
+    controller = attach_lemo(model)
+    twin = lemo_ds.apply_lemo(hugging_face_twin(model), section)
+    ids, _, _ = make_batch(seed=6)
+    weights = torch.randn(BATCH, SEQ, VOCAB, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    position_ids = torch.arange(SEQ, device=DEVICE).expand(BATCH, -1)
+    logits = model(ids, position_ids, None)  # [b, s, V]
+    (logits * weights).sum().backward()
+    twin_logits = twin(input_ids=ids).logits  # [b, s, V]
+    (twin_logits * weights).sum().backward()
+    torch.testing.assert_close(twin_logits, logits, atol=2e-4, rtol=1e-4)
+    assert controller.stats() == lemo_ds.get_controller(twin).stats()
+    pairs = [(twin.model.embed_tokens, model.embedding.word_embeddings), (twin.lm_head, model.output_layer)]
+    for index in range(LAYERS):
+        mine, theirs = twin.model.layers[index], model.decoder.layers[index]
+        pairs += [(mine.self_attn.o_proj, theirs.self_attention.linear_proj),
+                  (mine.mlp.down_proj, theirs.mlp.linear_fc2)]
+    for hf_module, megatron_module in pairs:
+        torch.testing.assert_close(hf_module.weight.grad, megatron_module.weight.grad, atol=2e-4, rtol=1e-3)
+
+
 # ---- packed sequences (thd) ---------------------------------------------------------------------------------------
 
 
