@@ -23,14 +23,22 @@ Run from the repository root:
     # starts fresh when there is no complete checkpoint yet (a requeued Slurm job: launch/slurm/)
     deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 40 --resume
 
+    # continue after a NaN stop at a lower learning rate (the checkpoint's own rate is replaced from the next step)
+    deepspeed launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 40 --resume --lr 1e-4
+
     # one process, without the launcher
     python launch/train.py --deepspeed ds_configs/zero3_lemo.json --max-steps 3
 
-It writes OUTPUT_DIR/metrics.jsonl (one line per step), OUTPUT_DIR/summary.json (at the end) and DeepSpeed
-checkpoints under OUTPUT_DIR/checkpoints/step{N} (the newest --keep-checkpoints of them). Bad input, an
-OUTPUT_DIR holding an earlier run (without --resume or --overwrite) or one that cannot be written stops every
-rank before any collective with one line "lemo_ds: error: ..." on stderr and exit status 2; a NaN/inf loss or
-weights, or a save the disk refuses, stop the job with one line and exit status 3, nothing bad saved.
+It writes OUTPUT_DIR/metrics.jsonl (one line per step), OUTPUT_DIR/summary.json (at the end, or at a stop),
+DeepSpeed checkpoints under OUTPUT_DIR/checkpoints/step{N} (the newest --keep-checkpoints of them) and
+OUTPUT_DIR/deepspeed.log (what DeepSpeed logs or prints, and third-party warnings; --verbose prints them instead).
+The config's "auto" batch, optimizer and warm-up values (there for the Hugging Face Trainer) get the job's defaults
+(lemo_ds.ds_auto). Bad input (a bad flag value included), an OUTPUT_DIR holding an earlier run (without --resume
+or --overwrite) or one that cannot be written stops every rank before any collective with one line
+"lemo_ds: error: ..." on stderr and exit status 2; a NaN/inf loss or weights, or a save the disk refuses, stop the
+job with one line and exit status 3, nothing bad saved, and a summary.json with "status": "stopped". A folder whose
+run stopped before its first checkpoint takes the same command again (its files are moved to
+OUTPUT_DIR/stopped_runs/ first); --lr on --resume sets the new rate and says so in one line.
 
 Shape of the job: parse -> describe (the Job: every check, before anything heavy) -> start (the Runtime: distributed
 group, model, engine, data) -> train -> close.
@@ -39,12 +47,13 @@ group, model, engine, data) -> train -> close.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -52,6 +61,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a checkout that was not pip-installed: import lemo_ds from here
     sys.path.insert(0, str(REPO))
+
+# DeepSpeed logs from its import on (its accelerator detection, on every rank): the job holds those records until
+# main() knows whether they print (--verbose) or go to OUTPUT_DIR/deepspeed.log (lemo_ds.training.ds_output). Only
+# when run as the job: importing this module (the tests do) leaves DeepSpeed's logger alone.
+_HELD_DEEPSPEED_RECORDS: list[logging.LogRecord] = []
+if __name__ == "__main__":
+    logging.getLogger("DeepSpeed").addFilter(_HELD_DEEPSPEED_RECORDS.append)  # None: not passed on, only held
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -64,6 +80,7 @@ from lemo_ds.scorers import build_scorer  # noqa: E402
 from lemo_ds.training import (  # noqa: E402
     checkpointing,
     data,
+    ds_output,
     evaluate,
     flags,
     launch_env,
@@ -73,6 +90,7 @@ from lemo_ds.training import (  # noqa: E402
     parallel,
     precision,
     resume,
+    sparsity,
     tracking,
 )
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped  # noqa: E402
@@ -93,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--predictor", default=None, help='trained predictors file (lemo scorer "predictor")')
     add("--eval-data", default=None, help="held-out text (same forms as --data): dense perplexity after training")
-    add("--eval-rows", type=int, default=32, help="held-out rows of --seq-len tokens to evaluate (at most one pass)")
+    add("--eval-rows", type=int, default=32,
+        help="held-out rows of --seq-len tokens to evaluate (at most one pass; default: %(default)s)")  # fmt: skip
     add(
         "--eval-passkey",
         default=None,
@@ -110,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue from the latest complete checkpoint in OUTPUT_DIR/checkpoints; "
         "'--resume auto': the same, or start fresh if there is none",
     )
-    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only at the end)")
     add("--no-save", action="store_true", help="write no checkpoint at all (benchmarks)")
     add(
         "--keep-checkpoints",
@@ -124,7 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start over in an --output-dir that holds an earlier run, deleting its metrics, summary and checkpoints",
     )
-    add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps")
+    add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps (default: 1)")
+    add(
+        "--verbose",
+        action="store_true",
+        help=f"print DeepSpeed's own log lines and third-party warnings (default: OUTPUT_DIR/{ds_output.LOG_NAME})",
+    )
     args = flags.parse_job_flags(
         parser, argv, at_least_one=("log_every", "eval_rows"), non_negative=("save_every", "keep_checkpoints")
     )
@@ -153,6 +177,7 @@ class Job:
     eval_rows: int
     lora_r: int  # 0: full fine-tuning
     seed: int
+    lr: float | None  # --lr as given (None: the config's); on resume it replaces the checkpoint's rate
     # how: DeepSpeed, lemo, precision, parallelism
     ds_config: dict[str, Any]  # flags applied, precision resolved, without its "lemo" section
     lemo: LemoConfig | None  # the parsed "lemo" section; None: dense (no section, or "enabled": false)
@@ -168,11 +193,13 @@ class Job:
     output_dir: Path
     resume: bool | str  # --resume: False, True or "auto"
     overwrite: bool
+    set_aside: bool  # the folder holds a run that stopped before its first checkpoint: move its files, start over
     save: bool  # not --no-save
     save_every: int
     keep_checkpoints: int
     use_wandb: bool
     flag_values: Mapping[str, Any]  # every flag as given: the tracker's run config
+    warnings: tuple[str, ...]  # found while describing, logged once by rank 0 (e.g. a --seq-len too short to sparsify)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -195,6 +222,7 @@ def describe(args: argparse.Namespace) -> Job:
     flags.require_optimizer(ds_config)
 
     source = model.resolve_model(args.model)
+    warnings = []
     if lemo is not None:
         lemo_ds.policies.check_supported(source.config.model_type)
         if args.seq_len < lemo.block_size:
@@ -202,6 +230,9 @@ def describe(args: argparse.Namespace) -> Job:
                 f"--seq-len {args.seq_len} is shorter than one lemo block (block_size {lemo.block_size}); "
                 f"use --seq-len {lemo.block_size} or more, or a smaller lemo.block_size"
             )
+        sp_size = int(ds_config.get("sequence_parallel_size", 1) or 1)
+        too_short = sparsity.too_short_warning(lemo, args.seq_len, source.config.num_hidden_layers, sp_size)
+        warnings += [too_short] if too_short else []
     tokenizer = ByteTokenizer() if source.kind == "preset" else load_hf_tokenizer(args.model)
     if tokenizer.vocab_size > source.config.vocab_size:
         raise TrainingSetupError(
@@ -218,12 +249,17 @@ def describe(args: argparse.Namespace) -> Job:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.output_dir)
     ckpt_dir = out / output_dir.CHECKPOINTS
+    set_aside = False
     if args.resume is True:  # --resume auto may find nothing, and then starts fresh
         resume.require_checkpoint(ckpt_dir)
     if args.resume:
         resume.require_world_size(ckpt_dir, world_size)
+        resume.require_same_weights(ckpt_dir, args)
+        set_aside = args.resume == resume.AUTO and _stopped_before_first_checkpoint(out)  # it starts fresh, too
     elif not args.overwrite:  # --overwrite: rank 0 clears the earlier run once every rank is past these checks
-        output_dir.refuse_earlier_run(out)
+        set_aside = _stopped_before_first_checkpoint(out)
+        if not set_aside:
+            output_dir.refuse_earlier_run(out)
     output_dir.require_writable(out)
     if not args.no_save:
         output_dir.require_writable(ckpt_dir)
@@ -240,6 +276,7 @@ def describe(args: argparse.Namespace) -> Job:
         eval_rows=args.eval_rows,
         lora_r=args.lora_r,
         seed=args.seed,
+        lr=args.lr,
         ds_config=ds_config,
         lemo=lemo,
         dtype=dtype,
@@ -255,12 +292,20 @@ def describe(args: argparse.Namespace) -> Job:
         output_dir=out,
         resume=args.resume,
         overwrite=args.overwrite,
+        set_aside=set_aside,
         save=not args.no_save,
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         use_wandb=tracking.prepare_wandb(ds_config, args.output_dir),
         flag_values=MappingProxyType(dict(vars(args))),
+        warnings=tuple(warnings),
     )
+
+
+def _stopped_before_first_checkpoint(out: Path) -> bool:
+    """The folder's earlier run stopped (exit 3) before it had a complete checkpoint: nothing to continue, so a plain
+    rerun starts over there (its files set aside, not deleted) instead of being refused."""
+    return output_dir.stopped_run(out) is not None and resume.find_checkpoint(out / output_dir.CHECKPOINTS).tag is None
 
 
 # ---- start: the Runtime --------------------------------------------------------------------------------
@@ -281,6 +326,7 @@ class Runtime:
     metrics: metrics.MetricsLog | None  # rank 0's
     wandb: tracking.WandbLogger | None
     zero3_handle: Any  # DeepSpeed's ZeRO-3 context: must stay alive while the model exists
+    lr_on_resume: dict[str, float] | None = None  # --lr given on resume: {"lr": the new rate, "checkpoint_lr": ...}
 
 
 def start(job: Job) -> Runtime:
@@ -296,12 +342,26 @@ def start(job: Job) -> Runtime:
         if hasattr(scorer, "bind"):
             scorer.bind(job.source.config)
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    build = launch_env.pending_op_build()
+    if build is not None:  # rank 0 says why this start is slow; the launcher has set RANK (a world of one: 0)
+        _rank0_printer(int(os.environ.get("RANK", "0")))(
+            f"compiling DeepSpeed's shared-memory all-reduce for CPU ranks, once (about a minute; later starts "
+            f"reuse it from {build})"
+        )
+    with ds_output.stdout_to_log():  # DeepSpeed prints "... op built successfully" on every rank
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank = torch.distributed.get_rank()
     launch_env.set_cpu_threads(job.device_type)
     log = _rank0_printer(rank)
+    for warning in job.warnings:
+        log(f"warning: {warning}")
     if job.overwrite:
         output_dir.start_over(job.output_dir)
+    if job.set_aside:
+        stop = output_dir.describe_stop(output_dir.stopped_run(job.output_dir) or {})  # read before it moves
+        folder = output_dir.set_aside_stopped_run(job.output_dir)
+        log(f"the earlier run in {job.output_dir} {stop} before its first checkpoint: starting over from step 0; "
+            f"its metrics.jsonl and summary.json are now in {folder}")  # fmt: skip
     log(f"corpus: {data.describe_corpus(job.data, list(job.files))}")
     if job.precision_note:
         log(job.precision_note)
@@ -322,10 +382,11 @@ def start(job: Job) -> Runtime:
     # lemo_ds.initialize = deepspeed.initialize after converting the sparse layers with the parsed section.
     params = [p for p in net.parameters() if p.requires_grad]
     sp = parallel.setup(job.dims, net)  # Ulysses sequence parallelism when the config's sequence_parallel_size > 1
-    engine, _, _, _ = lemo_ds.initialize(
-        model=net, model_parameters=params, config=job.ds_config, mpu=sp.mpu if sp is not None else None,
-        lemo_config=job.lemo, lemo_scorer=scorer,
-    )  # fmt: skip
+    with ds_output.stdout_to_log():
+        engine, _, _, _ = lemo_ds.initialize(
+            model=net, model_parameters=params, config=job.ds_config, mpu=sp.mpu if sp is not None else None,
+            lemo_config=job.lemo, lemo_scorer=scorer,
+        )  # fmt: skip
     controller = lemo_ds.get_controller(engine)
     # The rows are packed: the dense job attends within documents without [s, s] masks too, as apply_lemo does.
     lemo_ds.enable_document_attention(net)
@@ -335,10 +396,13 @@ def start(job: Job) -> Runtime:
         log("lemo: off (dense training)")
 
     # -- data, from step 0 or from the checkpoint's step and data position ------------------------------------
-    start_step, start_row = 0, 0
-    state = resume.load(engine, job.ckpt_dir, job, log) if job.resume else None  # None: --resume auto found none
+    start_step, start_row, lr_on_resume = 0, 0, None
+    with ds_output.stdout_to_log():
+        state = resume.load(engine, job.ckpt_dir, job, log) if job.resume else None  # None: --resume auto found none
     if state is not None:
         start_step, start_row = state["step"], state["rows_consumed"]
+        if job.lr is not None:
+            lr_on_resume = new_lr_on_resume(engine, job.lr, log)
     rows = data.packed_rows(list(job.files), job.tokenizer, job.seq_len, job.seed, start=start_row)
     batches = parallel.rank_batches(rows, job.dims, sp, rank, engine.device)
     # Predictors without a file: trained on this rank's first micro-batches (model frozen, oracle labels), read
@@ -353,85 +417,140 @@ def start(job: Job) -> Runtime:
         metrics_log = metrics.MetricsLog(job.output_dir / "metrics.jsonl", resume_step=resume_step)
         wandb = tracking.WandbLogger(job.ds_config, dict(job.flag_values)) if job.use_wandb else None
     return Runtime(rank, engine, controller, sp, batches, start_step, state is not None, log, metrics_log, wandb,
-                   zero3_handle)  # fmt: skip
+                   zero3_handle, lr_on_resume)  # fmt: skip
+
+
+def new_lr_on_resume(engine: Any, lr: float, log: Callable[[str], None]) -> dict[str, float]:
+    """--lr given on resume: the checkpoint restored its own rate (and the scheduler its position); from the next
+    step on the rate is the one --lr gives, as on a fresh run of this config, and one line says so."""
+    before, now = resume.set_lr_after_resume(engine, lr)
+    scheduler = type(engine.lr_scheduler).__name__
+    scheduled = "" if math.isclose(now, lr) else f", the {scheduler} schedule's rate at this step for --lr {lr:g}"
+    log(f"--lr {lr:g} on resume: the learning rate is now {now:g}{scheduled} (the checkpoint had {before:g})")
+    return {"lr": lr, "now": now, "checkpoint_lr": before}
 
 
 # ---- train ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Progress:
+    """How far this process got: the step in flight, the last step it completed, its totals."""
+
+    at: int  # the step being trained (or saved); after the loop, the last one
+    done: int  # the last step trained to the end (the checkpoint's step before any)
+    totals: metrics.RunTotals = field(default_factory=metrics.RunTotals)
+    started: float = field(default_factory=time.perf_counter)
+
+
 def train(job: Job, rt: Runtime) -> None:
-    engine, dims = rt.engine, job.dims
-    tokens_per_step = dims.rows_per_step * job.seq_len  # all ranks together
-    mem_label = "cuda peak" if job.device_type == "cuda" else "peak RSS"
-    bar = tqdm(total=job.max_steps, initial=rt.start_step, disable=rt.rank != 0, desc="train", dynamic_ncols=True)
-    totals = metrics.RunTotals()
-    started = time.perf_counter()
-    engine.train()
-    if rt.controller is not None:
-        rt.controller.reset_stats()
-
-    step, recall_note = rt.start_step, ""
-    for step in range(rt.start_step + 1, job.max_steps + 1):
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside engine.step)
-        loss_sum = torch.zeros((), device=engine.device)
-        for _ in range(dims.grad_accum):  # engine.step() only updates at the accumulation boundary
-            batch = {k: v.to(engine.device) for k, v in next(rt.batches).items()}  # [b, s] each
-            loss, reported = parallel.forward_loss(engine, batch, rt.sp)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += reported.float()
-        # One all-reduce: loss and per-layer keep ratios [1 + L], averaged over the data-parallel ranks, so
-        # every rank reports the same numbers.
-        keep = metrics.take_keep_ratios(rt.controller, job.source.config.num_hidden_layers)  # [L], 1.0 when dense
-        reduced = torch.cat([loss_sum.reshape(1) / dims.grad_accum, keep.to(engine.device)])
-        torch.distributed.all_reduce(reduced)
-        loss_value, *keep_per_layer = (reduced / dims.world_size).tolist()
-        if not math.isfinite(loss_value):
-            stop_on_nonfinite_loss(job, rt, step, loss_value, lr)  # every rank: they all see the same reduced loss
-        step_s = time.perf_counter() - t0
-        mean_keep = sum(keep_per_layer) / len(keep_per_layer)
-        # A process's first step pays for warm-up (allocation, lazy init): throughput leaves it out.
-        warm = step > rt.start_step + 1 or job.max_steps == rt.start_step + 1
-        totals.add(loss_value, keep_per_layer, tokens_per_step, step_s, timed=warm)
-
-        if job.save and job.save_every and step % job.save_every == 0:
-            resume.save(engine, job.ckpt_dir, step, step * dims.rows_per_step, job, keep=job.keep_checkpoints)
-        refreshed = predictor_job.refresh_record(engine)  # online refresh of the predictors: recall (all ranks)
-        recall_note = f" | recall {refreshed['predictor_recall']:.3f}" if refreshed else recall_note
-        if rt.rank == 0:
-            peak, _ = metrics.peak_memory(job.device_type)
-            record = {"step": step, "loss": loss_value, "tokens": tokens_per_step, "step_time_s": step_s,
-                      "tokens_per_s": tokens_per_step / step_s, "lr": lr, "mean_keep_ratio": mean_keep,
-                      "keep_ratio_per_layer": keep_per_layer, "peak_mem_bytes": peak, **refreshed}  # fmt: skip
-            rt.metrics.write(record)
-            if rt.wandb is not None:
-                rt.wandb.log(record)
-            bar.update(1)
-            if step % job.log_every == 0 or step == job.max_steps:
-                bar.set_postfix_str(
-                    f"loss {loss_value:.4f} | {tokens_per_step / step_s:,.0f} tok/s | keep {mean_keep:.2f} | "
-                    f"{mem_label} {metrics.format_bytes(peak)}{recall_note}"
-                )
-    bar.close()
-
-    if job.save and step > rt.start_step and not (job.save_every and step % job.save_every == 0):
-        resume.save(engine, job.ckpt_dir, step, step * dims.rows_per_step, job, keep=job.keep_checkpoints)
-    if totals.steps == 0:
-        rt.log(f"nothing to train: the run is at step {step} and --max-steps is {job.max_steps}")
+    """The steps, the last save, then evaluation and summary.json. A stop (TrainingStopped: a NaN loss, a save the
+    disk refused) writes a summary.json that says so before it ends the job: a rerun reads it (output_dir)."""
+    progress = Progress(at=rt.start_step, done=rt.start_step)
+    try:
+        run_steps(job, rt, progress)
+        step = progress.done
+        if job.save and step > rt.start_step and not (job.save_every and step % job.save_every == 0):
+            resume.save(rt.engine, job.ckpt_dir, step, step * job.dims.rows_per_step, job, keep=job.keep_checkpoints)
+    except TrainingStopped as stop:
+        write_stopped_summary(job, rt, progress, stop)
+        raise
+    if progress.totals.steps == 0:
+        rt.log(f"nothing to train: the run is at step {progress.done} and --max-steps is {job.max_steps}")
         return
     evaluation = heldout_evaluation(job, rt)
     if job.eval_passkey is not None:
         evaluation.update(evaluate.passkey_evaluation(rt.engine, job.eval_passkey, job.tokenizer, rt.log))
     if rt.rank == 0:
-        summary = {**_summary(job, rt, step, totals, time.perf_counter() - started), **evaluation}
+        summary = {**_summary(job, rt, progress, status="done"), **evaluation}
         metrics.write_json_atomic(job.output_dir / "summary.json", summary)
         loss, keep = summary["final_loss"], summary["mean_keep_ratio"]
         rt.log(
-            f"done: step {step}, loss {'n/a' if loss is None else f'{loss:.4f}'}, "
+            f"done: step {progress.done}, loss {'n/a' if loss is None else f'{loss:.4f}'}, "
             f"{summary['tokens_per_s']:,.0f} tok/s, mean keep ratio {'n/a' if keep is None else f'{keep:.3f}'}; "
             f"wrote {job.output_dir / 'summary.json'}"
         )
+
+
+def run_steps(job: Job, rt: Runtime, progress: Progress) -> None:
+    engine, dims = rt.engine, job.dims
+    tokens_per_step = dims.rows_per_step * job.seq_len  # all ranks together
+    mem_label = "cuda peak" if job.device_type == "cuda" else "peak RSS"
+    bar = tqdm(total=job.max_steps, initial=rt.start_step, disable=rt.rank != 0, desc="train", dynamic_ncols=True)
+    engine.train()
+    if rt.controller is not None:
+        rt.controller.reset_stats()
+
+    recall_note = ""
+    try:
+        for step in range(rt.start_step + 1, job.max_steps + 1):
+            progress.at = step
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside engine.step)
+            loss_value, keep_per_layer = one_step(job, rt)
+            if not math.isfinite(loss_value):
+                stop_on_nonfinite_loss(job, rt, step, loss_value, lr)  # every rank: they all see the same reduced loss
+            step_s = time.perf_counter() - t0
+            mean_keep = sum(keep_per_layer) / len(keep_per_layer)
+            # A process's first step pays for warm-up (allocation, lazy init): throughput leaves it out.
+            warm = step > rt.start_step + 1 or job.max_steps == rt.start_step + 1
+            progress.totals.add(loss_value, keep_per_layer, tokens_per_step, step_s, timed=warm)
+            progress.done = step
+
+            if job.save and job.save_every and step % job.save_every == 0:
+                resume.save(engine, job.ckpt_dir, step, step * dims.rows_per_step, job, keep=job.keep_checkpoints)
+            refreshed = predictor_job.refresh_record(engine)  # online refresh of the predictors: recall (all ranks)
+            recall_note = f" | recall {refreshed['predictor_recall']:.3f}" if refreshed else recall_note
+            if rt.rank == 0:
+                peak, _ = metrics.peak_memory(job.device_type)
+                record = {"step": step, "loss": loss_value, "tokens": tokens_per_step, "step_time_s": step_s,
+                          "tokens_per_s": tokens_per_step / step_s, "lr": lr, "mean_keep_ratio": mean_keep,
+                          "keep_ratio_per_layer": keep_per_layer, "peak_mem_bytes": peak, **refreshed}  # fmt: skip
+                if rt.lr_on_resume is not None and step == rt.start_step + 1:
+                    record["lr_on_resume"] = rt.lr_on_resume  # the first step at the rate --lr set on resume
+                rt.metrics.write(record)
+                if rt.wandb is not None:
+                    rt.wandb.log(record)
+                bar.update(1)
+                if step % job.log_every == 0 or step == job.max_steps:
+                    bar.set_postfix_str(
+                        f"loss {loss_value:.4f} | {tokens_per_step / step_s:,.0f} tok/s | keep {mean_keep:.2f} | "
+                        f"{mem_label} {metrics.format_bytes(peak)}{recall_note}"
+                    )
+    finally:
+        bar.close()  # before a stop's error line, which would otherwise share the bar's line
+
+
+def one_step(job: Job, rt: Runtime) -> tuple[float, list[float]]:
+    """One optimizer step over ``grad_accum`` micro-batches: (the loss, the kept share per layer [L]), both averaged
+    over the data-parallel ranks by one all-reduce, so every rank reports the same numbers."""
+    engine, dims = rt.engine, job.dims
+    loss_sum = torch.zeros((), device=engine.device)
+    for _ in range(dims.grad_accum):  # engine.step() only updates at the accumulation boundary
+        batch = {k: v.to(engine.device) for k, v in next(rt.batches).items()}  # [b, s] each
+        loss, reported = parallel.forward_loss(engine, batch, rt.sp)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += reported.float()
+    keep = metrics.take_keep_ratios(rt.controller, job.source.config.num_hidden_layers)  # [L], 1.0 when dense
+    reduced = torch.cat([loss_sum.reshape(1) / dims.grad_accum, keep.to(engine.device)])  # [1 + L]
+    torch.distributed.all_reduce(reduced)
+    loss_value, *keep_per_layer = (reduced / dims.world_size).tolist()
+    return loss_value, keep_per_layer
+
+
+def write_stopped_summary(job: Job, rt: Runtime, progress: Progress, stop: TrainingStopped) -> None:
+    """summary.json of a run that stopped: how far it got, why, and what a next run can continue from (rank 0).
+    A disk too full for it too costs a line of warning, not the stop's own message."""
+    if rt.rank != 0:
+        return
+    found = resume.find_checkpoint(job.ckpt_dir)
+    summary = {**_summary(job, rt, progress, status=output_dir.STOPPED), "stopped_at_step": progress.at,
+               "stop_reason": str(stop), "resumable_from": found.tag}  # fmt: skip
+    try:
+        metrics.write_json_atomic(job.output_dir / "summary.json", summary)
+    except OSError as error:
+        rt.log(f"warning: could not write {job.output_dir / 'summary.json'} ({error.strerror or error})")
 
 
 def stop_on_nonfinite_loss(job: Job, rt: Runtime, step: int, loss_value: float, lr: float) -> None:
@@ -441,7 +560,7 @@ def stop_on_nonfinite_loss(job: Job, rt: Runtime, step: int, loss_value: float, 
         rt.metrics.write({"step": step, "loss": None, "loss_nonfinite": str(loss_value), "lr": lr})
     raise TrainingStopped(
         f"the loss is {loss_value} at step {step}; stopped without saving ({resume.latest_note(job.ckpt_dir)}); "
-        "lower --lr (or check the data), then continue with --resume"
+        f"lower --lr (or check the data), then {resume.next_run_advice(job.ckpt_dir)}"
     )
 
 
@@ -467,10 +586,12 @@ def heldout_evaluation(job: Job, rt: Runtime) -> dict:
     return result
 
 
-def _summary(job: Job, rt: Runtime, step: int, totals: metrics.RunTotals, elapsed: float) -> dict:
+def _summary(job: Job, rt: Runtime, progress: Progress, status: str) -> dict:
     peak, kind = metrics.peak_memory(job.device_type)
+    totals = progress.totals
     return {
-        "steps": step,
+        "status": status,  # "done", or "stopped" (output_dir.STOPPED): a NaN loss, a save the disk refused
+        "steps": progress.done,
         "steps_this_run": totals.steps,
         "final_loss": totals.final_loss,
         "tokens_per_s": totals.tokens_per_s,  # all ranks' tokens, first step of this process left out
@@ -492,16 +613,20 @@ def _summary(job: Job, rt: Runtime, step: int, totals: metrics.RunTotals, elapse
         "grad_ckpt": job.grad_ckpt,
         "device": job.device_type,
         "resumed_from_step": rt.start_step if rt.resumed else None,
-        "elapsed_s": elapsed,
+        "lr_on_resume": rt.lr_on_resume,
+        "elapsed_s": time.perf_counter() - progress.started,
+        "ended_at": time.strftime("%Y%m%d-%H%M%S"),
         "command": " ".join(sys.argv),
     }
 
 
 def _rank0_printer(rank: int) -> Callable[[str], None]:
+    stream = sys.stdout  # this one: while DeepSpeed's prints go to its log (ds_output.stdout_to_log), lemo_ds's don't
+
     def log(message: str) -> None:
         if rank == 0:
-            tqdm.write(f"lemo_ds: {message}", file=sys.stdout)
-            sys.stdout.flush()
+            tqdm.write(f"lemo_ds: {message}", file=stream)
+            stream.flush()
 
     return log
 
@@ -518,10 +643,18 @@ def close(rt: Runtime | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    held = logging.getLogger(ds_output.DEEPSPEED_LOGGER)
+    held.removeFilter(_HELD_DEEPSPEED_RECORDS.append)  # from here on, ds_output decides where DeepSpeed's lines go
+    with ds_output.routed(args.verbose, held=_HELD_DEEPSPEED_RECORDS) as deepspeed_output:
+        return run(args, deepspeed_output)
+
+
+def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -> int:
     rt, status = None, 0
     try:
         launch_env.default_single_process_env()
         job = describe(args)
+        deepspeed_output.open(job.output_dir)  # checked writable: DeepSpeed's held and later lines go there
         rt = start(job)
         train(job, rt)
     except LemoError as error:

@@ -8,6 +8,7 @@ from typing import Any
 import deepspeed
 
 from lemo_ds.config import LemoConfig, split_ds_config
+from lemo_ds.ds_auto import fill_auto
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.inject import apply_lemo, get_controller
 
@@ -56,7 +57,9 @@ def initialize(
     The DeepSpeed config comes from ``config`` (a dict or a path), ``config_params``, or
     ``args.deepspeed_config``, as deepspeed reads it. Its "lemo" section is validated and applied to
     ``model`` (``apply_lemo``), removed from what DeepSpeed sees, and the model's controller is bound to the
-    engine so the keep-ratio schedule follows ``engine.global_steps``.
+    engine so the keep-ratio schedule follows ``engine.global_steps``. Its ``"auto"`` batch size, optimizer and
+    warm-up values, which DeepSpeed does not fill (the Hugging Face Trainer does), get launch/train.py's values
+    (``lemo_ds.ds_auto``), so the shipped configs work here as they are.
 
     ``lemo_config``: the "lemo" section already parsed (``split_ds_config``), for a caller that validated it before
     (launch/train.py); the DeepSpeed config then holds none. ``lemo_scorer``: the scorer already built from it
@@ -76,7 +79,7 @@ def initialize(
             # deepspeed refuses a config given both in args and as an argument: hand it ours alone.
             args = copy.copy(args)
             args.deepspeed_config = None
-        config, config_params = ds_config, None
+        config, config_params = fill_auto(ds_config), None
     if lemo_config is not None:
         apply_lemo(model, lemo_config, scorer=lemo_scorer)
     if isinstance(config, dict):

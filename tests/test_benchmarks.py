@@ -37,9 +37,9 @@ TINY = get_shape("tiny-llama")
 
 # Every key of a variant's record in the result JSON.
 RECORD_KEYS = {
-    "name", "checkpointing", "loss", "lemo", "liger", "loss_impl", "oom", "oom_phase", "oom_error", "oom_inferred_from_seq",
-    "error", "steps", "timing", "step_time_s", "warmup_s", "tokens_per_s", "peak_allocated_gib",
-    "peak_allocated_gib_steps", "peak_reserved_gib", "peak_reserved_gib_steps_max", "memory_note",
+    "name", "checkpointing", "loss", "lemo", "liger", "loss_impl", "oom", "oom_phase", "oom_error",
+    "oom_inferred_from_seq", "error", "steps", "timing", "step_time_s", "warmup_s", "tokens_per_s",
+    "peak_allocated_gib", "peak_allocated_gib_steps", "peak_reserved_gib", "peak_reserved_gib_steps_max", "memory_note",
     "mean_keep_ratio", "keep_ratio_per_layer", "model_flops", "model_flops_frozen", "flops_parts", "mfu",
     "mfu_frozen", "loss_value",
 }

@@ -23,7 +23,10 @@ def test_a_save_failing_on_one_rank_stops_every_rank_naming_it(tmp_path):
         # Inside save_checkpoint on rank 1: both ranks stop with the same line, naming rank 1 and the error.
         assert report["inside"] == reports[0]["inside"]
         assert report["inside"].startswith(f"saving checkpoint {ckpt / 'step1'} failed: OSError: [Errno 5] injected")
-        assert "(rank 1); no complete checkpoint yet; fix that and continue with --resume" in report["inside"]
+        # No complete checkpoint yet: the advice is to run again, not --resume (issue 32).
+        assert report["inside"].endswith(
+            "(rank 1); no complete checkpoint yet; fix that and run the same command again (it starts over from step 0)"
+        )
         assert report["good"] is None and report["latest"] == "step2"
         # Making the folder fails on rank 0 alone: both stop before save_checkpoint, naming rank 0.
         assert report["folder"] == (

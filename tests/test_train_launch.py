@@ -361,7 +361,11 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
         for line in errors
     ), errors
     assert "Traceback" not in result.stderr
-    assert not (out / "summary.json").exists()
+    # summary.json says the run stopped, where, why and what a --resume continues from (issue 32)
+    stopped = json.loads((out / "summary.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["stopped_at_step"] == bad["step"]
+    assert stopped["steps"] == bad["step"] - 1 and stopped["resumable_from"] == latest
+    assert errors[0].endswith(stopped["stop_reason"])
 
 
 def test_two_rank_checkpoint_on_one_rank_is_one_line_naming_both_sizes(uninterrupted, tmp_path):

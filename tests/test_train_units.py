@@ -12,6 +12,7 @@ import torch
 from launch_util import load_launch_script
 
 import lemo_ds
+from lemo_ds.ds_auto import fill_auto
 from lemo_ds.training import (
     checkpoint_files,
     checkpointing,
@@ -23,6 +24,7 @@ from lemo_ds.training import (
     presets,
     resume,
     retention,
+    sparsity,
     text_check,
     tracking,
 )
@@ -122,6 +124,51 @@ def test_predictor_flag_sets_the_lemo_scorer(tmp_path):
         flags.apply_flag_overrides({}, lr=None, predictor=str(predictors), config_path="dense.json")
 
 
+def test_auto_values_get_the_jobs_defaults_and_numbers_stay():
+    """The shipped configs say "auto" for the Trainer (issue 32); plain DeepSpeed needs numbers: the ones the configs
+    held before. --lr sets the optimizer's rate and the warm-up peak, "auto" or not."""
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero3_lemo.json").read_text())
+    filled = flags.apply_flag_overrides(shipped, lr=None, predictor=None, config_path="zero3_lemo.json")
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (1, 1)
+    assert filled["gradient_clipping"] == 1.0 and filled["lemo"] == shipped["lemo"]
+    assert filled["optimizer"]["params"] == {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                                             "torch_adam": True}  # fmt: skip
+    assert filled["scheduler"]["params"] == {"warmup_min_lr": 2e-5, "warmup_max_lr": 2e-4, "warmup_num_steps": 5,
+                                             "warmup_type": "linear"}  # fmt: skip
+    low = flags.apply_flag_overrides(shipped, lr=1e-5, predictor=None, config_path="zero3_lemo.json")
+    assert low["optimizer"]["params"]["lr"] == low["scheduler"]["params"]["warmup_max_lr"] == 1e-5
+    assert low["scheduler"]["params"]["warmup_min_lr"] == 1e-5  # never above the peak
+    written = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": "auto", "optimizer": {"params": {"lr": 3e-4}}}
+    assert fill_auto(written) == {"train_micro_batch_size_per_gpu": 4, "optimizer": {"params": {"lr": 3e-4}}}
+
+
+def test_lr_is_refused_where_the_scheduler_sets_the_rate_itself():
+    raw = {"optimizer": {"params": {"lr": 1e-3}}, "scheduler": {"type": "OneCycle", "params": {"cycle_max_lr": 1e-3}}}
+    with pytest.raises(TrainingSetupError, match=r"--lr 0\.0001: the OneCycle scheduler of c\.json sets the learning"):
+        flags.apply_flag_overrides(raw, lr=1e-4, predictor=None, config_path="c.json")
+    assert flags.apply_flag_overrides(raw, lr=None, predictor=None, config_path="c.json") == raw
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "0", "fast"])
+def test_a_learning_rate_flag_must_be_a_positive_number(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}' is not a learning rate"):
+        flags.learning_rate(text)
+    assert flags.learning_rate("2e-4") == 2e-4
+    with pytest.raises(TrainingSetupError, match=r"optimizer\.params\.lr is -0\.1; it must be a positive number"):
+        flags.require_optimizer({"optimizer": {"params": {"lr": -0.1}}})
+
+
+def test_a_too_short_sequence_is_found_before_training():
+    section = lemo_ds.parse_lemo_config({"keep_ratio": 0.4, "block_size": 64})
+    assert "use --seq-len 128 or more" in sparsity.too_short_warning(section, 100, num_layers=8)
+    assert sparsity.too_short_warning(section, 128, num_layers=8) is None  # 2 blocks: keeps 1
+    assert sparsity.too_short_warning(lemo_ds.parse_lemo_config({"keep_ratio": 1.0}), 100, num_layers=8) is None
+    over_shards = sparsity.too_short_warning(section, 256, num_layers=8, sp_size=2)  # 2 blocks per shard: sparse
+    assert over_shards is None
+    high = lemo_ds.parse_lemo_config({"keep_ratio": 0.9, "block_size": 64})  # round(0.9 n) < n from n = 5 blocks
+    assert "use --seq-len 320 or more" in sparsity.too_short_warning(high, 250, num_layers=8)
+
+
 @pytest.mark.parametrize("value", [None, 0, "auto", True])
 def test_micro_batch_must_be_given(value):
     with pytest.raises(TrainingSetupError, match="train_micro_batch_size_per_gpu"):
@@ -152,6 +199,39 @@ def test_wandb_enabled_without_the_package_is_a_clear_error(monkeypatch, tmp_pat
     with pytest.raises(TrainingSetupError, match="pip install wandb"):
         tracking.prepare_wandb({"wandb": {"enabled": True}}, str(tmp_path))
     assert tracking.prepare_wandb({"wandb": {"enabled": False}}, str(tmp_path)) is False
+
+
+def test_a_stopped_run_without_a_checkpoint_is_no_obstacle(tmp_path):
+    """A run that stopped before its first checkpoint leaves nothing to continue: --resume says to run the same
+    command instead, and a rerun may start over there (its files set aside); a finished run is still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    output_dir.refuse_earlier_run(out)  # an empty metrics.jsonl: a run killed before its first step, nothing to lose
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": null}\n')
+    metrics.write_json_atomic(out / "summary.json", {"status": "stopped", "stopped_at_step": 1, "ended_at": "t0",
+                                                     "stop_reason": "the loss is nan at step 1; stopped"})  # fmt: skip
+    assert output_dir.stopped_run(out)["stopped_at_step"] == 1
+    assert output_dir.describe_stop(output_dir.stopped_run(out)) == "stopped at step 1 (the loss is nan at step 1)"
+    with pytest.raises(TrainingSetupError, match=r"the earlier run stopped at step 1 \(the loss is nan at step 1\) "
+                       r"before its first checkpoint; run the same command without --resume"):  # fmt: skip
+        resume.require_checkpoint(out / "checkpoints")
+    before = {name: (out / name).read_text() for name in output_dir.RUN_FILES}
+    folder = output_dir.set_aside_stopped_run(out)
+    assert folder == out / "stopped_runs" / "step1-t0" and output_dir.earlier_run(out) == []
+    assert {name: (folder / name).read_text() for name in output_dir.RUN_FILES} == before
+    metrics.write_json_atomic(out / "summary.json", {"status": "done"})
+    assert output_dir.stopped_run(out) is None
+
+
+def test_a_checkpoint_of_another_model_or_lora_rank_is_refused_before_any_collective(tmp_path):
+    resume.save(_Engine(), tmp_path, 1, 2, ARGS)
+    resume.require_same_weights(tmp_path, ARGS)
+    with pytest.raises(TrainingSetupError, match=r"step1 was trained with --lora-r 8 and this run has --lora-r 4; "
+                       "resume with --lora-r 8"):  # fmt: skip
+        resume.require_same_weights(tmp_path, argparse.Namespace(**{**vars(ARGS), "lora_r": 4}))
+    with pytest.raises(TrainingSetupError, match="was trained with --model tiny-llama and this run has --model x"):
+        resume.require_same_weights(tmp_path, argparse.Namespace(**{**vars(ARGS), "model": "x"}))
 
 
 def test_resume_needs_a_latest_checkpoint(tmp_path):

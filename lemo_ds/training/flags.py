@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from lemo_ds.ds_auto import fill_auto
 from lemo_ds.training.checkpointing import MODES
 from lemo_ds.training.errors import TrainingSetupError
 from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS
+
+# DeepSpeed schedulers whose rates come from their own parameters, not from the optimizer's lr: --lr cannot set them.
+_OWN_RATE_SCHEDULERS = {"OneCycle": "cycle_min_lr/cycle_max_lr", "LRRangeTest": "lr_range_test_min_lr"}
 
 
 def apply_flag_overrides(
@@ -20,10 +25,17 @@ def apply_flag_overrides(
 ) -> dict[str, Any]:
     """A copy of the config (with its "lemo" section) with ``--lr`` (the optimizer's rate and the warm-up
     peak), ``--predictor`` (lemo scorer "predictor" reading that file) and ``--max-steps`` (a scheduler's
-    ``total_num_steps: "auto"``, as in the Hugging Face integration) applied."""
+    ``total_num_steps: "auto"``, as in the Hugging Face integration) applied, then its other ``"auto"`` values
+    filled with the job's defaults (lemo_ds.ds_auto: plain DeepSpeed does not fill them)."""
     raw = copy.deepcopy(raw)
     scheduler_params = (raw.get("scheduler") or {}).get("params", {})
     if lr is not None:
+        scheduler_type = (raw.get("scheduler") or {}).get("type")
+        if scheduler_type in _OWN_RATE_SCHEDULERS:
+            raise TrainingSetupError(
+                f"--lr {lr:g}: the {scheduler_type} scheduler of {config_path} sets the learning rate itself "
+                f"({_OWN_RATE_SCHEDULERS[scheduler_type]}); change those in the config instead"
+            )
         if isinstance(raw.get("optimizer"), dict):
             raw["optimizer"].setdefault("params", {})["lr"] = lr
         if "warmup_max_lr" in scheduler_params:
@@ -44,7 +56,7 @@ def apply_flag_overrides(
         if not os.path.isfile(predictor):
             raise TrainingSetupError(f"--predictor {predictor}: no such file; give a trained predictors file")
         raw["lemo"].update(scorer="predictor", predictor_path=os.path.abspath(predictor))
-    return raw
+    return fill_auto(raw)
 
 
 def micro_batch_size(ds_config: dict[str, Any]) -> int:
@@ -59,12 +71,34 @@ def micro_batch_size(ds_config: dict[str, Any]) -> int:
 
 
 def require_optimizer(ds_config: dict[str, Any]) -> None:
-    """The job lets DeepSpeed build the optimizer (and scheduler) from the config: it must name one."""
+    """The job lets DeepSpeed build the optimizer (and scheduler) from the config: it must name one, with a usable
+    learning rate (torch would otherwise refuse it with a traceback once the engine is being built)."""
     if not isinstance(ds_config.get("optimizer"), dict):
         raise TrainingSetupError(
             'the DeepSpeed config has no "optimizer" section; add one, e.g. "optimizer": {"type": "AdamW", '
             '"params": {"lr": 2e-4, "torch_adam": true}} (see ds_configs/zero3_lemo.json)'
         )
+    lr = (ds_config["optimizer"].get("params") or {}).get("lr")
+    if lr is not None and not _is_positive_number(lr):
+        raise TrainingSetupError(
+            f"the DeepSpeed config's optimizer.params.lr is {lr!r}; it must be a positive number, e.g. 2e-4 "
+            "(or pass --lr)"
+        )
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def learning_rate(text: str) -> float:
+    """``--lr``: a positive finite number (argparse type; a bad one is the parser's one-line error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not _is_positive_number(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate; give a positive number, e.g. 2e-4")
+    return value
 
 
 # ---- the flags launch/train.py and launch/train_hf.py share -----------------------------------------------------
@@ -78,10 +112,18 @@ def silence_deprecated_collectives() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse with the jobs' error convention: one line "lemo_ds: error: ..." on stderr and exit status 2 (argparse
+    prints its usage block first), so a bad flag reads like every other bad input of the job."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lemo_ds: error: {message} (see --help)\n")
+
+
 def job_parser(description: str, *, output_dir: str, output_help: str, grad_ckpt_help: str) -> argparse.ArgumentParser:
     """The parser of a training job's common flags: config, model, data, sequence length, steps, output, LoRA,
     learning rate, activation checkpointing, seed (and the launcher's --local_rank)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = JobArgumentParser(description=description)
     add = parser.add_argument
     add(
         "--deepspeed",
@@ -93,13 +135,15 @@ def job_parser(description: str, *, output_dir: str, output_help: str, grad_ckpt
     )
     add("--model", default=DEFAULT_PRESET, help=f"local Hugging Face model directory or a preset: {', '.join(PRESETS)}")
     add("--data", default=None, help='text file, .jsonl ("text" field) or folder; default: the Python stdlib')
-    add("--seq-len", type=int, default=1024, help="tokens per packed row")
-    add("--max-steps", type=int, default=20, help="optimizer steps to train up to")
-    add("--output-dir", default=output_dir, help=output_help)
-    add("--lora-r", type=int, default=8, help="LoRA rank on q/k/v/o projections; 0 = full fine-tuning")
-    add("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
-    add("--grad-ckpt", choices=MODES, default="auto", help=grad_ckpt_help)
-    add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init")
+    add("--seq-len", type=int, default=1024, help="tokens per packed row (default: %(default)s)")
+    add("--max-steps", type=int, default=20, help="optimizer steps to train up to (default: %(default)s)")
+    add("--output-dir", default=output_dir, help=f"{output_help} (default: %(default)s)")
+    add("--lora-r", type=int, default=8, help="LoRA rank on q/k/v/o projections; 0 = full fine-tuning (default: "
+        "%(default)s)")  # fmt: skip
+    add("--lr", type=learning_rate, default=None,
+        help='peak learning rate (default: the config\'s; 2e-4 where it says "auto")')  # fmt: skip
+    add("--grad-ckpt", choices=MODES, default="auto", help=f"{grad_ckpt_help} (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the data order, random init and LoRA init (default: %(default)s)")
     add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -46,3 +47,27 @@ def set_cpu_threads(device_type: str) -> None:
         return
     local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(local_ranks, 1)))
+
+
+def pending_op_build() -> Path | None:
+    """The folder where deepspeed.init_distributed is about to compile DeepSpeed's shared-memory all-reduce op, or
+    None when it will not (another accelerator, a prebuilt op, or one compiled by an earlier start).
+
+    DeepSpeed's CPU backend compiles that C++ op just in time, on the first start with a given DeepSpeed and torch
+    (about a minute, before step 1, with nothing printed); later starts load it from torch's extensions folder
+    (TORCH_EXTENSIONS_DIR). Saying so beforehand tells a user why the first start is slow."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils import cpp_extension
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    if installed_ops.get(builder.NAME, False):
+        return None
+    try:
+        folder = Path(cpp_extension._get_build_directory(builder.name, verbose=False))  # where torch builds it
+    except (AttributeError, OSError):
+        return None  # another torch layout: say nothing rather than guess
+    return None if (folder / f"{builder.name}.so").exists() else folder

@@ -10,6 +10,7 @@ rank only ever holds its partition of the weights. The caller keeps the returned
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,11 @@ def add_lora(model: nn.Module, rank: int, seed: int) -> nn.Module:
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: a FutureWarning per rank about peft's
+        # code, nothing the user can act on (the property still answers correctly).
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

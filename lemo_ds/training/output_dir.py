@@ -1,12 +1,21 @@
 """The output folder before the job starts: never train over an earlier run by accident, and fail early
-(before any collective, on every rank) where the folder cannot be written."""
+(before any collective, on every rank) where the folder cannot be written.
+
+One earlier run is no obstacle: one that stopped (exit 3: a NaN loss, a full disk) before its first complete
+checkpoint. There is nothing to continue, so the same command run again starts over; its metrics.jsonl and
+summary.json are first moved to OUTPUT_DIR/stopped_runs/, not deleted.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,11 +25,14 @@ from lemo_ds.training.errors import TrainingSetupError
 # What a run leaves behind (launch/train.py): a new run without --resume would cut or replace each of them.
 RUN_FILES = ("metrics.jsonl", "summary.json")
 CHECKPOINTS = "checkpoints"
+STOPPED_RUNS = "stopped_runs"  # where a rerun puts the files of a run that stopped before its first checkpoint
+STOPPED = "stopped"  # summary.json's "status" of a run that stopped on purpose (exit 3); "done" otherwise
 
 
 def earlier_run(output_dir: Path) -> list[str]:
-    """The names in ``output_dir`` that show an earlier run (empty: none)."""
-    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    """The names in ``output_dir`` that show an earlier run (empty: none). An empty metrics.jsonl is none: a run
+    killed before its first step leaves it, with nothing in it to lose."""
+    found = [name for name in RUN_FILES if _non_empty(output_dir / name)]
     ckpt_dir = output_dir / CHECKPOINTS
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         found.append(f"{CHECKPOINTS}/")
@@ -36,6 +48,49 @@ def refuse_earlier_run(output_dir: Path) -> None:
         )
 
 
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def stopped_run(output_dir: Path) -> dict[str, Any] | None:
+    """The summary of the earlier run in ``output_dir`` if that run stopped on purpose (a NaN loss, a save the disk
+    refused); None otherwise (no summary, or a run that finished)."""
+    try:
+        summary = json.loads((Path(output_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == STOPPED else None
+
+
+def describe_stop(summary: dict[str, Any]) -> str:
+    """'stopped at step 3 (the loss is nan at step 3)': how an earlier run ended, for one line of log or error."""
+    reason = str(summary.get("stop_reason") or "").split(";")[0]
+    return f"stopped at step {summary.get('stopped_at_step')}" + (f" ({reason})" if reason else "")
+
+
+def set_aside_stopped_run(output_dir: Path) -> Path:
+    """Move the stopped run's metrics.jsonl and summary.json to OUTPUT_DIR/stopped_runs/<its step and end time>/
+    (a collective: every rank calls it; rank 0 moves them while the others wait) and return that folder."""
+    summary = stopped_run(output_dir) or {}
+    folder = Path(output_dir) / STOPPED_RUNS / f"step{summary.get('stopped_at_step')}-{summary.get('ended_at', '')}"
+    if folder.exists():
+        folder = folder.with_name(f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def move() -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            if (Path(output_dir) / name).exists():
+                os.replace(Path(output_dir) / name, folder / name)
+
+    failure = _on_rank0_then_all(move, output_dir)
+    if failure is not None:
+        raise TrainingSetupError(f"cannot set the stopped run in {output_dir} aside ({failure})")
+    return folder
+
+
 def clear_earlier_run(output_dir: Path) -> None:
     """Remove what an earlier run left in ``output_dir``."""
     for name in RUN_FILES:
@@ -47,21 +102,28 @@ def start_over(output_dir: Path) -> None:
     """--overwrite, once the process group is up (a collective: every rank calls it): rank 0 clears the earlier
     run while the others wait, so that no rank probes or reads the folder half deleted, and a failure to clear it
     stops every rank with the same one line."""
+    failure = _on_rank0_then_all(lambda: clear_earlier_run(output_dir), output_dir)
+    if failure is not None:
+        raise TrainingSetupError(f"--overwrite: cannot delete the earlier run in {output_dir} ({failure})")
+
+
+def _on_rank0_then_all(action: Callable[[], None], output_dir: Path) -> str | None:
+    """Run ``action`` on rank 0 once every rank is past its own checks of the folder (describe, before any
+    collective), while the others wait; every rank gets the same failure text (None: done)."""
     rank = distributed.rank()
     several = distributed.world_size() > 1
     if several:
-        torch.distributed.barrier()  # every rank is past its own checks of the folder (describe, before any collective)
+        torch.distributed.barrier()
     failure = None
     if rank == 0:
         try:
-            clear_earlier_run(output_dir)
+            action()
         except OSError as error:
             failure = f"{error.filename or output_dir}: {error.strerror or error}"
     box = [failure]
     if several:
-        torch.distributed.broadcast_object_list(box, src=0)  # the others wait here until the folder is clear
-    if box[0] is not None:
-        raise TrainingSetupError(f"--overwrite: cannot delete the earlier run in {output_dir} ({box[0]})")
+        torch.distributed.broadcast_object_list(box, src=0)  # the others wait here until rank 0 is done
+    return box[0]
 
 
 def require_writable(folder: Path, flag: str = "--output-dir") -> None:

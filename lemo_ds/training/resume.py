@@ -18,17 +18,23 @@ with the same line naming the rank and the cause; ``latest`` is untouched.
 Resuming takes ``latest`` if it names a complete tag, else the newest complete tag; tags without the marker
 are ignored and reported. The candidate's files are checked against its marker first; a damaged one is named
 and the next newest complete tag is tried. A checkpoint written by another number of ranks is refused (ZeRO
-partitions are per rank). The client state carries what the engine does not know: the step and how many
-global rows of the packed data stream were consumed, so a resumed run continues the data exactly where the
-checkpoint left it (model, optimizer, LR scheduler and ``engine.global_steps``, which drives the lemo
-keep-ratio schedule, come back with the engine).
+partitions are per rank), as is one of another model or LoRA rank (the marker records the run's settings). The
+client state carries what the engine does not know: the step and how many global rows of the packed data stream
+were consumed, so a resumed run continues the data exactly where the checkpoint left it (model, optimizer, LR
+scheduler and ``engine.global_steps``, which drives the lemo keep-ratio schedule, come back with the engine).
+``--lr`` on resume replaces the restored rate (``set_lr_after_resume``).
+
+A save that fails removes what it wrote of its tag (never a complete one), so a full disk gets its space back and
+no half-written tag stays behind.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,13 +44,15 @@ from typing import Any
 import torch
 
 from lemo_ds import distributed
-from lemo_ds.training import checkpoint_files, finite, retention
+from lemo_ds.training import checkpoint_files, finite, output_dir, retention
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 
 LATEST = "latest"
 COMPLETE = "lemo_ds_complete.json"
 AUTO = "auto"  # --resume auto: resume if a complete checkpoint exists, else start fresh (a requeued job)
 _MUST_MATCH = ("seq_len", "seed", "data", "model", "lora_r")
+# Of those, the ones that shape the saved weights: a checkpoint cannot load into another model or LoRA rank.
+_SAME_WEIGHTS = {"model": "--model", "lora_r": "--lora-r"}
 # A probe write after a failed save tells a full disk (or quota, or size limit) from any other failure.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _PROBE_BYTES = 1 << 20
@@ -90,6 +98,12 @@ def require_checkpoint(ckpt_dir: Path) -> None:
     found = find_checkpoint(ckpt_dir)
     if found.tag is not None:
         return
+    stopped = output_dir.stopped_run(Path(ckpt_dir).parent)
+    if stopped is not None:
+        raise TrainingSetupError(
+            f"--resume: no checkpoint in {ckpt_dir}: the earlier run {output_dir.describe_stop(stopped)} before its "
+            "first checkpoint; run the same command without --resume (it starts over from step 0)"
+        )
     if found.incomplete:
         raise TrainingSetupError(
             f"--resume: no complete checkpoint in {ckpt_dir} ({_describe_incomplete(found.incomplete)}); "
@@ -106,6 +120,50 @@ def require_world_size(ckpt_dir: Path, world_size: int) -> None:
     found = find_checkpoint(ckpt_dir)
     if found.tag is not None:
         _check_world_size(ckpt_dir / found.tag, found.markers[found.tag], world_size)
+
+
+def require_same_weights(ckpt_dir: Path, job: Any) -> None:
+    """The checkpoint to resume holds this job's model and LoRA rank (checked before any collective: DeepSpeed would
+    fail inside load_checkpoint on every rank). Markers from before lemo_ds recorded settings are not checked."""
+    found = find_checkpoint(ckpt_dir)
+    if found.tag is None:
+        return
+    settings = found.markers[found.tag].get("settings") or {}
+    for key, flag in _SAME_WEIGHTS.items():
+        if key in settings and settings[key] != getattr(job, key):
+            raise TrainingSetupError(
+                f"--resume: {Path(ckpt_dir) / found.tag} was trained with {flag} {settings[key]} and this run has "
+                f"{flag} {getattr(job, key)}; resume with {flag} {settings[key]}, or start a new run in another "
+                "--output-dir"
+            )
+
+
+def next_run_advice(ckpt_dir: Path) -> str:
+    """How to go on after a stop: continue the checkpoint there is, or run again from step 0 where there is none."""
+    if find_checkpoint(ckpt_dir).tag is not None:
+        return "continue with --resume"
+    return "run the same command again (it starts over from step 0)"
+
+
+def set_lr_after_resume(engine: Any, lr: float) -> tuple[float, float]:
+    """Make ``lr`` (--lr given on resume) the learning rate from the next step on; returns (the rate the checkpoint
+    had restored for that step, the rate now).
+
+    DeepSpeed's load_checkpoint restores the optimizer's param groups, learning rate included, and the scheduler's
+    position (its state is only ``last_batch_iteration``). The scheduler itself was built from this run's config,
+    where --lr already set the peak (optimizer lr, WarmupLR's warmup_max_lr): it only rewrites the groups' rate at
+    the end of the next step, after the restored rate has been used once. So the groups get the scheduler's rate
+    for its restored position now (without a scheduler: ``lr`` itself)."""
+    from deepspeed.runtime.lr_schedules import get_torch_optimizer, update_lr
+
+    groups = get_torch_optimizer(engine.optimizer).param_groups
+    before = float(groups[0]["lr"])
+    scheduler = engine.lr_scheduler
+    rates = scheduler.get_lr() if scheduler is not None and hasattr(scheduler, "get_lr") else [lr] * len(groups)
+    rates = update_lr(groups, rates)
+    if scheduler is not None and hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = rates  # what get_last_lr reports until the next step
+    return before, float(rates[0])
 
 
 def _check_world_size(tag_dir: Path, marker: dict, world_size: int) -> None:
@@ -131,7 +189,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
     if not finite.trainable_weights_finite(engine):
         raise TrainingStopped(
             f"the weights hold NaN or inf after step {step}; not saving {tag_dir} ({latest_note(ckpt_dir)}); "
-            "lower --lr (or check the data) and resume"
+            f"lower --lr (or check the data), then {next_run_advice(ckpt_dir)}"
         )
     if rank == 0:
         # Overwriting a tag (a run restarted in the same folder): it is incomplete until its new marker lands.
@@ -146,7 +204,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
     except OSError as error:
         failure = _failure(error, tag_dir)
     _stop_on_failures(_gather(failure), tag_dir)
-    state = {"step": step, "rows_consumed": rows_consumed, **{key: getattr(job, key) for key in _MUST_MATCH}}
+    state = {"step": step, "rows_consumed": rows_consumed, **state_settings(job)}
     try:
         # save_latest=False: DeepSpeed would write 'latest' itself, without fsync and before the marker.
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"lemo_ds_train": state}, save_latest=False)
@@ -175,7 +233,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             for folder in sorted({path.parent for path in files}, reverse=True):
                 _fsync(folder)
             marker = {"tag": tag, "step": step, "rows_consumed": rows_consumed, "world_size": world_size,
-                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": manifest}  # fmt: skip
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": state_settings(job),
+                      "files": manifest}  # fmt: skip
             write_text_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=2) + "\n")
             write_text_atomic(ckpt_dir / LATEST, tag)
             markers, incomplete = _scan(ckpt_dir)
@@ -186,6 +245,11 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             failure = _failure(error, tag_dir)
     # Rank 0's marker, 'latest' and pruning: the others learn how it went before they train on.
     _stop_on_failures([_from_rank0(failure)], tag_dir)
+
+
+def state_settings(job: Any) -> dict[str, Any]:
+    """The run's settings a checkpoint records (``_MUST_MATCH``), for the resume checks."""
+    return {key: getattr(job, key) for key in _MUST_MATCH}
 
 
 @dataclass(frozen=True)
@@ -213,13 +277,27 @@ def _stop_on_failures(verdicts: list, tag_dir: Path) -> None:
     failures = [verdict for verdict in verdicts if isinstance(verdict, _Failure)]
     if not failures:
         return
+    # A torch.save cut short by a full disk leaves its file open, held by the exception's reference cycle until the
+    # cyclic collector runs: collect now, so that the space of the files removed below comes back at once (rank 0's
+    # summary.json of the stop needs it).
+    gc.collect()
+    if _rank_and_size()[0] == 0:
+        _discard_incomplete(tag_dir)  # every rank is past its writes: the verdicts were exchanged
     causes = "; ".join(f"{failure.cause} (rank {failure.rank})" for failure in failures)
+    then = next_run_advice(tag_dir.parent)
     advice = (
-        "free space (or pass a smaller --keep-checkpoints) and continue with --resume"
+        f"free space (or pass a smaller --keep-checkpoints) and {then}"
         if any(failure.disk_full for failure in failures)
-        else "fix that and continue with --resume"
+        else f"fix that and {then}"
     )
     raise TrainingStopped(f"saving checkpoint {tag_dir} failed: {causes}; {latest_note(tag_dir.parent)}; {advice}")
+
+
+def _discard_incomplete(tag_dir: Path) -> None:
+    """Remove what a failed save wrote of ``tag_dir`` (no resume reads a tag without its marker), so that a full
+    disk gets that space back; a tag whose marker landed is complete and stays."""
+    if not (tag_dir / COMPLETE).exists():
+        shutil.rmtree(tag_dir, ignore_errors=True)
 
 
 def _probe_write(folder: Path) -> OSError | None:
