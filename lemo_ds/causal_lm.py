@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lemo_ds.class_swap import root_class
 from lemo_ds.config import LemoMemoryConfig
 from lemo_ds.controller import LemoController
 from lemo_ds.hf_compat import causal_lm_output
@@ -59,6 +60,17 @@ class LemoCausalLMMixin:
 
         forward.__signature__ = inspect.signature(model_forward)
         cls.forward = forward
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``save_pretrained``, as the model's own class: transformers writes the class name into
+        config.json's ``architectures``, which tools that pick a model class by it (vLLM, Auto classes) must read as
+        ``LlamaForCausalLM``, not ``LemoCausalLMLlamaForCausalLM``. The weights are the model's anyway."""
+        converted = type(self)
+        self.__class__ = root_class(self)
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = converted
 
     def forward(self, *args: Any, **kwargs: Any):
         if args:  # positional arguments as the model's own forward names them

@@ -399,6 +399,22 @@ def test_state_dict_and_remove_lemo_round_trip():
     assert lemo_ds.get_controller(sparse) is None
 
 
+def test_save_pretrained_writes_the_models_own_architecture(tmp_path):
+    """config.json names the model's class (tools pick the class by it), and the model stays converted."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    sparse = lemo_copy(tiny_model("llama"), keep_ratio=0.4)
+    converted = type(sparse)
+    sparse.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert type(sparse) is converted and lemo_ds.get_controller(sparse) is not None
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(loaded.lm_head.weight, sparse.lm_head.weight.to(loaded.lm_head.weight.dtype))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_converted_model_shows_the_models_forward_signature(family):
     """Hugging Face's Trainer keeps only the batch columns that ``model.forward`` names (position_ids among them)."""
