@@ -253,7 +253,7 @@ def describe(args: argparse.Namespace) -> Job:
     if args.resume is True:  # --resume auto may find nothing, and then starts fresh
         resume.require_checkpoint(ckpt_dir)
     if args.resume:
-        resume.require_world_size(ckpt_dir, world_size)
+        ds_config = resume.universal_config(ckpt_dir, world_size, ds_config)
         resume.require_same_weights(ckpt_dir, args)
         set_aside = args.resume == resume.AUTO and _stopped_before_first_checkpoint(out)  # it starts fresh, too
     elif not args.overwrite:  # --overwrite: rank 0 clears the earlier run once every rank is past these checks

@@ -21,6 +21,8 @@ def pytest_sessionfinish(session, exitstatus):
     them: 66 MB per rank per job; see lemo_ds.training.launch_env.release_cpu_comm_buffer)."""
     from pathlib import Path
 
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller cleans up once all are done
+        return
     started = getattr(session.config, "_lemo_started", None)
     if started is None:
         return

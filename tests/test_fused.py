@@ -150,6 +150,10 @@ def test_fused_linear_cross_entropy_equals_segment_loss():
     gen = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(16, 50, bias=False).to(DEVICE)
     hidden = torch.randn(2, 13, 16, generator=gen).to(DEVICE).requires_grad_()
+    if not segment_loss.liger_usable(hidden):
+        triton = pytest.importorskip("triton")
+        pytest.skip(f"Liger's kernels cannot run on {DEVICE} here (Triton {triton.__version__}: its interpreter runs "
+                    "them from 3.7)")
     labels = torch.randint(0, 50, (2, 13), generator=gen).to(DEVICE)
     labels[0, 4] = -100
     results = []

@@ -386,11 +386,31 @@ def test_marker_checksums_catch_a_damaged_file_and_retention_prunes(tmp_path):
     assert found.candidates == ("step3", "step2")  # load() verifies them in this order
 
 
-def test_world_size_of_the_checkpoint_is_checked_before_any_collective(tmp_path):
+def test_another_world_size_builds_the_engine_for_the_universal_load_before_any_collective(tmp_path):
+    """Same number of ranks: the config as it was. Another: DeepSpeed's universal load turned on (the user's other
+    "checkpoint" keys kept). Without ZeRO there is nothing to convert: refused, naming both counts."""
     resume.save(_Engine(), tmp_path, 1, 2, ARGS)
-    resume.require_world_size(tmp_path, 1)
-    with pytest.raises(TrainingSetupError, match=r"saved by 1 ranks but this job has 4; .*resume it on 1 ranks"):
-        resume.require_world_size(tmp_path, 4)
+    zero3 = {"zero_optimization": {"stage": 3}, "checkpoint": {"tag_validation": "warn"}}
+    assert resume.universal_config(tmp_path, 1, zero3) is zero3
+    universal_zero3 = resume.universal_config(tmp_path, 4, zero3)
+    assert universal_zero3["checkpoint"] == {"tag_validation": "warn", "load_universal": True}
+    assert resume.universal_config(tmp_path, 4, {"zero_optimization": {"stage": 2}})["checkpoint"]["load_universal"]
+    refused = r"saved by 1 ranks but this job has 4, and without ZeRO .*resume it on 1 ranks, or train with ZeRO stage"
+    with pytest.raises(TrainingSetupError, match=refused):
+        resume.universal_config(tmp_path, 4, {"zero_optimization": {"stage": 0}})
+    assert resume.universal_config(tmp_path / "none", 4, {}) == {}  # nothing to resume: --resume auto starts fresh
+
+
+def test_a_failed_conversion_is_one_line_and_leaves_no_folder(tmp_path):
+    """DeepSpeed's converter on a tag without ZeRO optimizer partitions (what _Engine writes) fails: the error names
+    the tag and the converter's last lines, and neither the temporary folder nor a universal one stays."""
+    from lemo_ds.training import universal
+
+    resume.save(_Engine(), tmp_path, 1, 2, ARGS)
+    with pytest.raises(RuntimeError, match=r"universal-checkpoint conversion of .*step1 failed: .+"):
+        universal.convert(tmp_path / "step1")
+    assert sorted(p.name for p in (tmp_path / "step1").iterdir()) == [resume.COMPLETE, "mp_rank_00_model_states.pt"]
+    assert universal.converted(tmp_path / "step1") is None
 
 
 # ---- the job description, and lemo_ds.initialize given the parsed section ------------------------------------

@@ -100,14 +100,28 @@ class SegmentedLMLoss(torch.autograd.Function):
         return grad_hidden, None, None, None, None
 
 
-def _liger_usable(hidden: torch.Tensor) -> bool:
+# Triton's interpreter before 3.7 cannot run Liger's cross-entropy kernel (its loop bound arrives as an array, not
+# a scalar: "only 0-dimensional arrays can be converted to Python scalars"); compiled kernels on CUDA are unaffected.
+INTERPRETER_MIN_TRITON = (3, 7)
+
+
+def _interpreter_runs_liger() -> bool:
+    import triton
+
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= INTERPRETER_MIN_TRITON
+
+
+def liger_usable(hidden: torch.Tensor) -> bool:
     """Liger's kernels can run here: liger-kernel imports, and the tensors are CUDA ones (or CPU ones under
-    TRITON_INTERPRET=1, which is how the tests run them)."""
+    TRITON_INTERPRET=1, which is how the tests run them, with a Triton whose interpreter runs Liger's kernels)."""
     try:
         import liger_kernel.transformers.functional  # noqa: F401
     except ImportError:
         return False
-    return triton_usable(hidden)
+    if not triton_usable(hidden):
+        return False
+    return hidden.is_cuda or _interpreter_runs_liger()
 
 
 def _fused_head_forward(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -154,13 +168,13 @@ def segment_lm_loss(
         divisor = (targets != IGNORE_INDEX).sum().to(torch.float32)
     else:
         divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    use_liger = impl == "liger" or (impl == "auto" and hidden.is_cuda and _liger_usable(hidden))
+    use_liger = impl == "liger" or (impl == "auto" and hidden.is_cuda and liger_usable(hidden))
     if use_liger:
-        if not _liger_usable(hidden):
+        if not liger_usable(hidden):
             raise RuntimeError(
                 "segment_loss_impl \"liger\" needs liger-kernel installed (pip install liger-kernel, or the extra "
-                "lemo_ds[liger]) and CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); use \"auto\" or "
-                "\"torch\""
+                "lemo_ds[liger]) and CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 with triton>=3.7); "
+                "use \"auto\" or \"torch\""
             )
         return fused_linear_cross_entropy_sum(lm_head, hidden, targets).float() / divisor
     return SegmentedLMLoss.apply(hidden, lm_head, targets, divisor, segment_tokens)

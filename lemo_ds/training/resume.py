@@ -17,10 +17,12 @@ with the same line naming the rank and the cause; ``latest`` is untouched.
 
 Resuming takes ``latest`` if it names a complete tag, else the newest complete tag; tags without the marker
 are ignored and reported. The candidate's files are checked against its marker first; a damaged one is named
-and the next newest complete tag is tried. A checkpoint written by another number of ranks is refused (ZeRO
-partitions are per rank), as is one of another model or LoRA rank (the marker records the run's settings). The
-client state carries what the engine does not know: the step and how many global rows of the packed data stream
-were consumed, so a resumed run continues the data exactly where the checkpoint left it (model, optimizer, LR
+and the next newest complete tag is tried. A checkpoint written by another number of ranks (ZeRO partitions are
+per rank) loads through DeepSpeed's universal checkpoint, converted once into its tag (lemo_ds.training.universal);
+one of another model or LoRA rank is refused (the marker records the run's settings). The client state carries
+what the engine does not know: the step and how many global rows of the packed data stream were consumed (the
+global row order does not depend on the number of ranks), so a resumed run continues the data exactly where the
+checkpoint left it, on any number of ranks (model, optimizer, LR
 scheduler and ``engine.global_steps``, which drives the lemo keep-ratio schedule, come back with the engine).
 ``--lr`` on resume replaces the restored rate (``set_lr_after_resume``).
 
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 
 from lemo_ds import distributed
-from lemo_ds.training import checkpoint_files, finite, output_dir, retention
+from lemo_ds.training import checkpoint_files, finite, output_dir, retention, universal
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 
 LATEST = "latest"
@@ -115,11 +117,22 @@ def require_checkpoint(ckpt_dir: Path) -> None:
     )
 
 
-def require_world_size(ckpt_dir: Path, world_size: int) -> None:
-    """The checkpoint to resume was written by this many ranks (checked before any collective)."""
+def universal_config(ckpt_dir: Path, world_size: int, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """``ds_config`` as the engine must be built to resume ``ckpt_dir`` on ``world_size`` ranks (checked before any
+    collective): a checkpoint saved by another number of ranks loads through DeepSpeed's universal checkpoint
+    (lemo_ds.training.universal), which DeepSpeed's ``"checkpoint": {"load_universal": true}`` turns on."""
     found = find_checkpoint(ckpt_dir)
-    if found.tag is not None:
-        _check_world_size(ckpt_dir / found.tag, found.markers[found.tag], world_size)
+    saved = found.markers[found.tag].get("world_size") if found.tag is not None else None
+    if not isinstance(saved, int) or saved == world_size:
+        return ds_config
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage == 0:
+        raise TrainingSetupError(
+            f"--resume: {Path(ckpt_dir) / found.tag} was saved by {saved} ranks but this job has {world_size}, and "
+            "without ZeRO (zero_optimization.stage 0) DeepSpeed cannot convert it to a universal checkpoint; resume "
+            f"it on {saved} ranks, or train with ZeRO stage 1, 2 or 3"
+        )
+    return {**ds_config, "checkpoint": {**(ds_config.get("checkpoint") or {}), "load_universal": True}}
 
 
 def require_same_weights(ckpt_dir: Path, job: Any) -> None:
@@ -167,11 +180,14 @@ def set_lr_after_resume(engine: Any, lr: float) -> tuple[float, float]:
 
 
 def _check_world_size(tag_dir: Path, marker: dict, world_size: int) -> None:
+    """Without the universal load (the job was set up for a tag of this size), a tag of another size cannot load: the
+    case of an older tag taken because a newer one of this size is damaged."""
     saved = marker.get("world_size")
     if isinstance(saved, int) and saved != world_size:
         raise TrainingSetupError(
-            f"--resume: {tag_dir} was saved by {saved} ranks but this job has {world_size}; ZeRO partitions "
-            f"the model and optimizer state per rank, so resume it on {saved} ranks"
+            f"--resume: {tag_dir} was saved by {saved} ranks but this job has {world_size} (and was set up for a "
+            "checkpoint of its own size, which is damaged); run the same command again: the resume then converts "
+            f"{tag_dir.name} to DeepSpeed's universal checkpoint"
         )
 
 
@@ -340,8 +356,16 @@ def load(engine: Any, ckpt_dir: Path, job: Any, log: Callable[[str], None]) -> d
             return None
         raise TrainingSetupError(f"--resume: no complete checkpoint in {ckpt_dir}")
     tag = _first_undamaged(ckpt_dir, found, log)
-    _check_world_size(ckpt_dir / tag, found.markers[tag], _rank_and_size()[1])
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    saved = found.markers[tag].get("world_size")
+    how = ""
+    if engine.load_universal_checkpoint():
+        converted = _universal_checkpoint(ckpt_dir / tag)
+        path, client_state = engine.load_checkpoint(str(ckpt_dir / tag), tag=universal.UNIVERSAL)
+        how = (f", saved by {saved} ranks, on {_rank_and_size()[1]} through DeepSpeed's universal checkpoint "
+               f"({converted} {ckpt_dir / tag / universal.UNIVERSAL})")  # fmt: skip
+    else:
+        _check_world_size(ckpt_dir / tag, found.markers[tag], _rank_and_size()[1])
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     state = (client_state or {}).get("lemo_ds_train")
     if path is None or state is None:
         raise TrainingSetupError(f"--resume: {ckpt_dir / tag} holds no checkpoint written by launch/train.py")
@@ -350,8 +374,26 @@ def load(engine: Any, ckpt_dir: Path, job: Any, log: Callable[[str], None]) -> d
     ]
     if changed:
         log(f"warning: resuming with changed settings ({'; '.join(changed)}): the data order will not continue exactly")
-    log(f"resumed from {ckpt_dir / tag} at step {state['step']} ({state['rows_consumed']} rows consumed)")
+    log(f"resumed from {ckpt_dir / tag} at step {state['step']} ({state['rows_consumed']} rows consumed){how}")
     return state
+
+
+def _universal_checkpoint(tag_dir: Path) -> str:
+    """Rank 0 converts ``tag_dir`` to a universal checkpoint unless it was; every rank raises the same
+    TrainingSetupError if that fails. Returns how the folder came to be ("converted to" or "already in")."""
+    outcome = None
+    if _rank_and_size()[0] == 0:
+        try:
+            outcome = "already in" if universal.converted(tag_dir) is not None else "converted to"
+            universal.convert(tag_dir)
+        except (OSError, RuntimeError) as error:
+            outcome = _Failure(0, str(error), disk_full=False)
+    outcome = _from_rank0(outcome)
+    if isinstance(outcome, _Failure):
+        raise TrainingSetupError(
+            f"--resume on another number of ranks: {outcome.cause}; resume on the number of ranks that saved it"
+        )
+    return outcome
 
 
 def _first_undamaged(ckpt_dir: Path, found: Found, log: Callable[[str], None]) -> str:

@@ -17,14 +17,18 @@ import torch
 from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, write_report, zero_model
 
 import lemo_ds
+from lemo_ds.memory import segment_loss
 
 LEMO = {"block_size": 8, "keep_ratio": 0.4, "dense_layers": [0], "scorer": "oracle"}
 SEQ = 40
 MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
 # --all-memory: every memory feature and the fused ops (Triton RMSNorm/RoPE/SwiGLU, Liger's fused linear
 # cross-entropy as the partitioned LM head's forward) on the ZeRO-3 model; the reference runs with none of them.
+# Liger's loss where Triton's interpreter runs it (3.7 on), lemo_ds's segmented torch loss below that.
+LIGER_LOSS = "liger" if segment_loss.liger_usable(torch.zeros(1)) else "torch"
 MEMORY_ALL = {"segment_loss": True, "segment_tokens": 16, "sparse_checkpointing": True, "tiled_mlp": True,
-              "tiled_mlp_tokens": 16, "compact_saves": True, "offload_checkpoints": True, "segment_loss_impl": "liger"}
+              "tiled_mlp_tokens": 16, "compact_saves": True, "offload_checkpoints": True,
+              "segment_loss_impl": LIGER_LOSS}
 
 
 def batch_of(rank: int):
