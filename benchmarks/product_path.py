@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,14 @@ def case_command(config: str, model: str, seq: int, data: str | None, steps: int
     common += ["--data", data] if data is not None else []
     if config in BASELINES:
         return [sys.executable, "benchmarks/hf_liger_job.py", "--kernels", BASELINES[config], *common]
-    return ["deepspeed", "--num_gpus", "1", "launch/train.py", "--deepspeed", config, "--no-save", *common]
+    return [deepspeed_launcher(), "--num_gpus", "1", "launch/train.py", "--deepspeed", config, "--no-save", *common]
+
+
+def deepspeed_launcher() -> str:
+    """``deepspeed`` from PATH, else the one installed beside this interpreter (a virtual environment that was not
+    activated)."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    return "deepspeed" if shutil.which("deepspeed") or not beside.exists() else str(beside)
 
 
 def row_figures(model: str, data: str | None, seq: int, steps: int, seed: int = 0) -> list[dict]:

@@ -224,8 +224,9 @@ class LemoConfig(_LemoSection):
     """Seed of the random scorer (combined with the layer index, step and micro-batch counter)."""
 
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    """Gather/write-back implementation. ``auto``: Triton where it can run (CUDA tensors, or CPU under
-    TRITON_INTERPRET=1), PyTorch elsewhere; ``triton``: Triton or an error; ``torch``: PyTorch only."""
+    """Gather/write-back and scoring implementation. ``auto``: Triton on CUDA tensors, PyTorch elsewhere (also
+    under TRITON_INTERPRET=1: the interpreter is for checking the kernels); ``triton``: Triton (CPU tensors only
+    under TRITON_INTERPRET=1) or an error; ``torch``: PyTorch only."""
 
     fused_ops: Literal["auto", "on", "off"] = "auto"
     """RMSNorm, RoPE and the SwiGLU product of every decoder layer (dense and sparse) and the final norm as lemo_ds's

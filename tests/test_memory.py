@@ -177,7 +177,8 @@ def test_stored_activations_follow_the_formula():
     memory = {**MEMORY_OFF, "sparse_checkpointing": True}
     dense = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), {"keep_ratio": 1.0, "memory": memory}), "reentrant")
     outside = _saved_bytes(dense, ids, labels) - layers * batch * seq * hidden * item
-    section = {"block_size": BLOCK, "keep_ratio": [1.0, 0.5, 0.25, 0.5, 0.25, 1.0], "scorer": "norm", "memory": memory}
+    section = {"block_size": BLOCK, "keep_ratio": [1.0, 0.5, 0.25, 0.5, 0.25, 1.0], "scorer": "norm", "memory": memory,
+               "kernels": "triton"}  # fmt: skip
     sparse = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), section), "reentrant")
     kept_rows = [seq if r == 1.0 else round(r * seq / BLOCK) * BLOCK for r in section["keep_ratio"]]
     indices = sum(k for k, r in zip(kept_rows, section["keep_ratio"]) if r < 1.0) * batch * 8  # int64 kept rows
@@ -345,7 +346,7 @@ def test_stored_inputs_follow_the_formula_and_offload_moves_them_out():
     kept_rows = [seq if r == 1.0 else round(r * seq / BLOCK) * BLOCK for r in ratios]
     indices = sum(k for k, r in zip(kept_rows, ratios) if r < 1.0) * batch * 8  # int64 kept rows
     for offload in (False, True):
-        section = {"block_size": BLOCK, "keep_ratio": ratios, "scorer": "norm",
+        section = {"block_size": BLOCK, "keep_ratio": ratios, "scorer": "norm", "kernels": "triton",
                    "memory": {**memory, "offload_checkpoints": offload}}
         sparse = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), section), "reentrant")
         inputs = 0 if offload else sum(kept_rows) * batch * hidden * item

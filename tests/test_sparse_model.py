@@ -114,6 +114,17 @@ def test_matches_masked_reference(family, scorer):
     assert stats[0] == 1.0 and all(r < 0.6 for r in stats[1:])
 
 
+def test_matches_masked_reference_on_the_triton_kernels():
+    """The same on the Triton gather and write-back kernels (the interpreter on a CPU machine): "auto" takes them on
+    CUDA only, so the other tests of this file run the PyTorch references on a CPU machine. (The oracle-score kernel
+    needs a head dim of 16 or more: tests/test_kernels_oracle_scores.py.)"""
+    model = tiny_model("llama", layers=4).to(KERNEL_DEVICE)
+    ids, weights = (t.to(KERNEL_DEVICE) for t in batch(s=70))
+    sparse = lemo_copy(model, keep_ratio=0.4, dense_layers=[0], scorer="norm", kernels="triton")
+    expected = reference_and_grads(model, ids, weights, ratios=[1.0, 0.4, 0.4, 0.4], block=BLOCK, scorer="norm")
+    assert_same(loss_and_grads(sparse, ids, weights), expected, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize(
     "rope",
     [

@@ -59,18 +59,22 @@ def _why_not_usable(present: list[torch.Tensor]) -> str:
 def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
     """Map a requested backend to the one that runs: ``"triton"`` or ``"torch"``.
 
-    ``"auto"`` takes Triton when :func:`triton_usable` says so, else torch; ``"torch"`` is always honoured;
-    ``"triton"`` raises ``RuntimeError`` when Triton cannot run on these tensors rather than silently falling back,
-    so that a config asking for the kernels never measures the reference by mistake.
+    ``"auto"`` takes Triton on CUDA tensors, else torch (never Triton's CPU interpreter, which is for checking the
+    kernels: it runs a model's step hundreds of times slower than the references, which compute the same values);
+    ``"torch"`` is always honoured; ``"triton"`` runs Triton on CUDA tensors or, under TRITON_INTERPRET=1, on CPU
+    ones, and raises ``RuntimeError`` when Triton cannot run on these tensors rather than silently falling back, so
+    that a config asking for the kernels never measures the reference by mistake.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}: allowed values are {', '.join(map(repr, BACKENDS))}")
     if backend == "torch":
         return "torch"
+    if backend == "auto":
+        present = [t for t in tensors if t is not None]
+        on_cuda = all(t.is_cuda for t in present) if present else torch.cuda.is_available()
+        return "triton" if on_cuda and triton_usable(*tensors) else "torch"
     if triton_usable(*tensors):
         return "triton"
-    if backend == "auto":
-        return "torch"
     present = [t for t in tensors if t is not None]
     raise RuntimeError(
         f"kernel backend 'triton' was requested but cannot run: {_why_not_usable(present)}. "
