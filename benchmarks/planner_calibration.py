@@ -302,6 +302,7 @@ def main() -> int:
         p = predict(case)
         fits = memory.fits(p, int(gpu_gib * GIB), int(H200_HOST_GIB * GIB))
         row = {"case": name, "source": f"benchmarks/results/{source}", "role": role, "seq_len": seq,
+               "keep_ratios": list(case[4]),
                "setup": setup, "gpu_gib": gpu_gib, "predicted_gib": round(p.device_bytes / GIB, 2),
                "predicted_host_gib": round(p.host_bytes / GIB, 2), "predicted_fits": fits,
                "terms_gib": {k: round(v / GIB, 2) for k, v in p.terms.items()}}  # fmt: skip
