@@ -155,9 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(python -m lemo_ds.plan; default: %(default)s)",
     )
     add("--gpu-mem", type=memory_size, default=None,
-        help="device memory the planner budgets, e.g. 80GiB (default: the CUDA device's, else free RAM)")  # fmt: skip
+        help="device memory the planner budgets, e.g. 80GiB (default: the GPU's, else RAM per rank)")  # fmt: skip
     add("--host-mem", type=memory_size, default=None,
-        help="host memory the planner budgets, e.g. 128GiB (default: MemAvailable of /proc/meminfo)")  # fmt: skip
+        help="host memory the planner budgets, e.g. 128GiB (default: RAM per local rank)")  # fmt: skip
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps (default: 1)")
     add(
         "--verbose",

@@ -3,8 +3,9 @@
 
 Prints the predicted peak device and host memory of that launch/train.py job with the formula's terms
 (lemo_ds/plan/memory.py) and, when it does not fit, the cheapest change that does, as the "lemo" section to paste.
-Default --gpu-mem: the current CUDA device's total memory, or on a machine without CUDA its available RAM (a CPU
-run's tensors live there); default --host-mem: MemAvailable of /proc/meminfo.
+Default --gpu-mem: the CUDA device's total memory, or on a machine without CUDA its RAM (MemTotal; a CPU run's
+tensors live there) over the job's ranks on the machine (LOCAL_WORLD_SIZE); default --host-mem: MemTotal over those
+ranks. Totals, not what is free: every rank of a job reaches the same verdict.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--model", required=True, help="a preset (lemo_ds/training/presets.py) or a Hugging Face model directory")
     add("--seq-len", required=True, help="tokens per row: 4096, 32K, 1M, or max (the longest that fits)")
     add("--deepspeed", default=str(DEFAULT_CONFIG), metavar="CONFIG", help="DeepSpeed config (default: %(default)s)")
-    add("--gpu-mem", default=None, help="device memory, e.g. 80GiB (default: this CUDA device's, else available RAM)")
-    add("--host-mem", default=None, help="host memory, e.g. 128GiB (default: MemAvailable of /proc/meminfo)")
+    add("--gpu-mem", default=None, help="device memory, e.g. 80GiB (default: this CUDA device's, else RAM per rank)")
+    add("--host-mem", default=None, help="host memory, e.g. 128GiB (default: RAM per rank here)")
     add("--world-size", type=int, default=1, help="ranks (default: %(default)s)")
     add("--lora-r", type=int, default=8, help="LoRA rank; 0 = full fine-tuning (default: %(default)s)")
     add("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available, else cpu")

@@ -50,17 +50,25 @@ def meminfo(key: str) -> int:
     raise KeyError(key)
 
 
+def _local_ranks() -> int:
+    """Ranks of this job on this machine (the launchers set LOCAL_WORLD_SIZE; one without it: 1)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_gpu_mem(device: str) -> int:
-    """The current CUDA device's total memory; on a CPU run the host's available RAM (the device is the host)."""
+    """This rank's device memory: its CUDA device's total; on a CPU run the host's RAM (MemTotal) shared by the ranks
+    on this machine. Totals, not what is free now: every rank must reach the same verdict before any collective."""
     if device == "cuda":
         import torch
 
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return meminfo("MemAvailable")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+        return torch.cuda.get_device_properties(local_rank).total_memory
+    return meminfo("MemTotal") // _local_ranks()
 
 
 def default_host_mem() -> int:
-    return meminfo("MemAvailable") if os.path.exists("/proc/meminfo") else 1 << 62
+    """This rank's share of the host's RAM (MemTotal over the ranks on this machine)."""
+    return meminfo("MemTotal") // _local_ranks() if os.path.exists("/proc/meminfo") else 1 << 62
 
 
 @dataclass(frozen=True)
