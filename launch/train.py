@@ -75,6 +75,9 @@ from tqdm import tqdm  # noqa: E402
 import lemo_ds  # noqa: E402
 from lemo_ds.config import LemoConfig, load_ds_config, split_ds_config  # noqa: E402
 from lemo_ds.errors import LemoError  # noqa: E402
+from lemo_ds.plan import job as plan_job  # noqa: E402
+from lemo_ds.plan import refusal as plan_refusal  # noqa: E402
+from lemo_ds.plan import search as plan_search  # noqa: E402
 from lemo_ds.predictors import job as predictor_job  # noqa: E402
 from lemo_ds.scorers import build_scorer  # noqa: E402
 from lemo_ds.training import (  # noqa: E402
@@ -107,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         output_help="metrics.jsonl, summary.json, checkpoints/",
         grad_ckpt_help='activation checkpointing; auto: DeepSpeed\'s if the config has "activation_checkpointing", '
         "else off",
+        seq_len_max=True,
     )
     add = parser.add_argument
     add("--predictor", default=None, help='trained predictors file (lemo scorer "predictor")')
@@ -143,6 +147,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start over in an --output-dir that holds an earlier run, deleting its metrics, summary and checkpoints",
     )
+    add(
+        "--memory-check",
+        choices=("on", "off"),
+        default="on",
+        help="before loading weights, stop a job the memory planner predicts does not fit, naming a plan that does "
+        "(python -m lemo_ds.plan; default: %(default)s)",
+    )
+    add("--gpu-mem", type=memory_size, default=None,
+        help="device memory the planner budgets, e.g. 80GiB (default: the GPU's, else RAM per rank)")  # fmt: skip
+    add("--host-mem", type=memory_size, default=None,
+        help="host memory the planner budgets, e.g. 128GiB (default: RAM per local rank)")  # fmt: skip
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps (default: 1)")
     add(
         "--verbose",
@@ -154,7 +169,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     if args.overwrite and args.resume:
         parser.error("--overwrite starts over and --resume continues: give one of them")
+    if args.seq_len == "max" and args.memory_check == "off":
+        parser.error("--seq-len max asks the memory planner, which --memory-check off turns off: give a length")
     return args
+
+
+def memory_size(text: str) -> int:
+    try:
+        return plan_search.parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # ---- describe: the Job ---------------------------------------------------------------------------------
@@ -223,6 +247,11 @@ def describe(args: argparse.Namespace) -> Job:
 
     source = model.resolve_model(args.model)
     warnings = []
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.memory_check == "on":  # before any weights are loaded: a job that cannot fit stops here, in one line
+        given = raw.get("lemo")  # the section as written: the refusal prints it with the plan's changes
+        args.seq_len, note = check_memory(args, source, given, ds_config, lemo, dtype, device_type, world_size)
+        warnings += [note] if note else []
     if lemo is not None:
         lemo_ds.policies.check_supported(source.config.model_type)
         if args.seq_len < lemo.block_size:
@@ -246,7 +275,6 @@ def describe(args: argparse.Namespace) -> Job:
         eval_files = data.discover_files(args.eval_data, flag="--eval-data")
         data.check_corpus(eval_files, tokenizer, args.seq_len, args.eval_data, flag="--eval-data")
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.output_dir)
     ckpt_dir = out / output_dir.CHECKPOINTS
     set_aside = False
@@ -300,6 +328,39 @@ def describe(args: argparse.Namespace) -> Job:
         flag_values=MappingProxyType(dict(vars(args))),
         warnings=tuple(warnings),
     )
+
+
+def check_memory(
+    args: argparse.Namespace, source: model.ModelSource, lemo_section: dict | None, ds_config: dict[str, Any],
+    lemo: LemoConfig | None, dtype: torch.dtype, device_type: str, world_size: int,
+) -> tuple[int, str | None]:  # fmt: skip
+    """The planner's verdict (lemo_ds/plan): (the sequence length, a note for the log). ``--seq-len max``
+    resolves to the longest length that fits; a length that does not fit is a TrainingSetupError naming the
+    predicted peak, the memory and the change that fits."""
+    device = "cuda" if device_type == "cuda" else "cpu"
+    gpu_mem = args.gpu_mem or plan_search.default_gpu_mem(device)
+    host_mem = args.host_mem or plan_search.default_host_mem()
+    seq = 1 if args.seq_len == "max" else args.seq_len
+    shape, setup = plan_job.job_setup(
+        source.config, ds_config, lemo, seq_len=seq, lora_r=args.lora_r, world_size=world_size, device=device,
+        dtype=dtype, checkpointing=checkpointing.resolve_mode(args.grad_ckpt, ds_config) != "off",
+    )  # fmt: skip
+    note = None
+    if args.seq_len == "max":
+        multiple = lemo.block_size if lemo is not None else 64
+        seq = plan_search.longest_fit(shape, setup, gpu_mem, host_mem, multiple)
+        if seq == 0:
+            raise TrainingSetupError(
+                f"--seq-len max: not even {multiple} tokens fit {plan_search.gib(gpu_mem)} of device memory "
+                f"and {plan_search.gib(host_mem)} of host memory by the planner; give --gpu-mem/--host-mem or "
+                "another --deepspeed config"
+            )
+        note = f"--seq-len max: {seq} tokens, the longest the memory planner predicts fits {plan_search.gib(gpu_mem)}"
+        setup = plan_job.with_seq_len(setup, seq)
+    result = plan_search.plan(shape, setup, gpu_mem, host_mem)
+    if not result.fits:
+        raise TrainingSetupError(plan_refusal.refusal(result, gpu_mem, host_mem, seq, lemo_section))
+    return seq, note
 
 
 def _stopped_before_first_checkpoint(out: Path) -> bool:

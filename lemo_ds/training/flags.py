@@ -120,9 +120,22 @@ class JobArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"lemo_ds: error: {message} (see --help)\n")
 
 
-def job_parser(description: str, *, output_dir: str, output_help: str, grad_ckpt_help: str) -> argparse.ArgumentParser:
+def seq_len_or_max(text: str) -> int | str:
+    """--seq-len of launch/train.py: a number of tokens, or "max" (the planner's longest length that fits)."""
+    if text == "max":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of tokens nor max") from None
+
+
+def job_parser(
+    description: str, *, output_dir: str, output_help: str, grad_ckpt_help: str, seq_len_max: bool = False
+) -> argparse.ArgumentParser:
     """The parser of a training job's common flags: config, model, data, sequence length, steps, output, LoRA,
-    learning rate, activation checkpointing, seed (and the launcher's --local_rank)."""
+    learning rate, activation checkpointing, seed (and the launcher's --local_rank). ``seq_len_max``: --seq-len
+    also takes "max" (launch/train.py resolves it with the planner)."""
     parser = JobArgumentParser(description=description)
     add = parser.add_argument
     add(
@@ -135,7 +148,11 @@ def job_parser(description: str, *, output_dir: str, output_help: str, grad_ckpt
     )
     add("--model", default=DEFAULT_PRESET, help=f"local Hugging Face model directory or a preset: {', '.join(PRESETS)}")
     add("--data", default=None, help='text file, .jsonl ("text" field) or folder; default: the Python stdlib')
-    add("--seq-len", type=int, default=1024, help="tokens per packed row (default: %(default)s)")
+    if seq_len_max:
+        add("--seq-len", type=seq_len_or_max, default=1024,
+            help="tokens per packed row, or max: the longest the planner says fits (default: %(default)s)")  # fmt: skip
+    else:
+        add("--seq-len", type=int, default=1024, help="tokens per packed row (default: %(default)s)")
     add("--max-steps", type=int, default=20, help="optimizer steps to train up to (default: %(default)s)")
     add("--output-dir", default=output_dir, help=f"{output_help} (default: %(default)s)")
     add("--lora-r", type=int, default=8, help="LoRA rank on q/k/v/o projections; 0 = full fine-tuning (default: "
@@ -162,6 +179,8 @@ def parse_job_flags(
         (("lora_r", *non_negative), 0, "0 or more"),
     ):
         for name in names:
+            if getattr(args, name) == "max":  # --seq-len max: resolved by the job
+                continue
             if getattr(args, name) < low:
                 parser.error(f"--{name.replace('_', '-')} must be {words}")
     return args

@@ -1,0 +1,225 @@
+"""The planner's memory model: predicted peak device and host memory of one training step of launch/train.py.
+
+Notation, per rank: s = tokens of a row on this rank (seq_len / sequence_parallel_size, times the micro-batch),
+h = hidden size, I = MLP intermediate size, V = vocabulary, L = decoder layers, b = bytes of the training dtype
+(2 for bf16), P = parameters of the base model, T = trainable parameters (LoRA r on q/k/v/o, or P for full
+fine-tuning), W = data-parallel ranks. A layer's "stored input" is what activation checkpointing keeps of it:
+s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a sparse layer.
+
+    device peak = weights + trainable + stored_inputs + max(layer_backward, loss) + CONSTANT
+    host        = HOST_PROCESS + offloaded_inputs
+
+- weights: P x b (ZeRO-3: P x b / W plus two gathered decoder layers, the one computing and the one prefetched).
+- trainable: T x 16 bytes (bf16 weight and gradient, float32 master weight and Adam's two moments); ZeRO 1/2/3
+  partition the 12 optimizer bytes / the gradient too / the weight too over W.
+- stored_inputs: with checkpointing, the sum of the layers' stored inputs (on the host instead with
+  offload_checkpoints, where the device holds only the two in flight: the layer being recomputed and the one
+  prefetched); without checkpointing every layer keeps its whole backward working set (keep_ratio x s of it for
+  a sparse layer): an uncalibrated upper estimate.
+- layer_backward: the recompute and backward of one dense decoder layer at s tokens,
+  s x (A_H x h + 6 x I) x b: the MLP's gate, up, product and their three gradients ([s, I] each), and A_H x h
+  elements for everything else (attention's q/k/v/o and their gradients, the residual gradients, LoRA, norms),
+  A_H fitted on the committed measurements (below). Tiled MLP: the MLP's share is one tile's (tiled_mlp_tokens)
+  plus the tiling's full-length input gradient, output and output gradient (3 x h x b per token). Without the
+  fused kernels (fused_ops off, or any CPU run) the norms' float32 copies and SiLU's output add 8 x h + I x b per
+  token (0 when compact_saves recomputes them).
+- loss (at its own moment of the step, so max with layer_backward, not a sum): the segment loss holds one
+  segment's float32 logits and their gradient (segment x V x 8 bytes, Liger's chunk s / ceil(V / h) rows on
+  CUDA) plus the hidden states' gradient (s x h x b); Hugging Face's loss holds the whole [s, V] logits in b
+  bytes, their float32 upcast, log-softmax and gradient (s x V x (b + 12)): what plain DeepSpeed's out-of-memory
+  message reported at 64K (96.22 GiB allocated, 31.31 GiB more asked: benchmarks/results/packed-rows-20261202/).
+- CONSTANT: what the step allocates beside these (DeepSpeed's buckets, scorer, allocator rounding), fitted.
+- offloaded_inputs: the stored inputs in pinned host buffers, each rounded up to a power of two (PyTorch's
+  caching host allocator does so): this, not the device, stopped the packed-row max-context search at 520K.
+- HOST_PROCESS: the Python process with torch, CUDA and DeepSpeed loaded (an assumption, not fitted).
+
+The device peak is what ``torch.cuda.max_memory_allocated`` measures; a job fits when it is at most the device's
+memory less RESERVE_SHARE (CUDA context, allocator fragmentation), and its host bytes at most the host's memory.
+
+Calibration: benchmarks/planner_calibration.py reads the committed benchmark results and writes
+benchmarks/results/planner-calibration.json (case, config, measured peak, prediction, error). The constants below
+are copied from that file's "fit" block; the planner never reads benchmarks/ at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GIB = 1 << 30
+
+# Fitted by benchmarks/planner_calibration.py (benchmarks/results/planner-calibration.json, "fit"): the main job's
+# H100 cases (zero3_lemo.json, 64K and 128K packed rows) give a dense layer's backward, besides its MLP, of A_H x h
+# elements per token.
+A_H = 13.482
+CONSTANT_BYTES = 95_131_648  # 0.089 GiB
+# Not fitted: stated assumptions.
+HOST_PROCESS_BYTES = 6 * GIB  # Python + torch + CUDA runtime + DeepSpeed resident on the host
+RESERVE_SHARE = 0.05  # device memory not available to tensors (CUDA context, fragmentation)
+ADAM_STATE_BYTES = 12  # float32 master weight + two moments per trainable parameter
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory model needs of a decoder-only transformer."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> Shape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        return cls(
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            vocab=text.vocab_size,
+            tied=bool(getattr(text, "tie_word_embeddings", False)),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_params(self) -> int:
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h  # q, o; k, v; gate, up, down; 2 norms
+
+    def params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * self.layer_params() + self.hidden
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA on q/k/v/o: r x (in + out) per projection."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        return self.layers * rank * ((h + h) * 2 + (h + kv) * 2)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One job as the memory model sees it (the DeepSpeed config and the "lemo" section reduced to what costs
+    memory). ``keep_ratios``: one per decoder layer, 1.0 for dense layers (all 1.0 without lemo)."""
+
+    seq_len: int
+    keep_ratios: tuple[float, ...]
+    block_size: int = 64
+    dtype_bytes: int = 2
+    lora_r: int = 8
+    zero_stage: int = 3
+    world_size: int = 1
+    sp: int = 1
+    micro_batch: int = 1
+    checkpointing: bool = True
+    sparse_checkpointing: bool = True
+    offload_checkpoints: bool = False
+    segment_loss: bool = True
+    segment_tokens: int = 4096
+    liger_loss: bool = False  # Liger's fused linear cross-entropy (CUDA with liger-kernel)
+    tiled_mlp: bool = False
+    tiled_mlp_tokens: int = 8192
+    fused_ops: bool = True  # lemo_ds's Triton RMSNorm/RoPE/SwiGLU (CUDA only)
+    compact_saves: bool = False
+    device: str = "cuda"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    device_bytes: int  # peak allocated on the accelerator (on a CPU run: the process's tensors in RAM)
+    host_bytes: int  # pinned offload buffers + the process itself
+    terms: dict[str, int] = field(default_factory=dict)  # name -> bytes; device terms then "host.*" terms
+
+
+def kept_rows(seq: int, ratio: float, block_size: int) -> int:
+    """Rows a layer of this keep ratio processes at ``seq`` tokens (whole blocks, at least one)."""
+    if ratio >= 1.0:
+        return seq
+    blocks = math.ceil(seq / block_size)
+    return min(seq, max(1, round(ratio * blocks)) * block_size)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def layer_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
+    """One decoder layer's recompute + backward working set at ``rows`` tokens (see the module docstring)."""
+    h, i, b = shape.hidden, shape.intermediate, setup.dtype_bytes
+    mlp_rows = min(rows, setup.tiled_mlp_tokens) if setup.tiled_mlp else rows
+    per_layer = A_H * h * b * rows + 6 * i * b * mlp_rows
+    if setup.tiled_mlp:
+        per_layer += 3 * h * b * rows
+    if not (setup.fused_ops or setup.compact_saves):
+        per_layer += (8 * h + i * b) * rows
+    return int(per_layer)
+
+
+def loss_bytes(shape: Shape, setup: Setup, s: int) -> int:
+    h, v, b = shape.hidden, shape.vocab, setup.dtype_bytes
+    if not setup.segment_loss:
+        return s * v * (b + 12)
+    chunk = min(s, _pow2_ceil(math.ceil(s / math.ceil(v / h)))) if setup.liger_loss else min(s, setup.segment_tokens)
+    return chunk * v * 8 + s * h * b
+
+
+def predict(shape: Shape, setup: Setup) -> Prediction:
+    """The predicted peak of one training step (formula and terms: the module docstring)."""
+    b, w = setup.dtype_bytes, max(1, setup.world_size)
+    s = setup.seq_len // max(1, setup.sp) * setup.micro_batch
+    stage = setup.zero_stage
+    weights = shape.params() * b
+    if stage == 3:
+        weights = weights // w + (2 * shape.layer_params() * b if w > 1 else 0)
+    trainable_params = shape.lora_params(setup.lora_r) if setup.lora_r > 0 else shape.params()
+    opt_bytes = ADAM_STATE_BYTES / w if stage >= 1 else ADAM_STATE_BYTES
+    grad_bytes = b / w if stage >= 2 else b
+    param_bytes = b / w if stage >= 3 else b
+    trainable = int(trainable_params * (opt_bytes + grad_bytes + param_bytes))
+    if setup.lora_r == 0 and stage == 3:
+        weights = 0  # full fine-tuning: the weights are the trainable parameters, counted there
+
+    ratios = setup.keep_ratios
+    rows = [kept_rows(s, r, setup.block_size) for r in ratios]
+    stored_rows = rows if setup.sparse_checkpointing else [s] * len(rows)
+    backward = layer_backward_bytes(shape, setup, max(rows))
+    host_offload = 0
+    if not setup.checkpointing:
+        stored, stored_name = sum(layer_backward_bytes(shape, setup, r) for r in rows), "activations (no checkpointing)"
+        backward = 0
+    elif setup.offload_checkpoints:
+        in_flight = sorted(stored_rows)[-2:]
+        stored, stored_name = sum(n * shape.hidden * b for n in in_flight), "stored inputs in flight (offloaded)"
+        if setup.device == "cuda":
+            host_offload = sum(_pow2_ceil(n * shape.hidden * b) for n in stored_rows)
+        else:  # no pinned memory: the host copies live in the same RAM
+            host_offload = sum(n * shape.hidden * b for n in stored_rows)
+    else:
+        stored, stored_name = sum(n * shape.hidden * b for n in stored_rows), "stored inputs"
+    loss = loss_bytes(shape, setup, s)
+    terms = {
+        "weights": int(weights),
+        "trainable + optimizer": trainable,
+        stored_name: int(stored),
+        "layer backward" if backward >= loss else "loss": int(max(backward, loss)),
+        "constant": int(CONSTANT_BYTES),
+    }
+    device = sum(terms.values())
+    host_terms = {"host.process": HOST_PROCESS_BYTES, "host.offloaded inputs": int(host_offload)}
+    return Prediction(device_bytes=device, host_bytes=sum(host_terms.values()), terms={**terms, **host_terms})
+
+
+def fits(prediction: Prediction, gpu_mem: int, host_mem: int, device: str = "cuda") -> bool:
+    """Device peak within the device's memory less RESERVE_SHARE, host bytes within the host's memory. On a CPU
+    run the device is the host: everything must fit in ``gpu_mem`` (the RAM budget)."""
+    usable = gpu_mem * (1 - RESERVE_SHARE)
+    if device != "cuda":
+        return prediction.device_bytes + prediction.terms.get("host.offloaded inputs", 0) <= usable
+    return prediction.device_bytes <= usable and prediction.host_bytes <= host_mem

@@ -1,0 +1,163 @@
+"""Does a job fit, and if not, the cheapest change that does; the longest sequence that fits; memory budgets.
+
+Changes are tried cumulatively, cheapest first (what each costs, README "The lemo config section"):
+1. activation checkpointing (a recompute of every layer; only when the job has it off);
+2. memory.offload_checkpoints (no recompute; host memory and PCIe copies, hidden behind compute);
+3. memory.segment_loss (exact; one more LM-head pass per segment);
+4. memory.tiled_mlp (one more MLP forward per layer);
+5. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, fits, predict
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_TOKENS = re.compile(r"^\s*(\d+)\s*([KM]?)\s*$", re.IGNORECASE)
+MAX_SEARCH_TOKENS = 1 << 26  # 64M tokens: the longest length --seq-len max considers
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80G', '128GB' (decimal), '1MiB', '1048576' -> bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size; write it like 80GiB, 128GB or 512MiB")
+    number, prefix, suffix = float(match[1]), match[2].upper(), match[3].lower()
+    base = 1000 if suffix == "b" else 1024  # "GB": decimal; "GiB" or "G": binary
+    return int(number * base ** "KMGT".find(prefix) * base) if prefix else int(number)
+
+
+def parse_tokens(text: str) -> int:
+    """'32K' -> 32768, '1M' -> 1048576, '4096' -> 4096."""
+    match = _TOKENS.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a sequence length; write it like 4096, 32K or 1M")
+    return int(match[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20}[match[2].upper()]
+
+
+def meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            if name == key:
+                return int(value.split()[0]) * 1024
+    raise KeyError(key)
+
+
+def _local_ranks() -> int:
+    """Ranks of this job on this machine (the launchers set LOCAL_WORLD_SIZE; one without it: 1)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def default_gpu_mem(device: str) -> int:
+    """This rank's device memory: its CUDA device's total; on a CPU run the host's RAM (MemTotal) shared by the ranks
+    on this machine. Totals, not what is free now: every rank must reach the same verdict before any collective."""
+    if device == "cuda":
+        import torch
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+        return torch.cuda.get_device_properties(local_rank).total_memory
+    return meminfo("MemTotal") // _local_ranks()
+
+
+def default_host_mem() -> int:
+    """This rank's share of the host's RAM (MemTotal over the ranks on this machine)."""
+    return meminfo("MemTotal") // _local_ranks() if os.path.exists("/proc/meminfo") else 1 << 62
+
+
+@dataclass(frozen=True)
+class Change:
+    what: str  # words for the message
+    apply: Callable[[Setup], Setup]
+    section: dict = field(default_factory=dict)  # keys of the "lemo" section it sets (dotted for memory.*)
+    flag: str | None = None  # a launcher flag instead of a config key
+
+
+def _set(**kw) -> Callable[[Setup], Setup]:
+    return lambda s: dataclasses.replace(s, **kw)
+
+
+def _keep(ratio: float) -> Callable[[Setup], Setup]:
+    return lambda s: dataclasses.replace(s, keep_ratios=tuple(r if r >= 1.0 else min(r, ratio) for r in s.keep_ratios))
+
+
+def changes(setup: Setup) -> list[Change]:
+    """The candidate changes in order of cost, those the job does not have yet."""
+    out = []
+    if not setup.checkpointing:
+        out.append(Change("activation checkpointing", _set(checkpointing=True), flag="--grad-ckpt deepspeed"))
+    if not setup.offload_checkpoints:
+        out.append(Change("offload_checkpoints", _set(offload_checkpoints=True), {"memory.offload_checkpoints": True}))
+    if not setup.segment_loss:
+        out.append(Change("segment_loss", _set(segment_loss=True), {"memory.segment_loss": True}))
+    if not setup.tiled_mlp:
+        out.append(Change("tiled_mlp", _set(tiled_mlp=True), {"memory.tiled_mlp": True}))
+    if any(r < 1.0 for r in setup.keep_ratios):
+        current = min(setup.keep_ratios)
+        for ratio in (0.3, 0.2, 0.1):
+            if ratio < current:
+                out.append(Change(f"keep_ratio {ratio}", _keep(ratio), {"keep_ratio": ratio}))
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    prediction: Prediction
+    fits: bool
+    applied: tuple[Change, ...] = ()  # the changes (cumulative) that make it fit; empty when it fits as given
+    fitting: Prediction | None = None  # the prediction with them
+    found: bool = True  # False: nothing in the search fits
+
+    def section(self, lemo_section: dict | None) -> dict:
+        """The "lemo" section with the plan's changes, to paste into the DeepSpeed config."""
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (lemo_section or {}).items()}
+        for change in self.applied:
+            for key, value in change.section.items():
+                if key.startswith("memory."):
+                    out.setdefault("memory", {})[key.split(".", 1)[1]] = value
+                else:
+                    out[key] = value
+        return out
+
+    def flags(self) -> list[str]:
+        return [c.flag for c in self.applied if c.flag]
+
+
+def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
+    first = predict(shape, setup)
+    if fits(first, gpu_mem, host_mem, setup.device):
+        return Plan(first, True)
+    applied, current = [], setup
+    for change in changes(setup):
+        current = change.apply(current)
+        applied.append(change)
+        candidate = predict(shape, current)
+        if fits(candidate, gpu_mem, host_mem, setup.device):
+            return Plan(first, False, tuple(applied), candidate)
+    return Plan(first, False, tuple(applied), predict(shape, current), found=False)
+
+
+def longest_fit(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int, multiple: int = 64) -> int:
+    """The longest sequence length (a multiple of ``multiple``) whose prediction fits; 0 if not even one does.
+    The prediction grows with the length, so a bisection finds it."""
+
+    def ok(n: int) -> bool:
+        return fits(predict(shape, dataclasses.replace(setup, seq_len=n * multiple)), gpu_mem, host_mem, setup.device)
+
+    low, high = 0, MAX_SEARCH_TOKENS // multiple
+    if ok(high):
+        return high * multiple
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid)
+    return low * multiple
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
