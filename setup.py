@@ -42,6 +42,7 @@ setup(
         "test": [
             "pytest",
             "pytest-timeout",
+            "pytest-xdist",  # CI runs the suite on 2 workers (-n 2, .ci/run)
             "triton>=3.6",
             "megatron-core>=0.16.1",
             "ruff",

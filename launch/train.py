@@ -248,12 +248,13 @@ def describe(args: argparse.Namespace) -> Job:
     source = model.resolve_model(args.model)
     warnings = []
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if lemo is not None:  # a family lemo cannot convert is named first, before the planner reads its shape
+        lemo_ds.policies.check_supported(source.config.model_type)
     if args.memory_check == "on":  # before any weights are loaded: a job that cannot fit stops here, in one line
         given = raw.get("lemo")  # the section as written: the refusal prints it with the plan's changes
         args.seq_len, note = check_memory(args, source, given, ds_config, lemo, dtype, device_type, world_size)
         warnings += [note] if note else []
     if lemo is not None:
-        lemo_ds.policies.check_supported(source.config.model_type)
         if args.seq_len < lemo.block_size:
             raise TrainingSetupError(
                 f"--seq-len {args.seq_len} is shorter than one lemo block (block_size {lemo.block_size}); "
@@ -341,10 +342,13 @@ def check_memory(
     gpu_mem = args.gpu_mem or plan_search.default_gpu_mem(device)
     host_mem = args.host_mem or plan_search.default_host_mem()
     seq = 1 if args.seq_len == "max" else args.seq_len
-    shape, setup = plan_job.job_setup(
-        source.config, ds_config, lemo, seq_len=seq, lora_r=args.lora_r, world_size=world_size, device=device,
-        dtype=dtype, checkpointing=checkpointing.resolve_mode(args.grad_ckpt, ds_config) != "off",
-    )  # fmt: skip
+    try:
+        shape, setup = plan_job.job_setup(
+            source.config, ds_config, lemo, seq_len=seq, lora_r=args.lora_r, world_size=world_size, device=device,
+            dtype=dtype, checkpointing=checkpointing.resolve_mode(args.grad_ckpt, ds_config) != "off",
+        )  # fmt: skip
+    except ValueError as error:  # a model the memory model cannot describe
+        raise TrainingSetupError(f"--model {args.model}: {error}; train with --memory-check off") from None
     note = None
     if args.seq_len == "max":
         multiple = lemo.block_size if lemo is not None else 64

@@ -82,6 +82,7 @@ def test_heldout_perplexity_is_the_token_weighted_mean():
     assert model.training is False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/data/gutenberg")
 def test_tiny_accuracy_pipeline_end_to_end(tmp_path):
     """benchmarks/accuracy/run.py --recipe tiny: corpus, tokenizer, pretraining, extended model, the predictors
@@ -434,6 +435,7 @@ def test_recipe_refuses_pretraining_shares_that_leave_no_books():
             dataclasses.replace(TINY, pretrain_passkey_rate=passkey_rate, pretrain_induction_rate=induction_rate)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/data/gutenberg")
 def test_curriculum_probe_pretrains_and_measures_each_variant(tmp_path):
     """curriculum.py pretrains every variant at once and measures each: perplexity, copying loss on the first and

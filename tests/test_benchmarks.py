@@ -78,6 +78,7 @@ def _single_result(run: dict) -> dict:
     return json.loads(run["files"][0].read_text())
 
 
+@pytest.mark.slow
 def test_smoke_suite_records_every_field(runs):
     result = _single_result(runs["smoke"])
     assert result["status"] == "complete" and result["kind"] == "measure"
@@ -307,6 +308,7 @@ def test_maxctx_search_finds_the_boundary_at_the_granularity(tmp_path, monkeypat
     assert probed == [16384, 8192, 4096]
 
 
+@pytest.mark.slow
 def test_maxctx_probes_run_in_fresh_processes_with_real_oom_and_timeouts():
     settings = maxctx.ProbeSettings(dtype=None, chunked_impl="auto", mem_cap_gib=0.075, timeout_s=120)
     with ThreadPoolExecutor(3) as pool:

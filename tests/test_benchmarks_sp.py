@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from launch_util import REPO, run_deepspeed
 
 sys.path.insert(0, str(REPO))
@@ -15,6 +16,7 @@ from benchmarks import sp  # noqa: E402
 ENV = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "LEMO_BENCH_GIT_COMMIT": "abc123"}
 
 
+@pytest.mark.slow
 def test_two_sp_ranks_measure_both_variants(tmp_path):
     result = run_deepspeed(
         REPO / "benchmarks/sp.py", "--sp", "2", "--seq", "256", "--shape", "tiny-llama", "--variant",
@@ -34,6 +36,7 @@ def test_two_sp_ranks_measure_both_variants(tmp_path):
         assert 4.0 < entry["loss"] < 8.0  # random tokens of a 512-id vocabulary: about ln(512)
 
 
+@pytest.mark.slow
 def test_maxctx_probes_in_fresh_processes(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks/sp.py"), "--maxctx", "--sp", "1", "--seqs", "128",
                "--shape", "tiny-llama", "--variant", "lemo-stack", "--out", str(tmp_path)]  # fmt: skip

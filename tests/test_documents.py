@@ -240,6 +240,7 @@ def _largest_tensor_in_a_step(model, ids, positions) -> int:
     return spy.largest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_ratio", [1.0, 0.4])
 def test_a_long_packed_row_makes_no_quadratic_tensor(keep_ratio):
     seq = 16384

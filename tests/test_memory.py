@@ -165,6 +165,7 @@ def _saved_bytes(model, ids, labels) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_stored_activations_follow_the_formula():
     """Under (reentrant) checkpointing a dense layer stores its input [b, s, h]; a sparse layer its kept rows
     [b, K, h] and their indices [b, K]: stored bytes = (dense layers x s + sum of kept rows) x b x h x bytes +
@@ -331,6 +332,7 @@ def test_offload_gives_identical_loss_and_gradients(device, how, keep):
     assert_identical(results[1], results[0])
 
 
+@pytest.mark.slow
 def test_stored_inputs_follow_the_formula_and_offload_moves_them_out():
     """Reentrant checkpointing: a dense layer stores its input [b, s, h], a sparse one its kept rows [b, K, h]
     (and their indices); with offload the layer inputs are on the host and the device keeps only the indices."""

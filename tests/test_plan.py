@@ -49,6 +49,7 @@ def test_calibration_cases_within_ten_percent_and_oom_predicted():
     assert sum(1 for c in cal["cases"] if c.get("measured") == "out of memory") == 4
 
 
+@pytest.mark.slow
 def test_formula_increment_against_cpu_rss(tmp_path):
     """Two 1-step CPU runs of tiny-llama (zero3_lemo.json): the growth of the process's peak RSS between 2048 and
     8192 tokens against the planner's growth. RSS includes the Python process, so only increments compare. The
@@ -77,6 +78,7 @@ def test_launcher_refuses_a_job_the_plan_rejects_before_loading_weights(tmp_path
     assert not out.exists()  # stopped in describe(): no output folder, no DeepSpeed log, no weights
 
 
+@pytest.mark.slow
 def test_seq_len_max_picks_a_length_that_runs(tmp_path):
     budget = 256 * MIB
     out = tmp_path / "run"

@@ -54,6 +54,7 @@ def test_train_job_rejects_predictors_of_another_model(mistral_predictors, tmp_p
     assert "was trained for another model: model_type 'mistral' (file) vs 'llama' (model)" in errors[0]
 
 
+@pytest.mark.slow
 def test_train_job_calibrates_predictors_then_trains_sparse_with_online_refresh(tmp_path):
     config = json.loads((REPO / "ds_configs" / "zero3_lemo.json").read_text())
     config["lemo"].update(scorer="predictor", predictor={"calibration_batches": 2, "calibration_updates": 5,

@@ -16,6 +16,7 @@ from lemo_ds.sequence_parallel import check_dims, check_zero_config
 ENV = {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dense", "plain"])
 def test_sp2_with_every_keep_ratio_one_equals_sp1(mode):
     """SP=2 with every keep ratio 1.0 ("dense": lemo_ds's segment loss; "plain": no lemo section, Hugging Face's
@@ -25,8 +26,12 @@ def test_sp2_with_every_keep_ratio_one_equals_sp1(mode):
         assert report["keep_ratio_per_layer"] == ([1.0] * 4 if mode == "dense" else None)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(("checkpointing", "zero_stage", "eliminate"),
-                         [(False, 3, "layer"), (True, 3, "layer"), (False, 2, "layer"), (True, 3, "attention")])
+                         [(False, 3, "layer"), pytest.param(True, 3, "layer", marks=SLOW),
+                          pytest.param(False, 2, "layer", marks=SLOW), pytest.param(True, 3, "attention", marks=SLOW)])
 def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, zero_stage, eliminate):
     """SP=2 with elimination (oracle, keep 0.5) equals an independent masked single-process model that applies
     the per-shard selection rule, with and without activation checkpointing, under ZeRO-3 and ZeRO-2 (whose
@@ -38,6 +43,7 @@ def test_sp2_elimination_equals_single_rank_per_shard_reference(checkpointing, z
         assert report["keep_ratio_per_layer"][0] == 1.0 and max(report["keep_ratio_per_layer"][1:]) == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_two_data_parallel_groups_of_sp2_equal_the_mean_over_their_rows(mode):
     """4 ranks = 2 data-parallel x 2 sequence-parallel (ZeRO-3 over all four): each SP group trains its own row;
@@ -94,6 +100,7 @@ def test_forced_blocks_are_global_and_counts_are_equal():
     assert shard_forced_blocks(4, 2, 0, [0, 1, 9]) == ([0, 1], 2)  # 9 is past the sequence: ignored
 
 
+@pytest.mark.slow
 def test_train_launch_with_sequence_parallelism(tmp_path):
     """launch/train.py with ds_configs/zero3_lemo_sp.json on two ranks (one SP group of 2): trains, eliminates
     per shard, and reports the SP layout."""

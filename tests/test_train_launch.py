@@ -109,6 +109,7 @@ def test_resume_continues_the_loss_curve(uninterrupted, tmp_path):
 SHORT = (*FAST, "--max-steps", "2", "--no-save")
 
 
+@pytest.mark.slow
 def test_dense_config_trains_dense_and_logs_to_wandb_offline(tmp_path):
     config = json.loads((REPO / "ds_configs" / "zero3_dense.json").read_text())
     config["wandb"] = {"enabled": True, "project": "lemo_ds_test"}  # DeepSpeed's own monitor section
@@ -123,6 +124,7 @@ def test_dense_config_trains_dense_and_logs_to_wandb_offline(tmp_path):
     assert list((out / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_dense_stack_config_is_the_plain_dense_job(tmp_path):
     """zero3_dense_stack.json (lemo's memory stack, every layer dense) computes what zero3_dense.json (plain
     DeepSpeed, Hugging Face's loss) does: the segment loss is exact and both attend within the packed documents."""
@@ -144,6 +146,7 @@ def test_zero2_full_finetune_mistral_with_hf_checkpointing(tmp_path):
     assert result["grad_ckpt"] == "hf" and result["mean_keep_ratio"] < 1.0
 
 
+@pytest.mark.slow
 def test_main_job_with_hf_checkpointing_equals_no_checkpointing(tmp_path):
     # Hugging Face's checkpointing (how Trainer turns it on) of the main job's model: default lemo section (sparse
     # layers in a row, dense last layer), LoRA, ZeRO-3. Recomputation must not change the losses.
@@ -177,6 +180,7 @@ def _save_model_dir(path: Path) -> None:
     AutoModelForCausalLM.from_config(preset_config("tiny-qwen2", num_hidden_layers=4)).save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_model_directory_jsonl_data_zero3_lemo_without_checkpointing(tmp_path):
     model_dir = tmp_path / "model"
     _save_model_dir(model_dir)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 from launch_util import REPO, run_for_reports
 
+SLOW = pytest.mark.slow
 
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True, "all-memory", "attention"])
+
+@pytest.mark.parametrize(
+    "checkpointing", [False, pytest.param(True, marks=SLOW), "all-memory", pytest.param("attention", marks=SLOW)]
+)
 def test_zero3_two_ranks_match_single_process_reference(checkpointing):
     """``all-memory``: checkpointing with the fused ops (Triton RMSNorm/RoPE/SwiGLU, Liger's fused linear
     cross-entropy on the partitioned LM head) and every memory feature (segment loss, kept-rows checkpointing, tiled

@@ -74,7 +74,16 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: Any) -> Shape:
+        """The shape of a Llama-like decoder (gated MLP of ``intermediate_size``); ValueError naming what a config
+        of another kind lacks."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        missing = [name for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "vocab_size") if getattr(text, name, None) is None]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"the memory planner models Llama-like decoders; model type {getattr(text, 'model_type', '?')!r} has "
+                f"no {', '.join(missing)}"
+            )
         heads = text.num_attention_heads
         return cls(
             hidden=text.hidden_size,
