@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from launch_util import REPO, REPORT_DIR_ENV, run_deepspeed
+from test_train_launch import _user_namespace_root
 
 TRAIN = REPO / "launch" / "train.py"
 JOB_ENV = {"TRITON_INTERPRET": "0"}  # conftest turns the interpreter on for the kernel tests; jobs run PyTorch's path
@@ -160,12 +161,6 @@ def test_a_length_too_short_to_sparsify_is_one_warning(tmp_path):
 # ---- row 4: a stop before the first checkpoint ---------------------------------------------------------------
 
 
-def _user_namespace_root() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
-                           capture_output=True)  # fmt: skip
-    return probe.returncode == 0
 
 
 # the stop, the rerun, a copy of the folder after the stop, the folder's path as the jobs saw it

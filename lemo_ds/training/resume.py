@@ -236,7 +236,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             # share of the files (all ranks see the same list: save_checkpoint ends with a barrier).
             files = sorted(path for path in tag_dir.rglob("*") if path.is_file())
             for path in files[rank::world_size]:
-                _fsync(path)
+                checkpoint_files.fsync(path)
             share = checkpoint_files.manifest_share(tag_dir, files, rank, world_size)
         except (OSError, RuntimeError) as error:
             failure = _failure(error, tag_dir)
@@ -247,7 +247,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
         try:
             manifest = {name: entry for part in verdicts for name, entry in part.items()}
             for folder in sorted({path.parent for path in files}, reverse=True):
-                _fsync(folder)
+                checkpoint_files.fsync(folder)
             marker = {"tag": tag, "step": step, "rows_consumed": rows_consumed, "world_size": world_size,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": state_settings(job),
                       "files": manifest}  # fmt: skip
@@ -256,7 +256,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             markers, incomplete = _scan(ckpt_dir)
             complete = {name: int(found["step"]) for name, found in markers.items()}
             for doomed in retention.tags_to_delete(complete, incomplete, tag, keep):
-                retention.delete_tag(ckpt_dir / doomed, COMPLETE, _fsync)
+                retention.delete_tag(ckpt_dir / doomed, COMPLETE, checkpoint_files.fsync)
         except OSError as error:
             failure = _failure(error, tag_dir)
     # Rank 0's marker, 'latest' and pruning: the others learn how it went before they train on.
@@ -429,7 +429,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)  # the rename itself is only durable once the directory is
+    checkpoint_files.fsync(path.parent)  # the rename itself is only durable once the directory is
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -466,21 +466,6 @@ def _read_latest(ckpt_dir: Path) -> str | None:
 
 def _describe_incomplete(tags: tuple[str, ...]) -> str:
     return f"incomplete checkpoint{'s' if len(tags) > 1 else ''} without {COMPLETE}: {', '.join(tags)}"
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or directory; filesystems that cannot fsync a read-only descriptor or a folder are let be."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EROFS):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _rank_and_size() -> tuple[int, int]:

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lemo_ds.training import checkpoint_files
+
 UNIVERSAL = "universal"  # the converted checkpoint's folder inside its tag
 _DONE = "lemo_ds_universal_done"  # written last into the temporary folder, before the rename
 
@@ -61,17 +63,10 @@ def convert(tag_dir: Path) -> Path:
         raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag_dir} failed: {lines[-1].strip()}")
     for path in sorted(tmp.rglob("*")):  # on disk before the done-marker that vouches for them
         if path.is_file():
-            _fsync(path)
+            checkpoint_files.fsync(path)
     (tmp / _DONE).write_text("converted by deepspeed.checkpoint.ds_to_universal\n", encoding="utf-8")
-    _fsync(tmp / _DONE)
+    checkpoint_files.fsync(tmp / _DONE)
     os.replace(tmp, target)
-    _fsync(tag_dir)
+    checkpoint_files.fsync(tag_dir)
     return target
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
