@@ -7,7 +7,9 @@ same seed), torch AdamW with the shipped configs' settings and gradient clipping
 ``apply_liger_kernel_to_llama(rope, rms_norm, swiglu, fused_linear_cross_entropy)`` on the model; Hugging Face's
 non-reentrant checkpointing of every decoder layer; packed documents attend within themselves through
 ``lemo_ds.enable_document_attention`` (varlen attention, no [s, s] mask: what flash-attention's padding-free path
-does). ``--kernels torch`` leaves Liger out (plain Hugging Face + checkpointing + packing).
+does). ``--kernels torch`` leaves Liger out (plain Hugging Face + checkpointing + packing). ``--autocast`` runs the
+forward under ``torch.autocast(bfloat16)``, as the Trainer does with ``bf16=True`` (through accelerate): peft keeps
+the LoRA adapters in float32 beside the bf16 model, and autocast runs their matmuls in bf16.
 
     python benchmarks/hf_liger_job.py --model llama-3-8b --data ROWS --seq-len 65536 --max-steps 6 --output-dir OUT
 
@@ -35,6 +37,7 @@ from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa:
 
 # The shipped configs' optimizer (ds_configs/zero3_lemo.json): AdamW, betas (0.9, 0.95), clipping 1.0.
 BETAS, CLIP = (0.9, 0.95), 1.0
+PROFILE_SKIP, PROFILE_ACTIVE = 2, 2  # --profile-out: steps before the profiled ones, profiled steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", choices=("liger", "torch"), default="liger",
                         help="liger: Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy (CUDA)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="forward under torch.autocast(bfloat16), as TrainingArguments(bf16=True) (CUDA)")
+    parser.add_argument("--profile-out", default=None,
+                        help="record steps 3 and 4 under torch.profiler and write ops-hf-liger.txt and "
+                             "profile-hf-liger.json there, as benchmarks/profile_job.py does for the main job")
     parser.add_argument("--output-dir", required=True)
     return parser.parse_args(argv)
 
@@ -91,27 +99,46 @@ def main(argv: list[str] | None = None) -> int:
     log = metrics.MetricsLog(out / "metrics.jsonl")
     totals = metrics.RunTotals()
     started = time.perf_counter()
+    profiler = None
+    if args.profile_out is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        schedule = torch.profiler.schedule(wait=PROFILE_SKIP, warmup=0, active=PROFILE_ACTIVE, repeat=1)
+        profiler = torch.profiler.profile(activities=activities, schedule=schedule)
+        profiler.start()
+    walls: list[float] = []
     for step in range(1, args.max_steps + 1):
         batch = {key: value.to(device) for key, value in next(batches).items()}  # [1, s] each
         t0 = time.perf_counter()
-        loss = net(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            loss = net(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()  # waits for the step
         step_s = time.perf_counter() - t0
+        walls.append(step_s)
+        if profiler is not None:
+            profiler.step()
         if not math.isfinite(loss_value):
             raise SystemExit(f"the loss is {loss_value} at step {step}")
         peak, _ = metrics.peak_memory(device.type)
         totals.add(loss_value, [1.0], args.seq_len, step_s, timed=step > 1 or args.max_steps == 1)
         log.write({"step": step, "loss": loss_value, "tokens": args.seq_len, "step_time_s": step_s,
                    "tokens_per_s": args.seq_len / step_s, "peak_mem_bytes": peak})  # fmt: skip
+    if profiler is not None:
+        profiler.stop()
+        from benchmarks.profile_job import write_profile
+
+        Path(args.profile_out).mkdir(parents=True, exist_ok=True)
+        tag = "hf-liger" if args.kernels == "liger" else "hf"
+        write_profile(profiler, walls, Path(args.profile_out), tag, PROFILE_SKIP, PROFILE_ACTIVE, sys.argv[1:])
     peak, kind = metrics.peak_memory(device.type)
     metrics.write_json_atomic(out / "summary.json", {
         "steps": args.max_steps, "final_loss": totals.final_loss, "tokens_per_s": totals.tokens_per_s,
         "peak_mem_bytes": peak, "peak_mem_kind": kind, "mean_keep_ratio": 1.0, "world_size": 1,
         "model": args.model, "seq_len": args.seq_len, "lora_r": args.lora_r, "kernels": args.kernels,
+        "autocast": args.autocast,
         "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": "hf", "device": device.type,
         "elapsed_s": time.perf_counter() - started, "command": " ".join(sys.argv),
     })  # fmt: skip

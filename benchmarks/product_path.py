@@ -44,7 +44,13 @@ from benchmarks.harness.shapes import ModelShape  # noqa: E402
 
 GIB = 1024**3
 BASELINE = "hf-liger"
-BASELINES = {BASELINE: "liger", "hf": "torch"}  # case name -> hf_liger_job.py --kernels (hf: without Liger, any device)
+# case name -> hf_liger_job.py's arguments. hf: without Liger (any device); -amp: the forward under bf16 autocast, as
+# the Trainer runs it with bf16=True (the adapters stay fp32, their matmuls run in bf16).
+BASELINES = {
+    BASELINE: ["--kernels", "liger"],
+    f"{BASELINE}-amp": ["--kernels", "liger", "--autocast"],
+    "hf": ["--kernels", "torch"],
+}
 ROW_KINDS = ("packed", "one-doc", "stdlib")
 ONE_DOC_BOOKS = 3
 
@@ -81,7 +87,7 @@ def case_command(config: str, model: str, seq: int, data: str | None, steps: int
     common = ["--model", model, "--seq-len", str(seq), "--max-steps", str(steps), "--output-dir", str(out)]
     common += ["--data", data] if data is not None else []
     if config in BASELINES:
-        return [sys.executable, "benchmarks/hf_liger_job.py", "--kernels", BASELINES[config], *common]
+        return [sys.executable, "benchmarks/hf_liger_job.py", *BASELINES[config], *common]
     return [deepspeed_launcher(), "--num_gpus", "1", "launch/train.py", "--deepspeed", config, "--no-save", *common]
 
 

@@ -34,6 +34,33 @@ def load_train_module():
     return module
 
 
+def write_profile(prof, walls: list[float], out: Path, tag: str, skip: int, active: int, argv: list[str]) -> dict:
+    """Write ops-<tag>.txt and profile-<tag>.json of a finished profiler run (``walls``: every step's wall time) and
+    return the record. benchmarks/hf_liger_job.py --profile-out writes the baseline's the same way."""
+    cuda = torch.cuda.is_available()
+    events = prof.key_averages()
+    sort_cuda = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    (out / f"ops-{tag}.txt").write_text(
+        "by self CUDA time\n" + events.table(sort_by=sort_cuda, row_limit=40, max_name_column_width=80)
+        + "\n\nby self CPU time\n" + events.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                   max_name_column_width=80)
+    )  # fmt: skip
+    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    profiled = walls[skip : skip + active]
+    record = {
+        "tag": tag,
+        "argv": argv,
+        "step_walls_s": walls,
+        "profiled_wall_s": sum(profiled),
+        "gpu_kernel_s": kernel_us / 1e6,
+        "gpu_busy_share": (kernel_us / 1e6) / sum(profiled) if profiled else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+    }
+    (out / f"profile-{tag}.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--profile-out", default="outputs/profile")
@@ -69,27 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rt.engine.step = step
         train.train(job, rt)
-    events = prof.key_averages()
-    sort_cuda = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    tag = ours.profile_tag
-    (out / f"ops-{tag}.txt").write_text(
-        "by self CUDA time\n" + events.table(sort_by=sort_cuda, row_limit=40, max_name_column_width=80)
-        + "\n\nby self CPU time\n" + events.table(sort_by="self_cpu_time_total", row_limit=40,
-                                                   max_name_column_width=80)
-    )  # fmt: skip
-    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    profiled = walls[ours.skip : ours.skip + ours.active]
-    record = {
-        "tag": tag,
-        "argv": rest,
-        "step_walls_s": walls,
-        "profiled_wall_s": sum(profiled),
-        "gpu_kernel_s": kernel_us / 1e6,
-        "gpu_busy_share": (kernel_us / 1e6) / sum(profiled) if profiled else None,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-    }
-    (out / f"profile-{tag}.json").write_text(json.dumps(record, indent=1))
+    record = write_profile(prof, walls, out, ours.profile_tag, ours.skip, ours.active, rest)
     print(json.dumps(record))
     train.close(rt)
     return 0
