@@ -248,11 +248,13 @@ def describe(args: argparse.Namespace) -> Job:
     source = model.resolve_model(args.model)
     warnings = []
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_ckpt = checkpointing.resolve_mode(args.grad_ckpt, ds_config)
     if lemo is not None:  # a family lemo cannot convert is named first, before the planner reads its shape
         lemo_ds.policies.check_supported(source.config.model_type)
     if args.memory_check == "on":  # before any weights are loaded: a job that cannot fit stops here, in one line
         given = raw.get("lemo")  # the section as written: the refusal prints it with the plan's changes
-        args.seq_len, note = check_memory(args, source, given, ds_config, lemo, dtype, device_type, world_size)
+        args.seq_len, note = check_memory(args, source, given, ds_config, lemo, dtype, device_type, world_size,
+                                          grad_ckpt)  # fmt: skip
         warnings += [note] if note else []
     if lemo is not None:
         if args.seq_len < lemo.block_size:
@@ -278,15 +280,16 @@ def describe(args: argparse.Namespace) -> Job:
 
     out = Path(args.output_dir)
     ckpt_dir = out / output_dir.CHECKPOINTS
+    found = resume.find_checkpoint(ckpt_dir)  # one scan of the folder for every check below
     set_aside = False
     if args.resume is True:  # --resume auto may find nothing, and then starts fresh
-        resume.require_checkpoint(ckpt_dir)
+        resume.require_checkpoint(ckpt_dir, found)
     if args.resume:
-        ds_config = resume.universal_config(ckpt_dir, world_size, ds_config)
-        resume.require_same_weights(ckpt_dir, args)
-        set_aside = args.resume == resume.AUTO and _stopped_before_first_checkpoint(out)  # it starts fresh, too
+        ds_config = resume.universal_config(ckpt_dir, world_size, ds_config, found)
+        resume.require_same_weights(ckpt_dir, args, found)
+        set_aside = args.resume == resume.AUTO and _stopped_before_first_checkpoint(out, found)  # starts fresh too
     elif not args.overwrite:  # --overwrite: rank 0 clears the earlier run once every rank is past these checks
-        set_aside = _stopped_before_first_checkpoint(out)
+        set_aside = _stopped_before_first_checkpoint(out, found)
         if not set_aside:
             output_dir.refuse_earlier_run(out)
     output_dir.require_writable(out)
@@ -312,7 +315,7 @@ def describe(args: argparse.Namespace) -> Job:
         precision_note=precision_note,
         device_type=device_type,
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
-        grad_ckpt=checkpointing.resolve_mode(args.grad_ckpt, ds_config),
+        grad_ckpt=grad_ckpt,
         dims=parallel.parallel_dims(
             ds_config, world_size=world_size, seq_len=args.seq_len, lemo=lemo, model_config=source.config
         ),
@@ -333,7 +336,7 @@ def describe(args: argparse.Namespace) -> Job:
 
 def check_memory(
     args: argparse.Namespace, source: model.ModelSource, lemo_section: dict | None, ds_config: dict[str, Any],
-    lemo: LemoConfig | None, dtype: torch.dtype, device_type: str, world_size: int,
+    lemo: LemoConfig | None, dtype: torch.dtype, device_type: str, world_size: int, grad_ckpt: str,
 ) -> tuple[int, str | None]:  # fmt: skip
     """The planner's verdict (lemo_ds/plan): (the sequence length, a note for the log). ``--seq-len max``
     resolves to the longest length that fits; a length that does not fit is a TrainingSetupError naming the
@@ -345,7 +348,7 @@ def check_memory(
     try:
         shape, setup = plan_job.job_setup(
             source.config, ds_config, lemo, seq_len=seq, lora_r=args.lora_r, world_size=world_size, device=device,
-            dtype=dtype, checkpointing=checkpointing.resolve_mode(args.grad_ckpt, ds_config) != "off",
+            dtype=dtype, checkpointing=grad_ckpt != "off",
         )  # fmt: skip
     except ValueError as error:  # a model the memory model cannot describe
         raise TrainingSetupError(f"--model {args.model}: {error}; train with --memory-check off") from None
@@ -367,10 +370,11 @@ def check_memory(
     return seq, note
 
 
-def _stopped_before_first_checkpoint(out: Path) -> bool:
-    """The folder's earlier run stopped (exit 3) before it had a complete checkpoint: nothing to continue, so a plain
-    rerun starts over there (its files set aside, not deleted) instead of being refused."""
-    return output_dir.stopped_run(out) is not None and resume.find_checkpoint(out / output_dir.CHECKPOINTS).tag is None
+def _stopped_before_first_checkpoint(out: Path, found: resume.Found) -> bool:
+    """The folder's earlier run stopped (exit 3) before it had a complete checkpoint (``found``: its checkpoint
+    folder's scan): nothing to continue, so a plain rerun starts over there (its files set aside, not deleted)
+    instead of being refused."""
+    return output_dir.stopped_run(out) is not None and found.tag is None
 
 
 # ---- start: the Runtime --------------------------------------------------------------------------------

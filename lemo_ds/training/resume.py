@@ -95,9 +95,10 @@ def find_checkpoint(ckpt_dir: Path) -> Found:
     return Found(tag, complete[tag], tuple(incomplete), tuple(notes), order, {name: markers[name] for name in order})
 
 
-def require_checkpoint(ckpt_dir: Path) -> None:
-    """--resume without a complete checkpoint to resume from is an error (checked before any collective)."""
-    found = find_checkpoint(ckpt_dir)
+def require_checkpoint(ckpt_dir: Path, found: Found | None = None) -> None:
+    """--resume without a complete checkpoint to resume from is an error (checked before any collective).
+    ``found``: ``find_checkpoint(ckpt_dir)`` where the caller has it (each of these checks scans otherwise)."""
+    found = find_checkpoint(ckpt_dir) if found is None else found
     if found.tag is not None:
         return
     stopped = output_dir.stopped_run(Path(ckpt_dir).parent)
@@ -117,11 +118,13 @@ def require_checkpoint(ckpt_dir: Path) -> None:
     )
 
 
-def universal_config(ckpt_dir: Path, world_size: int, ds_config: dict[str, Any]) -> dict[str, Any]:
+def universal_config(
+    ckpt_dir: Path, world_size: int, ds_config: dict[str, Any], found: Found | None = None
+) -> dict[str, Any]:
     """``ds_config`` as the engine must be built to resume ``ckpt_dir`` on ``world_size`` ranks (checked before any
     collective): a checkpoint saved by another number of ranks loads through DeepSpeed's universal checkpoint
     (lemo_ds.training.universal), which DeepSpeed's ``"checkpoint": {"load_universal": true}`` turns on."""
-    found = find_checkpoint(ckpt_dir)
+    found = find_checkpoint(ckpt_dir) if found is None else found
     saved = found.markers[found.tag].get("world_size") if found.tag is not None else None
     if not isinstance(saved, int) or saved == world_size:
         return ds_config
@@ -135,10 +138,10 @@ def universal_config(ckpt_dir: Path, world_size: int, ds_config: dict[str, Any])
     return {**ds_config, "checkpoint": {**(ds_config.get("checkpoint") or {}), "load_universal": True}}
 
 
-def require_same_weights(ckpt_dir: Path, job: Any) -> None:
+def require_same_weights(ckpt_dir: Path, job: Any, found: Found | None = None) -> None:
     """The checkpoint to resume holds this job's model and LoRA rank (checked before any collective: DeepSpeed would
     fail inside load_checkpoint on every rank). Markers from before lemo_ds recorded settings are not checked."""
-    found = find_checkpoint(ckpt_dir)
+    found = find_checkpoint(ckpt_dir) if found is None else found
     if found.tag is None:
         return
     settings = found.markers[found.tag].get("settings") or {}
