@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lemo_ds.memory.segment_loss import IGNORE_INDEX
+from lemo_ds.memory.segment_loss import IGNORE_INDEX, liger_installed
 
 LOSS_IMPLS = ("auto", "liger", "torch")
 
@@ -79,20 +79,12 @@ def torch_chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tenso
     return TorchChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, ignore_index)
 
 
-def liger_available() -> bool:
-    try:
-        import liger_kernel.transformers.functional  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing package, or a triton that cannot load
-        return False
-    return True
-
-
 def resolve_chunked_impl(requested: str, device: torch.device) -> str:
     """``liger`` on CUDA when liger-kernel imports (or when asked for), else ``torch``."""
     if requested not in LOSS_IMPLS:
         raise ValueError(f"unknown chunked-loss implementation {requested!r}; choose one of {LOSS_IMPLS}")
     if requested == "auto":
-        return "liger" if device.type == "cuda" and liger_available() else "torch"
+        return "liger" if device.type == "cuda" and liger_installed() else "torch"
     return requested
 
 

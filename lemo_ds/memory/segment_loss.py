@@ -112,12 +112,19 @@ def _interpreter_runs_liger() -> bool:
     return (major, minor) >= INTERPRETER_MIN_TRITON
 
 
-def liger_usable(hidden: torch.Tensor) -> bool:
-    """Liger's kernels can run here: liger-kernel imports, and the tensors are CUDA ones (or CPU ones under
-    TRITON_INTERPRET=1, which is how the tests run them, with a Triton whose interpreter runs Liger's kernels)."""
+def liger_installed() -> bool:
+    """liger-kernel's functional API imports (the package is there and its Triton loads)."""
     try:
         import liger_kernel.transformers.functional  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def liger_usable(hidden: torch.Tensor) -> bool:
+    """Liger's kernels can run here: liger-kernel imports, and the tensors are CUDA ones (or CPU ones under
+    TRITON_INTERPRET=1, which is how the tests run them, with a Triton whose interpreter runs Liger's kernels)."""
+    if not liger_installed():
         return False
     if not triton_usable(hidden):
         return False

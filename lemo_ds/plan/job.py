@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Any
 
 import torch
 
 from lemo_ds.config import LemoConfig
+from lemo_ds.memory.segment_loss import liger_installed
 from lemo_ds.plan.memory import Setup, Shape
-
-
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def job_setup(
@@ -57,7 +53,7 @@ def job_setup(
             offload_checkpoints=m.offload_checkpoints,
             segment_loss=m.segment_loss,
             segment_tokens=m.segment_tokens,
-            liger_loss=cuda and m.segment_loss_impl != "torch" and liger_available(),
+            liger_loss=cuda and m.segment_loss_impl != "torch" and liger_installed(),
             tiled_mlp=m.tiled_mlp,
             tiled_mlp_tokens=m.tiled_mlp_tokens,
             compact_saves=m.compact_saves,
