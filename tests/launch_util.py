@@ -19,6 +19,33 @@ REPO = Path(__file__).resolve().parent.parent
 REPORT_DIR_ENV = "LEMO_TEST_REPORT_DIR"
 
 
+TRAIN = REPO / "launch" / "train.py"
+# conftest turns the Triton interpreter on for the kernel tests; jobs run PyTorch's path, as "kernels": "auto" does
+# on CPU.
+JOB_ENV = {"TRITON_INTERPRET": "0"}
+
+
+def train_single(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python launch/train.py ARGS``: one process, no launcher (a world of one)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment.update({"PYTHONUNBUFFERED": "1", **JOB_ENV, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args], cwd=REPO, env=environment, text=True, capture_output=True, timeout=timeout
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result``, after asserting that the job exited 0 (its output's tails in the message otherwise)."""
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    )
+    return result
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

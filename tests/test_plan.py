@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from launch_util import REPO
-from test_train_launch import ok, summary, train_single
+from launch_util import REPO, ok, summary, train_single
 
 from lemo_ds.config import load_ds_config, split_ds_config
 from lemo_ds.plan import job, memory, search

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from launch_util import REPO, load_launch_script
-from test_train_launch import JOB_ENV, metrics, ok, summary, train_single
+from launch_util import JOB_ENV, REPO, load_launch_script, ok, summary, train_single
+from test_train_launch import metrics
 
 from lemo_ds.predictors import read_metadata
 

@@ -15,35 +15,24 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from launch_util import REPO, deepspeed_command, load_launch_script, remove_cpu_comm_buffers, run_deepspeed
+from launch_util import (
+    JOB_ENV,
+    REPO,
+    TRAIN,
+    deepspeed_command,
+    load_launch_script,
+    ok,
+    remove_cpu_comm_buffers,
+    run_deepspeed,
+    summary,
+    train_single,
+)
 
-TRAIN = REPO / "launch" / "train.py"
 LEMO = "ds_configs/zero3_lemo.json"
 FAST = ("--seq-len", "256")
-JOB_ENV = {"TRITON_INTERPRET": "0"}
-
-
-def train_single(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    """One process, no launcher."""
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environment.update({"PYTHONUNBUFFERED": "1", **JOB_ENV, **(env or {})})
-    return subprocess.run(
-        [sys.executable, str(TRAIN), *args], cwd=REPO, env=environment, text=True, capture_output=True, timeout=timeout
-    )
-
-
-def ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
-    )
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
 
 
 def metrics(out: Path) -> list[dict]:

@@ -27,27 +27,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch_util import REPO, REPORT_DIR_ENV, run_deepspeed
+from launch_util import JOB_ENV, REPO, REPORT_DIR_ENV, TRAIN, ok, run_deepspeed, summary, train_single
 from test_train_launch import _user_namespace_root
 
-TRAIN = REPO / "launch" / "train.py"
-JOB_ENV = {"TRITON_INTERPRET": "0"}  # conftest turns the interpreter on for the kernel tests; jobs run PyTorch's path
 # Full fine-tuning at lr 1e38: the warm-up (2e-5 at step 1, then a fifth of the peak per step) keeps the first steps
 # finite; the loss turns NaN a few steps in (step 4 on one rank).
 NAN_JOB = ("--seq-len", "128", "--lora-r", "0", "--lr", "1e38", "--max-steps", "6")
-
-
-def train_single(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python launch/train.py ARGS``: one process, no launcher (a world of one)."""
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environment.update({"PYTHONUNBUFFERED": "1", **JOB_ENV, **(env or {})})
-    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=REPO, env=environment, text=True,
-                          capture_output=True, timeout=timeout)  # fmt: skip
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 def errors(result: subprocess.CompletedProcess) -> list[str]:
@@ -65,10 +50,6 @@ def records(out: Path) -> list[dict]:
         raise AssertionError(f"non-standard JSON constant {constant} in metrics.jsonl")
 
     return [json.loads(line, parse_constant=reject) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
 
 
 def snapshot(folder: Path) -> dict[str, str]:
