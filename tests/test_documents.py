@@ -243,13 +243,13 @@ def _largest_tensor_in_a_step(model, ids, positions) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("keep_ratio", [1.0, 0.4])
 def test_a_long_packed_row_makes_no_quadratic_tensor(keep_ratio):
-    seq = 16384
-    lengths = [500 + 23 * i for i in range(19)]
+    seq = 8192
+    lengths = [250 + 11 * i for i in range(19)]
     lengths.append(seq - sum(lengths))  # 20 documents
     model = tiny_model("llama", layers=4, dtype=torch.float32, max_position_embeddings=seq)
     ids = torch.randint(1, VOCAB, (1, seq))
     positions = packed_position_ids(1, lengths)
-    quadratic = seq * seq // 8
+    quadratic = seq * seq // 4  # the largest tensor of a converted step is [s, 1024] (the vocabulary): linear in s
     # The check can fail: the unconverted model builds Hugging Face's [1, 1, s, s] document mask.
     assert _largest_tensor_in_a_step(model, ids, positions) >= seq * seq
     section = {"keep_ratio": keep_ratio, "dense_layers": [0], "scorer": "oracle", "kernels": "torch"}
