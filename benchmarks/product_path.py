@@ -126,6 +126,8 @@ def run_case(command: list[str], timeout: float, rows: list[dict]) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "wall_s": time.perf_counter() - started}
     record = {"wall_s": time.perf_counter() - started, "exit": result.returncode}
+    # The job's own lines (lemo_ds's log: the predictors' calibration time, warnings), not DeepSpeed's.
+    record["job_lines"] = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("lemo_ds")]
     summary = out / "summary.json"
     if result.returncode == 0 and summary.exists():
         record["status"] = "ok"
