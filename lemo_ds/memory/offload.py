@@ -17,8 +17,10 @@ it is given (PyTorch's reentrant and non-reentrant checkpoint, DeepSpeed's ``che
   traffic overlaps the recompute and backward of this layer instead of serializing with them.
 
 At most two layers' inputs are on the device at a time (the one being recomputed and the prefetched one). Host
-buffers are pinned and pooled by shape across steps and models (the first step pays for pinning). Without CUDA (the
-tests) the "host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
+buffers are pinned and pooled across steps and models (the first step pays for pinning), by capacity rather than by
+shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows, and a pool
+keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound. Without CUDA
+(the tests) the "host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
 """
 
 from __future__ import annotations
@@ -48,9 +50,45 @@ class _Alias(torch.autograd.Function):
 
 
 @dataclass(eq=False)
+class HostPool:
+    """Host buffers (flat bytes; pinned for CUDA data) that the offloaded inputs are copied into, reused by capacity.
+
+    Pinned capacities are powers of two: PyTorch's CUDA host allocator rounds every pinned allocation up to one (its
+    ``pinned_max_round_threshold`` is unlimited by default), so a buffer takes the whole block it is given, and a
+    sparse layer's kept rows, which vary by a few blocks between steps, fit the buffer of an earlier step (the
+    planner counts these powers of two: lemo_ds/plan/memory.py). Unpinned buffers (CPU runs) are exact.
+    ``acquire`` hands out the smallest free buffer that holds the request. Where none does, every free buffer of that
+    kind is smaller than the request: they are freed (and the host allocator's cache emptied) before a new one is
+    allocated. So the pool never holds more buffers than the most inputs offloaded at once, each under twice the
+    largest input it was made for, whatever the shapes do from step to step."""
+
+    free: dict[bool, list[torch.Tensor]] = field(default_factory=lambda: {False: [], True: []})
+    allocated_bytes: int = 0  # every buffer of the pool, in use or free
+
+    def acquire(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """A flat uint8 host buffer of at least ``nbytes``."""
+        free = self.free[pinned]
+        fitting = [i for i, buffer in enumerate(free) if buffer.numel() >= nbytes]
+        if fitting:
+            return free.pop(min(fitting, key=lambda i: free[i].numel()))
+        if free:  # all smaller than this request: buffers of earlier steps' shapes
+            self.allocated_bytes -= sum(buffer.numel() for buffer in free)
+            free.clear()
+            if pinned and hasattr(torch._C, "_host_emptyCache"):
+                torch._C._host_emptyCache()  # the allocator caches freed pinned blocks: give them back
+        capacity = 1 << max(nbytes - 1, 0).bit_length() if pinned else nbytes
+        self.allocated_bytes += capacity
+        return torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self.free[buffer.is_pinned()].append(buffer)
+
+
+@dataclass(eq=False)
 class _Entry:
     aliases: list[torch.Tensor]
-    hosts: list[torch.Tensor]
+    hosts: list[torch.Tensor]  # views of ``buffers`` shaped as the inputs
+    buffers: list[torch.Tensor]  # the pool's flat buffers behind ``hosts``
     shapes: list[torch.Size]
     prefetched: list[torch.Tensor] | None = None
     event: Any = None
@@ -58,9 +96,9 @@ class _Entry:
     index: int = 0
 
 
-# Pinned host buffers by (shape, dtype), shared by every offloader of the process: a model converted again (the
-# benchmark harness re-applies lemo_ds at every switch of variant) does not pin its 23-32 GiB again.
-_SHARED_POOL: dict[tuple, list[torch.Tensor]] = {}
+# Shared by every offloader of the process: a model converted again (the benchmark harness re-applies lemo_ds at
+# every switch of variant) does not pin its 23-32 GiB again.
+_SHARED_POOL = HostPool()
 
 
 @dataclass(eq=False)
@@ -70,8 +108,7 @@ class CheckpointOffloader:
 
     generation: Callable[[], int] = lambda: 0
     entries: list[_Entry] = field(default_factory=list)
-    pool: dict[tuple, list[torch.Tensor]] = field(default_factory=lambda: _SHARED_POOL)
-    pinned_bytes: int = 0  # host memory this offloader allocated, for reports
+    pool: HostPool = field(default_factory=lambda: _SHARED_POOL)
     offloaded_bytes: int = 0  # device bytes moved out by the current forward
     _stream: Any = None
     _generation: int = -1
@@ -98,10 +135,12 @@ class CheckpointOffloader:
         generation = self.generation()
         if generation != self._generation:
             self._generation, self.entries, self.offloaded_bytes = generation, [], 0
-        hosts, shapes = [], []
+        hosts, buffers, shapes = [], [], []
         for alias in aliases:
             data = alias.data
-            host = self._host_buffer(data)
+            nbytes = data.numel() * data.element_size()
+            buffer = self.pool.acquire(nbytes, pinned=data.is_cuda)  # pinned buffers for CUDA data only
+            host = buffer[:nbytes].view(data.dtype).view(data.shape)
             if data.is_cuda:
                 stream = self._side_stream(data.device)
                 stream.wait_stream(torch.cuda.current_stream(data.device))  # data is complete
@@ -111,10 +150,11 @@ class CheckpointOffloader:
             else:
                 host.copy_(data)
             hosts.append(host)
+            buffers.append(buffer)
             shapes.append(data.shape)
             self.offloaded_bytes += data.numel() * data.element_size()
             alias.data = torch.empty(0, dtype=data.dtype, device=data.device)
-        entry = _Entry(aliases, hosts, shapes, index=len(self.entries))
+        entry = _Entry(aliases, hosts, buffers, shapes, index=len(self.entries))
         self.entries.append(entry)
         return entry
 
@@ -166,22 +206,12 @@ class CheckpointOffloader:
             entry.event.record(stream)
         entry.prefetched = prefetched
 
-    # ---- pinned host buffers --------------------------------------------------------------------------
-
-    def _host_buffer(self, data: torch.Tensor) -> torch.Tensor:
-        key = (tuple(data.shape), data.dtype, data.is_cuda)  # pinned buffers for CUDA data only
-        free = self.pool.get(key)
-        if free:
-            return free.pop()
-        self.pinned_bytes += data.numel() * data.element_size()
-        return torch.empty(data.shape, dtype=data.dtype, device="cpu", pin_memory=data.is_cuda)
-
     def _release(self, entry: _Entry) -> None:
         # Reused by a later forward's copy on the side stream, which is ordered after this entry's copies back
         # (the side stream waits on the current stream before every offload).
-        for host in entry.hosts:
-            self.pool.setdefault((tuple(host.shape), host.dtype, host.is_pinned()), []).append(host)
-        entry.hosts = []
+        for buffer in entry.buffers:
+            self.pool.release(buffer)
+        entry.hosts, entry.buffers = [], []
 
     def _side_stream(self, device: torch.device):
         if self._stream is None:
