@@ -35,10 +35,13 @@ OUTPUT_DIR/deepspeed.log (what DeepSpeed logs or prints, and third-party warning
 The config's "auto" batch, optimizer and warm-up values (there for the Hugging Face Trainer) get the job's defaults
 (lemo_ds.ds_auto). Bad input (a bad flag value included), an OUTPUT_DIR holding an earlier run (without --resume
 or --overwrite) or one that cannot be written stops every rank before any collective with one line
-"lemo_ds: error: ..." on stderr and exit status 2; a NaN/inf loss or weights, or a save the disk refuses, stop the
-job with one line and exit status 3, nothing bad saved, and a summary.json with "status": "stopped". A folder whose
-run stopped before its first checkpoint takes the same command again (its files are moved to
-OUTPUT_DIR/stopped_runs/ first); --lr on --resume sets the new rate and says so in one line.
+"lemo_ds: error: ..." on stderr and exit status 2 (an OUTPUT_DIR that some nodes cannot write: every rank, naming
+them, once the process group is up, before training); a NaN/inf loss or weights, or a save the disk refuses, stop the
+job with one line and exit status 3, nothing bad saved, and a summary.json with "status": "stopped"; a node that
+dies or is cut off stops every other rank within 1.5 x --peer-timeout seconds with one line naming it, exit status 4
+('latest' still names the last complete checkpoint). A folder whose run stopped before its first checkpoint takes
+the same command again (its files are moved to OUTPUT_DIR/stopped_runs/ first); --lr on --resume sets the new rate
+and says so in one line.
 
 Shape of the job: parse -> describe (the Job: every check, before anything heavy) -> start (the Runtime: distributed
 group, model, engine, data) -> train -> close.
@@ -91,6 +94,7 @@ from lemo_ds.training import (  # noqa: E402
     model,
     output_dir,
     parallel,
+    peers,
     precision,
     resume,
     sparsity,
@@ -160,12 +164,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="host memory the planner budgets, e.g. 128GiB (default: RAM per local rank)")  # fmt: skip
     add("--log-every", type=int, default=1, help="refresh the progress bar's numbers every N steps (default: 1)")
     add(
+        "--peer-timeout",
+        type=float,
+        default=60,
+        metavar="SECONDS",
+        help="with several ranks: stop every rank, naming the node, when a rank has given no sign of life for this "
+        "long (a node down, or cut off; lemo_ds.training.peers); 0: off (default: %(default)g)",
+    )
+    add(
         "--verbose",
         action="store_true",
         help=f"print DeepSpeed's own log lines and third-party warnings (default: OUTPUT_DIR/{ds_output.LOG_NAME})",
     )
     args = flags.parse_job_flags(
-        parser, argv, at_least_one=("log_every", "eval_rows"), non_negative=("save_every", "keep_checkpoints")
+        parser,
+        argv,
+        at_least_one=("log_every", "eval_rows"),
+        non_negative=("save_every", "keep_checkpoints", "peer_timeout"),
     )
     if args.overwrite and args.resume:
         parser.error("--overwrite starts over and --resume continues: give one of them")
@@ -221,6 +236,10 @@ class Job:
     save: bool  # not --no-save
     save_every: int
     keep_checkpoints: int
+    # Folders this rank cannot write (OUTPUT_DIR, its checkpoints/). With several ranks the ranks agree on them once
+    # the process group is up (start): a node may lack a mount that another has.
+    unwritable: tuple[output_dir.Unwritable, ...]
+    peer_timeout: float  # --peer-timeout (0: off)
     use_wandb: bool
     flag_values: Mapping[str, Any]  # every flag as given: the tracker's run config
     warnings: tuple[str, ...]  # found while describing, logged once by rank 0 (e.g. a --seq-len too short to sparsify)
@@ -232,7 +251,9 @@ class Job:
 
 def describe(args: argparse.Namespace) -> Job:
     """Every check of the input, before any collective: local, deterministic work only, so every rank reaches the
-    same verdict and a bad input stops them all (TrainingSetupError, LemoConfigError, ...)."""
+    same verdict and a bad input stops them all (TrainingSetupError, LemoConfigError, ...). The one exception: with
+    several ranks, whether OUTPUT_DIR can be written is only noted here, and agreed on in ``start`` (nodes may see
+    different file systems)."""
     from deepspeed.accelerator import get_accelerator
 
     device_type = get_accelerator().device_name()
@@ -292,9 +313,10 @@ def describe(args: argparse.Namespace) -> Job:
         set_aside = _stopped_before_first_checkpoint(out, found)
         if not set_aside:
             output_dir.refuse_earlier_run(out)
-    output_dir.require_writable(out)
-    if not args.no_save:
-        output_dir.require_writable(ckpt_dir)
+    folders = [(out, "--output-dir")] + ([] if args.no_save else [(ckpt_dir, "--output-dir")])
+    unwritable = tuple(filter(None, (output_dir.writable_problem(folder, flag) for folder, flag in folders)))
+    if unwritable and world_size == 1:
+        raise TrainingSetupError(unwritable[0].message())
 
     return Job(
         model=args.model,
@@ -328,6 +350,8 @@ def describe(args: argparse.Namespace) -> Job:
         save=not args.no_save,
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
+        unwritable=unwritable,
+        peer_timeout=args.peer_timeout,
         use_wandb=tracking.prepare_wandb(ds_config, args.output_dir),
         flag_values=MappingProxyType(dict(vars(args))),
         warnings=tuple(warnings),
@@ -396,10 +420,12 @@ class Runtime:
     wandb: tracking.WandbLogger | None
     zero3_handle: Any  # DeepSpeed's ZeRO-3 context: must stay alive while the model exists
     lr_on_resume: dict[str, float] | None = None  # --lr given on resume: {"lr": the new rate, "checkpoint_lr": ...}
+    peer_watch: peers.PeerWatch | None = None  # the heartbeat that notices a lost node (several ranks, --peer-timeout)
 
 
-def start(job: Job) -> Runtime:
-    """The scorer, the distributed group, the output folder, model, engine, data."""
+def start(job: Job, deepspeed_output: ds_output.DeepSpeedOutput) -> Runtime:
+    """The scorer, the distributed group, the output folder (agreed on by every rank), the heartbeat between the
+    ranks, model, engine, data."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -420,6 +446,37 @@ def start(job: Job) -> Runtime:
     with ds_output.stdout_to_log():  # DeepSpeed prints "... op built successfully" on every rank
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank = torch.distributed.get_rank()
+    if torch.distributed.get_world_size() > 1:  # a folder that one node cannot write stops every rank, here
+        output_dir.agree_writable(job.unwritable, launch_env.node_name())
+    deepspeed_output.open(job.output_dir)  # writable on every rank: DeepSpeed's held and later lines go there
+    watch = watch_peers(job, rank)
+    try:
+        return _start(job, rank, scorer, watch)
+    except BaseException:
+        if watch is not None:  # the ranks stop together on the same error: none is lost
+            watch.stop()
+        raise
+
+
+def watch_peers(job: Job, rank: int) -> peers.PeerWatch | None:
+    """With several ranks and --peer-timeout: the heartbeat that stops every rank within the timeout, with one line
+    naming the node, when a node dies or is cut off (lemo_ds.training.peers)."""
+    if torch.distributed.get_world_size() == 1 or job.peer_timeout == 0 or "MASTER_PORT" not in os.environ:
+        return None  # (no MASTER_ADDR:MASTER_PORT: a rendezvous other than env://, without a store to beat through)
+    nodes = peers.node_names()
+
+    def after() -> str:
+        advice = resume.next_run_advice(job.ckpt_dir)
+        return f"{resume.latest_note(job.ckpt_dir)}; {advice} on the nodes left (a requeued Slurm job does so itself)"
+
+    return peers.PeerWatch(
+        rank, nodes, job.peer_timeout, after, before_exit=launch_env.release_cpu_comm_buffer,
+        write=lambda line: tqdm.write(line, file=sys.stderr),  # on a line of its own beside rank 0's progress bar
+    ).start()  # fmt: skip
+
+
+def _start(job: Job, rank: int, scorer: Any, watch: peers.PeerWatch | None) -> Runtime:
+    """The rest of ``start``, once the process group is up and the output folder agreed on."""
     launch_env.set_cpu_threads(job.device_type)
     log = _rank0_printer(rank)
     for warning in job.warnings:
@@ -486,7 +543,7 @@ def start(job: Job) -> Runtime:
         metrics_log = metrics.MetricsLog(job.output_dir / "metrics.jsonl", resume_step=resume_step)
         wandb = tracking.WandbLogger(job.ds_config, dict(job.flag_values)) if job.use_wandb else None
     return Runtime(rank, engine, controller, sp, batches, start_step, state is not None, log, metrics_log, wandb,
-                   zero3_handle, lr_on_resume)  # fmt: skip
+                   zero3_handle, lr_on_resume, watch)  # fmt: skip
 
 
 def new_lr_on_resume(engine: Any, lr: float, log: Callable[[str], None]) -> dict[str, float]:
@@ -554,6 +611,8 @@ def run_steps(job: Job, rt: Runtime, progress: Progress) -> None:
     try:
         for step in range(rt.start_step + 1, job.max_steps + 1):
             progress.at = step
+            if rt.peer_watch is not None:
+                rt.peer_watch.phase = f"step {step}"  # what a lost node's message says the job was doing
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on inside engine.step)
             loss_value, keep_per_layer = one_step(job, rt)
@@ -704,6 +763,8 @@ def _rank0_printer(rank: int) -> Callable[[str], None]:
 
 
 def close(rt: Runtime | None) -> None:
+    if rt is not None and rt.peer_watch is not None:
+        rt.peer_watch.stop()  # before the group goes: ranks that end at different moments are not lost peers
     if rt is not None and rt.wandb is not None:
         rt.wandb.close()
     if torch.distributed.is_initialized():
@@ -723,8 +784,7 @@ def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -
     try:
         launch_env.default_single_process_env()
         job = describe(args)
-        deepspeed_output.open(job.output_dir)  # checked writable: DeepSpeed's held and later lines go there
-        rt = start(job)
+        rt = start(job, deepspeed_output)
         train(job, rt)
     except LemoError as error:
         # One line, no traceback: bad input (every rank gets here on its own, before any collective), or a stop
@@ -734,6 +794,7 @@ def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -
             message += line if not message else (" " if message.endswith(":") else "; ") + line
         print(f"lemo_ds: error: {message}", file=sys.stderr, flush=True)
         status = getattr(error, "exit_code", 2)
+        launch_env.exit_on_sigterm(status)  # srun ending the ranks after the first one out: the same status
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise (see there)
     close(rt)  # also after a stop: a process that exits with its process group alive can abort on the way out
@@ -741,4 +802,7 @@ def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_status = main()
+    if exit_status:  # an error's status (2, 3, 4) stays the process's: see launch_env.exit_on_sigterm
+        launch_env.exit_now(exit_status)
+    sys.exit(exit_status)

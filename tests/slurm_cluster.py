@@ -4,9 +4,9 @@ The configuration is the one recorded as working on the CPU test machine: SlurmU
 proctrack/linuxproc, task/none, cons_tres on cores, ReturnToService=2, and no cgroup.conf (slurmd 22.05 does
 not start with ``CgroupPlugin=disabled``). Everything Slurm writes (slurm.conf, state, spool, logs, pid files)
 lives in a temporary folder that SLURM_CONF points the daemons and clients at; the daemons listen on free
-ports and run in the foreground, so they are stopped by their pids. munged uses the system's key and socket
-(/etc/munge, /run/munge): an already running munged is used as it is, one started here is stopped here.
-Needs root.
+ports and run in the foreground, so they are stopped by their pids. Each cluster runs a munged of its own on the
+system's key (/etc/munge/munge.key) with its socket in a folder of its own (slurm.conf's AuthInfo=socket=...): two
+clusters of two pytest-xdist workers, or of two checkouts, never stop each other's munged. Needs root.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,6 @@ BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sin
 # States after which a job runs no more (a requeued job passes through REQUEUED and PENDING instead).
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 MUNGE_KEY = Path("/etc/munge/munge.key")
-MUNGE_RUN_DIR = Path("/run/munge")
 
 
 def which(name: str) -> str | None:
@@ -49,6 +49,8 @@ class Cluster:
         self.node = socket.gethostname().split(".")[0]  # slurmd's node name: the short host name
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # munged's own folder: under /tmp, not the test's (root-only) temporary folder, which user munge cannot enter.
+        self.munge_dir: Path | None = None
         self._daemons: dict[str, subprocess.Popen] = {}
         self._outputs: list = []  # the daemons' stdout files, closed at stop()
         self.jobs: list[int] = []  # submitted through submitted(); cancelled at stop()
@@ -74,26 +76,32 @@ class Cluster:
                 ):
                     time.sleep(0.5)
         finally:
-            for name in ("slurmd", "slurmctld", "munged"):
-                if name in self._daemons:
-                    _terminate(self._daemons.pop(name))
+            # slurmd first (every node's), munged last: each daemon still finds the ones it reports to.
+            for name in sorted(self._daemons, key=lambda name: (name == "munged", name == "slurmctld")):
+                _terminate(self._daemons.pop(name))
             for handle in self._outputs:
                 handle.close()
+            if self.munge_dir is not None:
+                shutil.rmtree(self.munge_dir, ignore_errors=True)
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.munge_dir / "munge.socket"
 
     def _start_munge(self, timeout: float) -> None:
-        if self._munge_works():
-            return
         if not MUNGE_KEY.exists():  # what the munge package's postinst would have made
             MUNGE_KEY.parent.mkdir(mode=0o700, exist_ok=True)
             MUNGE_KEY.write_bytes(secrets.token_bytes(1024))
             shutil.chown(MUNGE_KEY, "munge", "munge")
             MUNGE_KEY.chmod(0o400)
-        MUNGE_RUN_DIR.mkdir(mode=0o755, exist_ok=True)  # tmpfs: gone after a reboot without systemd to make it
-        shutil.chown(MUNGE_RUN_DIR, "munge", "munge")
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="lemo-munge-"))
+        self.munge_dir.chmod(0o755)  # munged refuses a socket folder that others may write
+        shutil.chown(self.munge_dir, "munge", "munge")
         log = open(self.root / "munged.out", "wb")  # open until stop(): the daemon writes to it
         self._outputs.append(log)
+        files = {"socket": "munge.socket", "pid-file": "munged.pid", "log-file": "munged.log", "seed-file": "seed"}
         self._daemons["munged"] = subprocess.Popen(
-            [which("munged"), "--foreground"],
+            [which("munged"), "--foreground", *(f"--{flag}={self.munge_dir / name}" for flag, name in files.items())],
             user="munge",
             group="munge",
             extra_groups=[],
@@ -104,33 +112,43 @@ class Cluster:
         )
         self._until(self._munge_works, timeout, "munged")
 
-    @staticmethod
-    def _munge_works() -> bool:
-        encoded = subprocess.run([which("munge"), "-n"], capture_output=True, timeout=10)
+    def _munge_works(self) -> bool:
+        socket_flag = f"--socket={self.munge_socket}"
+        encoded = subprocess.run([which("munge"), socket_flag, "-n"], capture_output=True, timeout=10)
         if encoded.returncode != 0:
             return False
-        return subprocess.run([which("unmunge")], input=encoded.stdout, capture_output=True, timeout=10).returncode == 0
+        decoded = subprocess.run([which("unmunge"), socket_flag], input=encoded.stdout, capture_output=True, timeout=10)
+        return decoded.returncode == 0
 
     def _write_conf(self) -> None:
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", f"spool/{self.node}", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         cpus = len(os.sched_getaffinity(0))
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-        ctld_port, slurmd_port = _free_port(), _free_port()
         self.conf.write_text(
             f"""\
+{self.common_conf(ctld_host=self.node, slurmd_port=_free_port())}
+NodeName={self.node} CPUs={cpus} RealMemory={min(20000, memory_mb)} State=UNKNOWN
+PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+"""
+        )
+
+    def common_conf(self, ctld_host: str, slurmd_port: int) -> str:
+        """slurm.conf but for its nodes and partitions: one slurmd per node name (%n) may share this folder."""
+        return f"""\
 ClusterName=lemotest
-SlurmctldHost={self.node}
+SlurmctldHost={ctld_host}
 SlurmUser=root
 AuthType=auth/munge
-SlurmctldPort={ctld_port}
+AuthInfo=socket={self.munge_socket}
+SlurmctldPort={_free_port()}
 SlurmdPort={slurmd_port}
 StateSaveLocation={self.root / "state"}
-SlurmdSpoolDir={self.root / "spool"}
+SlurmdSpoolDir={self.root / "spool" / "%n"}
 SlurmctldPidFile={self.root / "slurmctld.pid"}
-SlurmdPidFile={self.root / "slurmd.pid"}
+SlurmdPidFile={self.root / "slurmd.%n.pid"}
 SlurmctldLogFile={self.root / "log" / "slurmctld.log"}
-SlurmdLogFile={self.root / "log" / "slurmd.log"}
+SlurmdLogFile={self.root / "log" / "slurmd.%n.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -139,17 +157,14 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 # Cancelled and requeued steps get SIGKILL 5 s after SIGTERM (default 30): quicker test turnaround.
-KillWait=5
-NodeName={self.node} CPUs={cpus} RealMemory={min(20000, memory_mb)} State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
-"""
-        )
+KillWait=5"""
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        out = open(self.root / "log" / f"{name}.out", "wb")  # open until stop(): the daemon writes to it
+    def _spawn(self, name: str, *args: str, prefix: tuple[str, ...] = (), label: str | None = None) -> subprocess.Popen:
+        """Start a daemon in the foreground; ``prefix``: the command that runs it (on a node: slurm_netns.py)."""
+        out = open(self.root / "log" / f"{label or name}.out", "wb")  # open until stop(): the daemon writes to it
         self._outputs.append(out)
         return subprocess.Popen(
-            [which(name), *args],
+            [*prefix, which(name), *args],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=out,

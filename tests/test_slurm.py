@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from launch_util import REPO, free_port
-from slurm_cluster import FINISHED, Cluster, SlurmError, missing_binaries
+from slurm_cluster import Cluster, missing_binaries
+from slurm_jobs import finished, job_logs, steps, submit, summary, until
 
 from lemo_ds.training import resume
 from lemo_ds.training.errors import TrainingSetupError
 
-SUBMIT = REPO / "launch" / "slurm" / "submit.sh"
 # The first DeepSpeed job on a fresh machine compiles a CPU comm op (~60 s) before it trains.
 FIRST_JOB_TIMEOUT = 480
 JOB_TIMEOUT = 300
@@ -204,62 +204,6 @@ def cluster(tmp_path_factory):
         yield slurm
     finally:
         slurm.stop()
-
-
-def submit(cluster: Cluster, out: Path, *train_args: str) -> int:
-    """launch/slurm/submit.sh: one node, two CPU ranks over gloo, the tiny preset at 256 tokens."""
-    env = {key: value for key, value in cluster.env.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(
-        NODES="1",
-        GPUS_PER_NODE="0",
-        TASKS_PER_NODE="2",
-        OUTPUT_DIR=str(out),
-        PYTHON=sys.executable,
-        TRITON_INTERPRET="0",  # conftest.py's interpreter for the kernel tests would slow the job many times over
-        # --time: Slurm's own backstop for a job the test lost track of.
-        SBATCH_FLAGS="--parsable --time=20",
-    )
-    result = subprocess.run(
-        [str(SUBMIT), "--seq-len", "256", *train_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
-    )
-    return cluster.submitted(result)
-
-
-def job_logs(cluster: Cluster, out: Path, job: int) -> str:
-    """The batch log, the end of every rank log, the daemons' logs: what a failed assertion shows."""
-    parts = []
-    batch = out / "logs" / f"slurm-{job}.out"
-    if batch.exists():
-        parts.append(f"--- {batch.name}\n{batch.read_text(errors='replace')}")
-    for path in sorted((out / "logs" / f"job{job}").glob("attempt*/rank*.log")):
-        parts.append(f"--- {path.relative_to(out)}\n{path.read_text(errors='replace')[-3000:]}")
-    return "\n".join([*parts, cluster.daemon_logs()])
-
-
-def finished(cluster: Cluster, out: Path, job: int, timeout: float) -> dict[str, str]:
-    try:
-        fields = cluster.wait_for(job, FINISHED, timeout)
-    except SlurmError as error:
-        pytest.fail(f"{error}\n{job_logs(cluster, out, job)}")
-    return fields
-
-
-def until(condition, timeout: float, what: str, cluster: Cluster, out: Path, job: int) -> None:
-    """Poll ``condition`` while the job is pending or running."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        state = cluster.state(job)
-        if state in FINISHED or time.monotonic() > deadline:
-            pytest.fail(f"job {job} ({state}): no {what} after {timeout:.0f} s\n{job_logs(cluster, out, job)}")
-        time.sleep(0.3)
-
-
-def steps(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.slurm

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -22,6 +25,29 @@ def default_single_process_env() -> None:
     os.environ.update(
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+
+
+def node_name() -> str:
+    """The name of this rank's node, for messages: Slurm's name for it (SLURMD_NODENAME), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def exit_on_sigterm(status: int) -> None:
+    """This rank is on its way out with ``status``, its one error line printed. Under srun --kill-on-bad-exit the first
+    rank to exit has srun send SIGTERM to the others, which may still be tearing down (the process group) after
+    printing the same line: they then exit with the same status at once rather than as killed by SIGTERM, so the
+    job's exit code is the error's (2, 3), not 143. (The job then leaves through ``exit_now``: the interpreter's own
+    teardown gives signal handlers back before it ends.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread (a test calling the job in a thread)
+    signal.signal(signal.SIGTERM, lambda signum, frame: exit_now(status))
+
+
+def exit_now(status: int) -> None:
+    """End the process with ``status`` without the interpreter's teardown (whatever matters is written and closed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def release_cpu_comm_buffer() -> None:

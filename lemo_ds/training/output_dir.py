@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +129,57 @@ def _on_rank0_then_all(action: Callable[[], None], output_dir: Path) -> str | No
 
 def require_writable(folder: Path, flag: str = "--output-dir") -> None:
     """Create ``folder`` and write a probe file in it; any OSError becomes a one-line setup error."""
+    problem = writable_problem(folder, flag)
+    if problem is not None:
+        raise TrainingSetupError(problem.message())
+
+
+@dataclass(frozen=True)
+class Unwritable:
+    """A folder this rank cannot write: the flag that names it, the folder, the cause."""
+
+    flag: str
+    folder: str
+    cause: str
+
+    def message(self) -> str:
+        return f"{self.flag} {self.folder}: cannot write there ({self.cause}); choose a writable folder"
+
+
+def writable_problem(folder: Path, flag: str = "--output-dir") -> Unwritable | None:
+    """Create ``folder`` and write a probe file in it (named by host and pid: ranks probe at once); None: done."""
     probe = folder / f".lemo_ds_write_probe.{socket.gethostname()}.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"probe")
         probe.unlink()
     except OSError as error:
-        where = error.filename or folder
-        raise TrainingSetupError(
-            f"{flag} {folder}: cannot write there ({where}: {error.strerror or error}); choose a writable folder"
-        ) from None
+        return Unwritable(flag, str(folder), f"{error.filename or folder}: {error.strerror or error}")
+    return None
+
+
+def agree_writable(problems: tuple[Unwritable, ...], node: str) -> None:
+    """Every rank's verdict on the folders it must write (``problems``: this rank's, from describe), exchanged once
+    the process group is up (a collective): where any rank cannot write, every rank raises the same one-line
+    TrainingSetupError, before any training. On one machine all ranks see the same folders; across nodes a folder
+    may be writable on one node and not on another (a local disk, a mount one node lacks or has read-only), and the
+    ranks that could write would otherwise train on until their first save, or wait for the others forever."""
+    verdicts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(verdicts, (node, problems))
+    failing = [(rank, where, found[0]) for rank, (where, found) in enumerate(verdicts) if found]
+    if not failing:
+        return
+    if len(failing) == len(verdicts) and len({where for _, where, _ in failing}) == 1:
+        raise TrainingSetupError(problems[0].message())  # one node, all alike: as a job of one rank says it
+    first = failing[0][2]
+    ranks_by_node: dict[str, list[int]] = {}
+    for rank, where, problem in failing:
+        if problem.folder == first.folder:
+            ranks_by_node.setdefault(where, []).append(rank)
+    cannot = "; ".join(f"on node {node} ({distributed.describe_ranks(ranks)})" for node, ranks in ranks_by_node.items())
+    can = sorted({where for where, found in verdicts if not found} - set(ranks_by_node))
+    raise TrainingSetupError(
+        f"{first.flag} {first.folder}: cannot write there {cannot}: {first.cause}"
+        + (f", while node {', '.join(can)} can" if can else "")
+        + "; every node must be able to write it: put --output-dir on a file system that all nodes share and can write"
+    )
