@@ -779,7 +779,15 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, deepspeed_output)
 
 
+# Set by run: the job stopped with an error once the process group was up. Only then does the process leave through
+# launch_env.exit_now (see __main__). An error before it (describe: every rank reaches the same verdict on its own)
+# leaves through the interpreter's own exit: DeepSpeed's launcher ends the other ranks as soon as one exits, and a
+# rank leaving at once took its siblings down before they printed their line (one line of two, CI).
+_STOPPED_IN_GROUP = False
+
+
 def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -> int:
+    global _STOPPED_IN_GROUP
     rt, status = None, 0
     try:
         launch_env.default_single_process_env()
@@ -795,6 +803,7 @@ def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -
         print(f"lemo_ds: error: {message}", file=sys.stderr, flush=True)
         status = getattr(error, "exit_code", 2)
         launch_env.exit_on_sigterm(status)  # srun ending the ranks after the first one out: the same status
+        _STOPPED_IN_GROUP = torch.distributed.is_initialized()
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise (see there)
     close(rt)  # also after a stop: a process that exits with its process group alive can abort on the way out
@@ -803,6 +812,6 @@ def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -
 
 if __name__ == "__main__":
     exit_status = main()
-    if exit_status:  # an error's status (2, 3, 4) stays the process's: see launch_env.exit_on_sigterm
+    if exit_status and _STOPPED_IN_GROUP:  # an error's status (2, 3, 4) stays the process's: launch_env.exit_on_sigterm
         launch_env.exit_now(exit_status)
     sys.exit(exit_status)
