@@ -118,16 +118,30 @@ def row_figures(model: str, data: str | None, seq: int, steps: int, seed: int = 
     return figures
 
 
+def _text(output: str | bytes | None) -> str:
+    """A subprocess's output as text: TimeoutExpired carries bytes even where the run asked for text."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+def job_lines(output: str) -> list[str]:
+    """The job's own lines (lemo_ds's log: the predictors' calibration time, warnings), not DeepSpeed's."""
+    return [line for line in output.splitlines() if line.startswith("lemo_ds")]
+
+
 def run_case(command: list[str], timeout: float, rows: list[dict]) -> dict:
     out = Path(command[command.index("--output-dir") + 1])
     started = time.perf_counter()
     try:
         result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "wall_s": time.perf_counter() - started}
+    except subprocess.TimeoutExpired as timeout_error:
+        # What the job printed before the cut says where it was (loading, calibrating, which step).
+        output = _text(timeout_error.stdout) + _text(timeout_error.stderr)
+        return {"status": "timeout", "wall_s": time.perf_counter() - started, "job_lines": job_lines(output),
+                "tail": output[-3000:]}  # fmt: skip
     record = {"wall_s": time.perf_counter() - started, "exit": result.returncode}
-    # The job's own lines (lemo_ds's log: the predictors' calibration time, warnings), not DeepSpeed's.
-    record["job_lines"] = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("lemo_ds")]
+    record["job_lines"] = job_lines(result.stdout + result.stderr)
     summary = out / "summary.json"
     if result.returncode == 0 and summary.exists():
         record["status"] = "ok"

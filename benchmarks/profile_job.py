@@ -10,11 +10,17 @@ Same flags as launch/train.py (run it with ``deepspeed --num_gpus 1 benchmarks/p
 
 A GPU busy far less than the wall time points at the host (Python hooks, synchronisations); the operator tables
 say which.
+
+``--calibration`` profiles the predictors' calibration before training instead (scorer "predictor"): the same two
+files under the tag ``<tag>-calibration``, plus ``phases-<tag>-calibration.json``: the wall time of the oracle labels
+and of the predictor updates (each timed between two device synchronisations), the rest being the frozen model's
+forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
@@ -24,6 +30,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def start_job(train, args: argparse.Namespace, stack: contextlib.ExitStack):
+    """(job, runtime) as launch/train.py's run() makes them, DeepSpeed's output routed as there while ``stack``
+    lives."""
+    train.launch_env.default_single_process_env()
+    deepspeed_output = stack.enter_context(train.ds_output.routed(args.verbose))
+    job = train.describe(args)
+    return job, train.start(job, deepspeed_output)
 
 
 def load_train_module():
@@ -67,14 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--profile-tag", default="job")
     extra.add_argument("--skip", type=int, default=2, help="steps before the profiled ones")
     extra.add_argument("--active", type=int, default=2, help="profiled steps")
+    extra.add_argument("--calibration", action="store_true", help="profile the predictors' calibration, not steps")
     ours, rest = extra.parse_known_args(argv)
+    if ours.calibration:
+        return profile_calibration(ours, rest)
     train = load_train_module()
     args = train.parse_args(rest)
     out = Path(ours.profile_out)
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        return profile_steps(train, args, ours, rest, out, stack)
 
-    job = train.describe(args)
-    rt = train.start(job)
+
+def profile_steps(train, args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:
+    job, rt = start_job(train, args, stack)
     activities = [torch.profiler.ProfilerActivity.CPU]
     cuda = torch.cuda.is_available()
     if cuda:
@@ -99,6 +120,55 @@ def main(argv: list[str] | None = None) -> int:
     record = write_profile(prof, walls, out, ours.profile_tag, ours.skip, ours.active, rest)
     print(json.dumps(record))
     train.close(rt)
+    return 0
+
+
+def _timed(phases: dict[str, float], name: str, fn):
+    """``fn`` wrapped to add its wall time (between device synchronisations) to ``phases[name]``."""
+
+    def wrapped(*args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.profiler.record_function(name):
+            result = fn(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        phases[name] += time.perf_counter() - started
+        return result
+
+    return wrapped
+
+
+def profile_calibration(ours: argparse.Namespace, rest: list[str]) -> int:
+    """Run the job's start (which calibrates the predictors) under the profiler; no training steps."""
+    from lemo_ds.predictors import job as predictor_job
+    from lemo_ds.predictors import scorer as predictor_scorer
+    from lemo_ds.predictors import trainer as predictor_trainer
+
+    train = load_train_module()
+    args = train.parse_args(rest)
+    out = Path(ours.profile_out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{ours.profile_tag}-calibration"
+    phases = {"oracle labels": 0.0, "predictor updates": 0.0, "calibration": 0.0}
+    predictor_scorer.oracle_labels = _timed(phases, "oracle labels", predictor_scorer.oracle_labels)
+    trainer = predictor_trainer.PredictorTrainer
+    trainer.observe = _timed(phases, "predictor updates", trainer.observe)
+    predictor_job.calibrate = _timed(phases, "calibration", predictor_job.calibrate)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with contextlib.ExitStack() as stack:
+        started = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            job, rt = start_job(train, args, stack)
+        wall = time.perf_counter() - started
+        train.close(rt)
+    record = write_profile(prof, [phases["calibration"]], out, tag, 0, 1, rest)
+    phases["model forward and the rest"] = phases["calibration"] - phases["oracle labels"] - phases["predictor updates"]
+    (out / f"phases-{tag}.json").write_text(json.dumps({"start_wall_s": wall, "phases_s": phases}, indent=1))
+    print(json.dumps({**record, "phases_s": phases}))
     return 0
 
 

@@ -4,6 +4,8 @@ the per-row FLOPs, the table against the baseline; and the harness's hf-liger va
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +88,34 @@ def test_hf_liger_variant_is_undone():
     for module, saved in before:
         assert module.__dict__.keys() == saved.keys(), type(module).__name__
         assert all(module.__dict__[key] is value for key, value in saved.items())
+
+
+def test_a_case_cut_by_its_timeout_keeps_what_the_job_printed(tmp_path):
+    script = "import time; print('lemo_ds: predictors: calibrating', flush=True); time.sleep(60)"
+    record = product_path.run_case([sys.executable, "-c", script, "--output-dir", str(tmp_path)], 3, rows=[])
+    assert record["status"] == "timeout"
+    assert record["job_lines"] == ["lemo_ds: predictors: calibrating"]
+
+
+@pytest.mark.slow
+def test_profile_job_profiles_steps_and_the_predictors_calibration(tmp_path):
+    """benchmarks/profile_job.py runs launch/train.py's own job: the steps mode and the calibration mode."""
+    config = json.loads((REPO / "ds_configs" / "zero3_lemo.json").read_text())
+    config["lemo"].update({"scorer": "predictor", "predictor": {"calibration_batches": 1, "calibration_updates": 2}})
+    path = tmp_path / "predictor.json"
+    path.write_text(json.dumps(config))
+    common = [sys.executable, str(REPO / "benchmarks" / "profile_job.py"), "--deepspeed", str(path), "--seq-len",
+              "256", "--no-save", "--profile-out", str(tmp_path / "prof")]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    modes = [(["--max-steps", "2", "--skip", "1", "--active", "1"], "job"), (["--calibration"], "job-calibration")]
+    for extra, tag in modes:
+        out = tmp_path / tag
+        result = subprocess.run([*common, *extra, "--output-dir", str(out)], capture_output=True, text=True,
+                                timeout=300, env=env, cwd=REPO)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        record = json.loads((tmp_path / "prof" / f"profile-{tag}.json").read_text())
+        assert record["profiled_wall_s"] > 0
+        assert "by self CPU time" in (tmp_path / "prof" / f"ops-{tag}.txt").read_text()
+    phases = json.loads((tmp_path / "prof" / "phases-job-calibration.json").read_text())["phases_s"]
+    assert phases["oracle labels"] > 0 and phases["predictor updates"] > 0
+    assert phases["calibration"] >= phases["oracle labels"] + phases["predictor updates"]
