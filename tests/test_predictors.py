@@ -21,7 +21,8 @@ from lemo_ds.predictors import (
     save_predictors,
     topk_recall,
 )
-from lemo_ds.predictors.module import LayerPredictor, distance_bucket
+from lemo_ds.predictors.loss import predictor_loss
+from lemo_ds.predictors.module import LayerPredictor, block_pair_allowed, distance_bucket
 from lemo_ds.predictors.prune import UnitActivity, prune_predictor
 
 H, SEQ, BLOCK, KEEP = 32, 512, 16, 0.4  # n = 32 blocks, 12 chosen by score besides the sink block
@@ -72,6 +73,42 @@ def test_training_lowers_the_loss_and_recalls_a_planted_pattern():
                                    KEEP) for _, labels in held_out]).mean().item()  # fmt: skip
     assert after > prior + 0.2, (prior, after)
     assert observations[-1].recall >= 0.9  # the trainer's own figure: recall on a batch before training on it
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_loss_and_pair_bias_match_their_definitions_with_every_gradient(packed):
+    """The training loss is the SmoothL1 mean over the allowed block pairs, and every pair's bias is its distance
+    bucket's entry of dist_bias: both written here by selection and indexing, against the predictor's own forms
+    (which avoid a boolean selection and an indexing backward), values and gradients."""
+    gen = torch.Generator().manual_seed(3)
+    n, buckets = 37, 6
+    predictor = LayerPredictor(H, PredictorDesign(hidden_rank=8, out_rank=4, distance_buckets=buckets))
+    with torch.no_grad():
+        predictor.dist_bias.copy_(torch.randn(buckets, generator=gen))
+        predictor.wq.copy_(torch.randn(predictor.wq.shape, generator=gen))
+    starts = torch.tensor([0, 0, 0, 3, 3, 3, 3, 7] + [8] * (n - 8)) if packed else None  # documents' first blocks
+    lo_block = starts[None].repeat(2, 1) if packed else None  # [b, n]
+    x = torch.randn(2, n * BLOCK - 5, H, generator=gen)  # [b, s, h], a partial last block
+    tiles, scores = predictor(x, BLOCK, lo_block)
+    allowed = block_pair_allowed(lo_block, n, 2, x.device)  # [b, n, n]
+    oracle = torch.rand(2, n, n, generator=gen) * allowed
+    labels = OracleLabels(oracle.sum(1), oracle, lo_block)
+    loss, _ = predictor_loss(tiles, scores, labels, choose=5, forced=[0])
+    target = oracle / ((oracle * allowed).sum((1, 2)) / allowed.sum((1, 2)))[:, None, None]
+    expected = torch.nn.functional.smooth_l1_loss(tiles[allowed], target[allowed])
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, list(predictor.parameters()), retain_graph=True)
+    expected_grads = torch.autograd.grad(expected, list(predictor.parameters()))
+    for name, got, want in zip([name for name, _ in predictor.named_parameters()], grads, expected_grads):
+        torch.testing.assert_close(got, want, msg=name)
+
+    idx = torch.arange(n)
+    indexed = predictor.dist_bias[distance_bucket((idx[:, None] - idx[None, :]).clamp_min(0), buckets)]  # [n, n]
+    upstream = torch.randn(n, n, generator=gen)
+    torch.testing.assert_close(predictor.pair_bias(n, x.device), indexed)
+    got = torch.autograd.grad((predictor.pair_bias(n, x.device) * upstream).sum(), predictor.dist_bias)[0]
+    want = torch.autograd.grad((indexed * upstream).sum(), predictor.dist_bias)[0]
+    torch.testing.assert_close(got, want)
 
 
 def test_recall_counts_only_the_blocks_chosen_by_score():

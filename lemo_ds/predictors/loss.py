@@ -57,7 +57,11 @@ def predictor_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss, its parts as floats)."""
     target, allowed = normalized_tiles(labels)
-    tile = F.smooth_l1_loss(pred_tiles[allowed], target[allowed])
+    # The mean over the allowed pairs without selecting them: the predictor's tiles are zero elsewhere, and so is the
+    # target once masked, so those pairs add 0. A boolean selection would synchronise with the host and send its
+    # gradient back through an index kernel at every update.
+    count = allowed.sum().clamp_min(1)
+    tile = F.smooth_l1_loss(pred_tiles, target * allowed, reduction="sum") / count
     rank = ranking_loss(pred_scores, labels.scores, choose, forced) if rank_weight > 0 else tile * 0.0
     loss = tile + rank_weight * rank
     return loss, {"loss": float(loss.detach()), "tile_loss": float(tile.detach()), "rank_loss": float(rank.detach())}
