@@ -532,7 +532,8 @@ def _start(job: Job, rank: int, scorer: Any, watch: peers.PeerWatch | None) -> R
     rows = data.packed_rows(list(job.files), job.tokenizer, job.seq_len, job.seed, start=start_row)
     batches = parallel.rank_batches(rows, job.dims, sp, rank, engine.device)
     # Predictors without a file: trained on this rank's first micro-batches (model frozen, oracle labels), read
-    # from a second iterator so that training still sees exactly the rows it would have seen.
+    # from a second iterator so that training still sees exactly the rows it would have seen. Not when the checkpoint
+    # restored them (resume.load): calibrating again on the rows after it would select otherwise than the run did.
     first_rows = data.packed_rows(list(job.files), job.tokenizer, job.seq_len, job.seed, start=start_row)
     first = data.rank_batches(first_rows, rank=rank, world_size=job.dims.world_size, micro_batch=job.dims.micro_batch)
     predictor_job.calibrate_before_training(engine, first, job.lemo, engine.device, log)
@@ -626,6 +627,8 @@ def run_steps(job: Job, rt: Runtime, progress: Progress) -> None:
             progress.done = step
 
             if job.save and job.save_every and step % job.save_every == 0:
+                # The save trains this step's predictor refresh first (it belongs in the checkpoint); its recall
+                # still waits for refresh_record, below.
                 resume.save(engine, job.ckpt_dir, step, step * dims.rows_per_step, job, keep=job.keep_checkpoints)
             refreshed = predictor_job.refresh_record(engine)  # online refresh of the predictors: recall (all ranks)
             recall_note = f" | recall {refreshed['predictor_recall']:.3f}" if refreshed else recall_note

@@ -18,8 +18,15 @@ from lemo_ds.predictors import calibrate, load_predictors, save_predictors
 from lemo_ds.predictors.fingerprint import model_fingerprint
 from lemo_ds.predictors.labels import oracle_labels
 from lemo_ds.predictors.layer_inputs import for_each_layer_input
+from lemo_ds.predictors.prune import UnitActivity, prune_predictor
 from lemo_ds.predictors.recall import topk_recall
-from lemo_ds.predictors.scorer import PredictorScorer, find_predictor_scorer
+from lemo_ds.predictors.scorer import (
+    CHECKPOINT_BANK,
+    CHECKPOINT_STATE,
+    PredictorScorer,
+    checkpoint_saved,
+    find_predictor_scorer,
+)
 
 SEQ, BLOCK = 256, 16  # 16 blocks
 SECTION = {"scorer": "predictor", "block_size": BLOCK, "keep_ratio": 0.4, "kernels": "torch",
@@ -285,3 +292,117 @@ def test_calibration_on_the_fly_needs_a_loop_that_tells_the_step():
         optimizer.step()
         with pytest.raises(LemoConfigError, match="predictors calibrated on the fly.*set_step"):
             model(**ids, labels=ids["input_ids"])
+
+
+# ---- checkpoints: the scorer's whole state, written and restored -----------------------------------------------
+
+REFRESHING = {**SECTION["predictor"], "refresh_every": 1, "refresh_updates": 2}
+
+
+def refreshing_model(layers: int = 6):
+    """A converted model whose predictors refresh every optimizer step, with the step read from a counter, as a
+    DeepSpeed engine's global_steps is (``follow``). Returns (model, scorer, the counter [steps taken])."""
+    model = converted({"predictor": REFRESHING}, layers=layers)  # 6 layers: sparse layers 3 and 4
+    optimizer_steps = [0]
+    lemo_ds.get_controller(model).follow(lambda: optimizer_steps[0])
+    return model, find_predictor_scorer(model), optimizer_steps
+
+
+def train_steps(model, scorer, optimizer_steps: list[int], data: list[dict]) -> None:
+    """One forward per batch, then an optimizer step the scorer sees (its step hook trains the queued refresh)."""
+    for ids in data:
+        model(**ids)
+        optimizer_steps[0] += 1
+        scorer.train_pending()
+
+
+def mid_training():
+    """Predictors calibrated, layer 3 pruned to one unit per side (its optimizer restarted), then two refreshes:
+    weights of two shapes, Adam state, observations and a refresh schedule to carry over."""
+    model, scorer, optimizer_steps = refreshing_model()
+    calibrate(model, batches(2, seed=11))
+    activity = UnitActivity(scorer.bank.get(3))
+    activity.add(scorer.bank.get(3), torch.randn(2, SEQ, model.config.hidden_size), BLOCK)
+    scorer.bank.set(3, prune_predictor(scorer.bank.get(3), activity, min_activity=1.01))  # keeps the most active
+    scorer.trainer.reset_optimizer(3)
+    train_steps(model, scorer, optimizer_steps, batches(3, seed=12))  # step 0 never refreshes: steps 1 and 2 do
+    return model, scorer, optimizer_steps
+
+
+def assert_same_adam_state(mine: torch.optim.Optimizer, theirs: torch.optim.Optimizer) -> None:
+    a, b = mine.state_dict(), theirs.state_dict()
+    torch.testing.assert_close(a["state"], b["state"], rtol=0, atol=0)
+    assert a["param_groups"] == b["param_groups"]
+
+
+def test_checkpoint_round_trip_continues_exactly(tmp_path):
+    model, scorer, optimizer_steps = mid_training()
+    logged = scorer.pop_refresh_log()
+    assert [(entry["step"], entry["layer"]) for entry in logged] == [(1, 3), (1, 4), (2, 3), (2, 4)]
+    paths = scorer.save_checkpoint(tmp_path, {"checkpoint_step": 3})
+    assert [path.name for path in paths] == [CHECKPOINT_BANK, CHECKPOINT_STATE] and checkpoint_saved(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([CHECKPOINT_BANK, CHECKPOINT_STATE])
+
+    fresh, restored, fresh_steps = refreshing_model()
+    restored.bind(fresh.config)
+    restored.load_checkpoint(tmp_path)
+    assert restored.bank.get(3).hidden_units == (1, 1) and restored.bank.get(4).hidden_units == (16, 16)
+    for mine, theirs in zip(restored.bank.parameters(), scorer.bank.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert sorted(restored.trainer.optimizers) == sorted(scorer.trainer.optimizers) == [3, 4]
+    for layer, optimizer in scorer.trainer.optimizers.items():
+        assert_same_adam_state(restored.trainer.optimizers[layer], optimizer)
+    assert restored.trainer.history == scorer.trainer.history and len(restored.trainer.history[3]) == 4
+    assert restored.trained == scorer.trained == {3, 4} and restored.all_trained
+    assert restored.prior_layers == scorer.prior_layers
+    assert restored._last_refresh == scorer._last_refresh == {3: 2, 4: 2}
+    hidden = torch.randn(2, SEQ, model.config.hidden_size)
+    for layer in (3, 4):
+        torch.testing.assert_close(restored.predict(layer, hidden, BLOCK), scorer.predict(layer, hidden, BLOCK))
+
+    # Both go on from step 3: the same refresh recall, the same predictors and Adam state after it.
+    fresh_steps[0] = optimizer_steps[0]
+    data = batches(1, seed=13)
+    train_steps(model, scorer, optimizer_steps, data)
+    train_steps(fresh, restored, fresh_steps, data)
+    assert restored.pop_refresh_log() == scorer.pop_refresh_log() != []
+    for mine, theirs in zip(restored.bank.parameters(), scorer.bank.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    for layer, optimizer in scorer.trainer.optimizers.items():
+        assert_same_adam_state(restored.trainer.optimizers[layer], optimizer)
+
+
+def test_a_checkpoint_waits_for_the_queue_and_fits_one_model(tmp_path):
+    model, scorer, optimizer_steps = refreshing_model(layers=4)  # sparse layer 2
+    calibrate(model, batches(1, seed=4), updates=1)
+    optimizer_steps[0] = 1
+    model(**batches(1, seed=5)[0])  # step 1: the refresh is queued, to train after the optimizer step
+    with pytest.raises(RuntimeError, match=r"still holds queued inputs of layers \[2\] .*after the step"):
+        scorer.save_checkpoint(tmp_path)
+    assert not any(tmp_path.iterdir())
+    scorer.train_pending()  # the optimizer step did not move: nothing trains yet
+    assert list(scorer.queue) == [2]
+    optimizer_steps[0] = 2
+    scorer.train_pending()
+    assert not scorer.queue
+    scorer.save_checkpoint(tmp_path)
+    assert [entry["step"] for entry in scorer.pop_refresh_log()] == [1]  # still there for the step's metrics
+    wider = converted({"predictor": REFRESHING}, hidden_size=48)
+    other = find_predictor_scorer(wider)
+    other.bind(wider.config)
+    with pytest.raises(LemoConfigError, match=r"trained for another model: hidden_size 32 \(file\) vs 48 \(model\)"):
+        other.load_checkpoint(tmp_path)
+
+
+def test_moving_the_predictors_moves_their_optimizer_state():
+    """The bank moves to the layer input's device on first use (CUDA in a job): Adam's moments follow, so a state
+    restored from a checkpoint on the host survives the move (the meta device stands in for CUDA here)."""
+    model = converted()
+    calibrate(model, batches(1, seed=4), updates=1)
+    scorer = find_predictor_scorer(model)
+    scorer.to(torch.device("meta"))
+    optimizer = scorer.trainer.optimizers[2]
+    params = list(scorer.bank.get(2).parameters())
+    states = [optimizer.state[param] for param in params]  # the moved parameters' (a move may replace them)
+    assert len(states) == 7 and all(state["exp_avg"].device.type == "meta" for state in states)
+    assert all(state["exp_avg_sq"].shape == param.shape for state, param in zip(states, params))

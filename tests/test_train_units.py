@@ -336,11 +336,13 @@ def test_output_dir_guard(tmp_path):
         output_dir.require_writable(out / "notes.txt" / "sub")
 
 
-class _Engine:
-    """What resume.save needs of a DeepSpeed engine on one rank: weights to check and a checkpoint writer."""
+class _Engine(torch.nn.Module):
+    """What resume.save needs of a DeepSpeed engine on one rank: weights to check (a module, as the engine is) and a
+    checkpoint writer."""
 
-    def __init__(self) -> None:
-        self.module = torch.nn.Linear(2, 2)
+    def __init__(self, module: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.module = torch.nn.Linear(2, 2) if module is None else module
         self.device = torch.device("cpu")
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
@@ -411,6 +413,59 @@ def test_a_failed_conversion_is_one_line_and_leaves_no_folder(tmp_path):
         universal.convert(tmp_path / "step1")
     assert sorted(p.name for p in (tmp_path / "step1").iterdir()) == [resume.COMPLETE, "mp_rank_00_model_states.pt"]
     assert universal.converted(tmp_path / "step1") is None
+
+
+def test_save_writes_the_predictors_into_the_tag_and_resume_restores_them(tmp_path):
+    """A predictor job's save puts the scorer's state beside DeepSpeed's files (in the marker's manifest); a resumed
+    predictor job restores it, an oracle job ignores it, and the bank is a predictors file another job can read."""
+    from test_predictors_scorer import batches, converted
+
+    from lemo_ds.predictors import calibrate, read_metadata
+    from lemo_ds.predictors.scorer import CHECKPOINT_BANK, CHECKPOINT_STATE, find_predictor_scorer
+
+    model = converted()
+    calibrate(model, batches(1, seed=4), updates=1)
+    resume.save(_Engine(model), tmp_path, 1, 2, ARGS)
+    tag = tmp_path / "step1"
+    manifest = json.loads((tag / resume.COMPLETE).read_text())["files"]
+    assert {CHECKPOINT_BANK, CHECKPOINT_STATE} <= set(manifest)
+    assert read_metadata(tag / CHECKPOINT_BANK)["info"] == {"checkpoint_step": 1}
+    lines = []
+    cpu = torch.device("cpu")
+    fresh = converted()
+    assert resume.restore_predictors(fresh, tag, cpu, lines.append)
+    assert lines == [f"predictors restored from {tag / CHECKPOINT_BANK} (layers [2]), not calibrated again"]
+    assert find_predictor_scorer(fresh).all_trained
+    assert not resume.restore_predictors(converted({"scorer": "oracle"}), tag, cpu, lines.append)
+    assert len(lines) == 1  # an oracle job says nothing of them
+    reused = converted({"predictor_path": str(tag / CHECKPOINT_BANK)})  # --predictor FILE
+    find_predictor_scorer(reused).bind(reused.config)
+
+
+def test_a_predictor_job_resuming_a_checkpoint_without_predictors_says_what_it_loses(tmp_path):
+    from test_predictors_scorer import SECTION, converted
+
+    from lemo_ds.predictors.scorer import CHECKPOINT_BANK, find_predictor_scorer
+
+    resume.save(_Engine(), tmp_path, 1, 2, ARGS)  # no predictor scorer: nothing but DeepSpeed's files
+    tag = tmp_path / "step1"
+    assert sorted(path.name for path in tag.iterdir()) == [resume.COMPLETE, "mp_rank_00_model_states.pt"]
+    lines = []
+    assert not resume.restore_predictors(converted(), tag, torch.device("cpu"), lines.append)
+    assert lines == [f"warning: {tag} holds no predictors (a checkpoint of a job with another scorer, or of an older "
+                     "lemo_ds): they are trained again from the start on the rows after the checkpoint, so the "
+                     "selections differ from an uninterrupted run's"]  # fmt: skip
+    # With a predictors file: the same file again, which only online refreshes would have changed.
+    source = converted()
+    scorer = find_predictor_scorer(source)
+    scorer.bind(source.config)
+    scorer.save(str(tmp_path / CHECKPOINT_BANK))  # (untrained: only the file's presence matters here)
+    for refresh_every, expected in ((0, None), (2, f"start again from {tmp_path / CHECKPOINT_BANK}, without the")):
+        lines = []
+        predictor = {**SECTION["predictor"], "refresh_every": refresh_every}
+        model = converted({"predictor_path": str(tmp_path / CHECKPOINT_BANK), "predictor": predictor})
+        assert not resume.restore_predictors(model, tag, torch.device("cpu"), lines.append)
+        assert (lines == []) if expected is None else (len(lines) == 1 and expected in lines[0]), lines
 
 
 # ---- the job description, and lemo_ds.initialize given the parsed section ------------------------------------

@@ -9,7 +9,7 @@
   positional prior each predictor must beat
 - ``layer_inputs``: a frozen model's forward over batches, every sparse layer's input handed to a callback
 - ``scorer``: the scorer that uses them (``scorer: "predictor"``): predicts in the forward, trains in the model
-  controller's step hook
+  controller's step hook, writes and restores its whole state in a training checkpoint
 - ``calibrate``: training a converted model's predictors from a few batches, the model frozen
 - ``job``: what launch/train.py does with them (calibration before training, refresh metrics)
 - ``prune``: elastic pruning of ReLU units that are almost never active

@@ -23,11 +23,13 @@ def calibrate_before_training(
 ) -> dict[int, float] | None:
     """With ``scorer: "predictor"`` and no ``predictor_path``: train the predictors on the first
     ``predictor.calibration_batches`` micro-batches of ``batches`` (model frozen, oracle labels) and log the recall
-    per layer; otherwise do nothing. Returns {layer: recall on the last batch, before training on it} or None."""
+    per layer; otherwise (also when every predictor is trained already: restored from a checkpoint) do nothing.
+    Returns {layer: recall on the last batch, before training on it} or None."""
     if config is None or config.scorer != "predictor" or config.predictor_path is not None:
         return None
     count = config.predictor.calibration_batches
-    if count == 0:
+    scorer = find_predictor_scorer(engine)
+    if count == 0 or (scorer is not None and scorer.all_trained):
         return None
     started = time.perf_counter()
     chosen = ({key: value.to(device) for key, value in batch.items()} for batch in itertools.islice(batches, count))

@@ -24,13 +24,20 @@ Gradients and recall are averaged over data-parallel ranks (``lemo_ds.predictors
 same layers at the same steps and trains them in layer order in the same step hook, so the all-reduces match.
 
 The bank of predictors is the scorer's, never a submodule of the model: ZeRO-3 does not partition it and the
-model's optimizer does not see it. It moves to the layer input's device on first use and stays fp32.
+model's optimizer does not see it. It moves to the layer input's device on first use and stays fp32. For the same
+reason a DeepSpeed checkpoint does not hold it: ``save_checkpoint`` writes the scorer's whole state into a
+checkpoint's folder (the bank as a predictors file, ``CHECKPOINT_BANK``, which ``predictor_path`` also reads, and the
+training state, ``CHECKPOINT_STATE``) and ``load_checkpoint`` restores it, so a resumed job selects as the
+uninterrupted one would (lemo_ds.training.resume).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +57,10 @@ from lemo_ds.score_context import ScoreContext
 
 if TYPE_CHECKING:
     from lemo_ds.scorers.base import BlockScorer
+
+CHECKPOINT_BANK = "lemo_predictors.safetensors"  # a predictors file (lemo_ds.predictors.io): --predictor reads it
+CHECKPOINT_STATE = "lemo_predictors_state.pt"  # the training state of an exact continuation (torch.save)
+_STATE_FORMAT = 1
 
 
 def _in_backward() -> bool:
@@ -158,12 +169,21 @@ class PredictorScorer:
         self.fingerprint = fingerprint
 
     def to(self, device: torch.device) -> None:
-        """Move the predictors (fp32) to ``device``; optimizer state starts afresh there."""
-        current = next(self.bank.parameters()).device
-        if current != device:
-            self.bank.to(device)
-            self.trainer.optimizers.clear()
+        """Move the predictors (fp32) and their optimizers' state to ``device``."""
+        if self._device() != device:
+            self.trainer.to(device)  # Adam's moments too: state restored on the host survives the move to the GPU
             self._packed.clear()
+
+    def _device(self) -> torch.device:
+        """Where the predictors are (the host for a bank without any)."""
+        for param in self.bank.parameters():
+            return param.device
+        return torch.device("cpu")
+
+    @property
+    def all_trained(self) -> bool:
+        """Every sparse layer's predictor has been trained (a file, a calibration, a checkpoint restored)."""
+        return self.bound and all(index in self.trained for index in self.trainer.sparse_layers)
 
     # ---- scoring ------------------------------------------------------------------------------------------
 
@@ -238,6 +258,73 @@ class PredictorScorer:
         prior = [i for i in self.bank.layers if self.prefers_prior(i)]
         return save_predictors(path, self.bank, self.fingerprint, info, prior)
 
+    # ---- checkpoints --------------------------------------------------------------------------------------
+
+    def train_pending(self) -> None:
+        """Train the inputs queued in the step just taken now, if the optimizer step moved since the last forward
+        (``poll_step`` runs the step hook). A collective where ranks all-reduce: every rank calls it, e.g. before a
+        checkpoint."""
+        if self.controller is not None:
+            self.controller.poll_step()
+
+    def save_checkpoint(self, folder: str | os.PathLike, info: dict[str, Any] | None = None) -> list[Path]:
+        """Write the scorer's whole state into ``folder``: the predictors as a predictors file (``CHECKPOINT_BANK``,
+        ``info`` in its metadata) and what training needs to continue exactly (``CHECKPOINT_STATE``), each
+        atomically. One rank writes: every rank holds the same state. Returns the two paths.
+
+        RuntimeError while layer inputs wait in the queue (a save between a forward and its optimizer step; call
+        ``train_pending`` on every rank after the step): writing without them would lose them."""
+        if self.queue:
+            raise RuntimeError(
+                f"the predictor scorer still holds queued inputs of layers {sorted(self.queue)} (they train after the "
+                "optimizer step); save the checkpoint after the step, once train_pending ran on every rank"
+            )
+        folder = Path(folder)
+        bank, state = folder / CHECKPOINT_BANK, folder / CHECKPOINT_STATE
+        _write_atomically(bank, lambda path: self.save(path, info))
+        _write_atomically(state, lambda path: torch.save(self.training_state(), path))
+        return [bank, state]
+
+    def training_state(self) -> dict[str, Any]:
+        """The state beyond the predictors' weights (plain types: ``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "format": _STATE_FORMAT,
+            "trainer": self.trainer.state_dict(),
+            "trained": sorted(self.trained),
+            "prior_layers": sorted(self.prior_layers),
+            "last_refresh": dict(self._last_refresh),
+            "on_the_fly_left": dict(self._on_the_fly_left),
+        }
+
+    def load_checkpoint(self, folder: str | os.PathLike, device: torch.device | None = None) -> None:
+        """Restore what ``save_checkpoint`` wrote into ``folder``: the predictors (with their pruned sizes) on
+        ``device`` (default: where the current ones are), their optimizers, observations and schedule. The scorer
+        is bound to its model (``bind``); LemoConfigError when the file was written for another model or lacks a
+        sparse layer of this config."""
+        if not self.bound:
+            raise LemoConfigError("bind the predictor scorer to its model before loading a checkpoint into it")
+        path = Path(folder) / CHECKPOINT_BANK
+        bank, meta = load_predictors(path)
+        check_fingerprint(meta["fingerprint"], self.fingerprint, str(path))
+        missing = [index for index in self.trainer.sparse_layers if index not in bank]
+        if missing:
+            raise LemoConfigError(
+                f"{path} has predictors for layers {bank.layers}, but the lemo config makes layers "
+                f"{self.trainer.sparse_layers} sparse (missing: {missing}); resume with the lemo config that wrote it"
+            )
+        state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+        # On its device before the optimizers are rebuilt over it: their state lands there too.
+        self.bank = self.trainer.bank = bank.to(self._device() if device is None else device)
+        self.design = bank.design
+        self.trainer.load_state_dict(state["trainer"])
+        self.trained = set(state["trained"])
+        self.prior_layers = set(state["prior_layers"])
+        self._last_refresh = {int(index): step for index, step in state["last_refresh"].items()}
+        self._on_the_fly_left = {int(index): left for index, left in state["on_the_fly_left"].items()}
+        self._packed.clear()
+        for index in bank.layers:  # packed weights of the old predictors are stale
+            self._versions[index] = self._versions.get(index, 0) + 1
+
     # ---- training -----------------------------------------------------------------------------------------
 
     def observe(
@@ -294,6 +381,22 @@ class PredictorScorer:
             self.controller.poll_step()
         log, self.refresh_log = self.refresh_log, []
         return log
+
+
+def checkpoint_saved(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` (a checkpoint's tag) holds a predictor scorer's state (``save_checkpoint``)."""
+    return (Path(folder) / CHECKPOINT_BANK).is_file()
+
+
+def _write_atomically(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(temporary path)`` beside ``path``, then rename it into place: a reader sees the old file or the new
+    one, never a partial one. (No fsync: a checkpoint fsyncs every file of its tag before its completion marker.)"""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def find_predictor_scorer(model: nn.Module) -> PredictorScorer | None:

@@ -14,7 +14,8 @@ order on every rank, as ZeRO-3 requires anyway).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -143,6 +144,40 @@ class PredictorTrainer:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What training needs beyond the predictors' weights to continue exactly: each layer's Adam state and its
+        observations (``prefers_prior`` reads the latest), in plain types (``torch.load(weights_only=True)``)."""
+        return {
+            "optimizers": {layer: optimizer.state_dict() for layer, optimizer in sorted(self.optimizers.items())},
+            "history": {layer: [asdict(obs) for obs in observations] for layer, observations in self.history.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``, over the predictors of ``self.bank`` (already on the device they train
+        on: Adam casts its moments to each parameter's device). The learning rate stays this trainer's (the
+        config's), so that a changed ``predictor.lr`` applies from the next update."""
+        self._load_optimizers(state["optimizers"])
+        self.history = defaultdict(list)
+        for layer, observations in state["history"].items():
+            self.history[int(layer)] = [Observation(**obs) for obs in observations]
+
+    def to(self, device: torch.device) -> None:
+        """Move the bank and its optimizers' state to ``device``."""
+        saved = {layer: optimizer.state_dict() for layer, optimizer in self.optimizers.items()}
+        self.bank.to(device)
+        # Rebuilt over the moved parameters: a move may replace them (nn.Module.to does across tensor types).
+        self._load_optimizers(saved)
+
+    def _load_optimizers(self, saved: dict[int, dict[str, Any]]) -> None:
+        """A fresh Adam per layer of ``saved`` over the bank's parameters, given that state (its moments cast to each
+        parameter's device and dtype)."""
+        self.optimizers.clear()
+        for layer, state in saved.items():
+            optimizer = self._optimizer(int(layer))
+            optimizer.load_state_dict(state)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
 
     def prefers_prior(self, layer: int, window: int = 4) -> bool:
         """Whether the positional prior recalled more than the predictor over the layer's last ``window``

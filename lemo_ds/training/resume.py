@@ -26,6 +26,13 @@ checkpoint left it, on any number of ranks (model, optimizer, LR
 scheduler and ``engine.global_steps``, which drives the lemo keep-ratio schedule, come back with the engine).
 ``--lr`` on resume replaces the restored rate (``set_lr_after_resume``).
 
+With lemo's predictor scorer the tag also holds the predictors, which live outside the model and so outside
+DeepSpeed's files: rank 0 writes ``lemo_predictors.safetensors`` (a predictors file, which ``--predictor`` also
+reads) and ``lemo_predictors_state.pt`` (each layer's Adam state, the observations, the refresh schedule) before
+``save_checkpoint``, after the refresh queued in the step just taken has trained (``PredictorScorer.save_checkpoint``);
+every rank restores them after loading (``restore_predictors``), so the resumed job neither calibrates again nor
+selects differently from an uninterrupted run.
+
 A save that fails removes what it wrote of its tag (never a complete one), so a full disk gets its space back and
 no half-written tag stays behind.
 """
@@ -46,6 +53,8 @@ from typing import Any
 import torch
 
 from lemo_ds import distributed
+from lemo_ds.policies import unwrap_model
+from lemo_ds.predictors.scorer import CHECKPOINT_BANK, checkpoint_saved, find_predictor_scorer
 from lemo_ds.training import checkpoint_files, finite, output_dir, retention, universal
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 
@@ -210,17 +219,23 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             f"the weights hold NaN or inf after step {step}; not saving {tag_dir} ({latest_note(ckpt_dir)}); "
             f"lower --lr (or check the data), then {next_run_advice(ckpt_dir)}"
         )
+    scorer = _bound_predictor_scorer(engine)
+    if scorer is not None:
+        scorer.train_pending()  # every rank (it all-reduces): the refresh queued in this step is in the save
     if rank == 0:
         # Overwriting a tag (a run restarted in the same folder): it is incomplete until its new marker lands.
         # The verdict exchange below is a barrier, so no rank writes into the folder before this removal.
         (tag_dir / COMPLETE).unlink(missing_ok=True)
     # Every rank makes the tag's folder and the ranks compare verdicts before save_checkpoint: inside it, rank 0
     # alone makes the folder before its first barrier, and a rank 0 that failed there would leave the others
-    # waiting in collectives it never reaches.
+    # waiting in collectives it never reaches. Rank 0 writes the predictors there too (every rank holds the same):
+    # a failure stops every rank here, and the marker's manifest covers them.
     failure = None
     try:
         tag_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
+        if scorer is not None and rank == 0:
+            scorer.save_checkpoint(tag_dir, {"checkpoint_step": step})
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type; every failure must be told
         failure = _failure(error, tag_dir)
     _stop_on_failures(_gather(failure), tag_dir)
     state = {"step": step, "rows_consumed": rows_consumed, **state_settings(job)}
@@ -378,7 +393,47 @@ def load(engine: Any, ckpt_dir: Path, job: Any, log: Callable[[str], None]) -> d
     if changed:
         log(f"warning: resuming with changed settings ({'; '.join(changed)}): the data order will not continue exactly")
     log(f"resumed from {ckpt_dir / tag} at step {state['step']} ({state['rows_consumed']} rows consumed){how}")
+    restore_predictors(engine, ckpt_dir / tag, engine.device, log)
     return state
+
+
+def restore_predictors(model: Any, tag_dir: Path, device: Any, log: Callable[[str], None]) -> bool:
+    """Restore the predictor scorer of ``model`` (a converted model, or a DeepSpeed engine around one) from the
+    checkpoint ``tag_dir`` onto ``device``, on every rank; returns whether it did. The files sit in the tag's folder
+    whatever the number of ranks that saved it. A job with another scorer ignores them; a predictor job resuming a
+    checkpoint without them (an oracle job's, or an older lemo_ds's) says what it loses."""
+    scorer = _bound_predictor_scorer(model)
+    if scorer is None:
+        return False
+    if not checkpoint_saved(tag_dir):
+        warning = _no_predictors_warning(scorer.config, tag_dir)
+        if warning is not None:
+            log(f"warning: {warning}")
+        return False
+    scorer.load_checkpoint(tag_dir, device)
+    log(f"predictors restored from {tag_dir / CHECKPOINT_BANK} (layers {scorer.bank.layers}), not calibrated again")
+    return True
+
+
+def _bound_predictor_scorer(model: Any) -> Any:
+    """The model's PredictorScorer, bound to the model (launch/train.py binds it before anything starts), or None."""
+    scorer = find_predictor_scorer(model)
+    if scorer is not None and not scorer.bound:
+        scorer.bind(unwrap_model(model).config)
+    return scorer
+
+
+def _no_predictors_warning(config: Any, tag_dir: Path) -> str | None:
+    """What a predictor job (lemo ``config``) resuming ``tag_dir``, which holds no predictors, does differently from
+    an uninterrupted run; None where nothing (a predictors file that no refresh changes)."""
+    held = f"{tag_dir} holds no predictors (a checkpoint of a job with another scorer, or of an older lemo_ds)"
+    if config.predictor_path is None:
+        return (f"{held}: they are trained again from the start on the rows after the checkpoint, so the selections "
+                "differ from an uninterrupted run's")  # fmt: skip
+    if config.predictor.refresh_every > 0:
+        return (f"{held}: they start again from {config.predictor_path}, without the online refreshes before the "
+                "checkpoint, so the selections differ from an uninterrupted run's")  # fmt: skip
+    return None
 
 
 def _universal_checkpoint(tag_dir: Path) -> str:
