@@ -43,12 +43,12 @@ def test_train_predictor_writes_the_file_and_prints_the_recall_table(mistral_pre
     path, printed = mistral_predictors
     assert "| layer | keep | recall | recall after pruning | positional prior |" in printed
     rows = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["4", "5", "6", "mean"]  # the sparse layers of the 8-layer preset
+    assert rows[1:] == ["4", "5", "6", "7", "mean"]  # the sparse layers of the 8-layer preset (first_half dense)
     meta = read_metadata(path)
     assert meta["fingerprint"] == {"model_type": "mistral", "num_hidden_layers": 8, "hidden_size": 256,
                                    "num_attention_heads": 4, "num_key_value_heads": 2, "block_size": 64}  # fmt: skip
-    assert set(meta["layers"]) == {"4", "5", "6"}
-    assert set(meta["info"]["recall"]) == {"4", "5", "6"} and meta["info"]["model"] == "tiny-mistral"
+    assert set(meta["layers"]) == {"4", "5", "6", "7"}
+    assert set(meta["info"]["recall"]) == {"4", "5", "6", "7"} and meta["info"]["model"] == "tiny-mistral"
     assert all(0 < sizes["hidden_q"] <= 64 and 0 < sizes["hidden_k"] <= 64 for sizes in meta["layers"].values())
 
 
@@ -92,13 +92,13 @@ def predictor_run(tmp_path_factory) -> tuple[str, Path, str]:
 def test_train_job_calibrates_predictors_then_trains_sparse_with_online_refresh(predictor_run):
     _, out, printed = predictor_run
     calibrated = [line for line in printed.splitlines() if "predictors: calibrated on 2 micro-batches" in line]
-    assert len(calibrated) == 1 and "layer 4" in calibrated[0] and "layer 6" in calibrated[0], printed
+    assert len(calibrated) == 1 and "layer 4" in calibrated[0] and "layer 7" in calibrated[0], printed
     records = metrics(out)
     # engine.global_steps is 1, 2, 3 during train steps 2, 3, 4: the refreshes (refresh_every 1, never at 0).
     assert "predictor_recall" not in records[0]
     for record in records[1:]:
         assert 0.0 <= record["predictor_recall"] <= 1.0
-        assert {f"predictor_recall_layer{i}" for i in (4, 5, 6)} <= set(record)
+        assert {f"predictor_recall_layer{i}" for i in (4, 5, 6, 7)} <= set(record)
     result_summary = summary(out)
     assert result_summary["scorer"] == "predictor" and result_summary["mean_keep_ratio"] < 1.0
     assert result_summary["world_size"] == 2
@@ -115,7 +115,7 @@ def test_checkpoints_hold_the_predictors_as_a_predictors_file(predictor_run):
     path = out / "checkpoints" / "step4" / CHECKPOINT_BANK
     meta = read_metadata(path)
     assert meta["fingerprint"]["model_type"] == "llama" and meta["fingerprint"]["block_size"] == 16
-    assert set(meta["layers"]) == {"4", "5", "6"} and meta["info"] == {"checkpoint_step": 4}
+    assert set(meta["layers"]) == {"4", "5", "6", "7"} and meta["info"] == {"checkpoint_step": 4}
     section = json.loads(Path(config).read_text())["lemo"]
     scorer = build_scorer(parse_lemo_config({**section, "predictor_path": str(path)}))  # as --predictor FILE makes it
     scorer.bind(preset_config("tiny-llama"))  # the fingerprint and the sparse layers fit the job's model
@@ -139,7 +139,7 @@ def test_interrupted_predictor_job_resumes_with_the_same_selections(predictor_ru
                            "--output-dir", str(out), timeout=300, env=JOB_ENV)  # fmt: skip
     printed = ok(result).stdout
     tag = out / "checkpoints" / "step2"
-    restored = f"lemo_ds: predictors restored from {tag / CHECKPOINT_BANK} (layers [4, 5, 6]), not calibrated again"
+    restored = f"lemo_ds: predictors restored from {tag / CHECKPOINT_BANK} (layers [4, 5, 6, 7]), not calibrated again"
     mine, theirs = metrics(out), metrics(reference)
     assert [record["step"] for record in mine] == [1, 2, 3, 4]
     for a, b in zip(mine, theirs, strict=True):
@@ -166,7 +166,7 @@ def test_two_rank_predictor_checkpoint_resumes_on_one_rank(predictor_run, tmp_pa
                               env=JOB_ENV)).stdout  # fmt: skip
     tag = out / "checkpoints" / "step2"
     assert "saved by 2 ranks, on 1 through DeepSpeed's universal checkpoint" in printed, printed
-    restored = f"lemo_ds: predictors restored from {tag / CHECKPOINT_BANK} (layers [4, 5, 6]), not calibrated again"
+    restored = f"lemo_ds: predictors restored from {tag / CHECKPOINT_BANK} (layers [4, 5, 6, 7]), not calibrated again"
     assert restored in printed.splitlines() and "predictors: calibrated" not in printed, printed
 
     def observations(tag_dir: Path) -> dict[int, list[dict]]:
@@ -174,7 +174,7 @@ def test_two_rank_predictor_checkpoint_resumes_on_one_rank(predictor_run, tmp_pa
 
     # Two calibration batches and the refresh of train step 2 (global step 1), then step 3's: no second calibration.
     before, after = observations(tag), observations(out / "checkpoints" / "step3")
-    assert {layer: len(history) for layer, history in before.items()} == {4: 3, 5: 3, 6: 3}
+    assert {layer: len(history) for layer, history in before.items()} == {4: 3, 5: 3, 6: 3, 7: 3}
     assert {layer: history[:3] for layer, history in after.items()} == before
-    assert {layer: len(history) for layer, history in after.items()} == {4: 4, 5: 4, 6: 4}
+    assert {layer: len(history) for layer, history in after.items()} == {4: 4, 5: 4, 6: 4, 7: 4}
     assert "predictor_recall" in metrics(out)[2]

@@ -59,7 +59,7 @@ def test_main_job_and_baseline_run_on_the_same_rows(tmp_path, monkeypatch):
     assert flops["hf"] == flops["ds_configs/zero3_lemo.json"]
     assert cases["hf"]["summary"]["kernels"] == "torch"
     lemo = cases["ds_configs/zero3_lemo.json"]["summary"]
-    assert lemo["mean_keep_ratio"] < 1.0 and lemo["scorer"] == "oracle"
+    assert lemo["mean_keep_ratio"] < 1.0 and lemo["scorer"] == "predictor"
     table = product_path.table(result["cases"])
     assert "speed vs hf" in table and "| hf | packed | 256 |" in table and "| zero3_lemo | packed | 256 |" in table
     plot = tmp_path / "plot.png"

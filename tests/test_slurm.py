@@ -89,10 +89,12 @@ def test_write_text_atomic_replaces_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [resume.LATEST]
 
 
-class _RecordingEngine:
-    """save_checkpoint as DeepSpeed's writes a tag (one rank), recording what the marker looked like then."""
+class _RecordingEngine(torch.nn.Module):
+    """save_checkpoint as DeepSpeed's writes a tag (one rank), recording what the marker looked like then. A module,
+    as DeepSpeed's engine is (resume.save looks through its modules for a predictor scorer)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[dict] = []
         self.module = torch.nn.Linear(2, 2)  # the weights resume.save checks for NaN/inf before saving
         self.device = torch.device("cpu")
