@@ -26,6 +26,17 @@ def tiny_cpu_setup(seq_len: int) -> tuple[Shape, Setup]:
     )
 
 
+def one_calibration_batch(folder) -> str:
+    """zero3_lemo.json with its predictors calibrated on one micro-batch instead of 8: calibration runs before the
+    first step, one micro-batch at a time under no_grad, so the count changes the job's time (8 batches of 8K tokens
+    took most of a 5-minute test on CPU), not its peak memory or the plan."""
+    config = json.loads((REPO / "ds_configs" / "zero3_lemo.json").read_text())
+    config["lemo"]["predictor"] = {"calibration_batches": 1}
+    path = folder / "zero3_lemo_calibration1.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def cpu_bytes(seq_len: int) -> int:
     """What the planner counts in a CPU run's RAM: device terms plus the offloaded inputs (the same RAM)."""
     p = memory.predict(*tiny_cpu_setup(seq_len))
@@ -57,9 +68,11 @@ def test_formula_increment_against_cpu_rss(tmp_path):
     predicted growth when this test was written. Tolerance: the prediction is at most the measured growth and at
     least a third of it."""
     peaks = {}
+    config = one_calibration_batch(tmp_path)
     for seq in (2048, 8192):
         out = tmp_path / str(seq)
-        ok(train_single("--seq-len", str(seq), "--max-steps", "1", "--no-save", "--output-dir", str(out)))
+        ok(train_single("--deepspeed", config, "--seq-len", str(seq), "--max-steps", "1", "--no-save", "--output-dir",
+                        str(out)))  # fmt: skip
         peaks[seq] = summary(out)["peak_mem_bytes"]
     measured = peaks[8192] - peaks[2048]
     predicted = cpu_bytes(8192) - cpu_bytes(2048)
@@ -82,7 +95,8 @@ def test_seq_len_max_picks_a_length_that_runs(tmp_path):
     budget = 256 * MIB
     out = tmp_path / "run"
     result = train_single(
-        "--seq-len", "max", "--gpu-mem", "256MiB", "--max-steps", "1", "--no-save", "--output-dir", str(out)
+        "--deepspeed", one_calibration_batch(tmp_path), "--seq-len", "max", "--gpu-mem", "256MiB", "--max-steps", "1",
+        "--no-save", "--output-dir", str(out)
     )  # fmt: skip
     ok(result)
     seq = summary(out)["seq_len"]
