@@ -14,19 +14,16 @@ import torch
 from torch import nn
 
 from lemo_ds.errors import LemoConfigError
-from lemo_ds.policies import unwrap_model
 from lemo_ds.predictors.layer_inputs import for_each_layer_input
-from lemo_ds.predictors.scorer import PredictorScorer, find_predictor_scorer
+from lemo_ds.predictors.scorer import PredictorScorer, bound_predictor_scorer
 from lemo_ds.score_context import ScoreContext
 
 
 def predictor_scorer_of(model: nn.Module) -> PredictorScorer:
     """The bound predictor scorer of a converted model (LemoConfigError if it has none)."""
-    scorer = find_predictor_scorer(model)
+    scorer = bound_predictor_scorer(model)
     if scorer is None:
         raise LemoConfigError('the model has no predictor scorer; convert it with lemo scorer "predictor"')
-    if not scorer.bound:
-        scorer.bind(unwrap_model(model).config)
     return scorer
 
 

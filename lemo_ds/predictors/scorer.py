@@ -48,6 +48,7 @@ from lemo_ds.controller import LemoController
 from lemo_ds.core.selection import num_blocks
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.kernels.predictor_scores import predictor_scores
+from lemo_ds.policies import unwrap_model
 from lemo_ds.predictors.fingerprint import check_fingerprint, model_fingerprint
 from lemo_ds.predictors.io import load_predictors, save_predictors
 from lemo_ds.predictors.labels import OracleLabels, lo_block_from_mask, oracle_labels
@@ -406,3 +407,12 @@ def find_predictor_scorer(model: nn.Module) -> PredictorScorer | None:
         if sparse is not None and isinstance(sparse.scorer, PredictorScorer):
             return sparse.scorer
     return None
+
+
+def bound_predictor_scorer(model: nn.Module) -> PredictorScorer | None:
+    """``find_predictor_scorer``, bound to the model's config if nothing bound it yet (launch/train.py binds it
+    before anything starts; a model converted by hand binds on its first score)."""
+    scorer = find_predictor_scorer(model)
+    if scorer is not None and not scorer.bound:
+        scorer.bind(unwrap_model(model).config)
+    return scorer

@@ -53,8 +53,7 @@ from typing import Any
 import torch
 
 from lemo_ds import distributed
-from lemo_ds.policies import unwrap_model
-from lemo_ds.predictors.scorer import CHECKPOINT_BANK, checkpoint_saved, find_predictor_scorer
+from lemo_ds.predictors.scorer import CHECKPOINT_BANK, bound_predictor_scorer, checkpoint_saved
 from lemo_ds.training import checkpoint_files, finite, output_dir, retention, universal
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
 
@@ -219,7 +218,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             f"the weights hold NaN or inf after step {step}; not saving {tag_dir} ({latest_note(ckpt_dir)}); "
             f"lower --lr (or check the data), then {next_run_advice(ckpt_dir)}"
         )
-    scorer = _bound_predictor_scorer(engine)
+    scorer = bound_predictor_scorer(engine)
     if scorer is not None:
         scorer.train_pending()  # every rank (it all-reduces): the refresh queued in this step is in the save
     if rank == 0:
@@ -402,7 +401,7 @@ def restore_predictors(model: Any, tag_dir: Path, device: Any, log: Callable[[st
     checkpoint ``tag_dir`` onto ``device``, on every rank; returns whether it did. The files sit in the tag's folder
     whatever the number of ranks that saved it. A job with another scorer ignores them; a predictor job resuming a
     checkpoint without them (an oracle job's, or an older lemo_ds's) says what it loses."""
-    scorer = _bound_predictor_scorer(model)
+    scorer = bound_predictor_scorer(model)
     if scorer is None:
         return False
     if not checkpoint_saved(tag_dir):
@@ -413,14 +412,6 @@ def restore_predictors(model: Any, tag_dir: Path, device: Any, log: Callable[[st
     scorer.load_checkpoint(tag_dir, device)
     log(f"predictors restored from {tag_dir / CHECKPOINT_BANK} (layers {scorer.bank.layers}), not calibrated again")
     return True
-
-
-def _bound_predictor_scorer(model: Any) -> Any:
-    """The model's PredictorScorer, bound to the model (launch/train.py binds it before anything starts), or None."""
-    scorer = find_predictor_scorer(model)
-    if scorer is not None and not scorer.bound:
-        scorer.bind(unwrap_model(model).config)
-    return scorer
 
 
 def _no_predictors_warning(config: Any, tag_dir: Path) -> str | None:
