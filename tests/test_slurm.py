@@ -68,7 +68,7 @@ def test_incomplete_latest_falls_back_to_the_newest_complete_tag(tmp_path):
 def test_no_latest_and_a_torn_marker(tmp_path):
     _tag(tmp_path, 1)
     _tag(tmp_path, 2, complete=False)
-    (tmp_path / "step2" / resume.COMPLETE).write_text('{"tag": "st')  # not written by write_text_atomic
+    (tmp_path / "step2" / resume.COMPLETE).write_text('{"tag": "st')  # not written by atomic_io.write_text_atomic
     assert resume.find_checkpoint(tmp_path).tag == "step1"
 
 
@@ -79,14 +79,6 @@ def test_only_incomplete_checkpoints(tmp_path):
         resume.require_checkpoint(tmp_path)
     with pytest.raises(TrainingSetupError, match="--resume: no checkpoint in"):
         resume.require_checkpoint(tmp_path / "nothing")
-
-
-def test_write_text_atomic_replaces_and_leaves_no_temporary(tmp_path):
-    target = tmp_path / resume.LATEST
-    resume.write_text_atomic(target, "step1")
-    resume.write_text_atomic(target, "step2")
-    assert target.read_text() == "step2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [resume.LATEST]
 
 
 class _RecordingEngine(torch.nn.Module):

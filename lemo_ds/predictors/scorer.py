@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lemo_ds.atomic_io import write_atomically
 from lemo_ds.config import LemoConfig
 from lemo_ds.controller import LemoController
 from lemo_ds.core.selection import num_blocks
@@ -282,8 +282,8 @@ class PredictorScorer:
             )
         folder = Path(folder)
         bank, state = folder / CHECKPOINT_BANK, folder / CHECKPOINT_STATE
-        _write_atomically(bank, lambda path: self.save(path, info))
-        _write_atomically(state, lambda path: torch.save(self.training_state(), path))
+        write_atomically(bank, lambda path: self.save(path, info))
+        write_atomically(state, lambda path: torch.save(self.training_state(), path))
         return [bank, state]
 
     def training_state(self) -> dict[str, Any]:
@@ -387,17 +387,6 @@ class PredictorScorer:
 def checkpoint_saved(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` (a checkpoint's tag) holds a predictor scorer's state (``save_checkpoint``)."""
     return (Path(folder) / CHECKPOINT_BANK).is_file()
-
-
-def _write_atomically(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(temporary path)`` beside ``path``, then rename it into place: a reader sees the old file or the new
-    one, never a partial one. (No fsync: a checkpoint fsyncs every file of its tag before its completion marker.)"""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def find_predictor_scorer(model: nn.Module) -> PredictorScorer | None:

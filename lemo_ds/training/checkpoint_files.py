@@ -8,9 +8,7 @@ named and skipped instead of failing inside torch.load.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -47,18 +45,3 @@ def damaged_files(tag_dir: Path, manifest: dict[str, list], rank: int, world_siz
         except OSError as error:
             problems.append(f"{name}: {error.strerror or error}")
     return problems
-
-
-def fsync(path: Path) -> None:
-    """fsync a file or directory; filesystems that cannot fsync a read-only descriptor or a folder are let be."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EROFS):
-            raise
-    finally:
-        os.close(fd)

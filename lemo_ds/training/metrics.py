@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from lemo_ds import atomic_io
+
 
 def peak_memory(device_type: str) -> tuple[int, str]:
     """(bytes, kind): the accelerator's peak allocation on CUDA, else this process's peak resident set."""
@@ -70,10 +72,7 @@ def _finite_or_null(data: Any) -> Any:
 
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(strict_json(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_io.write_text_atomic(path, strict_json(data, indent=2) + "\n")
 
 
 class MetricsLog:

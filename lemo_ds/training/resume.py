@@ -8,8 +8,8 @@ through writing a checkpoint, so a tag directory only counts once it is known to
 2. each rank flushes its share of the tag's files to disk, then a barrier;
 3. rank 0 writes the completion marker ``step{N}/lemo_ds_complete.json`` (with every file's size and
    SHA-256, hashed by the ranks that flushed them), then points ``latest`` at the tag; both by write-to-temp,
-   fsync, ``os.replace``, fsync of the directory, so each is old or new, never torn; then it deletes the tags
-   beyond ``--keep-checkpoints`` (lemo_ds.training.retention).
+   fsync, ``os.replace``, fsync of the directory (lemo_ds.atomic_io), so each is old or new, never torn; then it
+   deletes the tags beyond ``--keep-checkpoints`` (lemo_ds.training.retention).
 
 Nothing non-finite is saved: a save first checks the trainable weights (lemo_ds.training.finite). A save the
 disk refuses (no space left, quota, file too large), or that fails otherwise on any one rank, stops every rank
@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from lemo_ds import distributed
+from lemo_ds import atomic_io, distributed
 from lemo_ds.predictors.scorer import CHECKPOINT_BANK, bound_predictor_scorer, checkpoint_saved
 from lemo_ds.training import checkpoint_files, finite, output_dir, retention, universal
 from lemo_ds.training.errors import TrainingSetupError, TrainingStopped
@@ -253,7 +253,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
             # share of the files (all ranks see the same list: save_checkpoint ends with a barrier).
             files = sorted(path for path in tag_dir.rglob("*") if path.is_file())
             for path in files[rank::world_size]:
-                checkpoint_files.fsync(path)
+                atomic_io.fsync(path)
             share = checkpoint_files.manifest_share(tag_dir, files, rank, world_size)
         except (OSError, RuntimeError) as error:
             failure = _failure(error, tag_dir)
@@ -264,16 +264,16 @@ def save(engine: Any, ckpt_dir: Path, step: int, rows_consumed: int, job: Any, k
         try:
             manifest = {name: entry for part in verdicts for name, entry in part.items()}
             for folder in sorted({path.parent for path in files}, reverse=True):
-                checkpoint_files.fsync(folder)
+                atomic_io.fsync(folder)
             marker = {"tag": tag, "step": step, "rows_consumed": rows_consumed, "world_size": world_size,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": state_settings(job),
                       "files": manifest}  # fmt: skip
-            write_text_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=2) + "\n")
-            write_text_atomic(ckpt_dir / LATEST, tag)
+            atomic_io.write_text_atomic(tag_dir / COMPLETE, json.dumps(marker, indent=2) + "\n")
+            atomic_io.write_text_atomic(ckpt_dir / LATEST, tag)
             markers, incomplete = _scan(ckpt_dir)
             complete = {name: int(found["step"]) for name, found in markers.items()}
             for doomed in retention.tags_to_delete(complete, incomplete, tag, keep):
-                retention.delete_tag(ckpt_dir / doomed, COMPLETE, checkpoint_files.fsync)
+                retention.delete_tag(ckpt_dir / doomed, COMPLETE, atomic_io.fsync)
         except OSError as error:
             failure = _failure(error, tag_dir)
     # Rank 0's marker, 'latest' and pruning: the others learn how it went before they train on.
@@ -467,18 +467,6 @@ def _first_undamaged(ckpt_dir: Path, found: Found, log: Callable[[str], None]) -
         f"--resume: every complete checkpoint in {ckpt_dir} is damaged ({', '.join(damaged)}); restore one, or "
         "start over with --overwrite"
     )
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers (and a later job, after a crash) see the old file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    checkpoint_files.fsync(path.parent)  # the rename itself is only durable once the directory is
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lemo_ds.training import checkpoint_files
+from lemo_ds import atomic_io
 
 UNIVERSAL = "universal"  # the converted checkpoint's folder inside its tag
 _DONE = "lemo_ds_universal_done"  # written last into the temporary folder, before the rename
@@ -63,10 +63,10 @@ def convert(tag_dir: Path) -> Path:
         raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag_dir} failed: {lines[-1].strip()}")
     for path in sorted(tmp.rglob("*")):  # on disk before the done-marker that vouches for them
         if path.is_file():
-            checkpoint_files.fsync(path)
+            atomic_io.fsync(path)
     (tmp / _DONE).write_text("converted by deepspeed.checkpoint.ds_to_universal\n", encoding="utf-8")
-    checkpoint_files.fsync(tmp / _DONE)
+    atomic_io.fsync(tmp / _DONE)
     os.replace(tmp, target)
-    checkpoint_files.fsync(tag_dir)
+    atomic_io.fsync(tag_dir)
     return target
 
