@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from lemo_ds.atomic_io import write_text_atomic  # noqa: E402
 from lemo_ds.config import LEMO_KEY, LemoConfig, load_ds_config, parse_lemo_config  # noqa: E402
 from lemo_ds.errors import LemoError  # noqa: E402
 from lemo_ds.training import data, launch_env  # noqa: E402
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 out = Path(args.output_dir)
                 out.mkdir(parents=True, exist_ok=True)
-                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
                 log(f"wrote {out / 'summary.json'}")
     finally:
         parallel_state.destroy_model_parallel()

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from lemo_ds.atomic_io import write_atomically
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.predictors.fingerprint import FINGERPRINT_KEYS
 from lemo_ds.predictors.module import LayerPredictor, PredictorBank, PredictorDesign
@@ -28,8 +29,8 @@ def save_predictors(
     info: dict[str, Any] | None = None,
     prior_layers: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Write ``bank`` to ``path``; returns the metadata written. ``prior_layers``: layers whose predictor recalled
-    less than the positional prior on held-out data (the scorer scores them with the prior)."""
+    """Write ``bank`` to ``path`` (atomically); returns the metadata written. ``prior_layers``: layers whose
+    predictor recalled less than the positional prior on held-out data (the scorer scores them with the prior)."""
     from safetensors.torch import save_file
 
     tensors, layers = {}, {}
@@ -49,7 +50,8 @@ def save_predictors(
         "info": info or {},
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(meta)})
+    # atomic: a job stopped mid-write (or a full disk) leaves the previous file, never half of one
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)}))
     return meta
 
 

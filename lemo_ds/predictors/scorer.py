@@ -282,7 +282,7 @@ class PredictorScorer:
             )
         folder = Path(folder)
         bank, state = folder / CHECKPOINT_BANK, folder / CHECKPOINT_STATE
-        write_atomically(bank, lambda path: self.save(path, info))
+        self.save(bank, info)  # save_predictors writes atomically
         write_atomically(state, lambda path: torch.save(self.training_state(), path))
         return [bank, state]
 

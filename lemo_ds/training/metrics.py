@@ -93,7 +93,8 @@ class MetricsLog:
                         kept.append(line + "\n")
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
-        self.path.write_text("".join(kept), encoding="utf-8")
+        # atomic: a crash while trimming must not lose the records of the steps before the resumed one
+        atomic_io.write_text_atomic(self.path, "".join(kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
