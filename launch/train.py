@@ -497,7 +497,8 @@ def _start(job: Job, rank: int, scorer: Any, watch: peers.PeerWatch | None) -> R
     net = model.build_model(job.source, job.dtype, job.seed)
     checkpointing.configure_activation_checkpointing(net, job.ds_config, job.grad_ckpt)
     if job.lora_r > 0:
-        net = model.add_lora(net, job.lora_r, job.seed)
+        # the adapters in the training dtype, as DeepSpeed keeps every parameter (float32 masters in its optimizer)
+        net = model.add_lora(net, job.lora_r, job.seed, dtype=job.dtype)
     total, trainable = model.count_parameters(net)
     log(
         f"model: {job.model} ({job.source.config.model_type}, {total / 1e6:.1f}M parameters, "

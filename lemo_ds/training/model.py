@@ -81,8 +81,14 @@ def build_model(source: ModelSource, dtype: torch.dtype, seed: int) -> nn.Module
     return model.train()
 
 
-def add_lora(model: nn.Module, rank: int, seed: int) -> nn.Module:
-    """peft LoRA of rank ``rank`` on the attention projections (alpha = 2 * rank, no dropout)."""
+def add_lora(model: nn.Module, rank: int, seed: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """peft LoRA of rank ``rank`` on the attention projections (alpha = 2 * rank, no dropout).
+
+    ``dtype`` None: peft's adapters (float32 beside a bf16/fp16 model: the Trainer's autocast multiplies them in
+    bf16). A dtype: the adapters in it, as DeepSpeed's mixed precision holds every parameter (its optimizer keeps the
+    float32 master copies). DeepSpeed casts the adapters itself under ZeRO-0/1/2, but not under ZeRO-3 once the
+    model was built in ``zero.Init``: they would stay float32, and every adapter call would copy its [s, h] input to
+    float32 and multiply in float32."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed + 1)
@@ -93,7 +99,12 @@ def add_lora(model: nn.Module, rank: int, seed: int) -> nn.Module:
         # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: a FutureWarning per rank about peft's
         # code, nothing the user can act on (the property still answers correctly).
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    if dtype is not None:
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
