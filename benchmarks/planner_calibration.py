@@ -40,6 +40,7 @@ HARNESS_STACK = {**HARNESS_OFFLOAD, "offload_checkpoints": False}
 HARNESS_DENSE_LIGER = dict(  # dense+ckpt+chunked-loss: Hugging Face layers, Liger loss, every input stored
     liger_loss=True, fused_ops=False, sparse_checkpointing=False, zero_stage=0,
 )  # fmt: skip
+RECOMMENDED_RATIOS = tuple([1.0] * 16 + [0.4] * 16)  # "dense_layers": "first_half" (zero3_lemo.json since 7e73dd7)
 
 
 def product_path_peak(name: str, index: int) -> float | None:
@@ -99,6 +100,26 @@ CASES = [
         product_path_peak(FH + "h100-64k-packed-predictor-and-dense-stack.json", 1),
         65536,
         LEMO_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "main job, recommended settings (zero3_lemo.json since 7e73dd7), 64K packed, H100",
+        FH + "h100-64k-packed-autocast-and-recommended.json",
+        product_path_peak(FH + "h100-64k-packed-autocast-and-recommended.json", 3),
+        65536,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "main job, recommended settings, 128K packed, H100",
+        FH + "h100-128k-packed-autocast-and-recommended.json",
+        product_path_peak(FH + "h100-128k-packed-autocast-and-recommended.json", 1),
+        131072,
+        RECOMMENDED_RATIOS,
         MAIN_JOB,
         H100_GIB,
         "check",
