@@ -1,5 +1,6 @@
-"""What the fused-op kernel tests share (test_kernels_rms_norm.py, _rope.py, _swiglu.py): the device, poisoned
-allocations, random inputs, and the comparison against a float64 reference.
+"""What the kernel tests share: the device, the check that the kernels run interpreted on CPU, poisoned allocations,
+random inputs; for the row ops (test_kernels_gather_rows.py, _write_back_rows.py) the kept rows' index; for the
+fused ops (test_kernels_rms_norm.py, _rope.py, _swiglu.py) the comparison against a float64 reference.
 
 On a machine with CUDA the tensors live on the GPU and the kernels are compiled; elsewhere they run in Triton's CPU
 interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before anything imports Triton).
@@ -18,6 +19,20 @@ BF16 = pytest.param(torch.bfloat16, 6e-2, 2e-2, id="bf16")
 DTYPES = [FP32, BF16]
 
 
+def fail_unless_interpreted(kernel) -> None:
+    """On CPU, fail unless ``kernel`` (one of lemo_ds.kernels' Triton kernels) runs in Triton's interpreter: a module
+    that imported lemo_ds.kernels before TRITON_INTERPRET=1 was set has kernels compiled for a GPU."""
+    if DEVICE != "cpu":
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        pytest.fail(
+            "lemo_ds.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were compiled for a GPU; "
+            "set TRITON_INTERPRET=1 before any test imports lemo_ds (e.g. at the top of tests/conftest.py)"
+        )
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
     """torch.empty and torch.empty_like hand out NaN-filled memory, so an output element a kernel forgets to write
@@ -34,6 +49,12 @@ def poison_empty(monkeypatch):
 def rand(shape, dtype, generator, scale: float = 1.0) -> torch.Tensor:
     """Standard normal values (never zeros: a missed write shows), on the test device."""
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def make_index(b: int, s: int, k: int, generator, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """[b, k] sorted unique row indices per sample, on the test device."""
+    rows = [torch.randperm(s, generator=generator)[:k].sort().values for _ in range(b)]  # b x [k]
+    return torch.stack(rows).to(DEVICE, dtype)
 
 
 def assert_matches(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, atol: float, rtol: float,

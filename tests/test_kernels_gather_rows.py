@@ -1,19 +1,14 @@
 """lemo_ds.kernels.gather_rows: the Triton kernel against the torch reference.
 
 On a machine with CUDA the tensors live on the GPU and the kernels are compiled; elsewhere they run in Triton's
-CPU interpreter (TRITON_INTERPRET=1, set below before lemo_ds.kernels is imported).
+CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before lemo_ds.kernels is imported).
 """
 
 import importlib
-import os
 
 import pytest
 import torch
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # Before lemo_ds.kernels is imported: Triton reads it when a kernel is decorated, at module import.
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_checks import DEVICE, fail_unless_interpreted, make_index, poison_empty, rand  # noqa: F401 (fixture)
 
 kernels = importlib.import_module("lemo_ds.kernels")
 gather_mod = importlib.import_module("lemo_ds.kernels.gather_rows")  # the module, not the function of its name
@@ -37,35 +32,7 @@ CASES = [
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if DEVICE == "cpu" and not isinstance(gather_mod._gather_rows_kernel, InterpretedFunction):
-        pytest.fail(
-            "lemo_ds.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were compiled for a GPU; "
-            "set TRITON_INTERPRET=1 before any test imports lemo_ds (e.g. at the top of tests/conftest.py)"
-        )
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Make torch.empty return NaN-filled (or -7-filled) memory, so that an output element the kernel forgets to
-    write cannot pass by being zero already."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
-def make_index(b, s, k, gen, dtype=torch.int64):
-    """[b, k] sorted unique row indices per sample."""
-    return torch.stack([torch.randperm(s, generator=gen)[:k].sort().values for _ in range(b)]).to(DEVICE, dtype)
-
-
-def rand(shape, dtype, gen):
-    return torch.randn(shape, generator=gen).to(DEVICE, dtype)  # never zeros: a missed copy shows
+    fail_unless_interpreted(gather_mod._gather_rows_kernel)
 
 
 def expected_gather(t, index):  # t [bc, s, n] -> [b, k, n], by explicit loop
@@ -81,7 +48,7 @@ def expected_scatter(g, index, s):  # g [b, k, n] -> [b, s, n], zero on eliminat
 
 
 @pytest.mark.parametrize("b, s, h, k, dtype, atol, rtol", CASES)
-def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):
+def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):  # noqa: F811
     """The layer's case: x requires grad, cos/sin are shared by the batch and do not."""
     check_gather(b, s, h, k, dtype, atol, rtol, rope="shared", rope_grad=False)
 
@@ -89,7 +56,7 @@ def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):
 @pytest.mark.parametrize("dtype, atol, rtol", [FP32, BF16, FP16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("b, s, h, k", [(2, 37, 33, 5), (3, 16, 24, 16)], ids=["2x37x33x5", "3x16x24x16"])
 @pytest.mark.parametrize("rope", ["none", "shared", "per_sample"])
-def test_rope_gradients(b, s, h, k, dtype, atol, rtol, rope, poison_empty):
+def test_rope_gradients(b, s, h, k, dtype, atol, rtol, rope, poison_empty):  # noqa: F811
     """No cos/sin, or cos/sin that require grad, shared by the batch (bc == 1: gradients sum over it) or not."""
     check_gather(b, s, h, k, dtype, atol, rtol, rope=rope, rope_grad=True)
 

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from kernel_checks import fail_unless_interpreted
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -41,11 +42,7 @@ BF16_LOGITS = {"atol": 2e-2, "rtol": 2e-2}
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_interpreted():
-    if DEVICE == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(oracle_mod._oracle_scores_kernel, InterpretedFunction):
-            pytest.fail("lemo_ds.kernels was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)")
+    fail_unless_interpreted(oracle_mod._oracle_scores_kernel)
 
 
 def make_qk(b, heads, kv, s, d, dtype, seed):

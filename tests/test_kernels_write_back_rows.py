@@ -1,19 +1,14 @@
 """lemo_ds.kernels.write_back_rows: the Triton kernels against the torch reference.
 
 On a machine with CUDA the tensors live on the GPU and the kernels are compiled; elsewhere they run in Triton's
-CPU interpreter (TRITON_INTERPRET=1, set below before lemo_ds.kernels is imported).
+CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before lemo_ds.kernels is imported).
 """
 
 import importlib
-import os
 
 import pytest
 import torch
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # Before lemo_ds.kernels is imported: Triton reads it when a kernel is decorated, at module import.
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_checks import DEVICE, fail_unless_interpreted, make_index, poison_empty, rand  # noqa: F401 (fixture)
 
 kernels = importlib.import_module("lemo_ds.kernels")
 # The modules, not the functions of the same names that lemo_ds.kernels exports.
@@ -42,35 +37,7 @@ INPLACE_CASES = [
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if DEVICE == "cpu" and not isinstance(write_back_mod._scatter_rows_kernel, InterpretedFunction):
-        pytest.fail(
-            "lemo_ds.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were compiled for a GPU; "
-            "set TRITON_INTERPRET=1 before any test imports lemo_ds (e.g. at the top of tests/conftest.py)"
-        )
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Make torch.empty return NaN-filled (or -7-filled) memory, so that an output element the kernel forgets to
-    write cannot pass by being zero already."""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
-def make_index(b, s, k, gen, dtype=torch.int64):
-    """[b, k] sorted unique row indices per sample."""
-    return torch.stack([torch.randperm(s, generator=gen)[:k].sort().values for _ in range(b)]).to(DEVICE, dtype)
-
-
-def rand(shape, dtype, gen):
-    return torch.randn(shape, generator=gen).to(DEVICE, dtype)  # never zeros: a missed copy shows
+    fail_unless_interpreted(write_back_mod._scatter_rows_kernel)
 
 
 def kept_mask(index, s):  # [b, s] bool
@@ -93,7 +60,7 @@ def expected_grads(g, index):  # (grad_x, grad_rows) for out's gradient g
 
 
 @pytest.mark.parametrize("b, s, h, k, dtype, atol, rtol", CASES)
-def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):
+def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):  # noqa: F811
     gen = torch.Generator().manual_seed(b * 1000 + s + h + k)
     index = make_index(b, s, k, gen)
     x = rand((b, s, h), dtype, gen).requires_grad_()
@@ -122,7 +89,7 @@ def test_forward_backward(b, s, h, k, dtype, atol, rtol, poison_empty):
 
 
 @pytest.mark.parametrize("b, s, h, k, dtype, atol, rtol", INPLACE_CASES)
-def test_inplace(b, s, h, k, dtype, atol, rtol, poison_empty):
+def test_inplace(b, s, h, k, dtype, atol, rtol, poison_empty):  # noqa: F811
     """x (a non-leaf) is modified in place and returned; the gradients still reach its leaf and rows."""
     gen = torch.Generator().manual_seed(7 + b * 1000 + s + h + k)
     index = make_index(b, s, k, gen)
@@ -247,7 +214,7 @@ def test_column_tiles(monkeypatch):
                 assert torch.equal(a, r)
 
 
-def test_without_autograd(poison_empty):
+def test_without_autograd(poison_empty):  # noqa: F811
     """Nothing requires grad (or no_grad): the kernels run without the autograd Function, same results."""
     gen = torch.Generator().manual_seed(9)
     b, s, h, k = 2, 15, 7, 6

@@ -12,48 +12,20 @@ as LeMo keeps them. Everything goes to a JSON file (GPU, versions, git commit, e
 last.
 """
 
-import argparse
-import sys
-
 import torch
 
 # _kernel_bench: this folder is first on sys.path when a bench runs as a script
-from _kernel_bench import QUANTILES, REPO, environment, import_kernels, measure, write_json
+from _kernel_bench import DTYPES, bench_parser, kept_index, parse_kept_rows_args, run_mode_benchmark, time_backends
 
 OP = "gather_rows"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NOTES = "fwd: nothing requires grad; fwd_bwd: x requires grad, cos/sin do not."
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_out = REPO / "benchmarks" / "results" / f"kernels_{OP}.json"
-    p.add_argument(
-        "--out", default=str(default_out), help="JSON file, or a directory to write kernels_gather_rows.json into"
-    )
-    p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 131072])
+    p = bench_parser(OP, __doc__, seqlens=[8192, 32768, 131072])
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--head-dim", type=int, default=128, help="width of cos/sin (0: no cos/sin)")
-    p.add_argument("--keep", type=float, default=0.4, help="share of blocks kept")
-    p.add_argument("--block", type=int, default=64, help="tokens per kept block")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def kept_index(b, s, keep, block, gen):
-    """[b, k] int64 on CUDA: whole blocks of `block` tokens, round(keep * blocks) of them per sample, ascending."""
-    n_blocks = -(-s // block)
-    n_keep = max(1, round(keep * n_blocks))
-    rows = []
-    for _ in range(b):
-        blocks = torch.randperm(n_blocks, generator=gen)[:n_keep].sort().values  # [n_keep]
-        tokens = (blocks[:, None] * block + torch.arange(block)).flatten()  # [n_keep * block]
-        rows.append(tokens[tokens < s])
-    k = min(len(r) for r in rows)  # a short last block can make samples differ by a few tokens
-    return torch.stack([r[:k] for r in rows]).cuda()
+    return parse_kept_rows_args(p, argv)  # --keep, --block, --batch, --dtype, then the timing options
 
 
 def bench_seqlen(kernels, args, s, gen):
@@ -84,86 +56,19 @@ def bench_seqlen(kernels, args, s, gen):
     rope_bytes = 2 * 2 * b * k * d * es if d else 0  # cos and sin rows: read + write
     fwd_bytes = 2 * b * k * h * es + rope_bytes + index.numel() * index.element_size()
     bwd_bytes = b * k * h * es + b * s * h * es  # read the kept gradient rows, write the whole zero-filled grad_x
-    results = []
-    for backend in ("triton", "torch"):
-        gather = kernels.gather_rows if backend == "triton" else kernels.gather_rows_ref
-        kw = {"backend": "triton"} if backend == "triton" else {}
 
-        def fwd(gather=gather, kw=kw):
-            gather(x, index, cos, sin, **kw)
-
-        def fwd_bwd(gather=gather, kw=kw):
-            gather(xg, index, cos, sin, **kw)[0].backward(grad)
-
-        for mode, fn, grads, nbytes in (
-            ("fwd", fwd, None, fwd_bytes),
-            ("fwd_bwd", fwd_bwd, [xg], fwd_bytes + bwd_bytes),
-        ):
-            r = measure(fn, args.warmup, args.rep, grad_to_none=grads)
-            r.update(
-                {
-                    "op": OP,
-                    "mode": mode,
-                    "backend": backend,
-                    "b": b,
-                    "s": s,
-                    "h": h,
-                    "k": k,
-                    "head_dim": d,
-                    "dtype": args.dtype,
-                    "model_bytes": nbytes,
-                    "gbps_at_median": nbytes / (r["ms_median"] * 1e-3) / 1e9,
-                }
-            )
-            results.append(r)
-            print(f"  s={s:>7} {mode:<8} {backend:<6} {r['ms_median']:.4f} ms", flush=True)
-    return results
-
-
-def print_table(results):
-    by_key = {(r["s"], r["mode"], r["backend"]): r for r in results}
-    header = (
-        f"{'s':>7} {'k':>7} {'mode':<8} {'backend':<7} {'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>7} "
-        f"{'peak+MiB':>9} {'host us':>8} {'vs torch':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        ref = by_key[(r["s"], r["mode"], "torch")]
-        speedup = ref["ms_median"] / r["ms_median"]
-        print(
-            f"{r['s']:>7} {r['k']:>7} {r['mode']:<8} {r['backend']:<7} {r['ms_median']:>10.4f} {r['ms_p20']:>8.4f} "
-            f"{r['ms_p80']:>8.4f} {r['gbps_at_median']:>7.0f} {r['peak_above_inputs_mib']:>9.1f} "
-            f"{r['host_us_per_call']:>8.1f} {speedup:>7.2f}x"
+    def modes(gather):  # gather_rows with one backend
+        return (
+            ("fwd", lambda: gather(x, index, cos, sin), None, fwd_bytes),
+            ("fwd_bwd", lambda: gather(xg, index, cos, sin)[0].backward(grad), [xg], fwd_bytes + bwd_bytes),
         )
+
+    shape = {"b": b, "s": s, "h": h, "k": k, "head_dim": d}
+    return time_backends(OP, kernels.gather_rows, kernels.gather_rows_ref, modes, shape, args)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit(f"bench_{OP}: needs a CUDA GPU (it times the Triton kernels on the device); none is available here")
-    kernels = import_kernels()
-    env = environment(kernels)
-    print(f"bench_{OP}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    results = []
-    for s in args.seqlens:
-        results.extend(bench_seqlen(kernels, args, s, gen))
-        torch.cuda.empty_cache()
-    payload = {
-        "op": OP,
-        "environment": env,
-        "config": vars(args),
-        "quantiles": QUANTILES,
-        "notes": "ms from triton.testing.do_bench (L2 flushed between calls); peak_above_inputs_mib: "
-        "max_memory_allocated during one call minus memory_allocated before it; host_us_per_call: CPU time to "
-        "issue one call (no sync), the floor of ms_median when the GPU work is shorter; model_bytes: least bytes "
-        "read + written; fwd: nothing requires grad; fwd_bwd: x requires grad, cos/sin do not.",
-        "results": results,
-    }
-    path = write_json(args.out, payload, OP)
-    print(f"\nwrote {path}\n")
-    print_table(results)
+    run_mode_benchmark(OP, parse_args(argv), bench_seqlen, NOTES)
 
 
 if __name__ == "__main__":

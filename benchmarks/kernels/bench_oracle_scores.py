@@ -24,41 +24,43 @@ attention's two matmuls over them) and the TFLOP/s they imply. Everything goes t
 commit, exact command); a table is printed last.
 """
 
-import argparse
 import importlib
-import importlib.util
 import math
-import sys
 
 import torch
 
 # _kernel_bench: this folder is first on sys.path when a bench runs as a script
-from _kernel_bench import QUANTILES, REPO, environment, import_kernels, measure, write_json
+from _kernel_bench import (
+    DTYPES,
+    add_attention_args,
+    bench_parser,
+    measure,
+    parse_bench_args,
+    print_rows,
+    run_benchmark,
+)
 
 OP = "oracle_scores"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGET_VS_SDPA = 1.2
+TARGET = f"triton median <= {TARGET_VS_SDPA} x sdpa_flash median at the same shape; memory O(s)"
 KEEP = 0.4  # share of blocks the selection check keeps (LeMo's artifact keeps 40%)
+NOTES = (
+    "flops: oracle 2*H*d per causal (query, key) pair, attention 4*H*d (documents ignored); sdpa_flash is causal "
+    "attention over the whole sequence whatever --doc-len; rel_err_vs_torch: max |kernel - torch path| / max |torch "
+    "path| (bf16: the torch path rounds q.k to bf16); top40_overlap_vs_torch: share of the top-40% blocks both select."
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_out = REPO / "benchmarks" / "results" / f"kernels_{OP}.json"
-    p.add_argument("--out", default=str(default_out), help=f"JSON file, or a directory to write kernels_{OP}.json into")
-    p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536])
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p = bench_parser(OP, __doc__, seqlens=[8192, 32768, 65536])
+    add_attention_args(p)
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--doc-len", type=int, default=0, help="pack documents of this many tokens (0: one document)")
     p.add_argument("--sweep", action="store_true", help="also time the kernel under other tilings")
     p.add_argument("--torch-max-seq", type=int, default=65536, help="skip the torch oracles above this length")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv)
 
 
 def doc_ids_for(b, s, doc_len):
@@ -234,48 +236,34 @@ def print_table(results):
         f"{'s':>7} {'variant':<40} {'median ms':>10} {'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'peak+MiB':>9} "
         f"{'vs SDPA':>8}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        if "ms_median" not in r:
-            print(f"{r['s']:>7} {r['variant']:<40} {'error':>10}")
-            continue
-        ref = sdpa.get(r["s"])
-        ratio = f"{r['ms_median'] / ref['ms_median']:7.2f}x" if ref else f"{'-':>8}"
-        print(
-            f"{r['s']:>7} {r['variant']:<40} {r['ms_median']:>10.3f} {r['ms_p20']:>9.3f} {r['ms_p80']:>9.3f} "
-            f"{r['tflops_at_median']:>8.1f} {r['peak_above_inputs_mib']:>9.1f} {ratio}"
-        )
+    print_rows(header, [variant_row(r, sdpa.get(r["s"])) for r in results])
     print(f"(target: triton at most {TARGET_VS_SDPA}x sdpa_flash; peak+MiB: memory above the inputs)")
+
+
+def variant_row(r, sdpa):
+    """One record as a table row: its error, or its times and their ratio to ``sdpa`` (sdpa_flash's record at the
+    same s; None where it failed)."""
+    if "ms_median" not in r:
+        return f"{r['s']:>7} {r['variant']:<40} {'error':>10}"
+    ratio = f"{r['ms_median'] / sdpa['ms_median']:7.2f}x" if sdpa else f"{'-':>8}"
+    return (
+        f"{r['s']:>7} {r['variant']:<40} {r['ms_median']:>10.3f} {r['ms_p20']:>9.3f} {r['ms_p80']:>9.3f} "
+        f"{r['tflops_at_median']:>8.1f} {r['peak_above_inputs_mib']:>9.1f} {ratio}"
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit(f"bench_{OP}: needs a CUDA GPU (it times the Triton kernel on the device); none is available here")
-    kernels = import_kernels()
-    env = environment(kernels, capability=True)
-    print(f"bench_{OP}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
-    results = []
-    for s in args.seqlens:
-        results.extend(bench_seqlen(kernels, args, s))
-        torch.cuda.empty_cache()
-    payload = {
-        "op": OP,
-        "environment": env,
-        "config": vars(args),
-        "quantiles": QUANTILES,
-        "target": f"triton median <= {TARGET_VS_SDPA} x sdpa_flash median at the same shape; memory O(s)",
-        "notes": "ms from triton.testing.do_bench (L2 flushed between calls); peak_above_inputs_mib: "
-        "max_memory_allocated during one call minus memory_allocated before it; flops: oracle 2*H*d per causal "
-        "(query, key) pair, attention 4*H*d (documents ignored); sdpa_flash is causal attention over the whole "
-        "sequence whatever --doc-len; rel_err_vs_torch: max |kernel - torch path| / max |torch path| (bf16: the "
-        "torch path rounds q.k to bf16); top40_overlap_vs_torch: share of the top-40% blocks both select.",
-        "results": results,
-    }
-    path = write_json(args.out, payload, OP)
-    print(f"\nwrote {path}\n")
-    print_table(results)
+    run_benchmark(
+        OP,
+        args,
+        lambda kernels, s: bench_seqlen(kernels, args, s),
+        NOTES,
+        print_table,
+        timed="the Triton kernel",
+        capability=True,
+        target=TARGET,
+    )
 
 
 if __name__ == "__main__":

@@ -21,18 +21,26 @@ on Llama-3-8B from benchmarks/results/long-20261121-233304.md); the overhead col
 printed last.
 """
 
-import argparse
 import importlib
-import importlib.util
 import math
 
 import torch
 
 # _kernel_bench: this folder is first on sys.path when a bench runs as a script
-from _kernel_bench import REPO, environment, import_kernels, measure, write_json
+from _kernel_bench import (
+    DTYPES,
+    add_attention_args,
+    bench_parser,
+    environment,
+    import_kernels,
+    measure,
+    parse_bench_args,
+    require_cuda,
+    time_seqlens,
+    write_json,
+)
 
 OP = "predictor_scores"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KEEP = 0.4
 TARGET_OVERHEAD = 0.03
 # The environment record this bench has always written (shorter than the other benches'): its JSON files compare.
@@ -40,13 +48,9 @@ ENVIRONMENT_FIELDS = ("gpu", "torch", "triton", "python", "git_commit", "command
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"kernels_{OP}.json"))
-    p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536])
+    p = bench_parser(OP, __doc__, seqlens=[8192, 32768, 65536])
     p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    add_attention_args(p)
     p.add_argument("--hidden-rank", type=int, default=64)
     p.add_argument("--out-rank", type=int, default=32)
     p.add_argument("--block", type=int, default=64)
@@ -54,10 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sparse-layers", type=int, default=15, help="sparse layers per step (Llama-3-8B: 16..30)")
     p.add_argument("--step-s", nargs="*", default=["32768=3.90"], help="measured lemo step times, SEQ=SECONDS")
-    p.add_argument("--warmup", type=int, default=25)
-    p.add_argument("--rep", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_bench_args(p, argv)
 
 
 def select_blocks(scores, keep):
@@ -129,14 +130,10 @@ def print_table(results, sparse_layers):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit(f"{OP}: needs a CUDA GPU")
+    require_cuda(f"{OP}: needs a CUDA GPU")
     steps = {int(k): float(v) for k, v in (item.split("=") for item in args.step_s)}
     kernels = import_kernels()
-    results = []
-    for s in args.seqlens:
-        results.extend(bench_seqlen(kernels, args, s, steps.get(s)))
-        torch.cuda.empty_cache()
+    results = time_seqlens(args.seqlens, lambda s: bench_seqlen(kernels, args, s, steps.get(s)))
     env = environment(kernels, fields=ENVIRONMENT_FIELDS)
     path = write_json(args.out, {"environment": env, "args": vars(args), "results": results}, OP)
     print(f"wrote {path}")
