@@ -11,7 +11,6 @@ import argparse
 import datetime
 import functools
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -39,20 +38,9 @@ MODE_NOTES = (
 
 
 def import_kernels():
-    """lemo_ds.kernels when installed; else kernels/ of this checkout, loaded as a package on its own (its imports
-    are relative), so the benchmarks also run where lemo_ds's own dependencies (DeepSpeed, ...) are missing."""
-    try:
-        return importlib.import_module("lemo_ds.kernels")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "lemo_kernels_checkout",
-            REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")],
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
+    """lemo_ds.kernels of the installed (or PYTHONPATH) lemo_ds: the kernels import lemo_ds's own modules, so there
+    is no stand-alone copy to fall back to."""
+    return importlib.import_module("lemo_ds.kernels")
 
 
 def git(*args: str) -> str | None:
