@@ -1,7 +1,7 @@
 """Where a step of the main job goes: launch/train.py's own job under torch.profiler.
 
 Same flags as launch/train.py (run it with ``deepspeed --num_gpus 1 benchmarks/profile_job.py --deepspeed CONFIG
-...``). The job runs as launch/train.py runs it (describe, start, train); the profiler records steps
+...``). The job runs as launch/train.py runs it (describe, start, train: lemo_ds.training); the profiler records steps
 ``--skip + 1`` to ``--skip + --active`` after the engine's optimizer step of each. Writes, under ``--profile-out``:
 
 - ``ops-<tag>.txt``: the operators by self CUDA time and by self CPU time (top 40 each);
@@ -32,21 +32,26 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_job(train, args: argparse.Namespace, stack: contextlib.ExitStack):
+def start_job(args: argparse.Namespace, stack: contextlib.ExitStack):
     """(job, runtime) as launch/train.py's run() makes them, DeepSpeed's output routed as there while ``stack``
     lives."""
-    train.launch_env.default_single_process_env()
-    deepspeed_output = stack.enter_context(train.ds_output.routed(args.verbose))
-    job = train.describe(args)
-    return job, train.start(job, deepspeed_output)
+    from lemo_ds.training import ds_output, launch_env
+    from lemo_ds.training.job import describe
+    from lemo_ds.training.runtime import start
+
+    launch_env.default_single_process_env()
+    deepspeed_output = stack.enter_context(ds_output.routed(args.verbose))
+    job = describe(args)
+    return job, start(job, deepspeed_output)
 
 
-def load_train_module():
+def parse_job_args(argv: list[str]) -> argparse.Namespace:
+    """launch/train.py's own flags (its parse_args); loading the script also imports lemo_ds from its checkout."""
     spec = importlib.util.spec_from_file_location("lemo_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module
+    return module.parse_args(argv)
 
 
 def write_profile(prof, walls: list[float], out: Path, tag: str, skip: int, active: int, argv: list[str]) -> dict:
@@ -86,16 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     ours, rest = extra.parse_known_args(argv)
     if ours.calibration:
         return profile_calibration(ours, rest)
-    train = load_train_module()
-    args = train.parse_args(rest)
+    args = parse_job_args(rest)
     out = Path(ours.profile_out)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        return profile_steps(train, args, ours, rest, out, stack)
+        return profile_steps(args, ours, rest, out, stack)
 
 
-def profile_steps(train, args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:
-    job, rt = start_job(train, args, stack)
+def profile_steps(args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:
+    from lemo_ds.training.loop import train
+    from lemo_ds.training.runtime import close
+
+    job, rt = start_job(args, stack)
     activities = [torch.profiler.ProfilerActivity.CPU]
     cuda = torch.cuda.is_available()
     if cuda:
@@ -116,10 +123,10 @@ def profile_steps(train, args: argparse.Namespace, ours: argparse.Namespace, res
             return result
 
         rt.engine.step = step
-        train.train(job, rt)
+        train(job, rt)
     record = write_profile(prof, walls, out, ours.profile_tag, ours.skip, ours.active, rest)
     print(json.dumps(record))
-    train.close(rt)
+    close(rt)
     return 0
 
 
@@ -145,9 +152,9 @@ def profile_calibration(ours: argparse.Namespace, rest: list[str]) -> int:
     from lemo_ds.predictors import job as predictor_job
     from lemo_ds.predictors import scorer as predictor_scorer
     from lemo_ds.predictors import trainer as predictor_trainer
+    from lemo_ds.training.runtime import close
 
-    train = load_train_module()
-    args = train.parse_args(rest)
+    args = parse_job_args(rest)
     out = Path(ours.profile_out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{ours.profile_tag}-calibration"
@@ -162,9 +169,9 @@ def profile_calibration(ours: argparse.Namespace, rest: list[str]) -> int:
     with contextlib.ExitStack() as stack:
         started = time.perf_counter()
         with torch.profiler.profile(activities=activities) as prof:
-            job, rt = start_job(train, args, stack)
+            job, rt = start_job(args, stack)
         wall = time.perf_counter() - started
-        train.close(rt)
+        close(rt)
     record = write_profile(prof, [phases["calibration"]], out, tag, 0, 1, rest)
     phases["model forward and the rest"] = phases["calibration"] - phases["oracle labels"] - phases["predictor updates"]
     (out / f"phases-{tag}.json").write_text(json.dumps({"start_wall_s": wall, "phases_s": phases}, indent=1))

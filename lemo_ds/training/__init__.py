@@ -1,5 +1,9 @@
 """The training job behind launch/train.py, one job per module.
 
+- ``job``: the Job: the flags resolved and every input checked (the memory planner's verdict included) before
+  anything heavy, on every rank alike
+- ``runtime``: the Runtime: process group, heartbeat between the ranks, model, engine, data; closing them
+- ``loop``: the training steps, checkpoints, held-out evaluation, metrics.jsonl and summary.json (a stop included)
 - ``data``: text files -> documents -> packed rows (position ids restart per document) -> rank shards
 - ``tokenizer``: the byte-level tokenizer of the presets, an adapter for Hugging Face tokenizers
 - ``presets``: model configs built in code (tiny ones for CPU, real 7B/8B shapes for GPU benchmarks)

@@ -23,7 +23,7 @@ from lemo_ds.training.errors import TrainingStopped
 SETTINGS = {"seq_len": 64, "seed": 0, "data": None, "model": "tiny", "lora_r": 0}
 
 
-class Job:  # the settings a checkpoint records (launch/train.py's Job has them too)
+class Job:  # the settings a checkpoint records (lemo_ds.training.job.Job has them too)
     resume = False
     locals().update(SETTINGS)
 
