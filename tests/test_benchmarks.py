@@ -120,6 +120,7 @@ def test_smoke_suite_records_every_field(runs):
         assert record["loss_impl"] == expected_impl
 
 
+@pytest.mark.slow
 def test_smoke_suite_prints_the_table_last_and_writes_the_report(runs, tmp_path):
     run = runs["smoke"]
     last_lines = run["output"].strip().splitlines()[-(2 + len(get_suite("smoke").variants)) :]
@@ -139,6 +140,7 @@ def test_smoke_suite_prints_the_table_last_and_writes_the_report(runs, tmp_path)
         assert f"]({path.name})" in markdown
 
 
+@pytest.mark.slow
 def test_real_memory_cap_gives_an_oom_record_and_the_run_goes_on(runs):
     result = _single_result(runs["cap"])
     assert result["settings"]["memory_cap"]["gib"] == 0.001

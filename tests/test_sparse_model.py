@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from functools import partial
 
 import pytest
 import torch
 from masked_reference import reference_forward
+from one_rank_group import start_one_rank_group
 from tiny_models import FAMILIES, VOCAB, packed_position_ids, tiny_model
 
 import lemo_ds
@@ -331,15 +331,7 @@ def _init_single_process_deepspeed():
     """A one-rank gloo group and DeepSpeed's checkpointing configured: what deepspeed.checkpointing needs."""
     import deepspeed
 
-    if not torch.distributed.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(29400 + os.getpid() % 500),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-        )
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    start_one_rank_group(29400)
     deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
 
 

@@ -4,30 +4,21 @@ partition is the parameter's own data, keeps DeepSpeed's wait where a copy was m
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 import torch
+from one_rank_group import start_one_rank_group
 from tiny_models import VOCAB, tiny_model
 
 import lemo_ds
 from lemo_ds.zero_fetch import _gathered_in_place
 
 
-def _one_rank_group():
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29900 + os.getpid() % 90), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-
-
 def test_one_rank_zero3_skips_the_sync_and_trains_the_same(monkeypatch):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    _one_rank_group()
+    start_one_rank_group(29900)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}  # fmt: skip

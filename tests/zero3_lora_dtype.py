@@ -5,10 +5,10 @@ line: {dtype given: [adapter dtype in the engine, optimizer master dtype, adapte
 from __future__ import annotations
 
 import json
-import os
 
 import deepspeed
 import torch
+from one_rank_group import start_one_rank_group
 from tiny_models import VOCAB, tiny_config
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
@@ -41,9 +41,7 @@ def one_engine(dtype: torch.dtype | None) -> list:
 
 
 def main() -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + os.getpid() % 200), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")  # fmt: skip
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    start_one_rank_group(29700)
     found = {str(d).removeprefix("torch."): one_engine(d) for d in (None, torch.bfloat16)}
     print(json.dumps(found))
 
