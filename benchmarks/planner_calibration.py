@@ -29,16 +29,19 @@ DENSE_RATIOS = tuple([1.0] * 32)
 H100_GIB, H200_GIB, H200_HOST_GIB = 79.18, 139.8, 125.0  # the result files' device; the H200 machine's RAM
 
 # The configurations (Setup keywords) of the cases.
-MAIN_JOB = dict(liger_loss=True, fused_ops=True, offload_checkpoints=True)  # zero3_lemo.json as of 2026-12-06
-MAIN_JOB_NO_OFFLOAD = dict(liger_loss=True, fused_ops=True, offload_checkpoints=False)
-BEFORE_FUSED = dict(liger_loss=True, fused_ops=False, offload_checkpoints=False)  # zero3_lemo.json on 2026-12-02
+# lora_float32: peft's float32 adapters, which launch/train.py held under ZeRO-3 until 50ffd31 (and the harness, a
+# plain get_peft_model, holds); since 50ffd31 the main job's adapters are bf16.
+MAIN_JOB = dict(liger_loss=True, fused_ops=True, offload_checkpoints=True)  # zero3_lemo.json since 50ffd31
+MAIN_JOB_FLOAT32_LORA = dict(MAIN_JOB, lora_float32=True)  # zero3_lemo.json as of 2026-12-06, before 50ffd31
+MAIN_JOB_NO_OFFLOAD = dict(MAIN_JOB_FLOAT32_LORA, offload_checkpoints=False)
+BEFORE_FUSED = dict(liger_loss=True, fused_ops=False, offload_checkpoints=False, lora_float32=True)  # on 2026-12-02
 HARNESS_OFFLOAD = dict(  # benchmarks/harness/variants.py: lemo-oracle+ckpt+offload (MEMORY_OFFLOAD)
     liger_loss=False, fused_ops=False, compact_saves=True, tiled_mlp=True, tiled_mlp_tokens=2048,
-    offload_checkpoints=True, zero_stage=0,
+    offload_checkpoints=True, zero_stage=0, lora_float32=True,
 )  # fmt: skip
 HARNESS_STACK = {**HARNESS_OFFLOAD, "offload_checkpoints": False}
 HARNESS_DENSE_LIGER = dict(  # dense+ckpt+chunked-loss: Hugging Face layers, Liger loss, every input stored
-    liger_loss=True, fused_ops=False, sparse_checkpointing=False, zero_stage=0,
+    liger_loss=True, fused_ops=False, sparse_checkpointing=False, zero_stage=0, lora_float32=True,
 )  # fmt: skip
 RECOMMENDED_RATIOS = tuple([1.0] * 16 + [0.4] * 16)  # "dense_layers": "first_half" (zero3_lemo.json since 7e73dd7)
 
@@ -70,19 +73,60 @@ def memory_long_peak(name: str, seq: int, variant: str) -> float:
 
 
 FH = "faster-than-hf-liger-20261206/"
+FH7 = "faster-than-hf-liger-20261207/"
 PR = "packed-rows-20261202/"
 MS = "memory-stack-fixes-20261122/"
 # (case, source file, measured GiB or None for out of memory, seq, ratios, setup keywords, device GiB, role)
 CASES = [
+    (
+        "main job zero3_lemo 64K packed, H100 (bf16 adapters)",
+        FH7 + "h100-64k-packed.json",
+        product_path_peak(FH7 + "h100-64k-packed.json", 2),
+        65536,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "fit",
+    ),
+    (
+        "main job zero3_lemo (calibrated on 1 micro-batch) 128K packed, H100 (bf16 adapters)",
+        FH7 + "h100-128k-packed.json",
+        product_path_peak(FH7 + "h100-128k-packed.json", 1),
+        131072,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "fit",
+    ),
+    (
+        "main job zero3_lemo (calibrated on 1 micro-batch) 64K one-document rows, H100 (bf16 adapters)",
+        FH7 + "h100-64k-one-doc-lemo.json",
+        product_path_peak(FH7 + "h100-64k-one-doc-lemo.json", 0),
+        65536,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "zero3_dense_stack 64K packed, H100 (bf16 adapters)",
+        FH7 + "h100-64k-packed-dense-stack.json",
+        product_path_peak(FH7 + "h100-64k-packed-dense-stack.json", 1),
+        65536,
+        DENSE_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
     (
         "main job zero3_lemo 64K packed, H100",
         FH + "h100-64k-packed.json",
         product_path_peak(FH + "h100-64k-packed.json", 1),
         65536,
         LEMO_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H100_GIB,
-        "fit",
+        "check",
     ),
     (
         "main job zero3_lemo 128K packed, H100",
@@ -90,9 +134,9 @@ CASES = [
         product_path_peak(FH + "h100-128k-packed.json", 1),
         131072,
         LEMO_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H100_GIB,
-        "fit",
+        "check",
     ),
     (
         "main job, predictor scorer, 64K packed, H100",
@@ -100,7 +144,7 @@ CASES = [
         product_path_peak(FH + "h100-64k-packed-predictor-and-dense-stack.json", 1),
         65536,
         LEMO_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H100_GIB,
         "check",
     ),
@@ -110,7 +154,7 @@ CASES = [
         product_path_peak(FH + "h100-64k-packed-autocast-and-recommended.json", 3),
         65536,
         RECOMMENDED_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H100_GIB,
         "check",
     ),
@@ -120,7 +164,7 @@ CASES = [
         product_path_peak(FH + "h100-128k-packed-autocast-and-recommended.json", 1),
         131072,
         RECOMMENDED_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H100_GIB,
         "check",
     ),
@@ -130,7 +174,7 @@ CASES = [
         product_path_peak(FH + "h100-64k-packed-predictor-and-dense-stack.json", 2),
         65536,
         DENSE_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H100_GIB,
         "check",
     ),
@@ -150,7 +194,7 @@ CASES = [
         product_path_peak(FH + "h200-explore-128k-packed-offload.json", 1),
         131072,
         LEMO_RATIOS,
-        MAIN_JOB,
+        MAIN_JOB_FLOAT32_LORA,
         H200_GIB,
         "check",
     ),

@@ -19,10 +19,12 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
 - layer_backward: the recompute and backward of one dense decoder layer at s tokens,
   s x (A_H x h + 6 x I) x b: the MLP's gate, up, product and their three gradients ([s, I] each), and A_H x h
   elements for everything else (attention's q/k/v/o and their gradients, the residual gradients, LoRA, norms),
-  A_H fitted on the committed measurements (below). Tiled MLP: the MLP's share is one tile's (tiled_mlp_tokens)
-  plus the tiling's full-length input gradient, output and output gradient (3 x h x b per token). Without the
-  fused kernels (fused_ops off, or any CPU run) the norms' float32 copies and SiLU's output add 8 x h + I x b per
-  token (0 when compact_saves recomputes them).
+  A_H fitted on the committed measurements (below). LoRA adapters held in float32 beside a bf16 model (peft's
+  default; launch/train.py casts them to the training dtype) add LORA_FLOAT32_BYTES x h per token: each adapted
+  projection (q, k, v, o: input width h) keeps a float32 copy of its input for the backward. Tiled MLP: the
+  MLP's share is one tile's (tiled_mlp_tokens) plus the tiling's full-length input gradient, output and output
+  gradient (3 x h x b per token). Without the fused kernels (fused_ops off, or any CPU run) the norms' float32
+  copies and SiLU's output add 8 x h + I x b per token (0 when compact_saves recomputes them).
 - loss (at its own moment of the step, so max with layer_backward, not a sum): the segment loss holds one
   segment's float32 logits and their gradient (segment x V x 8 bytes, Liger's chunk s / ceil(V / h) rows on
   CUDA) plus the hidden states' gradient (s x h x b); Hugging Face's loss holds the whole [s, V] logits in b
@@ -50,10 +52,13 @@ from typing import Any
 GIB = 1 << 30
 
 # Fitted by benchmarks/planner_calibration.py (benchmarks/results/planner-calibration.json, "fit"): the main job's
-# H100 cases (zero3_lemo.json, 64K and 128K packed rows) give a dense layer's backward, besides its MLP, of A_H x h
-# elements per token.
-A_H = 13.482
-CONSTANT_BYTES = 95_131_648  # 0.089 GiB
+# H100 cases (zero3_lemo.json with bf16 adapters, 64K and 128K packed rows) give a dense layer's backward, besides its
+# MLP and any float32 LoRA copies, of A_H x h elements per token.
+A_H = 5.513
+CONSTANT_BYTES = 188_350_976  # 0.175 GiB
+# peft's float32 adapters on q, k, v, o: a float32 copy of each projection's input ([s, h], 4 bytes) per adapter.
+# Removing them (50ffd31) lowered the main job's peak by 16 x h bytes per token at 64K and at 128K.
+LORA_FLOAT32_BYTES = 4 * 4
 # Not fitted: stated assumptions.
 HOST_PROCESS_BYTES = 6 * GIB  # Python + torch + CUDA runtime + DeepSpeed resident on the host
 RESERVE_SHARE = 0.05  # device memory not available to tensors (CUDA context, fragmentation)
@@ -123,6 +128,7 @@ class Setup:
     block_size: int = 64
     dtype_bytes: int = 2
     lora_r: int = 8
+    lora_float32: bool = False  # adapters in float32 on a lower-precision model (peft's default; not launch/train.py)
     zero_stage: int = 3
     world_size: int = 1
     sp: int = 1
@@ -168,6 +174,8 @@ def layer_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
         per_layer += 3 * h * b * rows
     if not (setup.fused_ops or setup.compact_saves):
         per_layer += (8 * h + i * b) * rows
+    if setup.lora_r > 0 and setup.lora_float32 and b < 4:
+        per_layer += LORA_FLOAT32_BYTES * h * rows
     return int(per_layer)
 
 
