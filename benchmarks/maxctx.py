@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,19 @@ def run_probe(shape: str, variant: str, seq: int, settings: ProbeSettings, timeo
             "error": "\n".join(lines[-30:])}
 
 
-def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None, max_seq: int,
-           probes: list[dict[str, Any]], on_probe) -> dict[str, Any]:
-    """Run probes until the bounds meet (or the deadline); ``probes`` may hold earlier ones (resume)."""
-    record: dict[str, Any] = {"shape": target.shape, "variant": target.variant, "start": target.start,
-                              "granularity": target.granularity, "max_seq": max_seq,
-                              "documents_per_row": target.documents, "probes": probes}
+# A probe runner: (length, seconds it may take) -> the probe's record, with "seq", "outcome" (fit / oom / timeout /
+# error), "wall_s" and whatever else it measured ("peak_allocated_gib", a step time). The searches of this file
+# (run_probe: a harness model) and of benchmarks/product_path.py --maxctx (the main job itself) differ only there.
+ProbeRunner = Callable[[int, float], dict[str, Any]]
+
+
+def search(record: dict[str, Any], runner: ProbeRunner, probe_timeout_s: float, deadline: float | None,
+           on_probe: Callable[[dict[str, Any]], None], name: str) -> dict[str, Any]:
+    """Run probes until the bounds meet (or the deadline). ``record`` names the search and holds its "start",
+    "granularity", "max_seq" and "probes" (earlier ones, on resume; the new ones are appended); it is returned
+    completed, and handed to ``on_probe`` after every probe. ``name`` is the search's name in the log."""
+    probes = record["probes"]
+    start, granularity, max_seq = record["start"], record["granularity"], record["max_seq"]
 
     def bounds() -> tuple[int, int | None]:
         fits = [p["seq"] for p in probes if p["outcome"] == "fit"]
@@ -142,7 +150,7 @@ def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None
         if any(p["outcome"] == "error" for p in probes):
             stop_reason = "a probe crashed (not out of memory); see its error"
             break
-        seq = next_probe(fit, fail, target.start, target.granularity, max_seq)
+        seq = next_probe(fit, fail, start, granularity, max_seq)
         if seq is None:
             stop_reason = "bounds met" if fail is not None or fit == 0 else f"reached --max-seq {max_seq}"
             break
@@ -150,14 +158,15 @@ def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None
         if remaining is not None and remaining < 30:
             stop_reason = "budget spent"
             break
-        timeout = settings.timeout_s if remaining is None else min(settings.timeout_s, remaining)
-        log(f"  probe {target.variant} @ {seq} tokens (fit {fit or '-'}, fail {fail or '-'}, timeout {timeout:.0f} s)")
-        probe = run_probe(target.shape, target.variant, seq, settings, timeout, target.documents)
-        if probe["outcome"] == "timeout" and timeout < settings.timeout_s:
+        timeout = probe_timeout_s if remaining is None else min(probe_timeout_s, remaining)
+        log(f"  probe {name} @ {seq} tokens (fit {fit or '-'}, fail {fail or '-'}, timeout {timeout:.0f} s)")
+        probe = runner(seq, timeout)
+        if probe["outcome"] == "timeout" and timeout < probe_timeout_s:
             probe["outcome"] = "budget"  # cut by the budget, not by the per-probe limit: says nothing
         probes.append(probe)
         log(f"    -> {probe['outcome']} in {probe['wall_s']} s"
-            + (f", peak {probe['peak_allocated_gib']} GiB" if probe.get("peak_allocated_gib") else ""))
+            + (f", peak {probe['peak_allocated_gib']} GiB" if probe.get("peak_allocated_gib") else "")
+            + (f", {probe['s_per_step']:.2f} s/step" if probe.get("s_per_step") else ""))
         on_probe(record)
     record["complete"] = stop_reason == "bounds met" or stop_reason.startswith("reached")
     record["non_monotonic"] = bool(record["min_fail_seq"] and record["max_fit_seq"]
@@ -167,6 +176,18 @@ def search(target: MaxCtxTarget, settings: ProbeSettings, deadline: float | None
                        "limit, counted as failing; budget: cut by --budget-s, not counted")
     on_probe(record)
     return record
+
+
+def earlier_probes(previous: dict[str, Any] | None, same: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The probes of the first search of an earlier result (``previous``, None: none) that ``same`` accepts, marked
+    ``resumed``. Probes cut by the budget said nothing, and a crashed one is worth a retry: both are probed again."""
+    if previous is None:
+        return []
+    for search_record in previous.get("searches", []):
+        if same(search_record):
+            return [dict(p, resumed=True) for p in search_record.get("probes", [])
+                    if p["outcome"] not in ("budget", "error")]
+    return []
 
 
 def run_targets(suite: Suite | None, args: argparse.Namespace, targets: list[MaxCtxTarget] | None = None):
@@ -218,7 +239,14 @@ def run_targets(suite: Suite | None, args: argparse.Namespace, targets: list[Max
                     out.data["device"] = devices[0]
             out.write()
 
-        record = search(target, settings, deadline, max_seq, earlier, on_probe)
+        record = {"shape": target.shape, "variant": target.variant, "start": target.start,
+                  "granularity": target.granularity, "max_seq": max_seq, "documents_per_row": target.documents,
+                  "probes": earlier}
+
+        def runner(seq: int, timeout_s: float, target: MaxCtxTarget = target) -> dict[str, Any]:
+            return run_probe(target.shape, target.variant, seq, settings, timeout_s, target.documents)
+
+        record = search(record, runner, settings.timeout_s, deadline, on_probe, target.variant)
         status |= 0 if record["complete"] else 3
         log(f"  {target.variant}: longest fitting {record['max_fit_seq']}, shortest failing "
             f"{record['min_fail_seq']} ({record['stop_reason']})")
@@ -227,15 +255,8 @@ def run_targets(suite: Suite | None, args: argparse.Namespace, targets: list[Max
 
 
 def _earlier_probes(previous: dict[str, Any] | None, target: MaxCtxTarget) -> list[dict[str, Any]]:
-    if previous is None:
-        return []
-    for search_record in previous.get("searches", []):
-        if (search_record.get("shape"), search_record.get("variant"), search_record.get("documents_per_row", 1)) == (
-                target.shape, target.variant, target.documents):
-            # Probes cut by the budget said nothing, and a crashed one is worth a retry: both are probed again.
-            return [dict(p, resumed=True) for p in search_record.get("probes", [])
-                    if p["outcome"] not in ("budget", "error")]
-    return []
+    return earlier_probes(previous, lambda s: (s.get("shape"), s.get("variant"), s.get("documents_per_row", 1)) == (
+        target.shape, target.variant, target.documents))
 
 
 # ---- one probe (child process) -------------------------------------------------------------------------

@@ -22,14 +22,35 @@ different documents compare and a sparse job reads as dense-equivalent throughpu
 Writes ``<out>/product-path-<time>.json`` after every case (machine, commit, versions, each command, its summary and
 per-step figures) and prints a Markdown table last, each case's speed and memory also relative to ``hf-liger``.
 ``python benchmarks/product_path.py --plot RESULT.json [...] --out PNG`` draws s/step and peak memory of results.
+
+The longest context of each job, on each kind of rows (``--maxctx``):
+
+    python benchmarks/product_path.py --maxctx --model llama-3-8b --config hf-liger,ds_configs/zero3_lemo.json \\
+        --rows packed --books BOOKS --start 262144 --max-seq 1048576 --granularity 16384 --budget-s 540 --out $OUT
+    python benchmarks/product_path.py --maxctx ...the same flags... --resume $OUT/product-maxctx-<time>.json
+
+searches, per (job, rows), the longest ``--seq-len`` the job trains at on this GPU, with benchmarks/maxctx.py's
+search (``maxctx.search``: from ``--start``, grow x1.25 to the ``--granularity`` until a length fails or passes
+``--max-seq``, then bisect). Each probe is one case above, a fresh process on the same rows: the job at that length
+for ``--steps`` steps (default 2 here: the first is warm-up, the second gives the step time), with launch/train.py's
+``--memory-check off`` so that the GPU decides, not the memory planner. A case that runs out of memory fails the
+length; one cut by ``--case-timeout`` (seconds per probe) fails it too (too slow to train there); one that fails
+otherwise stops the search. ``--budget-s`` (default 540, 0: none) stops starting probes after that many seconds, as
+in benchmarks/maxctx.py (a command on the GPU machine gets at most 10 minutes): the result then says
+``"complete": false`` and the same command with ``--resume FILE`` goes on from its probes. Writes
+``<out>/product-maxctx-<time>.json`` after every probe (machine, commit, versions; per search every probe with its
+command, s/step and peak memory, the longest fitting and the shortest failing length, why it stopped) and prints a
+Markdown table last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +59,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import maxctx  # noqa: E402
 from benchmarks.harness.flops import row_flops  # noqa: E402
 from benchmarks.harness.results import REPO_ROOT, device_info, git_state, package_versions  # noqa: E402
 from benchmarks.harness.shapes import ModelShape  # noqa: E402
@@ -83,12 +105,17 @@ def prepare_rows(kind: str, books: str | None, doc_bytes: int, scratch: Path) ->
     return str(path)
 
 
-def case_command(config: str, model: str, seq: int, data: str | None, steps: int, out: Path) -> list[str]:
+def case_command(config: str, model: str, seq: int, data: str | None, steps: int, out: Path,
+                 memory_check: bool = True) -> list[str]:
+    """The case's command; ``memory_check=False``: launch/train.py's memory planner does not stop the job (the
+    baseline job has no planner)."""
     common = ["--model", model, "--seq-len", str(seq), "--max-steps", str(steps), "--output-dir", str(out)]
     common += ["--data", data] if data is not None else []
     if config in BASELINES:
         return [sys.executable, "benchmarks/hf_liger_job.py", *BASELINES[config], *common]
-    return [deepspeed_launcher(), "--num_gpus", "1", "launch/train.py", "--deepspeed", config, "--no-save", *common]
+    checks = [] if memory_check else ["--memory-check", "off"]
+    return [deepspeed_launcher(), "--num_gpus", "1", "launch/train.py", "--deepspeed", config, "--no-save", *checks,
+            *common]  # fmt: skip
 
 
 def deepspeed_launcher() -> str:
@@ -118,13 +145,6 @@ def row_figures(model: str, data: str | None, seq: int, steps: int, seed: int = 
     return figures
 
 
-def _text(output: str | bytes | None) -> str:
-    """A subprocess's output as text: TimeoutExpired carries bytes even where the run asked for text."""
-    if isinstance(output, bytes):
-        return output.decode(errors="replace")
-    return output or ""
-
-
 def job_lines(output: str) -> list[str]:
     """The job's own lines (lemo_ds's log: the predictors' calibration time, warnings), not DeepSpeed's."""
     return [line for line in output.splitlines() if line.startswith("lemo_ds")]
@@ -133,13 +153,20 @@ def job_lines(output: str) -> list[str]:
 def run_case(command: list[str], timeout: float, rows: list[dict]) -> dict:
     out = Path(command[command.index("--output-dir") + 1])
     started = time.perf_counter()
+    # Its own session, so that a timeout ends the whole group: the DeepSpeed launcher and the ranks it started (which
+    # would otherwise go on holding the GPU).
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as timeout_error:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         # What the job printed before the cut says where it was (loading, calibrating, which step).
-        output = _text(timeout_error.stdout) + _text(timeout_error.stderr)
+        output = stdout + stderr
         return {"status": "timeout", "wall_s": time.perf_counter() - started, "job_lines": job_lines(output),
                 "tail": output[-3000:]}  # fmt: skip
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     record = {"wall_s": time.perf_counter() - started, "exit": result.returncode}
     record["job_lines"] = job_lines(result.stdout + result.stderr)
     summary = out / "summary.json"
@@ -211,6 +238,103 @@ def plot(results: list[Path], out: Path) -> None:
     figure.savefig(out, dpi=120)
 
 
+# ---- the longest context of each job (--maxctx) ------------------------------------------------------------------
+
+# run_case's status -> the outcome of a maxctx probe
+OUTCOMES = {"ok": "fit", "out of memory": "oom", "timeout": "timeout", "failed": "error"}
+
+
+def probe_case(config: str, model: str, data: str | None, seq: int, steps: int, timeout: float) -> dict:
+    """One probe of maxctx.search on the product path: the case at ``seq`` tokens, ``steps`` steps, on its rows rebuilt
+    for that length, the memory planner's check off."""
+    rows = row_figures(model, data, seq, steps)
+    with tempfile.TemporaryDirectory() as job_dir:
+        command = case_command(config, model, seq, data, steps, Path(job_dir), memory_check=False)
+        case = run_case(command, timeout, rows)
+    probe = {"seq": seq, "outcome": OUTCOMES[case["status"]], "wall_s": round(case["wall_s"], 2),
+             "command": shlex.join(command)}  # fmt: skip
+    if case["status"] == "ok":
+        probe["peak_allocated_gib"] = round(case["peak_gib"], 3)
+        probe.update({key: case[key] for key in ("s_per_step", "tflops_per_s", "timed_steps") if key in case})
+        probe.update(steps=case["steps"], summary=case["summary"])
+    else:
+        probe.update(exit=case.get("exit"), error=case["tail"])
+        if case["status"] == "timeout":
+            probe["timeout_s"] = round(timeout, 1)
+    probe["job_lines"] = case["job_lines"]
+    return probe
+
+
+def child_device_info() -> dict:
+    """device_info() from a process of its own: the parent of the probes leaves the GPU alone (a CUDA context here
+    would take memory from every probe)."""
+    code = "import json, sys; from benchmarks.harness.results import device_info; print(json.dumps(device_info()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
+    return json.loads(result.stdout.splitlines()[-1]) if result.returncode == 0 else {"error": result.stderr[-500:]}
+
+
+def maxctx_table(searches: list[dict]) -> str:
+    lines = ["| job | rows | longest fitting | s/step there | peak GiB there | shortest failing | probes | stop |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for record in searches:
+        fit = record.get("max_fit_seq")
+        best = next((p for p in record["probes"] if fit and p["seq"] == fit and p["outcome"] == "fit"), {})
+        step = f"{best['s_per_step']:.2f}" if best.get("s_per_step") else ""
+        peak = f"{best['peak_allocated_gib']:.2f}" if best.get("peak_allocated_gib") else ""
+        lines.append(f"| {label(record['config'])} | {record['rows']} | {fit or ''} | {step} | {peak} "
+                     f"| {record.get('min_fail_seq') or ''} | {len(record['probes'])} | {record.get('stop_reason')} |")
+    return "\n".join(lines)
+
+
+def run_maxctx(args: argparse.Namespace) -> int:
+    """The searches of --maxctx, one per (rows, config); 0 when every one is complete, else 3 (as maxctx.py)."""
+    steps = args.steps or 2
+    previous = json.loads(Path(args.resume).read_text()) if args.resume else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"product-maxctx-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    result = {"suite": "product-path-maxctx", "command": shlex.join([sys.executable, *sys.argv]), "git": git_state(),
+              "versions": package_versions(), "device": child_device_info(),
+              "settings": {"model": args.model, "start": args.start, "granularity": args.granularity,
+                           "max_seq": args.max_seq, "steps": steps, "probe_timeout_s": args.case_timeout,
+                           "budget_s": args.budget_s, "growth": maxctx.GROWTH, "books": args.books,
+                           "doc_bytes": args.doc_bytes, "memory_check": "off",
+                           "resumed_from": str(args.resume) if args.resume else None},
+              "notes": {"probe": "the case (launch/train.py or benchmarks/hf_liger_job.py) at that --seq-len for "
+                                 "`steps` steps in a fresh process; s_per_step: the steps after the first, median"},
+              "searches": []}  # fmt: skip
+    deadline = time.perf_counter() + args.budget_s if args.budget_s else None
+    status = 0
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        for kind in args.rows.split(","):
+            data = prepare_rows(kind, args.books, args.doc_bytes, Path(scratch_dir))  # the same for every length
+            for config in args.config.split(","):
+                identity = {"config": config, "rows": kind, "model": args.model, "doc_bytes": args.doc_bytes}
+                earlier = maxctx.earlier_probes(previous, lambda s, ident=identity: ident.items() <= s.items())
+                record = {**identity, "start": args.start, "granularity": args.granularity, "max_seq": args.max_seq,
+                          "steps": steps, "probes": earlier}  # fmt: skip
+                result["searches"].append(record)
+                maxctx.log(f"maxctx {label(config)} / {kind}: start {args.start}, granularity {args.granularity}"
+                           + (f", {len(earlier)} earlier probe(s)" if earlier else ""))
+
+                def runner(seq: int, timeout: float, config: str = config, data: str | None = data) -> dict:
+                    return probe_case(config, args.model, data, seq, steps, timeout)
+
+                def on_probe(_record: dict) -> None:
+                    path.write_text(json.dumps(result, indent=1))
+
+                maxctx.search(record, runner, args.case_timeout, deadline, on_probe, f"{label(config)}/{kind}")
+                status |= 0 if record["complete"] else 3
+                maxctx.log(f"  {label(config)} / {kind}: longest fitting {record['max_fit_seq']}, shortest failing "
+                           f"{record['min_fail_seq']} ({record['stop_reason']})")
+    result["status"] = "complete" if status == 0 else "incomplete"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    print(maxctx_table(result["searches"]))
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -227,10 +351,22 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated DeepSpeed configs, or {BASELINE}")
     parser.add_argument("--books", default=None, help="folder of long .txt books (packed and one-doc rows)")
     parser.add_argument("--doc-bytes", type=int, default=4096, help="document size of packed rows")
-    parser.add_argument("--steps", type=int, default=6, help="steps per case; the first is warm-up, not timed")
-    parser.add_argument("--case-timeout", type=float, default=600)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per case; the first is warm-up, not timed (default 6, --maxctx: 2)")
+    parser.add_argument("--case-timeout", type=float, default=600, help="seconds per case (--maxctx: per probe)")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    search = parser.add_argument_group("--maxctx: the longest context of each job (see above)")
+    search.add_argument("--maxctx", action="store_true", help="search the longest --seq-len (--seq is not used)")
+    search.add_argument("--start", type=int, default=65536, help="first length probed")
+    search.add_argument("--granularity", type=int, default=4096)
+    search.add_argument("--max-seq", type=int, default=maxctx.DEFAULT_MAX_SEQ, help="stop growing past this length")
+    search.add_argument("--budget-s", type=float, default=540.0,
+                        help="stop starting probes after this many seconds (0: no limit)")
+    search.add_argument("--resume", default=None, help="an earlier --maxctx result whose probes count")
     args = parser.parse_args(argv)
+    if args.maxctx:
+        return run_maxctx(args)
+    args.steps = args.steps or 6
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
