@@ -63,6 +63,7 @@ from benchmarks import maxctx  # noqa: E402
 from benchmarks.harness.flops import row_flops  # noqa: E402
 from benchmarks.harness.results import REPO_ROOT, device_info, git_state, package_versions  # noqa: E402
 from benchmarks.harness.shapes import ModelShape  # noqa: E402
+from lemo_ds.training import launch_env  # noqa: E402
 
 GIB = 1024**3
 BASELINE = "hf-liger"
@@ -114,8 +115,10 @@ def case_command(config: str, model: str, seq: int, data: str | None, steps: int
     if config in BASELINES:
         return [sys.executable, "benchmarks/hf_liger_job.py", *BASELINES[config], *common]
     checks = [] if memory_check else ["--memory-check", "off"]
-    return [deepspeed_launcher(), "--num_gpus", "1", "launch/train.py", "--deepspeed", config, "--no-save", *checks,
-            *common]  # fmt: skip
+    # A port of its own: two cases at once (two test workers, or a job already on the machine) would both take the
+    # launcher's default 29500, and the second fails to start.
+    launcher = [deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(launch_env.free_port())]
+    return [*launcher, "launch/train.py", "--deepspeed", config, "--no-save", *checks, *common]
 
 
 def deepspeed_launcher() -> str:

@@ -124,10 +124,10 @@ def test_the_main_jobs_longest_context_on_cpu(tmp_path, monkeypatch):
     status = product_path.main(["--maxctx", "--model", "tiny-llama", "--rows", "stdlib", "--config",
                                 "ds_configs/zero3_lemo.json", "--start", "256", "--granularity", "256", "--max-seq",
                                 "256", "--case-timeout", "300", "--out", str(tmp_path)])  # fmt: skip
-    assert status == 0
     (path,) = tmp_path.glob("product-maxctx-*.json")
     result = json.loads(path.read_text())
     (search,) = result["searches"]
+    assert status == 0, [probe.get("error") for probe in search["probes"]]
     assert search["stop_reason"] == "reached --max-seq 256" and search["complete"]
     (probe,) = search["probes"]
     assert probe["outcome"] == "fit", probe.get("error")

@@ -19,12 +19,17 @@ def default_single_process_env() -> None:
     a world of one (otherwise deepspeed.init_distributed goes looking for MPI)."""
     if any(key in os.environ for key in _LAUNCHED_BY):
         return
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+
+
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now (the kernel's pick), for a rendezvous: the deepspeed
+    launcher's default, 29500, is taken by any other job on the machine."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+        return sock.getsockname()[1]
 
 
 def node_name() -> str:
