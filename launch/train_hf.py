@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -152,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         enable_document_attention(trainer.model)
         dataset.own_shard = trainer.accelerator.num_processes < int(os.environ.get("WORLD_SIZE", "1"))
         trainer.train()
+        writer = writes_files(trainer)
         if not args.no_save:
-            trainer.save_model(str(Path(args.output_dir) / "final"))
-        if trainer.is_world_process_zero():
+            save_final(trainer, Path(args.output_dir) / "final", writer)
+        if writer:
             write_metrics(trainer, Path(args.output_dir) / "metrics.jsonl", source.config.num_hidden_layers)
     except LemoError as error:
         print(f"lemo_ds: error: {error}", file=sys.stderr, flush=True)
@@ -162,6 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise
     return 0
+
+
+def writes_files(trainer: Any) -> bool:
+    """Whether this process writes the run's files: global rank 0. The Trainer's own test
+    (is_world_process_zero) is true on every CPU rank, which accelerate runs as one process each (PackedRows), so
+    two ranks appended to the same metrics.jsonl and wrote the same model files at once."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return trainer.is_world_process_zero()
+
+
+def save_final(trainer: Any, final: Path, writer: bool) -> None:
+    """The trained model (or adapter) in Hugging Face format, written by global rank 0 only. Every rank calls
+    save_model (under ZeRO-3 it gathers the partitioned weights, a collective); where the Trainer would let every
+    CPU rank write, the other ranks write into a temporary folder that is then removed."""
+    if writer or trainer.accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1")):
+        trainer.save_model(str(final))
+        return
+    with tempfile.TemporaryDirectory(prefix="lemo_final_unused_") as unused:
+        trainer.save_model(unused)
 
 
 def write_metrics(trainer: Any, path: Path, num_layers: int) -> None:
