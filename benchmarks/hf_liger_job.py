@@ -11,6 +11,15 @@ does). ``--kernels torch`` leaves Liger out (plain Hugging Face + checkpointing 
 forward under ``torch.autocast(bfloat16)``, as the Trainer does with ``bf16=True`` (through accelerate): peft keeps
 the LoRA adapters in float32 beside the bf16 model, and autocast runs their matmuls in bf16.
 
+ALST's memory features for one GPU (Arctic Long Sequence Training, on DeepSpeed's own implementations, as its recipes
+turn them on), for the longest-context comparison: ``--offload-checkpoints`` moves each checkpointed decoder-layer
+input to pinned host memory with asynchronous copies and brings it back for the layer's backward
+(``deepspeed.runtime.activation_checkpointing.offload_activations.CheckpointHiddenStatesOffload`` around forward and
+backward); ``--tiled-mlp`` runs every MLP in ceil(s / hidden) tiles along the sequence, each recomputed in backward
+(``deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP``, ALST's tile count), so the MLP's [s, intermediate]
+activations never exist whole. Parameter and optimizer offload, ALST's other single-GPU features, do not apply to
+LoRA on a model whose weights fit.
+
     python benchmarks/hf_liger_job.py --model llama-3-8b --data ROWS --seq-len 65536 --max-steps 6 --output-dir OUT
 
 Writes OUT/metrics.jsonl (one line per step: loss, step_time_s, peak_mem_bytes) and OUT/summary.json with
@@ -21,6 +30,7 @@ both jobs alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -54,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="liger: Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy (CUDA)")
     parser.add_argument("--autocast", action="store_true",
                         help="forward under torch.autocast(bfloat16), as TrainingArguments(bf16=True) (CUDA)")
+    parser.add_argument("--offload-checkpoints", action="store_true",
+                        help="ALST: each checkpointed layer input to pinned host memory (DeepSpeed's "
+                             "CheckpointHiddenStatesOffload)")
+    parser.add_argument("--tiled-mlp", action="store_true",
+                        help="ALST: every MLP in ceil(s / hidden) tiles along the sequence (DeepSpeed's TiledMLP)")
     parser.add_argument("--profile-out", default=None,
                         help="record steps 3 and 4 under torch.profiler and write ops-hf-liger.txt and "
                              "profile-hf-liger.json there, as benchmarks/profile_job.py does for the main job")
@@ -73,12 +88,50 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True, model=net)  # fmt: skip
+    if args.tiled_mlp:
+        tile_mlps(net)
     checkpointing_enable(net, use_reentrant=False)
     net.enable_input_require_grads()  # LoRA + checkpointing: gradients must reach the adapters
     if args.lora_r > 0:
         net = model.add_lora(net, args.lora_r, args.seed)
     lemo_ds.enable_document_attention(net)
     return net.train()
+
+
+def tile_mlps(net: torch.nn.Module) -> int:
+    """Every decoder layer's MLP through DeepSpeed's TiledMLP, in ceil(s / hidden) tiles (ALST's count); returns how
+    many MLPs. The forward wrapped is the instance's own, Liger's SwiGLU where Liger patched it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in net.modules() if isinstance(m, GradientCheckpointingLayer)]
+    mlps = [layer.mlp for layer in layers if isinstance(getattr(layer, "mlp", None), torch.nn.Module)]
+    if not mlps:
+        raise SystemExit(f"--tiled-mlp: no decoder layer with an .mlp in {type(net).__name__}")
+    for mlp in mlps:
+        mlp.forward = tiled_forward(mlp.forward)
+    return len(mlps)
+
+
+def tiled_forward(forward):
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    def forward_in_tiles(x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
+        tiles = math.ceil(x.shape[-2] / x.shape[-1])
+        if tiles <= 1:
+            return forward(x)
+        # No ZeRO here: no parameters whose gradient readiness TiledMLP must hold back between tiles.
+        return TiledMLP.apply(lambda _module, tile: forward(tile), None, x, tiles, [])
+
+    return forward_in_tiles
+
+
+def checkpoint_offload() -> contextlib.AbstractContextManager:
+    """DeepSpeed's offload of the checkpointed layer inputs; entered around each step's forward and backward (its
+    exit waits for the copies and frees what it holds). Only on an accelerator: on a CPU it counts the layer inputs
+    it is given and leaves them where they are."""
+    from deepspeed.runtime.activation_checkpointing.offload_activations import CheckpointHiddenStatesOffload
+
+    return CheckpointHiddenStatesOffload()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         profiler = torch.profiler.profile(activities=activities, schedule=schedule)
         profiler.start()
     walls: list[float] = []
+    offload = checkpoint_offload() if args.offload_checkpoints else contextlib.nullcontext()
     for step in range(1, args.max_steps + 1):
         batch = {key: value.to(device) for key, value in next(batches).items()}  # [1, s] each
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
-            loss = net(**batch).loss
-        loss.backward()
+        with offload:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+                loss = net(**batch).loss
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.max_steps, "final_loss": totals.final_loss, "tokens_per_s": totals.tokens_per_s,
         "peak_mem_bytes": peak, "peak_mem_kind": kind, "mean_keep_ratio": 1.0, "world_size": 1,
         "model": args.model, "seq_len": args.seq_len, "lora_r": args.lora_r, "kernels": args.kernels,
-        "autocast": args.autocast,
+        "autocast": args.autocast, "tiled_mlp": args.tiled_mlp, "offload_checkpoints": args.offload_checkpoints,
+        # the last step's checkpointed layer inputs: given to the offload, copied to the host (all but the last
+        # layer's, which the first backward needs at once), refused (every one on a CPU: no accelerator to copy from)
+        **({"offload_stats": {"marked": offload.stats.marked_tensors, "offloaded": offload.stats.offloaded_tensors,
+                              "skipped": offload.stats.skipped_marked_tensors}}
+           if args.offload_checkpoints else {}),
         "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": "hf", "device": device.type,
         "elapsed_s": time.perf_counter() - started, "command": " ".join(sys.argv),
     })  # fmt: skip

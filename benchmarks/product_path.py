@@ -2,7 +2,9 @@
 
 Every case is one process: ``deepspeed --num_gpus 1 launch/train.py --deepspeed CONFIG ...`` for a DeepSpeed config,
 or, for the case named ``hf-liger``, ``python benchmarks/hf_liger_job.py`` (Hugging Face + Liger-Kernel + activation
-checkpointing + packing, no DeepSpeed: what a user runs instead; ``hf`` is the same without Liger, on any device).
+checkpointing + packing, no DeepSpeed: what a user runs instead; ``hf`` is the same without Liger, on any device;
+``hf-liger-offload`` adds ALST's single-GPU memory features, offloaded layer inputs and tiled MLP: the dense stack for
+the longest context).
 Both read ``--data`` through lemo_ds.training.data with the same seed, so step i of every case trains on the same
 row i. Kinds of rows (``--rows``):
 
@@ -25,8 +27,9 @@ per-step figures) and prints a Markdown table last, each case's speed and memory
 
 The longest context of each job, on each kind of rows (``--maxctx``):
 
-    python benchmarks/product_path.py --maxctx --model llama-3-8b --config hf-liger,ds_configs/zero3_lemo.json \\
-        --rows packed --books BOOKS --start 262144 --max-seq 1048576 --granularity 16384 --budget-s 540 --out $OUT
+    python benchmarks/product_path.py --maxctx --model llama-3-8b --rows packed \\
+        --config hf-liger-offload,ds_configs/zero3_lemo.json --books BOOKS --start 262144 --max-seq 1048576 \\
+        --granularity 16384 --budget-s 540 --out $OUT
     python benchmarks/product_path.py --maxctx ...the same flags... --resume $OUT/product-maxctx-<time>.json
 
 searches, per (job, rows), the longest ``--seq-len`` the job trains at on this GPU, with benchmarks/maxctx.py's
@@ -73,6 +76,8 @@ BASELINES = {
     BASELINE: ["--kernels", "liger"],
     f"{BASELINE}-amp": ["--kernels", "liger", "--autocast"],
     "hf": ["--kernels", "torch"],
+    # ALST's single-GPU memory features on top (hf_liger_job.py): the dense stack for the longest context
+    f"{BASELINE}-offload": ["--kernels", "liger", "--offload-checkpoints", "--tiled-mlp"],
 }
 ROW_KINDS = ("packed", "one-doc", "stdlib")
 ONE_DOC_BOOKS = 3
@@ -351,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", default="65536", help="comma-separated sequence lengths")
     parser.add_argument("--rows", default="packed,one-doc", help=f"comma-separated: {', '.join(ROW_KINDS)}")
     parser.add_argument("--config", default=f"{BASELINE},ds_configs/zero3_lemo.json",
-                        help=f"comma-separated DeepSpeed configs, or {BASELINE}")
+                        help=f"comma-separated DeepSpeed configs, or {', '.join(BASELINES)}")
     parser.add_argument("--books", default=None, help="folder of long .txt books (packed and one-doc rows)")
     parser.add_argument("--doc-bytes", type=int, default=4096, help="document size of packed rows")
     parser.add_argument("--steps", type=int, default=None,

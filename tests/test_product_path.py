@@ -119,3 +119,56 @@ def test_profile_job_profiles_steps_and_the_predictors_calibration(tmp_path):
     phases = json.loads((tmp_path / "prof" / "phases-job-calibration.json").read_text())["phases_s"]
     assert phases["oracle labels"] > 0 and phases["predictor updates"] > 0
     assert phases["calibration"] >= phases["oracle labels"] + phases["predictor updates"]
+
+
+# ---- the ALST-style baseline: hf_liger_job.py --tiled-mlp --offload-checkpoints ------------------------------------
+
+
+def test_tiled_mlp_runs_in_tiles_and_gives_the_untiled_gradients():
+    """hf_liger_job.tile_mlps: every decoder layer's MLP goes through DeepSpeed's TiledMLP (its output's grad_fn),
+    and the loss and every gradient (the input's through the tiles' recompute, the MLP weights') are the untiled
+    model's. 700 tokens over hidden 256: 3 tiles, the last one shorter."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from benchmarks import hf_liger_job
+    from lemo_ds.training import model as job_model
+
+    source = job_model.resolve_model("tiny-llama")
+    plain = job_model.build_model(source, torch.float32, seed=0).train()
+    tiled = job_model.build_model(source, torch.float32, seed=0).train()
+    assert hf_liger_job.tile_mlps(tiled) == source.config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 700))
+    seen = []
+    for layer in (m for m in tiled.modules() if isinstance(m, GradientCheckpointingLayer)):
+        layer.mlp.register_forward_hook(lambda _m, _i, out: seen.append(type(out.grad_fn).__name__))
+    losses = [net(input_ids=ids, labels=ids).loss for net in (plain, tiled)]
+    assert seen == ["TiledMLPBackward"] * source.config.num_hidden_layers
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
+    """The product path's hf-liger-offload case without Liger (CPU): tiled MLP and the checkpoint offload change no
+    loss; the offload was handed every layer's checkpointed input (on a CPU it copies none: no accelerator)."""
+    common = ["--model", "tiny-llama", "--seq-len", "640", "--max-steps", "3"]  # 3 MLP tiles (hidden 256)
+    runs = {}
+    for name, extra in {"plain": [], "alst": ["--offload-checkpoints", "--tiled-mlp"]}.items():
+        out = tmp_path / name
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hf_liger_job.py"), "--kernels", "torch",
+                                 *extra, *common, "--output-dir", str(out)], capture_output=True, text=True,
+                                timeout=300, cwd=REPO)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (losses, json.loads((out / "summary.json").read_text()))
+    assert runs["alst"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
+    summary = runs["alst"][1]
+    assert summary["tiled_mlp"] and summary["offload_checkpoints"] and not runs["plain"][1]["tiled_mlp"]
+    layers = get_shape("tiny-llama").layers
+    assert summary["offload_stats"] == {"marked": layers, "offloaded": 0, "skipped": layers}
+    command = product_path.case_command("hf-liger-offload", "tiny-llama", 256, None, 3, tmp_path)
+    assert command[1:5] == ["benchmarks/hf_liger_job.py", "--kernels", "liger", "--offload-checkpoints"]
+    assert "--tiled-mlp" in command
