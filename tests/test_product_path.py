@@ -172,3 +172,27 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
     command = product_path.case_command("hf-liger-offload", "tiny-llama", 256, None, 3, tmp_path)
     assert command[1:5] == ["benchmarks/hf_liger_job.py", "--kernels", "liger", "--offload-checkpoints"]
     assert "--tiled-mlp" in command
+
+
+@pytest.mark.parametrize("call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "attention64k"])
+def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
+    """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
+    one calibration batch; every product_path command it would run names configs that exist or known cases, and
+    bounds its time (steps, or a search budget)."""
+    import shlex
+
+    from lemo_ds.config import load_ds_config, split_ds_config
+
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_calls.sh"), call], capture_output=True, text=True,
+                            timeout=60, cwd=REPO, env={**os.environ, "OUT": str(tmp_path), "GPU_CALLS_DRY_RUN": "1"})
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if "product_path.py" in line]
+    assert commands
+    for command in commands:
+        args = command[command.index("benchmarks/product_path.py") + 1 :]
+        configs = args[args.index("--config") + 1].split(",")
+        for config in configs:
+            if config not in product_path.BASELINES:
+                lemo, _ = split_ds_config(load_ds_config(config))
+                assert lemo.predictor.calibration_batches == 1 and Path(config).parent == tmp_path / call
+        assert ("--budget-s" if "--maxctx" in args else "--steps") in args

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The device calls that the open issues still need, one named call per run of the `device` tool (at most 10 minutes
+# each). Prepare the carried folders here first (git-ignored; carry [".whl", ".bench_data"]):
+#   bash benchmarks/gpu_calls.sh prepare
+# then, on the device machine:
+#   . benchmarks/device_env.sh && bash benchmarks/gpu_calls.sh NAME
+# Every call writes its JSON (and the derived configs it ran) under $OUT/NAME. product_path rewrites its JSON after
+# every case or probe, so a call cut by its limit keeps what finished. GPU_CALLS_DRY_RUN=1 prints the commands instead.
+#
+#   onedoc128k     issue 29: 128K one-document rows, hf-liger then the main job (~520 s: a hf-liger step is ~45 s)
+#   maxctx-lemo    issue 31: the main job with memory.tiled_mlp at 512K on packed rows, then one-document rows
+#   maxctx-dense   issue 31: hf-liger-offload (ALST's single-GPU stack) from 256K on packed rows, bisected
+#   attention64k   issue 30: "eliminate": "attention" against "layer" and hf-liger, 64K one-document rows
+#
+# The main job's configs here are ds_configs/zero3_lemo.json with predictor.calibration_batches 1 (and the change
+# the call names): calibration runs before step 1 and fixes the keep ratios, so the timed steps are the shipped
+# config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|attention64k"}
+
+if [ "$name" = prepare ]; then
+    mkdir -p .whl .bench_data
+    for wheel in deepspeed hjson pydantic pydantic_core annotated_types typing_inspection liger_kernel; do
+        cp -n ../shared/device-wheels/"$wheel"-[0-9]*.whl .whl/
+    done
+    [ -d .bench_data/gutenberg ] || cp -r ../shared/data/gutenberg .bench_data/gutenberg
+    du -sh .whl .bench_data
+    exit 0
+fi
+
+OUT=${OUT:?"set OUT (the device tool's output folder)"}/$name
+mkdir -p "$OUT"
+BOOKS=.bench_data/gutenberg
+
+# derive NAME KEY=JSON...: ds_configs/zero3_lemo.json with one calibration batch and the given "lemo" keys
+# (dotted: memory.tiled_mlp=true), written to $OUT/NAME.json, which is printed.
+derive() {
+    python3 - "$OUT/$1.json" "${@:2}" <<'EOF'
+import json, sys
+config = json.load(open("ds_configs/zero3_lemo.json"))
+lemo = config["lemo"]
+lemo.setdefault("predictor", {})["calibration_batches"] = 1
+for item in sys.argv[2:]:
+    key, value = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    section = lemo
+    for parent in parents:
+        section = section.setdefault(parent, {})
+    section[leaf] = json.loads(value)
+json.dump(config, open(sys.argv[1], "w"), indent=1)
+print(sys.argv[1])
+EOF
+}
+
+product_path() {
+    local command=(python3 benchmarks/product_path.py --model llama-3-8b --books "$BOOKS" --out "$OUT" "$@")
+    if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then  # tests: the configs are written, the commands only printed
+        printf '%q ' "${command[@]}"
+        echo
+    else
+        "${command[@]}"
+    fi
+}
+
+case "$name" in
+    onedoc128k)
+        lemo=$(derive zero3_lemo-calibration1)
+        product_path --seq 131072 --rows one-doc --config "hf-liger,$lemo" --steps 6 --case-timeout 330
+        ;;
+    maxctx-lemo)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        for rows in packed one-doc; do
+            product_path --maxctx --config "$lemo" --rows $rows --start 524288 --max-seq 524288 --granularity 16384 \
+                --case-timeout 280 --budget-s 270
+        done
+        ;;
+    maxctx-dense)
+        product_path --maxctx --config hf-liger-offload --rows packed --start 262144 --max-seq 1048576 \
+            --granularity 16384 --case-timeout 200 --budget-s 560
+        ;;
+    attention64k)
+        attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
+        layer=$(derive zero3_lemo-calibration1)
+        product_path --seq 65536 --rows one-doc --config "hf-liger,$layer,$attention" --steps 6 --case-timeout 170
+        ;;
+    *)
+        echo "gpu_calls.sh: unknown call '$name'" >&2
+        exit 2
+        ;;
+esac
