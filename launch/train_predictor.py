@@ -45,10 +45,10 @@ from lemo_ds.predictors.layer_inputs import for_each_layer_input  # noqa: E402
 from lemo_ds.predictors.prune import UnitActivity, prune_predictor  # noqa: E402
 from lemo_ds.training import data, model  # noqa: E402
 from lemo_ds.training.errors import TrainingSetupError  # noqa: E402
+from lemo_ds.training.flags import DEFAULT_CONFIG  # noqa: E402
 from lemo_ds.training.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "ds_configs" / "zero3_lemo.json"
 BUDGET = 0.02  # predictors may take at most 2% of their layer's parameters
 
 

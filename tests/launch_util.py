@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from lemo_ds.training.launch_env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,12 +45,6 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deepspeed_command(script: str | Path, *args: str, ranks: int = 2, port: int | None = None) -> list[str]:

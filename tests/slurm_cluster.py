@@ -246,6 +246,7 @@ KillWait=5"""
 
 
 def _free_port() -> int:
+    """On every interface (launch_env.free_port: loopback only): the daemons listen on the nodes' addresses."""
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
