@@ -37,9 +37,10 @@ search (``maxctx.search``: from ``--start``, grow x1.25 to the ``--granularity``
 ``--max-seq``, then bisect). Each probe is one case above, a fresh process on the same rows: the job at that length
 for ``--steps`` steps (default 2 here: the first is warm-up, the second gives the step time), with launch/train.py's
 ``--memory-check off`` so that the GPU decides, not the memory planner. A case that runs out of memory fails the
-length; one cut by ``--case-timeout`` (seconds per probe) fails it too (too slow to train there); one that fails
-otherwise stops the search. ``--budget-s`` (default 540, 0: none) stops starting probes after that many seconds, as
-in benchmarks/maxctx.py (a command on the GPU machine gets at most 10 minutes): the result then says
+length, as does one the kernel kills (SIGKILL: the host's memory ran out); one cut by ``--case-timeout`` (seconds
+per probe) fails it too (too slow to train there); one that fails otherwise stops the search. ``--budget-s`` (default
+540, 0: none) stops starting probes after that many seconds, as in benchmarks/maxctx.py (a command on the GPU machine
+gets at most 10 minutes): the result then says
 ``"complete": false`` and the same command with ``--resume FILE`` goes on from its probes. Writes
 ``<out>/product-maxctx-<time>.json`` after every probe (machine, commit, versions; per search every probe with its
 command, s/step and peak memory, the longest fitting and the shortest failing length, why it stopped) and prints a
@@ -192,9 +193,21 @@ def run_case(command: list[str], timeout: float, rows: list[dict]) -> dict:
         record["peak_gib"] = record["summary"]["peak_mem_bytes"] / GIB
     else:
         tail = (result.stdout + result.stderr)[-3000:]
-        record["status"] = "out of memory" if "OutOfMemoryError" in tail or "out of memory" in tail else "failed"
+        record["status"] = failure_status(result.returncode, tail)
         record["tail"] = tail
     return record
+
+
+def failure_status(returncode: int, tail: str) -> str:
+    """What stopped a case that did not finish: "out of memory" (the GPU's, or pinned host memory, which CUDA reports
+    the same way), "killed" (SIGKILL, which nothing here sends before the timeout: the kernel's OOM killer, the host's
+    memory spent), or "failed" (anything else: a bug to read in the tail). The deepspeed launcher reports its rank's
+    SIGKILL as "exits with return code = -9" and exits 1 itself."""
+    if "OutOfMemoryError" in tail or "out of memory" in tail:
+        return "out of memory"
+    if returncode == -signal.SIGKILL or f"exits with return code = {-signal.SIGKILL}" in tail:
+        return "killed"
+    return "failed"
 
 
 def label(config: str) -> str:
@@ -249,7 +262,8 @@ def plot(results: list[Path], out: Path) -> None:
 # ---- the longest context of each job (--maxctx) ------------------------------------------------------------------
 
 # run_case's status -> the outcome of a maxctx probe
-OUTCOMES = {"ok": "fit", "out of memory": "oom", "timeout": "timeout", "failed": "error"}
+# A killed probe fails its length as an out-of-memory one does: the host's memory, not the GPU's, ran out.
+OUTCOMES = {"ok": "fit", "out of memory": "oom", "killed": "oom", "timeout": "timeout", "failed": "error"}
 
 
 def probe_case(config: str, model: str, data: str | None, seq: int, steps: int, timeout: float) -> dict:

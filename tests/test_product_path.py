@@ -97,6 +97,19 @@ def test_a_case_cut_by_its_timeout_keeps_what_the_job_printed(tmp_path):
     assert record["job_lines"] == ["lemo_ds: predictors: calibrating"]
 
 
+def test_a_case_killed_by_sigkill_fails_its_length_as_out_of_memory(tmp_path):
+    """The kernel's OOM killer ends a job whose host memory ran out with SIGKILL: a max-context probe then fails that
+    length (outcome "oom") instead of stopping the search as a crash. Here the process kills itself the same way."""
+    script = "import os, signal; print('lemo_ds: loading', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    record = product_path.run_case([sys.executable, "-c", script, "--output-dir", str(tmp_path)], 60, rows=[])
+    assert (record["status"], record["exit"]) == ("killed", -9)
+    assert product_path.OUTCOMES[record["status"]] == "oom"
+    # The deepspeed launcher's report of a rank killed so (it exits 1 itself)
+    assert product_path.failure_status(1, "launch.py:259:main] [...] exits with return code = -9") == "killed"
+    assert product_path.failure_status(1, "torch.OutOfMemoryError: CUDA out of memory") == "out of memory"
+    assert product_path.failure_status(1, "ValueError: bad config") == "failed"
+
+
 @pytest.mark.slow
 def test_profile_job_profiles_steps_and_the_predictors_calibration(tmp_path):
     """benchmarks/profile_job.py runs launch/train.py's own job: the steps mode and the calibration mode."""
