@@ -11,13 +11,16 @@
 #   maxctx-lemo    issue 31: the main job with memory.tiled_mlp at 512K on packed rows, then one-document rows
 #   maxctx-dense   issue 31: hf-liger-offload (ALST's single-GPU stack) from 256K on packed rows, bisected
 #   attention64k   issue 30: "eliminate": "attention" against "layer" and hf-liger, 64K one-document rows
+#   registered640k issue 31: the offload tests on CUDA (registered pinned buffers included), then the main job with
+#                  the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows (the planner: 69.1 GiB
+#                  device, 118 GiB host; with power-of-two buffers the host runs out past 512K)
 #
 # The main job's configs here are ds_configs/zero3_lemo.json with predictor.calibration_batches 1 (and the change
 # the call names): calibration runs before step 1 and fixes the keep ratios, so the timed steps are the shipped
 # config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|attention64k"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|attention64k|registered640k"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -83,6 +86,16 @@ case "$name" in
         attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
         layer=$(derive zero3_lemo-calibration1)
         product_path --seq 65536 --rows one-doc --config "hf-liger,$layer,$attention" --steps 6 --case-timeout 170
+        ;;
+    registered640k)
+        if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
+            timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_memory.py -k "offload or registered" \
+                > "$OUT/offload-tests.log" 2>&1 || true
+            tail -3 "$OUT/offload-tests.log"
+        fi
+        lemo=$(derive zero3_lemo-registered-calibration1 memory.tiled_mlp=true 'memory.pinned_buffers="registered"')
+        product_path --maxctx --config "$lemo" --rows packed --start 655360 --max-seq 655360 --granularity 16384 \
+            --case-timeout 420 --budget-s 430
         ;;
     *)
         echo "gpu_calls.sh: unknown call '$name'" >&2

@@ -93,6 +93,22 @@ class LemoMemoryConfig(_LemoSection):
     x hidden x 2 bytes of pinned host memory and pays off only where stored inputs set the peak (long context; at
     short context it only adds PCIe traffic; README, "Scoreboard")."""
 
+    pinned_buffers: Literal["power_of_two", "registered"] = "power_of_two"
+    """How offload_checkpoints page-locks its host buffers. ``power_of_two``: PyTorch's pinned allocator, which
+    rounds each buffer up to a power of two (a dense layer's input of 4.1 GiB takes 8 GiB): where the host runs
+    out first, the offload stops at a power-of-two boundary of the length. ``registered``: ordinary host memory
+    page-locked with cudaHostRegister, each buffer under 1/8 over the input (at least 2 MiB), for lengths where
+    host memory sets the limit. Not measured on a GPU yet, so not the default."""
+
+    @model_validator(mode="after")
+    def _pinned_buffers_need_offload(self) -> LemoMemoryConfig:
+        if self.pinned_buffers != "power_of_two" and not self.offload_checkpoints:
+            raise ValueError(
+                f'pinned_buffers "{self.pinned_buffers}" only applies to offloaded checkpoints; set '
+                "offload_checkpoints true, or leave pinned_buffers out"
+            )
+        return self
+
 
 class LemoPredictorConfig(_LemoSection):
     """Learned predictors of block scores (``scorer: "predictor"``): their size, and how they are trained when

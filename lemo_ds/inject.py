@@ -102,7 +102,10 @@ def apply_lemo(
     apply_fused_ops(base, policy, lemo_config.fused_ops)  # innermost: the memory features below wrap it
     fix_deepspeed_cpu_checkpointing()  # DeepSpeed's synchronous CPU checkpointing, see memory/ds_checkpointing.py
     skip_needless_fetch_syncs()  # ZeRO-3 on one rank: no stream sync per module fetch, see zero_fetch.py
-    offloader = CheckpointOffloader(generation=lambda: controller.micro_step) if memory.offload_checkpoints else None
+    offloader = None
+    if memory.offload_checkpoints:
+        pinned_kind = "registered" if memory.pinned_buffers == "registered" else "pinned"
+        offloader = CheckpointOffloader(generation=lambda: controller.micro_step, pinned_kind=pinned_kind)
     layer_memory = LayerMemory(memory.compact_saves, offloader) if memory.compact_saves or offloader else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
         sparse = SparsePlan(index, controller, scorer) if ratio < 1.0 else None

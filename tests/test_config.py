@@ -43,6 +43,10 @@ def test_defaults_follow_the_paper_artifact():
         ({"enabled": 1}, r"lemo\.enabled: Input should be a valid boolean"),
         ({"memory": {"segment_loss": "false"}}, r"lemo\.memory\.segment_loss: Input should be a valid boolean"),
         ({"predictor": {"lr": "0.01"}}, r"lemo\.predictor\.lr: Input should be a valid number"),
+        ({"memory": {"pinned_buffers": "registered"}}, r"lemo\.memory: .*pinned_buffers \"registered\" only applies "
+         r"to offloaded checkpoints; set offload_checkpoints true"),
+        ({"memory": {"pinned_buffers": "exact"}}, r"lemo\.memory\.pinned_buffers: Input should be 'power_of_two' or "
+         r"'registered'"),
     ],
 )
 def test_bad_sections_name_the_key_and_what_is_allowed(section, message):

@@ -472,5 +472,55 @@ def test_offload_host_pool_stays_bounded_when_the_kept_rows_change_every_step():
             grads.append(weight.grad.clone())
         torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
         largest = max(largest, max(rows) * 16 * 4)
-        assert len(pool.free[False]) <= len(rows), f"step {step[0]}: {len(pool.free[False])} buffers"
+        assert len(pool.free["pageable"]) <= len(rows), f"step {step[0]}: {len(pool.free['pageable'])} buffers"
     assert pool.allocated_bytes <= len(rows) * 2 * largest
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("nbytes", [1, 4096, 2 * MIB - 1, 2 * MIB + 1, 409_600_000, 4 << 30, (4 << 30) + 1,
+                                    5_368_709_120, 6_710_886_400])  # fmt: skip
+def test_host_capacity_of_each_kind(nbytes):
+    """pinned: the power of two PyTorch's host allocator takes; registered: rounded up to a sixteenth of that power of
+    two, at least 2 MiB, so under 1/8 over the request beyond 16 MiB; pageable: exact. The planner counts these
+    (lemo_ds/plan/memory.py)."""
+    from lemo_ds.memory.offload import host_capacity
+
+    pow2 = 1 << (nbytes - 1).bit_length()
+    assert host_capacity(nbytes, "pinned") == pow2 >= nbytes
+    assert host_capacity(nbytes, "pageable") == nbytes
+    registered = host_capacity(nbytes, "registered")
+    granule = max(2 * MIB, pow2 // 16)
+    assert registered % granule == 0 and nbytes <= registered < nbytes + granule
+    assert registered <= max(pow2, 2 * MIB)
+    if nbytes > 16 * MIB:
+        assert registered < nbytes * 1.125
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA: page-locking by cudaHostRegister")
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant"])
+def test_registered_pinned_buffers_offload_like_the_pinned_ones(how):
+    """memory.pinned_buffers "registered": the offloaded inputs go to host buffers page-locked by cudaHostRegister
+    (about their size), and the loss and gradients are those of PyTorch's pinned buffers, over two steps (the second
+    reuses the buffers)."""
+    from lemo_ds.memory.offload import HostPool, host_capacity
+
+    model = lora_model(device="cuda")
+    ids, labels = (t.to("cuda") for t in labelled_batch())
+    results = []
+    for kind in ("power_of_two", "registered"):
+        converted = lemo_ds.apply_lemo(copy.deepcopy(model), _section(0.4, offload_checkpoints=True,
+                                                                      pinned_buffers=kind))  # fmt: skip
+        converted = _checkpointed(converted, how)
+        offloader = converted.get_base_model()._lemo.offloader
+        offloader.pool = HostPool()  # this model's buffers alone
+        for _ in range(2):
+            result = loss_and_grads(converted, ids, labels)
+        results.append(result)
+        buffers = offloader.pool.free["registered" if kind == "registered" else "pinned"]
+        assert buffers and all(b.is_pinned() for b in buffers)
+        if kind == "registered":
+            sizes = [shape.numel() * 2 for e in offloader.entries for shape in e.shapes]  # bf16 layer inputs
+            assert sorted(b.numel() for b in buffers) == sorted(host_capacity(n, "registered") for n in sizes)
+    assert_identical(results[1], results[0])

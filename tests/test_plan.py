@@ -151,6 +151,32 @@ def test_cheapest_change_offloads_first():
     assert result.section({"keep_ratio": 0.4})["memory"] == {"offload_checkpoints": True}
 
 
+def main_job_setup(seq_len: int, **memory_keys) -> tuple[Shape, Setup]:
+    section, ds_config = split_ds_config(load_ds_config(REPO / "ds_configs" / "zero3_lemo.json"))
+    section = section.model_copy(update={"memory": section.memory.model_copy(update=memory_keys)})
+    return job.job_setup(preset_config("llama-3-8b"), ds_config, section, seq_len=seq_len, lora_r=8, device="cuda")
+
+
+def test_registered_pinned_buffers_lift_the_host_limit_of_power_of_two_buffers():
+    """640K tokens, zero3_lemo.json with the tiled MLP, 80 GB device, 128 GiB host: a dense layer's input is 5 GiB,
+    which PyTorch's pinned allocator rounds up to 8 GiB, so the offloaded inputs need more host memory than there is;
+    registered buffers of about their size fit. The planner proposes them for that, and drops them from a plan whose
+    later change fits without them."""
+    shape, setup = main_job_setup(655360, tiled_mlp=True)
+    pow2 = memory.predict(shape, setup)
+    assert pow2.terms["host.offloaded inputs"] == 16 * 8 * GIB + 16 * 2 * GIB  # dense 5 -> 8 GiB, sparse 2 -> 2 GiB
+    assert not memory.fits(pow2, 80 * GIB, 128 * GIB) and pow2.device_bytes < 0.95 * 80 * GIB  # the host is short
+    result = search.plan(shape, setup, 80 * GIB, 128 * GIB)
+    assert [c.what for c in result.applied] == ["pinned_buffers registered"]
+    assert result.fitting.terms["host.offloaded inputs"] == 16 * 5 * GIB + 16 * 2 * GIB
+    assert result.section({})["memory"] == {"pinned_buffers": "registered"}
+    # 512K on an 80 GiB host: registered buffers are tried, then keep ratios down to 0.1, which alone fits (the sparse
+    # layers' inputs shrink to 0.5 GiB buffers each): the plan is that one change.
+    shape, setup = main_job_setup(524288, tiled_mlp=True)
+    result = search.plan(shape, setup, 80 * GIB, 80 * GIB)
+    assert [c.what for c in result.applied] == ["keep_ratio 0.1"] and result.fitting.host_bytes <= 80 * GIB
+
+
 @pytest.mark.parametrize("text,value", [("80GiB", 80 * GIB), ("128GB", 128 * 10**9), ("1MiB", MIB), ("512", 512)])
 def test_parse_bytes(text, value):
     assert search.parse_bytes(text) == value

@@ -17,10 +17,12 @@ it is given (PyTorch's reentrant and non-reentrant checkpoint, DeepSpeed's ``che
   traffic overlaps the recompute and backward of this layer instead of serializing with them.
 
 At most two layers' inputs are on the device at a time (the one being recomputed and the prefetched one). Host
-buffers are pinned and pooled across steps and models (the first step pays for pinning), by capacity rather than by
-shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows, and a pool
-keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound. Without CUDA
-(the tests) the "host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
+buffers are page-locked and pooled across steps and models (the first step pays for pinning), by capacity rather than
+by shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows, and a pool
+keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound. Page-locked
+either by PyTorch's pinned allocator (a power of two per buffer) or, with ``memory.pinned_buffers: "registered"``, by
+cudaHostRegister on ordinary host memory (about the input's size: ``host_capacity``). Without CUDA (the tests) the
+"host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
 """
 
 from __future__ import annotations
@@ -49,39 +51,85 @@ class _Alias(torch.autograd.Function):
         return grad
 
 
+# Kinds of host buffer: "pageable" (CPU runs: the copies are synchronous), "pinned" (PyTorch's caching host allocator,
+# which rounds every block up to a power of two), "registered" (ordinary host memory page-locked by cudaHostRegister,
+# sized by host_capacity: under 1/8 over the request beyond 16 MiB).
+HOST_KINDS = ("pageable", "pinned", "registered")
+REGISTERED_GRANULES = 16  # granule = power of two / 16: the request is over half of it, so the waste is under 1/8
+_MIB = 1 << 20
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def host_capacity(nbytes: int, kind: str) -> int:
+    """Bytes a host buffer of ``kind`` takes for a request of ``nbytes`` (the planner counts the same).
+
+    pinned: the power of two PyTorch's caching host allocator gives (its ``pinned_max_round_threshold`` is unlimited
+    by default): a dense layer's 4.0 GiB input at 512K takes 4 GiB, at 520K 8 GiB. registered: rounded up to a
+    sixteenth of that power of two (at least 2 MiB), under 1/8 over the request beyond 16 MiB, so a sparse layer's
+    kept rows, which vary by a few blocks from step to step, still mostly fit an earlier step's buffer. pageable:
+    exact."""
+    if kind == "pinned":
+        return _pow2_ceil(nbytes)
+    if kind == "registered":
+        granule = max(2 * _MIB, _pow2_ceil(nbytes) // REGISTERED_GRANULES)
+        return -(-nbytes // granule) * granule
+    return nbytes
+
+
+def _registered_empty(nbytes: int) -> torch.Tensor:
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+    if int(error) != 0:
+        raise RuntimeError(f"lemo_ds: cudaHostRegister of {nbytes / (1 << 30):.2f} GiB of host memory failed (CUDA "
+                           f"error {int(error)}): the host's memory or its locked-memory limit (ulimit -l) is spent")
+    return buffer
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    # A copy from it may still be in flight on a stream: page-locking ends only once the device is done with it.
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 @dataclass(eq=False)
 class HostPool:
-    """Host buffers (flat bytes; pinned for CUDA data) that the offloaded inputs are copied into, reused by capacity.
+    """Host buffers (flat bytes) that the offloaded inputs are copied into, reused by capacity, per kind
+    (``HOST_KINDS``; each buffer takes ``host_capacity`` bytes).
 
-    Pinned capacities are powers of two: PyTorch's CUDA host allocator rounds every pinned allocation up to one (its
-    ``pinned_max_round_threshold`` is unlimited by default), so a buffer takes the whole block it is given, and a
-    sparse layer's kept rows, which vary by a few blocks between steps, fit the buffer of an earlier step (the
-    planner counts these powers of two: lemo_ds/plan/memory.py). Unpinned buffers (CPU runs) are exact.
-    ``acquire`` hands out the smallest free buffer that holds the request. Where none does, every free buffer of that
-    kind is smaller than the request: they are freed (and the host allocator's cache emptied) before a new one is
-    allocated. So the pool never holds more buffers than the most inputs offloaded at once, each under twice the
-    largest input it was made for, whatever the shapes do from step to step."""
+    ``acquire`` hands out the smallest free buffer of the kind that holds the request. Where none does, every free
+    buffer of that kind is smaller than the request: they are freed (pinned: and the host allocator's cache emptied;
+    registered: unregistered) before a new one is allocated. So the pool never holds more buffers than the most
+    inputs offloaded at once, each within its kind's rounding of the largest input it was made for, whatever the
+    shapes do from step to step (a sparse layer's kept rows change in number from step to step on packed rows)."""
 
-    free: dict[bool, list[torch.Tensor]] = field(default_factory=lambda: {False: [], True: []})
+    free: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {kind: [] for kind in HOST_KINDS})
     allocated_bytes: int = 0  # every buffer of the pool, in use or free
 
-    def acquire(self, nbytes: int, pinned: bool) -> torch.Tensor:
+    def acquire(self, nbytes: int, kind: str) -> torch.Tensor:
         """A flat uint8 host buffer of at least ``nbytes``."""
-        free = self.free[pinned]
+        free = self.free[kind]
         fitting = [i for i, buffer in enumerate(free) if buffer.numel() >= nbytes]
         if fitting:
             return free.pop(min(fitting, key=lambda i: free[i].numel()))
         if free:  # all smaller than this request: buffers of earlier steps' shapes
             self.allocated_bytes -= sum(buffer.numel() for buffer in free)
+            if kind == "registered":
+                for buffer in free:
+                    _unregister(buffer)
             free.clear()
-            if pinned and hasattr(torch._C, "_host_emptyCache"):
+            if kind == "pinned" and hasattr(torch._C, "_host_emptyCache"):
                 torch._C._host_emptyCache()  # the allocator caches freed pinned blocks: give them back
-        capacity = 1 << max(nbytes - 1, 0).bit_length() if pinned else nbytes
+        capacity = host_capacity(nbytes, kind)
         self.allocated_bytes += capacity
-        return torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+        if kind == "registered":
+            return _registered_empty(capacity)
+        return torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=kind == "pinned")
 
-    def release(self, buffer: torch.Tensor) -> None:
-        self.free[buffer.is_pinned()].append(buffer)
+    def release(self, buffer: torch.Tensor, kind: str) -> None:
+        self.free[kind].append(buffer)
 
 
 @dataclass(eq=False)
@@ -89,6 +137,7 @@ class _Entry:
     aliases: list[torch.Tensor]
     hosts: list[torch.Tensor]  # views of ``buffers`` shaped as the inputs
     buffers: list[torch.Tensor]  # the pool's flat buffers behind ``hosts``
+    kinds: list[str]  # each buffer's kind in the pool
     shapes: list[torch.Size]
     prefetched: list[torch.Tensor] | None = None
     event: Any = None
@@ -104,9 +153,11 @@ _SHARED_POOL = HostPool()
 @dataclass(eq=False)
 class CheckpointOffloader:
     """One per model. ``generation``: a callable giving the model's forward counter (a new forward starts a new list
-    of entries, so prefetch follows the current micro-batch)."""
+    of entries, so prefetch follows the current micro-batch). ``pinned_kind``: the host buffers of CUDA data,
+    "pinned" or "registered" (``host_capacity``; the config's ``memory.pinned_buffers``)."""
 
     generation: Callable[[], int] = lambda: 0
+    pinned_kind: str = "pinned"
     entries: list[_Entry] = field(default_factory=list)
     pool: HostPool = field(default_factory=lambda: _SHARED_POOL)
     offloaded_bytes: int = 0  # device bytes moved out by the current forward
@@ -135,11 +186,12 @@ class CheckpointOffloader:
         generation = self.generation()
         if generation != self._generation:
             self._generation, self.entries, self.offloaded_bytes = generation, [], 0
-        hosts, buffers, shapes = [], [], []
+        hosts, buffers, kinds, shapes = [], [], [], []
         for alias in aliases:
             data = alias.data
             nbytes = data.numel() * data.element_size()
-            buffer = self.pool.acquire(nbytes, pinned=data.is_cuda)  # pinned buffers for CUDA data only
+            kind = self.pinned_kind if data.is_cuda else "pageable"  # page-locked buffers for CUDA data only
+            buffer = self.pool.acquire(nbytes, kind)
             host = buffer[:nbytes].view(data.dtype).view(data.shape)
             if data.is_cuda:
                 stream = self._side_stream(data.device)
@@ -151,10 +203,11 @@ class CheckpointOffloader:
                 host.copy_(data)
             hosts.append(host)
             buffers.append(buffer)
+            kinds.append(kind)
             shapes.append(data.shape)
             self.offloaded_bytes += data.numel() * data.element_size()
             alias.data = torch.empty(0, dtype=data.dtype, device=data.device)
-        entry = _Entry(aliases, hosts, buffers, shapes, index=len(self.entries))
+        entry = _Entry(aliases, hosts, buffers, kinds, shapes, index=len(self.entries))
         self.entries.append(entry)
         return entry
 
@@ -209,9 +262,9 @@ class CheckpointOffloader:
     def _release(self, entry: _Entry) -> None:
         # Reused by a later forward's copy on the side stream, which is ordered after this entry's copies back
         # (the side stream waits on the current stream before every offload).
-        for buffer in entry.buffers:
-            self.pool.release(buffer)
-        entry.hosts, entry.buffers = [], []
+        for buffer, kind in zip(entry.buffers, entry.kinds, strict=True):
+            self.pool.release(buffer, kind)
+        entry.hosts, entry.buffers, entry.kinds = [], [], []
 
     def _side_stream(self, device: torch.device):
         if self._stream is None:

@@ -31,8 +31,9 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
   bytes, their float32 upcast, log-softmax and gradient (s x V x (b + 12)): what plain DeepSpeed's out-of-memory
   message reported at 64K (96.22 GiB allocated, 31.31 GiB more asked: benchmarks/results/packed-rows-20261202/).
 - CONSTANT: what the step allocates beside these (DeepSpeed's buckets, scorer, allocator rounding), fitted.
-- offloaded_inputs: the stored inputs in pinned host buffers, each rounded up to a power of two (PyTorch's
-  caching host allocator does so): this, not the device, stopped the packed-row max-context search at 520K.
+- offloaded_inputs: the stored inputs in page-locked host buffers, each rounded up to a power of two (PyTorch's
+  caching host allocator does so: this, not the device, stopped the packed-row max-context search at 520K), or with
+  memory.pinned_buffers "registered" to a sixteenth of that power of two (lemo_ds.memory.offload.host_capacity).
 - HOST_PROCESS: the Python process with torch, CUDA and DeepSpeed loaded (an assumption, not fitted).
 
 The device peak is what ``torch.cuda.max_memory_allocated`` measures; a job fits when it is at most the device's
@@ -48,6 +49,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from lemo_ds.memory.offload import host_capacity
 
 GIB = 1 << 30
 
@@ -136,6 +139,7 @@ class Setup:
     checkpointing: bool = True
     sparse_checkpointing: bool = True
     offload_checkpoints: bool = False
+    pinned_buffers: str = "power_of_two"  # memory.pinned_buffers: "power_of_two" or "registered"
     segment_loss: bool = True
     segment_tokens: int = 4096
     liger_loss: bool = False  # Liger's fused linear cross-entropy (CUDA with liger-kernel)
@@ -215,7 +219,8 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
         in_flight = sorted(stored_rows)[-2:]
         stored, stored_name = sum(n * shape.hidden * b for n in in_flight), "stored inputs in flight (offloaded)"
         if setup.device == "cuda":
-            host_offload = sum(_pow2_ceil(n * shape.hidden * b) for n in stored_rows)
+            kind = "registered" if setup.pinned_buffers == "registered" else "pinned"
+            host_offload = sum(host_capacity(n * shape.hidden * b, kind) for n in stored_rows)
         else:  # no pinned memory: the host copies live in the same RAM
             host_offload = sum(n * shape.hidden * b for n in stored_rows)
     else:

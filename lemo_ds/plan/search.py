@@ -5,7 +5,9 @@ Changes are tried cumulatively, cheapest first (what each costs, README "The lem
 2. memory.offload_checkpoints (no recompute; host memory and PCIe copies, hidden behind compute);
 3. memory.segment_loss (exact; one more LM-head pass per segment);
 4. memory.tiled_mlp (one more MLP forward per layer);
-5. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
+5. memory.pinned_buffers "registered" (offloaded inputs page-locked at about their size: host memory only);
+6. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
+Of the changes tried, the plan keeps those the fit needs.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def changes(setup: Setup) -> list[Change]:
         out.append(Change("segment_loss", _set(segment_loss=True), {"memory.segment_loss": True}))
     if not setup.tiled_mlp:
         out.append(Change("tiled_mlp", _set(tiled_mlp=True), {"memory.tiled_mlp": True}))
+    if setup.pinned_buffers != "registered":  # after offload (above), which it needs: host memory, not the device's
+        out.append(Change("pinned_buffers registered", _set(pinned_buffers="registered"),
+                          {"memory.pinned_buffers": "registered"}))  # fmt: skip
     if any(r < 1.0 for r in setup.keep_ratios):
         current = min(setup.keep_ratios)
         for ratio in (0.3, 0.2, 0.1):
@@ -139,8 +144,26 @@ def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
         applied.append(change)
         candidate = predict(shape, current)
         if fits(candidate, gpu_mem, host_mem, setup.device):
-            return Plan(first, False, tuple(applied), candidate)
+            needed = _needed(shape, setup, applied, gpu_mem, host_mem)
+            return Plan(first, False, tuple(needed), predict(shape, _apply(setup, needed)))
     return Plan(first, False, tuple(applied), predict(shape, current), found=False)
+
+
+def _apply(setup: Setup, applied: list[Change]) -> Setup:
+    for change in applied:
+        setup = change.apply(setup)
+    return setup
+
+
+def _needed(shape: Shape, setup: Setup, applied: list[Change], gpu_mem: int, host_mem: int) -> list[Change]:
+    """``applied`` without the earlier changes the fit does not need (the last one is what made it fit): e.g. registered
+    pinned buffers, tried before a lower keep ratio, where the device and not the host was short."""
+    needed = list(applied)
+    for change in reversed(applied[:-1]):
+        without = [c for c in needed if c is not change]
+        if fits(predict(shape, _apply(setup, without)), gpu_mem, host_mem, setup.device):
+            needed = without
+    return needed
 
 
 def longest_fit(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int, multiple: int = 64) -> int:
