@@ -100,12 +100,22 @@ class LemoMemoryConfig(_LemoSection):
     page-locked with cudaHostRegister, each buffer under 1/8 over the input (at least 2 MiB), for lengths where
     host memory sets the limit. Not measured on a GPU yet, so not the default."""
 
+    resident_checkpoints: int = Field(0, ge=0)
+    """With offload_checkpoints: the stored inputs of the first this many checkpointed decoder layers of each forward
+    stay on the device instead of going to the host, so that spare device memory (a 141 GB card's) takes what the
+    host has no room for. 0: every layer's goes to the host."""
+
     @model_validator(mode="after")
-    def _pinned_buffers_need_offload(self) -> LemoMemoryConfig:
+    def _offload_settings_need_offload(self) -> LemoMemoryConfig:
         if self.pinned_buffers != "power_of_two" and not self.offload_checkpoints:
             raise ValueError(
                 f'pinned_buffers "{self.pinned_buffers}" only applies to offloaded checkpoints; set '
                 "offload_checkpoints true, or leave pinned_buffers out"
+            )
+        if self.resident_checkpoints > 0 and not self.offload_checkpoints:
+            raise ValueError(
+                f"resident_checkpoints {self.resident_checkpoints} only applies to offloaded checkpoints (without "
+                "offload every stored input stays on the device); set offload_checkpoints true, or leave it out"
             )
         return self
 

@@ -105,7 +105,8 @@ def apply_lemo(
     offloader = None
     if memory.offload_checkpoints:
         pinned_kind = "registered" if memory.pinned_buffers == "registered" else "pinned"
-        offloader = CheckpointOffloader(generation=lambda: controller.micro_step, pinned_kind=pinned_kind)
+        offloader = CheckpointOffloader(generation=lambda: controller.micro_step, pinned_kind=pinned_kind,
+                                        resident=memory.resident_checkpoints)  # fmt: skip
     layer_memory = LayerMemory(memory.compact_saves, offloader) if memory.compact_saves or offloader else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
         sparse = SparsePlan(index, controller, scorer) if ratio < 1.0 else None

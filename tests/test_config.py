@@ -47,6 +47,9 @@ def test_defaults_follow_the_paper_artifact():
          r"to offloaded checkpoints; set offload_checkpoints true"),
         ({"memory": {"pinned_buffers": "exact"}}, r"lemo\.memory\.pinned_buffers: Input should be 'power_of_two' or "
          r"'registered'"),
+        ({"memory": {"resident_checkpoints": 2}}, r"lemo\.memory: .*resident_checkpoints 2 only applies to offloaded "
+         r"checkpoints"),
+        ({"memory": {"offload_checkpoints": True, "resident_checkpoints": -1}}, r"lemo\.memory\.resident_checkpoints"),
     ],
 )
 def test_bad_sections_name_the_key_and_what_is_allowed(section, message):

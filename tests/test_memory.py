@@ -524,3 +524,23 @@ def test_registered_pinned_buffers_offload_like_the_pinned_ones(how):
             sizes = [shape.numel() * 2 for e in offloader.entries for shape in e.shapes]  # bf16 layer inputs
             assert sorted(b.numel() for b in buffers) == sorted(host_capacity(n, "registered") for n in sizes)
     assert_identical(results[1], results[0])
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant"])
+def test_resident_checkpoints_keep_the_first_layers_inputs_and_offload_the_rest(how):
+    """memory.resident_checkpoints 2 on a 4-layer model: each forward offloads the inputs of layers 2 and 3 only (two
+    entries, their bytes), over two steps, and the loss and gradients are those without offload."""
+    model = lora_model(layers=4)
+    ids, labels = labelled_batch()
+    results = []
+    for memory in ({}, {"offload_checkpoints": True, "resident_checkpoints": 2}):
+        converted = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), _section(0.4, **memory)), how)
+        for _ in range(2):
+            result = loss_and_grads(converted, ids, labels)
+        results.append(result)
+    offloader = converted.get_base_model()._lemo.offloader
+    assert offloader.resident == 2 and len(offloader.entries) == 2 and all(e.restored for e in offloader.entries)
+    # layers 2 and 3 are sparse (dense_layers [0]; keep 0.4 of 64 rows = 2 blocks of 16... their kept rows), bf16
+    kept = sum(shape.numel() for entry in offloader.entries for shape in entry.shapes) * 2
+    assert offloader.offloaded_bytes == kept > 0
+    assert_identical(results[1], results[0])

@@ -160,8 +160,8 @@ def main_job_setup(seq_len: int, **memory_keys) -> tuple[Shape, Setup]:
 def test_registered_pinned_buffers_lift_the_host_limit_of_power_of_two_buffers():
     """640K tokens, zero3_lemo.json with the tiled MLP, 80 GB device, 128 GiB host: a dense layer's input is 5 GiB,
     which PyTorch's pinned allocator rounds up to 8 GiB, so the offloaded inputs need more host memory than there is;
-    registered buffers of about their size fit. The planner proposes them for that, and drops them from a plan whose
-    later change fits without them."""
+    registered buffers of about their size fit. The planner proposes them for that, and keeps only the changes a fit
+    needs."""
     shape, setup = main_job_setup(655360, tiled_mlp=True)
     pow2 = memory.predict(shape, setup)
     assert pow2.terms["host.offloaded inputs"] == 16 * 8 * GIB + 16 * 2 * GIB  # dense 5 -> 8 GiB, sparse 2 -> 2 GiB
@@ -170,11 +170,28 @@ def test_registered_pinned_buffers_lift_the_host_limit_of_power_of_two_buffers()
     assert [c.what for c in result.applied] == ["pinned_buffers registered"]
     assert result.fitting.terms["host.offloaded inputs"] == 16 * 5 * GIB + 16 * 2 * GIB
     assert result.section({})["memory"] == {"pinned_buffers": "registered"}
-    # 512K on an 80 GiB host: registered buffers are tried, then keep ratios down to 0.1, which alone fits (the sparse
-    # layers' inputs shrink to 0.5 GiB buffers each): the plan is that one change.
+    # 512K on an 80 GiB host: registered buffers, then 1, 2 and 4 resident layers are tried; 4 fits, and the plan
+    # drops 1 and 2, which 4 replaces.
     shape, setup = main_job_setup(524288, tiled_mlp=True)
     result = search.plan(shape, setup, 80 * GIB, 80 * GIB)
-    assert [c.what for c in result.applied] == ["keep_ratio 0.1"] and result.fitting.host_bytes <= 80 * GIB
+    assert [c.what for c in result.applied] == ["pinned_buffers registered", "resident_checkpoints 4"]
+    assert result.fitting.host_bytes <= 80 * GIB
+
+
+def test_resident_checkpoints_put_spare_device_memory_to_use_where_the_host_is_short():
+    """800K tokens on a 141 GB card (139 GiB) with 128 GiB of host memory, zero3_lemo.json with the tiled MLP: even
+    registered buffers need more host memory than there is (16 dense inputs of 6.25 GiB, 16 sparse of 2.5 GiB), and
+    the device has room: the plan keeps the first 4 layers' inputs on the device."""
+    shape, setup = main_job_setup(819200, tiled_mlp=True)
+    result = search.plan(shape, setup, 139 * GIB, 128 * GIB)
+    assert [c.what for c in result.applied] == ["pinned_buffers registered", "resident_checkpoints 4"]
+    dense = 819200 * 4096 * 2  # one dense layer's input, bytes
+    terms = result.fitting.terms
+    assert terms["stored inputs resident and in flight"] == 4 * dense + 2 * dense  # 4 resident, 2 in flight
+    sparse = 2560 * MIB  # 0.4 x 12800 blocks of 64 rows: 2.5 GiB, a multiple of its 256 MiB granule
+    assert terms["host.offloaded inputs"] == 12 * (6656 * MIB) + 16 * sparse  # dense: 6.25 GiB on 512 MiB granules
+    assert result.fitting.host_bytes <= 128 * GIB
+    assert result.section({})["memory"] == {"pinned_buffers": "registered", "resident_checkpoints": 4}
 
 
 @pytest.mark.parametrize("text,value", [("80GiB", 80 * GIB), ("128GB", 128 * 10**9), ("1MiB", MIB), ("512", 512)])

@@ -187,7 +187,9 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
     assert "--tiled-mlp" in command
 
 
-@pytest.mark.parametrize("call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "attention64k", "registered640k"])
+@pytest.mark.parametrize(
+    "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "attention64k", "registered640k", "h200-800k"]
+)
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
     one calibration batch; every product_path command it would run names configs that exist or known cases, and

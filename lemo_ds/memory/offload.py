@@ -16,10 +16,12 @@ it is given (PyTorch's reentrant and non-reentrant checkpoint, DeepSpeed's ``che
   copying the input of the layer before it (the next one backward needs) on the side stream, so the host-to-device
   traffic overlaps the recompute and backward of this layer instead of serializing with them.
 
-At most two layers' inputs are on the device at a time (the one being recomputed and the prefetched one). Host
-buffers are page-locked and pooled across steps and models (the first step pays for pinning), by capacity rather than
-by shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows, and a pool
-keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound. Page-locked
+At most two layers' inputs are on the device at a time (the one being recomputed and the prefetched one), besides
+those of the first ``resident`` layers, which stay there (spare device memory taking what the host has no room for).
+Host buffers are page-locked and pooled across steps and models (the first step pays for pinning), by capacity
+rather than by shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows,
+and a pool keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound.
+Page-locked
 either by PyTorch's pinned allocator (a power of two per buffer) or, with ``memory.pinned_buffers: "registered"``, by
 cudaHostRegister on ordinary host memory (about the input's size: ``host_capacity``). Without CUDA (the tests) the
 "host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
@@ -154,19 +156,27 @@ _SHARED_POOL = HostPool()
 class CheckpointOffloader:
     """One per model. ``generation``: a callable giving the model's forward counter (a new forward starts a new list
     of entries, so prefetch follows the current micro-batch). ``pinned_kind``: the host buffers of CUDA data,
-    "pinned" or "registered" (``host_capacity``; the config's ``memory.pinned_buffers``)."""
+    "pinned" or "registered" (``host_capacity``; the config's ``memory.pinned_buffers``). ``resident``: the first
+    that many checkpointed calls of each forward (the first decoder layers) keep their inputs on the device
+    (``memory.resident_checkpoints``)."""
 
     generation: Callable[[], int] = lambda: 0
     pinned_kind: str = "pinned"
+    resident: int = 0
     entries: list[_Entry] = field(default_factory=list)
     pool: HostPool = field(default_factory=lambda: _SHARED_POOL)
     offloaded_bytes: int = 0  # device bytes moved out by the current forward
     _stream: Any = None
     _generation: int = -1
+    _calls: int = 0  # checkpointed calls of the current forward
 
     def wrap(self, checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
         def offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
+                return checkpoint_func(function, *args, **kwargs)
+            self._follow_forward()
+            self._calls += 1
+            if self._calls <= self.resident:
                 return checkpoint_func(function, *args, **kwargs)
             args = tuple(_Alias.apply(a) if _offloadable(a) else a for a in args)
             out = checkpoint_func(function, *args, **kwargs)
@@ -182,10 +192,12 @@ class CheckpointOffloader:
 
     # ---- forward: device -> host ----------------------------------------------------------------------
 
-    def _offload(self, aliases: list[torch.Tensor]) -> _Entry:
+    def _follow_forward(self) -> None:
         generation = self.generation()
         if generation != self._generation:
-            self._generation, self.entries, self.offloaded_bytes = generation, [], 0
+            self._generation, self.entries, self.offloaded_bytes, self._calls = generation, [], 0, 0
+
+    def _offload(self, aliases: list[torch.Tensor]) -> _Entry:
         hosts, buffers, kinds, shapes = [], [], [], []
         for alias in aliases:
             data = alias.data

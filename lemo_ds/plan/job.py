@@ -52,6 +52,7 @@ def job_setup(
             sparse_checkpointing=m.sparse_checkpointing,
             offload_checkpoints=m.offload_checkpoints,
             pinned_buffers=m.pinned_buffers,
+            resident_checkpoints=m.resident_checkpoints,
             segment_loss=m.segment_loss,
             segment_tokens=m.segment_tokens,
             liger_loss=cuda and m.segment_loss_impl != "torch" and liger_installed(),

@@ -14,8 +14,8 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
   partition the 12 optimizer bytes / the gradient too / the weight too over W.
 - stored_inputs: with checkpointing, the sum of the layers' stored inputs (on the host instead with
   offload_checkpoints, where the device holds only the two in flight: the layer being recomputed and the one
-  prefetched); without checkpointing every layer keeps its whole backward working set (keep_ratio x s of it for
-  a sparse layer): an uncalibrated upper estimate.
+  prefetched, and those of the first resident_checkpoints layers, which stay); without checkpointing every layer
+  keeps its whole backward working set (keep_ratio x s of it for a sparse layer): an uncalibrated upper estimate.
 - layer_backward: the recompute and backward of one dense decoder layer at s tokens,
   s x (A_H x h + 6 x I) x b: the MLP's gate, up, product and their three gradients ([s, I] each), and A_H x h
   elements for everything else (attention's q/k/v/o and their gradients, the residual gradients, LoRA, norms),
@@ -140,6 +140,7 @@ class Setup:
     sparse_checkpointing: bool = True
     offload_checkpoints: bool = False
     pinned_buffers: str = "power_of_two"  # memory.pinned_buffers: "power_of_two" or "registered"
+    resident_checkpoints: int = 0  # memory.resident_checkpoints: the first layers' stored inputs stay on the device
     segment_loss: bool = True
     segment_tokens: int = 4096
     liger_loss: bool = False  # Liger's fused linear cross-entropy (CUDA with liger-kernel)
@@ -216,13 +217,15 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
         stored, stored_name = sum(layer_backward_bytes(shape, setup, r) for r in rows), "activations (no checkpointing)"
         backward = 0
     elif setup.offload_checkpoints:
-        in_flight = sorted(stored_rows)[-2:]
-        stored, stored_name = sum(n * shape.hidden * b for n in in_flight), "stored inputs in flight (offloaded)"
+        resident, offloaded = stored_rows[: setup.resident_checkpoints], stored_rows[setup.resident_checkpoints :]
+        on_device = resident + sorted(offloaded)[-2:]
+        stored = sum(n * shape.hidden * b for n in on_device)
+        stored_name = "stored inputs resident and in flight" if resident else "stored inputs in flight (offloaded)"
         if setup.device == "cuda":
             kind = "registered" if setup.pinned_buffers == "registered" else "pinned"
-            host_offload = sum(host_capacity(n * shape.hidden * b, kind) for n in stored_rows)
+            host_offload = sum(host_capacity(n * shape.hidden * b, kind) for n in offloaded)
         else:  # no pinned memory: the host copies live in the same RAM
-            host_offload = sum(n * shape.hidden * b for n in stored_rows)
+            host_offload = sum(n * shape.hidden * b for n in offloaded)
     else:
         stored, stored_name = sum(n * shape.hidden * b for n in stored_rows), "stored inputs"
     loss = loss_bytes(shape, setup, s)

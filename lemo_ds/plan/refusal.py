@@ -11,8 +11,8 @@ def fix_text(result: Plan, lemo_section: dict | None) -> str:
     """What to change: the flags and the "lemo" section that fit, or why nothing in the search does."""
     if not result.found:
         return (
-            "no change the planner tries fits (offload, segment loss, tiled MLP, keep_ratio 0.1): use a shorter "
-            "--seq-len or more ranks"
+            "no change the planner tries fits (offload, segment loss, tiled MLP, registered pinned buffers, "
+            "resident checkpoints, keep_ratio 0.1): use a shorter --seq-len or more ranks"
         )
     parts = [f"with {' + '.join(c.what for c in result.applied)} it needs {gib(result.fitting.device_bytes)}"]
     if result.flags():

@@ -6,7 +6,9 @@ Changes are tried cumulatively, cheapest first (what each costs, README "The lem
 3. memory.segment_loss (exact; one more LM-head pass per segment);
 4. memory.tiled_mlp (one more MLP forward per layer);
 5. memory.pinned_buffers "registered" (offloaded inputs page-locked at about their size: host memory only);
-6. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
+6. memory.resident_checkpoints 1, 2, 4, 8 then 16 (the first layers' inputs stay on the device: no copies, device
+   memory instead of host memory);
+7. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
 Of the changes tried, the plan keeps those the fit needs.
 """
 
@@ -19,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, fits, predict
+
+RESIDENT_STEPS = (1, 2, 4, 8, 16)  # memory.resident_checkpoints values the search tries, in order
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _TOKENS = re.compile(r"^\s*(\d+)\s*([KM]?)\s*$", re.IGNORECASE)
@@ -103,6 +107,10 @@ def changes(setup: Setup) -> list[Change]:
     if setup.pinned_buffers != "registered":  # after offload (above), which it needs: host memory, not the device's
         out.append(Change("pinned_buffers registered", _set(pinned_buffers="registered"),
                           {"memory.pinned_buffers": "registered"}))  # fmt: skip
+    for layers in RESIDENT_STEPS:  # host memory short, device memory to spare: keep the first layers' inputs there
+        if layers > setup.resident_checkpoints:
+            out.append(Change(f"resident_checkpoints {layers}", _set(resident_checkpoints=layers),
+                              {"memory.resident_checkpoints": layers}))  # fmt: skip
     if any(r < 1.0 for r in setup.keep_ratios):
         current = min(setup.keep_ratios)
         for ratio in (0.3, 0.2, 0.1):
