@@ -19,11 +19,13 @@ CALIBRATION = REPO / "benchmarks" / "results" / "planner-calibration.json"
 MIB = 1 << 20
 
 
-def tiny_cpu_setup(seq_len: int) -> tuple[Shape, Setup]:
+def tiny_cpu_setup(seq_len: int, dtype: str = "float32") -> tuple[Shape, Setup]:
+    """``dtype``: the job's, as its summary names it (bf16 "auto" is bf16 on a CPU with native bf16, else fp32)."""
     section, ds_config = split_ds_config(load_ds_config(REPO / "ds_configs" / "zero3_lemo.json"))
     return job.job_setup(
-        preset_config("tiny-llama"), ds_config, section, seq_len=seq_len, lora_r=8, device="cpu", dtype=torch.float32
-    )
+        preset_config("tiny-llama"), ds_config, section, seq_len=seq_len, lora_r=8, device="cpu",
+        dtype=getattr(torch, dtype),
+    )  # fmt: skip
 
 
 def one_calibration_batch(folder) -> str:
@@ -37,9 +39,9 @@ def one_calibration_batch(folder) -> str:
     return str(path)
 
 
-def cpu_bytes(seq_len: int) -> int:
+def cpu_bytes(seq_len: int, dtype: str = "float32") -> int:
     """What the planner counts in a CPU run's RAM: device terms plus the offloaded inputs (the same RAM)."""
-    p = memory.predict(*tiny_cpu_setup(seq_len))
+    p = memory.predict(*tiny_cpu_setup(seq_len, dtype))
     return p.device_bytes + p.terms["host.offloaded inputs"]
 
 
@@ -73,9 +75,9 @@ def test_formula_increment_against_cpu_rss(tmp_path):
         out = tmp_path / str(seq)
         ok(train_single("--deepspeed", config, "--seq-len", str(seq), "--max-steps", "1", "--no-save", "--output-dir",
                         str(out)))  # fmt: skip
-        peaks[seq] = summary(out)["peak_mem_bytes"]
+        peaks[seq], dtype = summary(out)["peak_mem_bytes"], summary(out)["dtype"]
     measured = peaks[8192] - peaks[2048]
-    predicted = cpu_bytes(8192) - cpu_bytes(2048)
+    predicted = cpu_bytes(8192, dtype) - cpu_bytes(2048, dtype)
     assert measured / 3 <= predicted <= measured, (predicted / MIB, measured / MIB)
 
 
@@ -114,11 +116,11 @@ def test_seq_len_max_picks_a_length_that_runs(tmp_path):
         "--no-save", "--output-dir", str(out)
     )  # fmt: skip
     ok(result)
-    seq = summary(out)["seq_len"]
+    seq, dtype = summary(out)["seq_len"], summary(out)["dtype"]  # bf16 on a CPU that has it: the plan's dtype
     assert f"--seq-len max: {seq} tokens" in result.stdout + result.stderr
     assert seq % 64 == 0 and seq > 1024
     usable = budget * (1 - memory.RESERVE_SHARE)
-    assert cpu_bytes(seq) <= usable < cpu_bytes(seq + 64)
+    assert cpu_bytes(seq, dtype) <= usable < cpu_bytes(seq + 64, dtype)
 
 
 def test_memory_check_off_refuses_seq_len_max():
