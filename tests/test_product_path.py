@@ -167,7 +167,7 @@ def test_tiled_mlp_runs_in_tiles_and_gives_the_untiled_gradients():
 def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
     """The product path's hf-liger-offload case without Liger (CPU): tiled MLP and the checkpoint offload change no
     loss; the offload was handed every layer's checkpointed input (on a CPU it copies none: no accelerator)."""
-    common = ["--model", "tiny-llama", "--seq-len", "640", "--max-steps", "3"]  # 3 MLP tiles (hidden 256)
+    common = ["--model", "tiny-llama", "--seq-len", "640", "--max-steps", "2"]  # 3 MLP tiles (hidden 256)
     runs = {}
     for name, extra in {"plain": [], "alst": ["--offload-checkpoints", "--tiled-mlp"]}.items():
         out = tmp_path / name
