@@ -21,10 +21,9 @@ those of the first ``resident`` layers, which stay there (spare device memory ta
 Host buffers are page-locked and pooled across steps and models (the first step pays for pinning), by capacity
 rather than by shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows,
 and a pool keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound.
-Page-locked
-either by PyTorch's pinned allocator (a power of two per buffer) or, with ``memory.pinned_buffers: "registered"``, by
-cudaHostRegister on ordinary host memory (about the input's size: ``host_capacity``). Without CUDA (the tests) the
-"host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
+Page-locked either by PyTorch's pinned allocator (a power of two per buffer) or, with ``memory.pinned_buffers:
+"registered"``, by cudaHostRegister on ordinary host memory (about the input's size: ``host_capacity``). Without
+CUDA (the tests) the "host" buffer is an ordinary CPU copy and copies are synchronous: the mechanics are the same.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ REGISTERED_GRANULES = 16  # granule = power of two / 16: the request is over hal
 _MIB = 1 << 20
 
 
-def _pow2_ceil(n: int) -> int:
+def pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -74,9 +73,9 @@ def host_capacity(nbytes: int, kind: str) -> int:
     kept rows, which vary by a few blocks from step to step, still mostly fit an earlier step's buffer. pageable:
     exact."""
     if kind == "pinned":
-        return _pow2_ceil(nbytes)
+        return pow2_ceil(nbytes)
     if kind == "registered":
-        granule = max(2 * _MIB, _pow2_ceil(nbytes) // REGISTERED_GRANULES)
+        granule = max(2 * _MIB, pow2_ceil(nbytes) // REGISTERED_GRANULES)
         return -(-nbytes // granule) * granule
     return nbytes
 

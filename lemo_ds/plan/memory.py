@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lemo_ds.memory.offload import host_capacity
+from lemo_ds.memory.offload import host_capacity, pow2_ceil
 
 GIB = 1 << 30
 
@@ -166,10 +166,6 @@ def kept_rows(seq: int, ratio: float, block_size: int) -> int:
     return min(seq, max(1, round(ratio * blocks)) * block_size)
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def layer_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
     """One decoder layer's recompute + backward working set at ``rows`` tokens (see the module docstring)."""
     h, i, b = shape.hidden, shape.intermediate, setup.dtype_bytes
@@ -188,7 +184,7 @@ def loss_bytes(shape: Shape, setup: Setup, s: int) -> int:
     h, v, b = shape.hidden, shape.vocab, setup.dtype_bytes
     if not setup.segment_loss:
         return s * v * (b + 12)
-    chunk = min(s, _pow2_ceil(math.ceil(s / math.ceil(v / h)))) if setup.liger_loss else min(s, setup.segment_tokens)
+    chunk = min(s, pow2_ceil(math.ceil(s / math.ceil(v / h)))) if setup.liger_loss else min(s, setup.segment_tokens)
     return chunk * v * 8 + s * h * b
 
 
