@@ -196,6 +196,26 @@ def test_resident_checkpoints_put_spare_device_memory_to_use_where_the_host_is_s
     assert result.section({})["memory"] == {"pinned_buffers": "registered", "resident_checkpoints": 4}
 
 
+@pytest.mark.parametrize("config", ["zero2_lemo.json", "zero3_lemo.json"])
+def test_every_plan_is_a_config_the_section_accepts(config):
+    """Over lengths, device and host sizes, every plan that fits pastes as a valid "lemo" section: the offload settings
+    (registered buffers, resident layers) never stay in a plan whose offload the fit turned out not to need (with
+    zero2_lemo.json, which has no offload, 128K on 60 GiB and a 10 GiB host: the tiled MLP and keep 0.1)."""
+    from lemo_ds.config import parse_lemo_config
+
+    raw = json.loads((REPO / "ds_configs" / config).read_text())["lemo"]
+    section, ds_config = split_ds_config(load_ds_config(REPO / "ds_configs" / config))
+    found = 0
+    for seq in (65536, 131072, 262144, 655360):
+        for gpu_gib, host_gib in ((40, 8), (60, 10), (80, 16), (80, 128), (139, 128)):
+            shape, setup = job.job_setup(preset_config("llama-3-8b"), ds_config, section, seq_len=seq, lora_r=8)
+            result = search.plan(shape, setup, gpu_gib * GIB, host_gib * GIB)
+            if result.applied and result.found:
+                found += 1
+                parse_lemo_config(result.section(raw))  # raises LemoConfigError on an invalid combination
+    assert found >= 5
+
+
 @pytest.mark.parametrize("text,value", [("80GiB", 80 * GIB), ("128GB", 128 * 10**9), ("1MiB", MIB), ("512", 512)])
 def test_parse_bytes(text, value):
     assert search.parse_bytes(text) == value

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, fits, predict
 
 RESIDENT_STEPS = (1, 2, 4, 8, 16)  # memory.resident_checkpoints values the search tries, in order
+OFFLOAD_SETTINGS = ("memory.pinned_buffers", "memory.resident_checkpoints")  # only apply with offload_checkpoints
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _TOKENS = re.compile(r"^\s*(\d+)\s*([KM]?)\s*$", re.IGNORECASE)
@@ -171,6 +172,8 @@ def _needed(shape: Shape, setup: Setup, applied: list[Change], gpu_mem: int, hos
         without = [c for c in needed if c is not change]
         if fits(predict(shape, _apply(setup, without)), gpu_mem, host_mem, setup.device):
             needed = without
+    if not _apply(setup, needed).offload_checkpoints:  # the offload settings do nothing (and are refused) without it
+        needed = [c for c in needed if not any(key in OFFLOAD_SETTINGS for key in c.section)]
     return needed
 
 
