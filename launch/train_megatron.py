@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lemo_ds.atomic_io import write_text_atomic  # noqa: E402
 from lemo_ds.config import LEMO_KEY, LemoConfig, load_ds_config, parse_lemo_config  # noqa: E402
-from lemo_ds.errors import LemoError  # noqa: E402
+from lemo_ds.errors import LemoError, error_line  # noqa: E402
 from lemo_ds.training import data, launch_env  # noqa: E402
 from lemo_ds.training.errors import TrainingSetupError  # noqa: E402
 from lemo_ds.training.tokenizer import ByteTokenizer  # noqa: E402
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = ByteTokenizer()
         data.check_corpus(files, tokenizer, args.seq_len, args.data)
     except (LemoError, TrainingSetupError) as error:
-        print(f"lemo_ds: error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr, flush=True)
         return 2
 
     # Megatron-core is imported only now: it takes seconds, and bad flags should not wait for it.

@@ -15,3 +15,12 @@ class LemoInputError(LemoError, ValueError):
 
 class UnsupportedModelError(LemoError, TypeError):
     """A model family without an injection policy."""
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a launcher prints for a stop: "lemo_ds: error: " and the message with its lines joined (after a
+    line ending in ":" with a space, else with "; "), so that a log shows each stop as one line per rank."""
+    message = ""
+    for line in filter(None, (part.strip() for part in str(error).splitlines())):
+        message += line if not message else (" " if message.endswith(":") else "; ") + line
+    return f"lemo_ds: error: {message}"

@@ -541,3 +541,14 @@ def test_zero3_keeps_peft_float32_adapters_unless_add_lora_casts_them():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found == {"None": ["float32", "float32", True], "bfloat16": ["bfloat16", "float32", True]}, found
+
+
+def test_every_launcher_prints_a_stop_as_one_line():
+    """lemo_ds.errors.error_line, which launch/train.py, train_hf.py, train_megatron.py and train_predictor.py print:
+    a message of several lines (a config error lists its keys) becomes one line per rank in a log."""
+    from lemo_ds.errors import LemoConfigError, error_line
+
+    error = LemoConfigError("lemo.memory: two problems:\n  resident_checkpoints 2 needs offload\n\n  and more")
+    assert error_line(error) == (
+        "lemo_ds: error: lemo.memory: two problems: resident_checkpoints 2 needs offload; and more"
+    )
