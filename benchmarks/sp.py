@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import results  # noqa: E402
+from lemo_ds.training import launch_env  # noqa: E402
 
 VARIANT_NAMES = {"dense-stack": "dense+ckpt+stack", "lemo-stack": "lemo-oracle+ckpt+stack"}
 OOM_EXIT = 3
@@ -123,13 +124,7 @@ def measure(args: argparse.Namespace) -> int:
     from lemo_ds import get_controller, sequence_parallel
 
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:  # one process without a launcher
-        import socket
-
-        with socket.socket() as sock:  # a free port: one-GPU probes run side by side
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    launch_env.default_single_process_env()  # one process without a launcher: a world of one on a free port
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != args.sp:
@@ -309,7 +304,7 @@ def maxctx(args: argparse.Namespace) -> int:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if args.sp == 1 and slot:
                 env["CUDA_VISIBLE_DEVICES"] = slot[0]
-            command = _launch_command(args, seq, slot if args.sp > 1 else [], folder, 29600 + seq % 300 + len(running))
+            command = _launch_command(args, seq, slot if args.sp > 1 else [], folder, launch_env.free_port())
             log = open(Path(folder) / "log.txt", "w")  # noqa: SIM115 - closed when the probe ends
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             running.append({"seq": seq, "slot": slot, "process": process, "folder": folder, "log": log,
