@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         writer = writes_files(trainer)
         if not args.no_save:
-            save_final(trainer, Path(args.output_dir) / "final", writer)
+            save_final(trainer, Path(args.output_dir) / "final", writer, every_rank_saves=dataset.own_shard)
         if writer:
             write_metrics(trainer, Path(args.output_dir) / "metrics.jsonl", source.config.num_hidden_layers)
     except LemoError as error:
@@ -175,11 +175,12 @@ def writes_files(trainer: Any) -> bool:
     return trainer.is_world_process_zero()
 
 
-def save_final(trainer: Any, final: Path, writer: bool) -> None:
+def save_final(trainer: Any, final: Path, writer: bool, every_rank_saves: bool) -> None:
     """The trained model (or adapter) in Hugging Face format, written by global rank 0 only. Every rank calls
     save_model (under ZeRO-3 it gathers the partitioned weights, a collective); where the Trainer would let every
-    CPU rank write, the other ranks write into a temporary folder that is then removed."""
-    if writer or trainer.accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1")):
+    rank write (``every_rank_saves``: accelerate runs each CPU rank as one process, PackedRows.own_shard), the other
+    ranks write into a temporary folder that is then removed."""
+    if writer or not every_rank_saves:
         trainer.save_model(str(final))
         return
     with tempfile.TemporaryDirectory(prefix="lemo_final_unused_") as unused:

@@ -104,8 +104,7 @@ def apply_lemo(
     skip_needless_fetch_syncs()  # ZeRO-3 on one rank: no stream sync per module fetch, see zero_fetch.py
     offloader = None
     if memory.offload_checkpoints:
-        pinned_kind = "registered" if memory.pinned_buffers == "registered" else "pinned"
-        offloader = CheckpointOffloader(generation=lambda: controller.micro_step, pinned_kind=pinned_kind,
+        offloader = CheckpointOffloader(generation=lambda: controller.micro_step, pinned_kind=memory.pinned_buffers,
                                         resident=memory.resident_checkpoints)  # fmt: skip
     layer_memory = LayerMemory(memory.compact_saves, offloader) if memory.compact_saves or offloader else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):

@@ -482,13 +482,13 @@ MIB = 1 << 20
 @pytest.mark.parametrize("nbytes", [1, 4096, 2 * MIB - 1, 2 * MIB + 1, 409_600_000, 4 << 30, (4 << 30) + 1,
                                     5_368_709_120, 6_710_886_400])  # fmt: skip
 def test_host_capacity_of_each_kind(nbytes):
-    """pinned: the power of two PyTorch's host allocator takes; registered: rounded up to a sixteenth of that power of
-    two, at least 2 MiB, so under 1/8 over the request beyond 16 MiB; pageable: exact. The planner counts these
-    (lemo_ds/plan/memory.py)."""
+    """power_of_two: the power of two PyTorch's host allocator takes; registered: rounded up to a sixteenth of that
+    power of two, at least 2 MiB, so under 1/8 over the request beyond 16 MiB; pageable: exact. The planner counts
+    these (lemo_ds/plan/memory.py)."""
     from lemo_ds.memory.offload import host_capacity
 
     pow2 = 1 << (nbytes - 1).bit_length()
-    assert host_capacity(nbytes, "pinned") == pow2 >= nbytes
+    assert host_capacity(nbytes, "power_of_two") == pow2 >= nbytes
     assert host_capacity(nbytes, "pageable") == nbytes
     registered = host_capacity(nbytes, "registered")
     granule = max(2 * MIB, pow2 // 16)
@@ -518,7 +518,7 @@ def test_registered_pinned_buffers_offload_like_the_pinned_ones(how):
         for _ in range(2):
             result = loss_and_grads(converted, ids, labels)
         results.append(result)
-        buffers = offloader.pool.free["registered" if kind == "registered" else "pinned"]
+        buffers = offloader.pool.free[kind]
         assert buffers and all(b.is_pinned() for b in buffers)
         if kind == "registered":
             sizes = [shape.numel() * 2 for e in offloader.entries for shape in e.shapes]  # bf16 layer inputs

@@ -52,10 +52,11 @@ class _Alias(torch.autograd.Function):
         return grad
 
 
-# Kinds of host buffer: "pageable" (CPU runs: the copies are synchronous), "pinned" (PyTorch's caching host allocator,
-# which rounds every block up to a power of two), "registered" (ordinary host memory page-locked by cudaHostRegister,
-# sized by host_capacity: under 1/8 over the request beyond 16 MiB).
-HOST_KINDS = ("pageable", "pinned", "registered")
+# Kinds of host buffer: "pageable" (CPU runs: the copies are synchronous), and the two of memory.pinned_buffers (the
+# config's values are these names): "power_of_two" (PyTorch's caching host allocator, which rounds every block up to a
+# power of two), "registered" (ordinary host memory page-locked by cudaHostRegister, sized by host_capacity: under 1/8
+# over the request beyond 16 MiB).
+HOST_KINDS = ("pageable", "power_of_two", "registered")
 REGISTERED_GRANULES = 16  # granule = power of two / 16: the request is over half of it, so the waste is under 1/8
 _MIB = 1 << 20
 
@@ -67,12 +68,12 @@ def pow2_ceil(n: int) -> int:
 def host_capacity(nbytes: int, kind: str) -> int:
     """Bytes a host buffer of ``kind`` takes for a request of ``nbytes`` (the planner counts the same).
 
-    pinned: the power of two PyTorch's caching host allocator gives (its ``pinned_max_round_threshold`` is unlimited
-    by default): a dense layer's 4.0 GiB input at 512K takes 4 GiB, at 520K 8 GiB. registered: rounded up to a
+    power_of_two: the power of two PyTorch's caching host allocator gives (its ``pinned_max_round_threshold`` is
+    unlimited by default): a dense layer's 4.0 GiB input at 512K takes 4 GiB, at 520K 8 GiB. registered: rounded up to a
     sixteenth of that power of two (at least 2 MiB), under 1/8 over the request beyond 16 MiB, so a sparse layer's
     kept rows, which vary by a few blocks from step to step, still mostly fit an earlier step's buffer. pageable:
     exact."""
-    if kind == "pinned":
+    if kind == "power_of_two":
         return pow2_ceil(nbytes)
     if kind == "registered":
         granule = max(2 * _MIB, pow2_ceil(nbytes) // REGISTERED_GRANULES)
@@ -101,8 +102,8 @@ class HostPool:
     (``HOST_KINDS``; each buffer takes ``host_capacity`` bytes).
 
     ``acquire`` hands out the smallest free buffer of the kind that holds the request. Where none does, every free
-    buffer of that kind is smaller than the request: they are freed (pinned: and the host allocator's cache emptied;
-    registered: unregistered) before a new one is allocated. So the pool never holds more buffers than the most
+    buffer of that kind is smaller than the request: they are freed (power_of_two: and the host allocator's cache
+    emptied; registered: unregistered) before a new one is allocated. So the pool never holds more buffers than the most
     inputs offloaded at once, each within its kind's rounding of the largest input it was made for, whatever the
     shapes do from step to step (a sparse layer's kept rows change in number from step to step on packed rows)."""
 
@@ -121,13 +122,13 @@ class HostPool:
                 for buffer in free:
                     _unregister(buffer)
             free.clear()
-            if kind == "pinned" and hasattr(torch._C, "_host_emptyCache"):
+            if kind == "power_of_two" and hasattr(torch._C, "_host_emptyCache"):
                 torch._C._host_emptyCache()  # the allocator caches freed pinned blocks: give them back
         capacity = host_capacity(nbytes, kind)
         self.allocated_bytes += capacity
         if kind == "registered":
             return _registered_empty(capacity)
-        return torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=kind == "pinned")
+        return torch.empty(capacity, dtype=torch.uint8, device="cpu", pin_memory=kind == "power_of_two")
 
     def release(self, buffer: torch.Tensor, kind: str) -> None:
         self.free[kind].append(buffer)
@@ -155,12 +156,12 @@ _SHARED_POOL = HostPool()
 class CheckpointOffloader:
     """One per model. ``generation``: a callable giving the model's forward counter (a new forward starts a new list
     of entries, so prefetch follows the current micro-batch). ``pinned_kind``: the host buffers of CUDA data,
-    "pinned" or "registered" (``host_capacity``; the config's ``memory.pinned_buffers``). ``resident``: the first
+    the config's ``memory.pinned_buffers``, "power_of_two" or "registered" (``host_capacity``). ``resident``: the first
     that many checkpointed calls of each forward (the first decoder layers) keep their inputs on the device
     (``memory.resident_checkpoints``)."""
 
     generation: Callable[[], int] = lambda: 0
-    pinned_kind: str = "pinned"
+    pinned_kind: str = "power_of_two"
     resident: int = 0
     entries: list[_Entry] = field(default_factory=list)
     pool: HostPool = field(default_factory=lambda: _SHARED_POOL)

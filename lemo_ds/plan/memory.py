@@ -218,8 +218,7 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
         stored = sum(n * shape.hidden * b for n in on_device)
         stored_name = "stored inputs resident and in flight" if resident else "stored inputs in flight (offloaded)"
         if setup.device == "cuda":
-            kind = "registered" if setup.pinned_buffers == "registered" else "pinned"
-            host_offload = sum(host_capacity(n * shape.hidden * b, kind) for n in offloaded)
+            host_offload = sum(host_capacity(n * shape.hidden * b, setup.pinned_buffers) for n in offloaded)
         else:  # no pinned memory: the host copies live in the same RAM
             host_offload = sum(n * shape.hidden * b for n in offloaded)
     else:
