@@ -98,7 +98,8 @@ class LemoMemoryConfig(_LemoSection):
     rounds each buffer up to a power of two (a dense layer's input of 4.1 GiB takes 8 GiB): where the host runs
     out first, the offload stops at a power-of-two boundary of the length. ``registered``: ordinary host memory
     page-locked with cudaHostRegister, each buffer under 1/8 over the input (at least 2 MiB), for lengths where
-    host memory sets the limit. Not measured on a GPU yet, so not the default."""
+    host memory sets the limit. Not the default: its one GPU test run so far failed (a page registered twice),
+    and the fix has not run on a GPU yet."""
 
     resident_checkpoints: int = Field(0, ge=0)
     """With offload_checkpoints: the stored inputs of the first this many checkpointed decoder layers of each forward

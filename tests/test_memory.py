@@ -526,6 +526,31 @@ def test_registered_pinned_buffers_offload_like_the_pinned_ones(how):
     assert_identical(results[1], results[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA: page-locking by cudaHostRegister")
+def test_registered_buffers_are_unregistered_when_freed_and_can_be_registered_again():
+    """A registered buffer is unregistered when its pool replaces it and when its pool is dropped, so that memory
+    mapped again at the same address registers again (cudaHostRegister refused a range still registered: error 712,
+    the first time this path ran on an H100)."""
+    import gc
+
+    from lemo_ds.memory import offload
+
+    for _ in range(3):
+        pool = offload.HostPool()
+        small = pool.acquire(3 * MIB, "registered")
+        assert small.is_pinned() and small.data_ptr() % 4096 == 0 and small.numel() == 4 * MIB
+        pool.release(small, "registered")
+        del small
+        large = pool.acquire(40 * MIB, "registered")  # frees the smaller free buffer first: unregistered then
+        assert large.is_pinned() and len(offload._REGISTRATIONS) == 1
+        large.fill_(7)
+        assert torch.equal(large.to("cuda", non_blocking=True).cpu(), large)
+        pool.release(large, "registered")
+        del pool, large
+        gc.collect()
+        assert not offload._REGISTRATIONS  # the dropped pool's buffer: unregistered with its memory
+
+
 @pytest.mark.parametrize("how", ["non-reentrant", "reentrant"])
 def test_resident_checkpoints_keep_the_first_layers_inputs_and_offload_the_rest(how):
     """memory.resident_checkpoints 2 on a 4-layer model: each forward offloads the inputs of layers 2 and 3 only (two

@@ -28,6 +28,8 @@ CUDA (the tests) the "host" buffer is an ordinary CPU copy and copies are synchr
 
 from __future__ import annotations
 
+import mmap
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,19 +83,48 @@ def host_capacity(nbytes: int, kind: str) -> int:
     return nbytes
 
 
+# cudaHostRegister's errors a user can act on (the rest are reported by number).
+_REGISTER_ERRORS = {
+    2: "out of memory: the host's memory or its locked-memory limit (ulimit -l) is spent",
+    712: "part of the range is registered already",
+}
+_REGISTRATIONS: dict[int, weakref.finalize] = {}  # address -> unregistering that buffer, run at most once
+
+
 def _registered_empty(nbytes: int) -> torch.Tensor:
-    buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
-    error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
-    if int(error) != 0:
-        raise RuntimeError(f"lemo_ds: cudaHostRegister of {nbytes / (1 << 30):.2f} GiB of host memory failed (CUDA "
-                           f"error {int(error)}): the host's memory or its locked-memory limit (ulimit -l) is spent")
+    """A flat uint8 host buffer of ``nbytes`` (a multiple of the page size), page-locked by cudaHostRegister.
+
+    The memory is an anonymous mapping of its own, not the CPU allocator's: a malloc'd block can share a page with
+    another block, and registering a page twice fails (error 712). The buffer is unregistered when the pool frees it
+    (``_unregister``) or, failing that, when its memory is collected: a range freed while still registered and later
+    mapped again at the same address fails the same way (seen on an H100 the first time this path ran)."""
+    memory = mmap.mmap(-1, nbytes)
+    buffer = torch.frombuffer(memory, dtype=torch.uint8)  # [nbytes]; holds `memory`
+    address = buffer.data_ptr()
+    error = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+    if error:
+        reason = _REGISTER_ERRORS.get(error, "see the CUDA runtime's error codes")
+        raise RuntimeError(f"lemo_ds: cudaHostRegister of {nbytes / _MIB:.0f} MiB of host memory failed (CUDA error "
+                           f"{error}: {reason}); memory.pinned_buffers \"power_of_two\" uses PyTorch's pinned "
+                           "allocator instead")
+    finalizer = weakref.finalize(memory, _unregister_address, address)
+    finalizer.atexit = False  # at exit the CUDA context goes with the process
+    _REGISTRATIONS[address] = finalizer
     return buffer
 
 
-def _unregister(buffer: torch.Tensor) -> None:
+def _unregister_address(address: int) -> None:
+    _REGISTRATIONS.pop(address, None)
     # A copy from it may still be in flight on a stream: page-locking ends only once the device is done with it.
     torch.cuda.synchronize()
-    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    """Unregister a buffer of ``_registered_empty`` now, before its memory is unmapped."""
+    finalizer = _REGISTRATIONS.get(buffer.data_ptr())
+    if finalizer is not None:
+        finalizer()
 
 
 @dataclass(eq=False)
