@@ -173,28 +173,42 @@ def run_case(command: list[str], timeout: float, rows: list[dict]) -> dict:
         stdout, stderr = process.communicate()
         # What the job printed before the cut says where it was (loading, calibrating, which step).
         output = stdout + stderr
-        return {"status": "timeout", "wall_s": time.perf_counter() - started, "job_lines": job_lines(output),
-                "tail": output[-3000:]}  # fmt: skip
+        record = {"wall_s": time.perf_counter() - started, "job_lines": job_lines(output), "tail": output[-3000:]}
+        if finished(out):  # cut while exiting (freeing tens of GiB of pinned host memory takes a while): it trained
+            return {**record, **finished_record(out, rows), "cut_while_exiting": True}
+        return {**record, "status": "timeout"}
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     record = {"wall_s": time.perf_counter() - started, "exit": result.returncode}
     record["job_lines"] = job_lines(result.stdout + result.stderr)
-    summary = out / "summary.json"
-    if result.returncode == 0 and summary.exists():
-        record["status"] = "ok"
-        record["summary"] = json.loads(summary.read_text())
-        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        timed = [(s["step_time_s"], rows[s["step"] - 1]) for s in steps[1:] if s["step"] <= len(rows)]
-        record["steps"] = [{"step": s["step"], "step_time_s": s["step_time_s"], **rows[s["step"] - 1]}
-                           for s in steps if s["step"] <= len(rows)]  # fmt: skip
-        if timed:
-            record["s_per_step"] = statistics.median(t for t, _ in timed)
-            record["tflops_per_s"] = statistics.median(row["flops"] / t / 1e12 for t, row in timed)
-            record["timed_steps"] = len(timed)
-        record["peak_gib"] = record["summary"]["peak_mem_bytes"] / GIB
+    if result.returncode == 0 and finished(out):
+        record.update(finished_record(out, rows))
     else:
         tail = (result.stdout + result.stderr)[-3000:]
         record["status"] = failure_status(result.returncode, tail)
         record["tail"] = tail
+    return record
+
+
+def finished(out: Path) -> bool:
+    """The job in ``out`` trained all its steps: summary.json is written then (launch/train.py's says "status":
+    "done", or "stopped" at a stop; hf_liger_job.py writes one only at the end)."""
+    summary = out / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status", "done") == "done"
+
+
+def finished_record(out: Path, rows: list[dict]) -> dict:
+    """A finished job's figures: its summary, its steps beside their rows' figures, the median over the steps after
+    the first (s/step, TFLOP/s) and its peak."""
+    record = {"status": "ok", "summary": json.loads((out / "summary.json").read_text())}
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [(s["step_time_s"], rows[s["step"] - 1]) for s in steps[1:] if s["step"] <= len(rows)]
+    record["steps"] = [{"step": s["step"], "step_time_s": s["step_time_s"], **rows[s["step"] - 1]}
+                       for s in steps if s["step"] <= len(rows)]  # fmt: skip
+    if timed:
+        record["s_per_step"] = statistics.median(t for t, _ in timed)
+        record["tflops_per_s"] = statistics.median(row["flops"] / t / 1e12 for t, row in timed)
+        record["timed_steps"] = len(timed)
+    record["peak_gib"] = record["summary"]["peak_mem_bytes"] / GIB
     return record
 
 
@@ -279,6 +293,8 @@ def probe_case(config: str, model: str, data: str | None, seq: int, steps: int, 
         probe["peak_allocated_gib"] = round(case["peak_gib"], 3)
         probe.update({key: case[key] for key in ("s_per_step", "tflops_per_s", "timed_steps") if key in case})
         probe.update(steps=case["steps"], summary=case["summary"])
+        if case.get("cut_while_exiting"):
+            probe["cut_while_exiting"] = True
     else:
         probe.update(exit=case.get("exit"), error=case["tail"])
         if case["status"] == "timeout":
