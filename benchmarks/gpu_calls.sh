@@ -10,20 +10,23 @@
 #   onedoc128k     issue 29: 128K one-document rows, hf-liger then the main job (~520 s: a hf-liger step is ~45 s)
 #   maxctx-lemo    issue 31: the main job with memory.tiled_mlp at 512K on packed rows, then one-document rows
 #   maxctx-dense   issue 31: hf-liger-offload (ALST's single-GPU stack) from 256K on packed rows, bisected
+#   h100-384k-dense issue 31, after maxctx-lemo (512K out of device memory on an H100, 256K fits): the main job with
+#                  the tiled MLP at 384K on packed rows, then a shorter maxctx-dense
 #   attention64k   issue 30: "eliminate": "attention" against "layer" and hf-liger, 64K one-document rows
-#   registered640k issue 31: the offload tests on CUDA (registered pinned buffers included), then the main job with
-#                  the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows (the planner: 69.1 GiB
-#                  device, 118 GiB host; with power-of-two buffers the host runs out past 512K)
-#   h200-800k      issue 31, on an H200 (141 GB): the offload tests on CUDA, then the main job at 800K on packed rows
-#                  with the tiled MLP, registered buffers and the first 4 layers' inputs resident (the planner:
-#                  107.3 GiB device, 124 GiB host)
+#   registered640k issue 31, on an H200 (141 GB): the offload tests on CUDA (registered pinned buffers included),
+#                  then the main job with the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows
+#                  (the planner: 105.5 GiB device, 118 GiB host; with power-of-two buffers the host runs out)
+#   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
+#   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
+#                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
+#                  harness's tiled path keeps 3), benchmarks/profile_job.py --memory-peak
 #
 # The main job's configs here are ds_configs/zero3_lemo.json with predictor.calibration_batches 1 (and the change
 # the call names): calibration runs before step 1 and fixes the keep ratios, so the timed steps are the shipped
 # config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|attention64k|registered640k|h200-800k"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|registered640k|onedoc384k|memory256k"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -69,8 +72,8 @@ product_path() {
     if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then  # tests: the configs are written, the commands only printed
         printf '%q ' "${command[@]}"
         echo
-    else
-        "${command[@]}"
+    else  # exit 3 = a search cut by its budget: its JSON is written, and the call's next searches still run
+        "${command[@]}" || echo "gpu_calls.sh: product_path exited $?"
     fi
 }
 
@@ -99,6 +102,13 @@ case "$name" in
         product_path --maxctx --config hf-liger-offload --rows packed --start 262144 --max-seq 1048576 \
             --granularity 16384 --case-timeout 200 --budget-s 560
         ;;
+    h100-384k-dense)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        product_path --maxctx --config "$lemo" --rows packed --start 393216 --max-seq 393216 --granularity 16384 \
+            --case-timeout 200 --budget-s 200
+        product_path --maxctx --config hf-liger-offload --rows packed --start 262144 --max-seq 1048576 \
+            --granularity 16384 --case-timeout 200 --budget-s 300
+        ;;
     attention64k)
         attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
         layer=$(derive zero3_lemo-calibration1)
@@ -110,12 +120,22 @@ case "$name" in
         product_path --maxctx --config "$lemo" --rows packed --start 655360 --max-seq 655360 --granularity 16384 \
             --case-timeout 420 --budget-s 430
         ;;
-    h200-800k)
-        offload_tests
-        lemo=$(derive zero3_lemo-800k-calibration1 memory.tiled_mlp=true 'memory.pinned_buffers="registered"' \
-            memory.resident_checkpoints=4)
-        product_path --maxctx --config "$lemo" --rows packed --start 819200 --max-seq 819200 --granularity 16384 \
-            --case-timeout 440 --budget-s 450
+    onedoc384k)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        product_path --maxctx --config "$lemo" --rows one-doc --start 393216 --max-seq 393216 --granularity 16384 \
+            --case-timeout 420 --budget-s 430
+        ;;
+    memory256k)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        rows="$OUT/packed-rows.jsonl"  # a dry run prints this; a run writes product_path's packed rows (4 KB documents)
+        if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
+            rows=$(python3 -c "import sys; from pathlib import Path; from benchmarks.product_path import prepare_rows
+print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$(mktemp -d)" | tail -1)
+        fi
+        command=(deepspeed --num_gpus 1 benchmarks/profile_job.py --memory-peak --skip 1 --profile-out "$OUT"
+                 --profile-tag zero3_lemo-tiled-256k --deepspeed "$lemo" --model llama-3-8b --seq-len 262144
+                 --max-steps 2 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
+        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else "${command[@]}" | tail -40; fi
         ;;
     *)
         echo "gpu_calls.sh: unknown call '$name'" >&2

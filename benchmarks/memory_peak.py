@@ -87,7 +87,18 @@ def profile(step: TrainingStep, variant, device: torch.device, depth: int, top: 
         snapshot = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    trace = snapshot["device_traces"][device.index or 0]
+    return {
+        "variant": variant.name,
+        "loss": outcome.loss,
+        "step_s": outcome.seconds,
+        "peak_allocated_gib": outcome.peak_allocated / GIB,
+        **alive_at_peak(snapshot["device_traces"][device.index or 0], before, depth, top),
+    }
+
+
+def alive_at_peak(trace: list[dict], before: int, depth: int, top: int) -> dict:
+    """The replayed peak of a recorded step (``before``: bytes allocated when recording began) and what was alive
+    then, grouped by ``frame_key`` (the ``top`` largest groups, the rest summed)."""
     peak, live = replay(trace)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for event in live.values():
@@ -96,10 +107,6 @@ def profile(step: TrainingStep, variant, device: torch.device, depth: int, top: 
         group[1] += 1
     ranked = sorted(groups.items(), key=lambda item: -item[1][0])
     return {
-        "variant": variant.name,
-        "loss": outcome.loss,
-        "step_s": outcome.seconds,
-        "peak_allocated_gib": outcome.peak_allocated / GIB,
         "allocated_before_step_gib": before / GIB,
         "replayed_peak_gib": (before + peak) / GIB,
         "trace_events": len(trace),

@@ -11,6 +11,11 @@ Same flags as launch/train.py (run it with ``deepspeed --num_gpus 1 benchmarks/p
 A GPU busy far less than the wall time points at the host (Python hooks, synchronisations); the operator tables
 say which.
 
+``--memory-peak`` (CUDA) records the CUDA allocator's trace over step ``--skip + 1`` instead and writes
+``memory-peak-<tag>.json``: that step's peak and the allocations alive at it, grouped by the code that made them
+(benchmarks/memory_peak.py's replay, here on the main job's own path rather than the harness's), also printed as a
+Markdown table.
+
 ``--calibration`` profiles the predictors' calibration before training instead (scorer "predictor"): the same two
 files under the tag ``<tag>-calibration``, plus ``phases-<tag>-calibration.json``: the wall time of the oracle labels
 and of the predictor updates (each timed between two device synchronisations), the rest being the frozen model's
@@ -88,14 +93,72 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--skip", type=int, default=2, help="steps before the profiled ones")
     extra.add_argument("--active", type=int, default=2, help="profiled steps")
     extra.add_argument("--calibration", action="store_true", help="profile the predictors' calibration, not steps")
+    extra.add_argument("--memory-peak", action="store_true",
+                       help="what is alive at step --skip + 1's peak of device memory, not a time profile (CUDA)")
+    extra.add_argument("--depth", type=int, default=3, help="--memory-peak: frames per group")
+    extra.add_argument("--top", type=int, default=30, help="--memory-peak: groups listed")
     ours, rest = extra.parse_known_args(argv)
     if ours.calibration:
         return profile_calibration(ours, rest)
+    if ours.memory_peak:
+        if not torch.cuda.is_available():
+            raise SystemExit("profile_job.py --memory-peak needs CUDA: it reads the CUDA caching allocator's trace")
+        if ours.skip < 1:
+            raise SystemExit("profile_job.py --memory-peak: --skip must be at least 1 (a first step makes the buffers)")
     args = parse_job_args(rest)
     out = Path(ours.profile_out)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        if ours.memory_peak:
+            return memory_peak_step(args, ours, rest, out, stack)
         return profile_steps(args, ours, rest, out, stack)
+
+
+def memory_peak_step(args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:
+    """Record the allocator's trace from the end of step ``skip`` to the end of step ``skip + 1`` (forward, loss,
+    backward, optimizer step), replay it and write what was alive at its peak."""
+    from benchmarks.memory_peak import alive_at_peak
+    from lemo_ds.training.loop import train
+    from lemo_ds.training.runtime import close
+
+    if args.max_steps < ours.skip + 1:
+        raise SystemExit(f"profile_job.py --memory-peak: --max-steps {args.max_steps} ends before the recorded step "
+                         f"{ours.skip + 1}; give --max-steps {ours.skip + 1} or more")  # fmt: skip
+    job, rt = start_job(args, stack)
+    device = torch.device("cuda", torch.cuda.current_device())
+    state = {"steps": 0}
+    original_step = rt.engine.step
+
+    def step(*a, **k):
+        result = original_step(*a, **k)
+        state["steps"] += 1
+        if state["steps"] == ours.skip:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            state["before"] = torch.cuda.memory_allocated(device)
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+        elif state["steps"] == ours.skip + 1:
+            torch.cuda.synchronize(device)
+            state["snapshot"] = torch.cuda.memory._snapshot()
+            state["peak"] = torch.cuda.max_memory_allocated(device)
+            torch.cuda.memory._record_memory_history(enabled=None)
+        return result
+
+    rt.engine.step = step
+    train(job, rt)
+    trace = state["snapshot"]["device_traces"][device.index or 0]
+    record = {"tag": ours.profile_tag, "argv": rest, "recorded_step": ours.skip + 1,
+              "peak_allocated_gib": state["peak"] / 2**30,
+              **alive_at_peak(trace, state["before"], ours.depth, ours.top)}  # fmt: skip
+    (out / f"memory-peak-{ours.profile_tag}.json").write_text(json.dumps(record, indent=1))
+    lines = [f"step {record['recorded_step']}: peak {record['peak_allocated_gib']:.2f} GiB (replayed "
+             f"{record['replayed_peak_gib']:.2f}; {record['allocated_before_step_gib']:.2f} before the step)", "",
+             "| GiB | allocations | made at (innermost first) |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {g['gib']:.2f} | {g['count']} | `{g['where']}` |" for g in record["alive_at_peak"]]
+    lines.append(f"| {record['alive_at_peak_other_gib']:.2f} | | the rest |")
+    print("\n".join(lines))
+    close(rt)
+    return 0
 
 
 def profile_steps(args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:

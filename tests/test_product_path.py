@@ -97,6 +97,34 @@ def test_a_case_cut_by_its_timeout_keeps_what_the_job_printed(tmp_path):
     assert record["job_lines"] == ["lemo_ds: predictors: calibrating"]
 
 
+def test_a_case_cut_while_exiting_after_its_last_step_counts_as_finished(tmp_path):
+    """A job that wrote its summary and then outlived the timeout while exiting (a long context's teardown frees tens
+    of GiB of pinned host memory) trained: its figures are kept, flagged, and a max-context probe counts it a fit."""
+    script = (
+        "import json, pathlib, sys, time; out = pathlib.Path(sys.argv[2]); "
+        "out.joinpath('metrics.jsonl').write_text(''.join(json.dumps({'step': i, 'step_time_s': 2.0 + i}) + '\\n' "
+        "for i in (1, 2, 3))); "
+        "out.joinpath('summary.json').write_text(json.dumps({'status': 'done', 'peak_mem_bytes': 3 << 30})); "
+        "print('lemo_ds: done: step 3', flush=True); time.sleep(60)"
+    )
+    rows = [{"flops": 1e12, "tokens": 8, "documents": 1}] * 3
+    record = product_path.run_case([sys.executable, "-c", script, "--output-dir", str(tmp_path)], 5, rows=rows)
+    assert (record["status"], record["cut_while_exiting"], record["peak_gib"]) == ("ok", True, 3.0)
+    assert record["s_per_step"] == 4.5 and record["timed_steps"] == 2
+    assert product_path.OUTCOMES[record["status"]] == "fit"
+    # a summary that says the job stopped early is no finish
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "stopped", "peak_mem_bytes": 1}))
+    assert not product_path.finished(tmp_path)
+
+
+def test_profile_job_memory_peak_refuses_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_job.py"), "--memory-peak",
+                             "--seq-len", "256"], capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert result.returncode != 0 and "--memory-peak needs CUDA" in result.stderr
+
+
 def test_a_case_killed_by_sigkill_fails_its_length_as_out_of_memory(tmp_path):
     """The kernel's OOM killer ends a job whose host memory ran out with SIGKILL: a max-context probe then fails that
     length (outcome "oom") instead of stopping the search as a crash. Here the process kills itself the same way."""
@@ -188,7 +216,8 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "attention64k", "registered640k", "h200-800k"]
+    "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "registered640k",
+             "onedoc384k", "memory256k"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -201,6 +230,13 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_calls.sh"), call], capture_output=True, text=True,
                             timeout=60, cwd=REPO, env={**os.environ, "OUT": str(tmp_path), "GPU_CALLS_DRY_RUN": "1"})
     assert result.returncode == 0, result.stderr
+    if call == "memory256k":  # not a product_path search: profile_job.py --memory-peak on the derived config
+        (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "profile_job.py" in line]
+        steps, skip = (int(line[line.index(flag) + 1]) for flag in ("--max-steps", "--skip"))
+        assert "--memory-peak" in line and steps > skip
+        lemo, _ = split_ds_config(load_ds_config(line[line.index("--deepspeed") + 1]))
+        assert lemo.memory.tiled_mlp and lemo.predictor.calibration_batches == 1
+        return
     commands = [shlex.split(line) for line in result.stdout.splitlines() if "product_path.py" in line]
     assert commands
     for command in commands:
