@@ -4,15 +4,17 @@
 
 Every case below is a committed result file (read here, measured peak taken from it) and the configuration that
 case ran, written out by hand from the file's command, the config at the file's commit and the results README
-(the result files name configs by path only). The model's two fitted constants (A_H, CONSTANT_BYTES) are
-least-squares fits on the cases marked "fit"; lemo_ds/plan/memory.py holds copies of them (the planner does not
-read this file). Out-of-memory probes have no peak: the check is that the planner predicts they do not fit.
+(the result files name configs by path only). The model's fitted constants: A_H and CONSTANT_BYTES, a least-squares
+fit on the cases marked "fit", then TILED_FULL_LENGTH_H_FUSED on those marked "fit tiled"; lemo_ds/plan/memory.py
+holds copies of them (the planner does not read this file). Out-of-memory probes have no peak: the check is that
+the planner predicts they do not fit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +34,7 @@ H100_GIB, H200_GIB, H200_HOST_GIB = 79.18, 139.8, 125.0  # the result files' dev
 # lora_float32: peft's float32 adapters, which launch/train.py held under ZeRO-3 until 50ffd31 (and the harness, a
 # plain get_peft_model, holds); since 50ffd31 the main job's adapters are bf16.
 MAIN_JOB = dict(liger_loss=True, fused_ops=True, offload_checkpoints=True)  # zero3_lemo.json since 50ffd31
+MAIN_JOB_TILED = dict(MAIN_JOB, tiled_mlp=True)  # + memory.tiled_mlp (the max-context configs)
 MAIN_JOB_FLOAT32_LORA = dict(MAIN_JOB, lora_float32=True)  # zero3_lemo.json as of 2026-12-06, before 50ffd31
 MAIN_JOB_NO_OFFLOAD = dict(MAIN_JOB_FLOAT32_LORA, offload_checkpoints=False)
 BEFORE_FUSED = dict(liger_loss=True, fused_ops=False, offload_checkpoints=False, lora_float32=True)  # on 2026-12-02
@@ -64,6 +67,16 @@ def maxctx_probe(name: str, seq: int) -> float | None:
     return probe.get("peak_allocated_gib") if probe["outcome"] == "fit" else None
 
 
+def maxctx_probe_cut_while_exiting(name: str, seq: int) -> float:
+    """The peak of a probe that trained its steps (its "lemo_ds: done" line) but was cut by the call's budget while
+    exiting, before product_path read its summary (recorded "budget"; product_path now counts such a probe as a fit):
+    the last "cuda peak N GiB" of the job's progress bar, which the file keeps in the probe's error tail."""
+    searches = json.loads((RESULTS / name).read_text())["searches"]
+    probe = next(p for s in searches for p in s["probes"] if p["seq"] == seq)
+    assert any(line.startswith("lemo_ds: done:") for line in probe["job_lines"]), "the job did not finish"
+    return float(re.findall(r"cuda peak ([0-9.]+)GiB", probe["error"])[-1])
+
+
 def memory_long_peak(name: str, seq: int, variant: str) -> float:
     for config in json.loads((RESULTS / name).read_text())["configurations"]:
         for v in config["variants"]:
@@ -72,6 +85,7 @@ def memory_long_peak(name: str, seq: int, variant: str) -> float:
     raise KeyError(variant)
 
 
+LC = "longest-context-20261207/"
 FH = "faster-than-hf-liger-20261206/"
 FH7 = "faster-than-hf-liger-20261207/"
 PR = "packed-rows-20261202/"
@@ -107,6 +121,46 @@ CASES = [
         MAIN_JOB,
         H100_GIB,
         "check",
+    ),
+    (
+        "main job zero3_lemo (calibrated on 1 micro-batch) 128K one-document rows, H100 (bf16 adapters)",
+        FH7 + "h100-128k-one-doc.json",
+        product_path_peak(FH7 + "h100-128k-one-doc.json", 1),
+        131072,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "main job + tiled MLP, max-context probe 256K packed, H100",
+        LC + "h100-lemo-tiled-packed-512k-256k.json",
+        maxctx_probe(LC + "h100-lemo-tiled-packed-512k-256k.json", 262144),
+        262144,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB_TILED,
+        H100_GIB,
+        "fit tiled",
+    ),
+    (
+        "main job + tiled MLP, max-context probe 384K packed, H100 (cut while exiting)",
+        LC + "h100-lemo-tiled-packed-384k.json",
+        maxctx_probe_cut_while_exiting(LC + "h100-lemo-tiled-packed-384k.json", 393216),
+        393216,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB_TILED,
+        H100_GIB,
+        "fit tiled",
+    ),
+    (
+        "main job + tiled MLP, max-context probe 512K packed, H100",
+        LC + "h100-lemo-tiled-packed-512k-256k.json",
+        maxctx_probe(LC + "h100-lemo-tiled-packed-512k-256k.json", 524288),
+        524288,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB_TILED,
+        H100_GIB,
+        "oom",
     ),
     (
         "zero3_dense_stack 64K packed, H100 (bf16 adapters)",
@@ -354,13 +408,29 @@ def fit_constants() -> tuple[float, float]:
     return a, my - a * mx
 
 
+def fit_fused_tiled() -> float:
+    """TILED_FULL_LENGTH_H_FUSED: the mean over the "fit tiled" cases of (measured - prediction with it 0) in units
+    of its bytes (h x b per token of a dense layer), A_H and CONSTANT_BYTES as they are."""
+    saved = memory.TILED_FULL_LENGTH_H_FUSED
+    units = []
+    for case in (c for c in CASES if c[7] == "fit tiled"):
+        memory.TILED_FULL_LENGTH_H_FUSED = 0.0
+        base = predict(case).device_bytes
+        memory.TILED_FULL_LENGTH_H_FUSED = 1.0
+        units.append((case[2] * GIB - base) / (predict(case).device_bytes - base))
+    memory.TILED_FULL_LENGTH_H_FUSED = saved
+    return sum(units) / len(units)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(RESULTS / "planner-calibration.json"))
     args = parser.parse_args()
     a_h, constant = fit_constants()
-    print(f"fit: A_H = {a_h:.3f} elements of h per token, CONSTANT = {constant / GIB:.3f} GiB "
-          f"(lemo_ds/plan/memory.py has A_H = {memory.A_H}, CONSTANT_BYTES = {memory.CONSTANT_BYTES})")  # fmt: skip
+    tiled = fit_fused_tiled()
+    print(f"fit: A_H = {a_h:.3f} elements of h per token, CONSTANT = {constant / GIB:.3f} GiB, "
+          f"TILED_FULL_LENGTH_H_FUSED = {tiled:.3f} (lemo_ds/plan/memory.py has A_H = {memory.A_H}, CONSTANT_BYTES = "
+          f"{memory.CONSTANT_BYTES}, TILED_FULL_LENGTH_H_FUSED = {memory.TILED_FULL_LENGTH_H_FUSED})")  # fmt: skip
     rows = []
     for case in CASES:
         name, source, measured, seq, _, setup, gpu_gib, role = case
@@ -382,8 +452,11 @@ def main() -> int:
         rows.append(row)
     out = {"command": "PYTHONPATH=. python benchmarks/planner_calibration.py",
            "fit": {"A_H": round(a_h, 3), "CONSTANT_BYTES": round(constant),
-                   "on": [c[0] for c in CASES if c[7] == "fit"]},
-           "model_constants_used": {"A_H": memory.A_H, "CONSTANT_BYTES": memory.CONSTANT_BYTES},
+                   "on": [c[0] for c in CASES if c[7] == "fit"],
+                   "TILED_FULL_LENGTH_H_FUSED": round(tiled, 3),
+                   "TILED_FULL_LENGTH_H_FUSED on": [c[0] for c in CASES if c[7] == "fit tiled"]},
+           "model_constants_used": {"A_H": memory.A_H, "CONSTANT_BYTES": memory.CONSTANT_BYTES,
+                                    "TILED_FULL_LENGTH_H_FUSED": memory.TILED_FULL_LENGTH_H_FUSED},
            "tolerance": 0.10, "cases": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}: {sum(r['ok'] for r in rows)} of {len(rows)} cases within 10% / OOM predicted")

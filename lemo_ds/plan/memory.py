@@ -62,6 +62,12 @@ CONSTANT_BYTES = 188_350_976  # 0.175 GiB
 # peft's float32 adapters on q, k, v, o: a float32 copy of each projection's input ([s, h], 4 bytes) per adapter.
 # Removing them (50ffd31) lowered the main job's peak by 16 x h bytes per token at 64K and at 128K.
 LORA_FLOAT32_BYTES = 4 * 4
+# The tiled MLP's full-length share, in elements of h per token of a dense layer. Unfused (the harness's compact
+# path, checked at 128K and 464K): 3, the tiling's input gradient, output and output gradient. On the fused kernels
+# under ZeRO-3 (the main job with memory.tiled_mlp) the layer holds more at full length: fitted on the main job's
+# 256K and 384K H100 probes (benchmarks/results/longest-context-20261207/). What it is has not been profiled yet.
+TILED_FULL_LENGTH_H = 3.0
+TILED_FULL_LENGTH_H_FUSED = 10.282
 # Not fitted: stated assumptions.
 HOST_PROCESS_BYTES = 6 * GIB  # Python + torch + CUDA runtime + DeepSpeed resident on the host
 RESERVE_SHARE = 0.05  # device memory not available to tensors (CUDA context, fragmentation)
@@ -172,7 +178,8 @@ def layer_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
     mlp_rows = min(rows, setup.tiled_mlp_tokens) if setup.tiled_mlp else rows
     per_layer = A_H * h * b * rows + 6 * i * b * mlp_rows
     if setup.tiled_mlp:
-        per_layer += 3 * h * b * rows
+        full_length = TILED_FULL_LENGTH_H_FUSED if setup.fused_ops else TILED_FULL_LENGTH_H
+        per_layer += full_length * h * b * rows
     if not (setup.fused_ops or setup.compact_saves):
         per_layer += (8 * h + i * b) * rows
     if setup.lora_r > 0 and setup.lora_float32 and b < 4:
