@@ -16,6 +16,10 @@
 #   registered640k issue 31, on an H200 (141 GB): the offload tests on CUDA (registered pinned buffers included),
 #                  then the main job with the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows
 #                  (the planner: 105.5 GiB device, 118 GiB host; with power-of-two buffers the host runs out)
+#   h100-512k-offload-param issue 31, H100: the main job with the tiled MLP at 512K on packed rows with ZeRO-3's
+#                  parameter offload (the frozen base's 15 GiB on the host, fetched layer by layer): 512K ran out of
+#                  device memory with 73.6 GiB allocated and 4 GiB asked (the planner, whose parameter-offload term
+#                  is not calibrated: 74.6 GiB device of 75.2 usable, 118.5 GiB host)
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
@@ -26,7 +30,7 @@
 # config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|registered640k|onedoc384k|memory256k"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|registered640k|h100-512k-offload-param|onedoc384k|memory256k"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -48,7 +52,8 @@ if [ -z "${GPU_CALLS_DRY_RUN:-}" ] && [ ! -d "$BOOKS" ] && [ -f .bench_data/gute
 fi
 
 # derive NAME KEY=JSON...: ds_configs/zero3_lemo.json with one calibration batch and the given "lemo" keys
-# (dotted: memory.tiled_mlp=true), written to $OUT/NAME.json, which is printed.
+# (dotted: memory.tiled_mlp=true; a key starting "ds." is one of the DeepSpeed config itself:
+# ds.zero_optimization.offload_param='{"device": "cpu"}'), written to $OUT/NAME.json, which is printed.
 derive() {
     python3 - "$OUT/$1.json" "${@:2}" <<'EOF'
 import json, sys
@@ -59,6 +64,8 @@ for item in sys.argv[2:]:
     key, value = item.split("=", 1)
     *parents, leaf = key.split(".")
     section = lemo
+    if parents and parents[0] == "ds":
+        parents, section = parents[1:], config
     for parent in parents:
         section = section.setdefault(parent, {})
     section[leaf] = json.loads(value)
@@ -119,6 +126,12 @@ case "$name" in
         lemo=$(derive zero3_lemo-registered-calibration1 memory.tiled_mlp=true 'memory.pinned_buffers="registered"')
         product_path --maxctx --config "$lemo" --rows packed --start 655360 --max-seq 655360 --granularity 16384 \
             --case-timeout 420 --budget-s 430
+        ;;
+    h100-512k-offload-param)
+        lemo=$(derive zero3_lemo-tiled-offload-param-calibration1 memory.tiled_mlp=true \
+            ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
+        product_path --maxctx --config "$lemo" --rows packed --start 524288 --max-seq 524288 --granularity 16384 \
+            --case-timeout 540 --budget-s 545
         ;;
     onedoc384k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)

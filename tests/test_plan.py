@@ -3,6 +3,7 @@ command, and launch/train.py's memory check (refusal before loading weights, --s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -198,6 +199,27 @@ def test_resident_checkpoints_put_spare_device_memory_to_use_where_the_host_is_s
     assert terms["host.offloaded inputs"] == 12 * dense + 16 * sparse
     assert result.fitting.host_bytes <= 100 * GIB
     assert result.section({})["memory"] == {"pinned_buffers": "registered", "resident_checkpoints": 4}
+
+
+def test_zero3_parameter_offload_moves_the_weights_to_the_host():
+    """zero_optimization.offload_param (ZeRO-3): the device holds two gathered decoder layers and the embedding-sized
+    module instead of every weight; the host holds each parameter pinned (a power of two each). Not calibrated: no
+    GPU run of it is committed yet."""
+    section, ds_config = split_ds_config(load_ds_config(REPO / "ds_configs" / "zero3_lemo.json"))
+    offload = {"offload_param": {"device": "cpu", "pin_memory": True}}
+    ds_config = {**ds_config, "zero_optimization": {**ds_config["zero_optimization"], **offload}}
+    shape, setup = job.job_setup(preset_config("llama-3-8b"), ds_config, section, seq_len=524288, lora_r=8)
+    resident = memory.predict(shape, dataclasses.replace(setup, offload_params=None))
+    offloaded = memory.predict(shape, setup)
+    assert setup.offload_params == "cpu" and sum(shape.param_sizes()) == shape.params()
+    assert offloaded.terms["weights"] == (2 * shape.layer_params() + shape.vocab * shape.hidden) * 2
+    assert resident.device_bytes - offloaded.device_bytes == resident.terms["weights"] - offloaded.terms["weights"]
+    # bf16: q and o 32 MiB, k and v 8 MiB, gate/up/down 112 -> 128 MiB, norms 8 KiB; embeddings 1002 -> 1024 MiB
+    per_layer = 2 * 32 * MIB + 2 * 8 * MIB + 3 * 128 * MIB + 2 * 8 * 1024
+    assert offloaded.terms["host.offloaded parameters"] == 32 * per_layer + 2 * 1024 * MIB + 8 * 1024
+    # stage 2 has no parameter partitions to offload
+    stage2 = {**ds_config, "zero_optimization": {**ds_config["zero_optimization"], "stage": 2}}
+    assert job.job_setup(preset_config("llama-3-8b"), stage2, section, seq_len=4096, lora_r=8)[1].offload_params is None
 
 
 @pytest.mark.parametrize("config", ["zero2_lemo.json", "zero3_lemo.json"])

@@ -36,6 +36,7 @@ def job_setup(
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
         lora_r=lora_r,
         zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+        offload_params=_offloaded_params(ds_config),
         world_size=world_size,
         sp=int(ds_config.get("sequence_parallel_size", 1) or 1),
         micro_batch=_int_or(ds_config.get("train_micro_batch_size_per_gpu"), 1),
@@ -66,6 +67,13 @@ def job_setup(
 
 def with_seq_len(setup: Setup, seq_len: int) -> Setup:
     return dataclasses.replace(setup, seq_len=seq_len)
+
+
+def _offloaded_params(ds_config: dict[str, Any]) -> str | None:
+    """ZeRO-3's parameter offload target ("cpu", "nvme") or None."""
+    zero = ds_config.get("zero_optimization", {})
+    device = (zero.get("offload_param") or {}).get("device") if int(zero.get("stage", 0)) == 3 else None
+    return device if device in ("cpu", "nvme") else None
 
 
 def _int_or(value: Any, default: int) -> int:

@@ -10,6 +10,9 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
     host        = HOST_PROCESS + offloaded_inputs
 
 - weights: P x b (ZeRO-3: P x b / W plus two gathered decoder layers, the one computing and the one prefetched).
+  With ZeRO-3's parameter offload (zero_optimization.offload_param) the partitions live on the host (pinned: each
+  parameter a power of two there, counted in host) and the device holds the two gathered decoder layers and the
+  largest other module (the embedding or the LM head, V x h x b): not yet measured, so not calibrated.
 - trainable: T x 16 bytes (bf16 weight and gradient, float32 master weight and Adam's two moments); ZeRO 1/2/3
   partition the 12 optimizer bytes / the gradient too / the weight too over W.
 - stored_inputs: with checkpointing, the sum of the layers' stored inputs (on the host instead with
@@ -117,6 +120,14 @@ class Shape:
         h, kv = self.hidden, self.kv_heads * self.head_dim
         return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h  # q, o; k, v; gate, up, down; 2 norms
 
+    def param_sizes(self) -> list[int]:
+        """Elements of each parameter tensor of the model (the layers' projections and norms, the embeddings)."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        layer = [h * h, h * kv, h * kv, h * h, h * self.intermediate, h * self.intermediate, h * self.intermediate,
+                 h, h]  # fmt: skip
+        embeddings = [self.vocab * h] * (1 if self.tied else 2)
+        return layer * self.layers + embeddings + [h]
+
     def params(self) -> int:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return embeddings + self.layers * self.layer_params() + self.hidden
@@ -139,6 +150,7 @@ class Setup:
     lora_r: int = 8
     lora_float32: bool = False  # adapters in float32 on a lower-precision model (peft's default; not launch/train.py)
     zero_stage: int = 3
+    offload_params: str | None = None  # ZeRO-3's offload_param device ("cpu", "nvme") or None
     world_size: int = 1
     sp: int = 1
     micro_batch: int = 1
@@ -210,6 +222,11 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
     trainable = int(trainable_params * (opt_bytes + grad_bytes + param_bytes))
     if setup.lora_r == 0 and stage == 3:
         weights = 0  # full fine-tuning: the weights are the trainable parameters, counted there
+    host_params = 0
+    if setup.offload_params and stage == 3 and setup.lora_r > 0:
+        weights = (2 * shape.layer_params() + shape.vocab * shape.hidden) * b
+        if setup.offload_params == "cpu":
+            host_params = sum(pow2_ceil(n * b) for n in shape.param_sizes()) // w
 
     ratios = setup.keep_ratios
     rows = [kept_rows(s, r, setup.block_size) for r in ratios]
@@ -240,6 +257,8 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
     }
     device = sum(terms.values())
     host_terms = {"host.process": HOST_PROCESS_BYTES, "host.offloaded inputs": int(host_offload)}
+    if host_params:
+        host_terms["host.offloaded parameters"] = int(host_params)
     return Prediction(device_bytes=device, host_bytes=sum(host_terms.values()), terms={**terms, **host_terms})
 
 
