@@ -144,7 +144,16 @@ def test_plan_command_prints_peak_and_a_fitting_section(capsys):
     assert plan_main([*argv, "--seq-len", "384K"]) == 1  # fits with the tiled MLP (measured: 66.5 GiB on an H100)
     printed = capsys.readouterr().out
     assert "does not fit" in printed and '"tiled_mlp": true' in printed
-    assert plan_main([*argv, "--seq-len", "512K"]) == 1  # out of memory on an H100 with the tiled MLP too
+    # 512K: out of memory on an H100 with the tiled MLP too (measured); the plan adds ZeRO-3's parameter offload, a
+    # DeepSpeed section to paste beside the "lemo" one (the rest of zero_optimization kept)
+    assert plan_main([*argv, "--seq-len", "512K"]) == 1
+    printed = capsys.readouterr().out
+    assert "with tiled_mlp + offload_param cpu it needs" in printed
+    pasted = json.loads(printed[printed.index("{\n"):])
+    assert pasted["lemo"]["memory"]["tiled_mlp"] is True
+    assert pasted["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert pasted["zero_optimization"]["stage"] == 3
+    assert plan_main([*argv, "--seq-len", "640K"]) == 1
     assert "no change the planner tries fits" in capsys.readouterr().out
     assert plan_main([*argv, "--seq-len", "max"]) == 0
     assert "longest --seq-len that fits 80.00 GiB device / 128.00 GiB host:" in capsys.readouterr().out
@@ -220,6 +229,16 @@ def test_zero3_parameter_offload_moves_the_weights_to_the_host():
     # stage 2 has no parameter partitions to offload
     stage2 = {**ds_config, "zero_optimization": {**ds_config["zero_optimization"], "stage": 2}}
     assert job.job_setup(preset_config("llama-3-8b"), stage2, section, seq_len=4096, lora_r=8)[1].offload_params is None
+
+
+def test_resident_layers_are_not_tried_where_the_device_is_short():
+    """Keeping layers' inputs on the device helps only where the host is short: at 512K on an 80 GiB card with 128 GiB
+    of host memory the device is, and the search goes from the tiled MLP to parameter offload without carrying 16
+    resident layers (64 GiB more on the device) into every later candidate."""
+    shape, setup = main_job_setup(524288)
+    result = search.plan(shape, setup, 80 * GIB, 128 * GIB)
+    assert [c.what for c in result.applied] == ["tiled_mlp", "offload_param cpu"]
+    assert result.fitting.terms["stored inputs in flight (offloaded)"] == 2 * 524288 * 4096 * 2
 
 
 @pytest.mark.parametrize("config", ["zero2_lemo.json", "zero3_lemo.json"])

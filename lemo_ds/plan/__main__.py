@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.fits:
         print("fits")
         return 0
-    print(f"does not fit; {fix_text(result, raw.get('lemo'))}")
+    print(f"does not fit; {fix_text(result, raw.get('lemo'), raw)}")
     if result.found:
-        print(json.dumps({"lemo": result.section(raw.get("lemo"))}, indent=2))
+        print(json.dumps({"lemo": result.section(raw.get("lemo")), **result.ds_sections(raw)}, indent=2))
     return 1
 
 

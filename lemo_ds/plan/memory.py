@@ -223,7 +223,7 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
     if setup.lora_r == 0 and stage == 3:
         weights = 0  # full fine-tuning: the weights are the trainable parameters, counted there
     host_params = 0
-    if setup.offload_params and stage == 3 and setup.lora_r > 0:
+    if setup.offload_params and stage == 3 and setup.lora_r > 0 and setup.device == "cuda":  # CPU: host is device
         weights = (2 * shape.layer_params() + shape.vocab * shape.hidden) * b
         if setup.offload_params == "cpu":
             host_params = sum(pow2_ceil(n * b) for n in shape.param_sizes()) // w

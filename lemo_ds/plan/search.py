@@ -8,8 +8,11 @@ Changes are tried cumulatively, cheapest first (what each costs, README "The lem
 5. memory.pinned_buffers "registered" (offloaded inputs page-locked at about their size: host memory only);
 6. memory.resident_checkpoints 1, 2, 4, 8 then 16 (the first layers' inputs stay on the device: no copies, device
    memory instead of host memory);
-7. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
-Of the changes tried, the plan keeps those the fit needs.
+7. ZeRO-3's parameter offload of the frozen base, zero_optimization.offload_param (LoRA under ZeRO-3 only: every
+   layer's weights cross PCIe in forward, recompute and backward; host memory instead of device memory; not yet
+   measured on a GPU);
+8. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
+Of the changes tried, the plan keeps those the fit needs; resident layers are tried only while the device has room.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Change:
     apply: Callable[[Setup], Setup]
     section: dict = field(default_factory=dict)  # keys of the "lemo" section it sets (dotted for memory.*)
     flag: str | None = None  # a launcher flag instead of a config key
+    ds_keys: dict = field(default_factory=dict)  # keys of the DeepSpeed config itself it sets (dotted)
 
 
 def _set(**kw) -> Callable[[Setup], Setup]:
@@ -112,6 +116,9 @@ def changes(setup: Setup) -> list[Change]:
         if layers > setup.resident_checkpoints:
             out.append(Change(f"resident_checkpoints {layers}", _set(resident_checkpoints=layers),
                               {"memory.resident_checkpoints": layers}))  # fmt: skip
+    if setup.device == "cuda" and setup.zero_stage == 3 and setup.lora_r > 0 and setup.offload_params is None:
+        out.append(Change("offload_param cpu", _set(offload_params="cpu"),
+                          ds_keys={"zero_optimization.offload_param": {"device": "cpu", "pin_memory": True}}))
     if any(r < 1.0 for r in setup.keep_ratios):
         current = min(setup.keep_ratios)
         for ratio in (0.3, 0.2, 0.1):
@@ -142,6 +149,19 @@ class Plan:
     def flags(self) -> list[str]:
         return [c.flag for c in self.applied if c.flag]
 
+    def ds_sections(self, ds_config: dict) -> dict:
+        """The DeepSpeed config's top-level sections that the plan changes (e.g. "zero_optimization"), each whole
+        with the change, to paste beside the "lemo" section; empty when the plan changes none."""
+        out: dict = {}
+        for change in self.applied:
+            for key, value in change.ds_keys.items():
+                top, *rest = key.split(".")
+                section = out.setdefault(top, dict(ds_config.get(top) or {}))
+                for part in rest[:-1]:
+                    section = section.setdefault(part, {})
+                section[rest[-1]] = value
+        return out
+
 
 def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
     first = predict(shape, setup)
@@ -149,6 +169,9 @@ def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
         return Plan(first, True)
     applied, current = [], setup
     for change in changes(setup):
+        device_short = not fits(predict(shape, current), gpu_mem, 1 << 62, setup.device)
+        if device_short and "memory.resident_checkpoints" in change.section:
+            continue  # resident layers trade device memory for host memory: no help where the device is short
         current = change.apply(current)
         applied.append(change)
         candidate = predict(shape, current)

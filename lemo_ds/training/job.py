@@ -235,7 +235,7 @@ def check_memory(
         setup = plan_job.with_seq_len(setup, seq)
     result = plan_search.plan(shape, setup, gpu_mem, host_mem)
     if not result.fits:
-        raise TrainingSetupError(plan_refusal.refusal(result, gpu_mem, host_mem, seq, lemo_section))
+        raise TrainingSetupError(plan_refusal.refusal(result, gpu_mem, host_mem, seq, lemo_section, ds_config))
     return seq, note
 
 
