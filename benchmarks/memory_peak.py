@@ -115,10 +115,14 @@ def alive_at_peak(trace: list[dict], before: int, depth: int, top: int) -> dict:
     }
 
 
-def markdown(record: dict) -> str:
-    lines = [f"### {record['variant']}: peak {record['peak_allocated_gib']:.2f} GiB (replayed "
-             f"{record['replayed_peak_gib']:.2f}; {record['allocated_before_step_gib']:.2f} before the step), "
-             f"step {record['step_s']:.1f} s", "", "| GiB | allocations | made at (innermost first) |", "|---|---|---|",
+def markdown(record: dict, title: str | None = None) -> str:
+    """A record of ``alive_at_peak`` as Markdown: a heading (``title``: what was recorded; by default the harness
+    variant and its step time), then the table of what was alive at the peak."""
+    title = title or f"### {record['variant']}"
+    step = f", step {record['step_s']:.1f} s" if "step_s" in record else ""
+    lines = [f"{title}: peak {record['peak_allocated_gib']:.2f} GiB (replayed {record['replayed_peak_gib']:.2f}; "
+             f"{record['allocated_before_step_gib']:.2f} before the step){step}", "",
+             "| GiB | allocations | made at (innermost first) |", "|---|---|---|",
              f"| {record['allocated_before_step_gib']:.2f} | | before the step (weights, optimizer state, batch) |"]
     lines += [f"| {g['gib']:.2f} | {g['count']} | `{g['where']}` |" for g in record["alive_at_peak"]]
     lines.append(f"| {record['alive_at_peak_other_gib']:.2f} | | the rest |")

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 def memory_peak_step(args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:
     """Record the allocator's trace from the end of step ``skip`` to the end of step ``skip + 1`` (forward, loss,
     backward, optimizer step), replay it and write what was alive at its peak."""
-    from benchmarks.memory_peak import alive_at_peak
+    from benchmarks.memory_peak import alive_at_peak, markdown
     from lemo_ds.training.loop import train
     from lemo_ds.training.runtime import close
 
@@ -151,12 +151,7 @@ def memory_peak_step(args: argparse.Namespace, ours: argparse.Namespace, rest: l
               "peak_allocated_gib": state["peak"] / 2**30,
               **alive_at_peak(trace, state["before"], ours.depth, ours.top)}  # fmt: skip
     (out / f"memory-peak-{ours.profile_tag}.json").write_text(json.dumps(record, indent=1))
-    lines = [f"step {record['recorded_step']}: peak {record['peak_allocated_gib']:.2f} GiB (replayed "
-             f"{record['replayed_peak_gib']:.2f}; {record['allocated_before_step_gib']:.2f} before the step)", "",
-             "| GiB | allocations | made at (innermost first) |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {g['gib']:.2f} | {g['count']} | `{g['where']}` |" for g in record["alive_at_peak"]]
-    lines.append(f"| {record['alive_at_peak_other_gib']:.2f} | | the rest |")
-    print("\n".join(lines))
+    print(markdown(record, f"### {ours.profile_tag}, step {record['recorded_step']}"))
     close(rt)
     return 0
 

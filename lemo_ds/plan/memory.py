@@ -116,21 +116,21 @@ class Shape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def layer_param_sizes(self) -> list[int]:
+        """Elements of each parameter tensor of a decoder layer: q, k, v, o; gate, up, down; the two norms."""
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        return [h * h, h * kv, h * kv, h * h, h * i, h * i, h * i, h, h]
+
     def layer_params(self) -> int:
-        h, kv = self.hidden, self.kv_heads * self.head_dim
-        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h  # q, o; k, v; gate, up, down; 2 norms
+        return sum(self.layer_param_sizes())
 
     def param_sizes(self) -> list[int]:
-        """Elements of each parameter tensor of the model (the layers' projections and norms, the embeddings)."""
-        h, kv = self.hidden, self.kv_heads * self.head_dim
-        layer = [h * h, h * kv, h * kv, h * h, h * self.intermediate, h * self.intermediate, h * self.intermediate,
-                 h, h]  # fmt: skip
-        embeddings = [self.vocab * h] * (1 if self.tied else 2)
-        return layer * self.layers + embeddings + [h]
+        """Elements of each parameter tensor of the model: the layers', the embeddings (one if tied), the final norm."""
+        embeddings = [self.vocab * self.hidden] * (1 if self.tied else 2)
+        return self.layer_param_sizes() * self.layers + embeddings + [self.hidden]
 
     def params(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.layers * self.layer_params() + self.hidden
+        return sum(self.param_sizes())
 
     def lora_params(self, rank: int) -> int:
         """LoRA on q/k/v/o: r x (in + out) per projection."""
@@ -262,10 +262,16 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
     return Prediction(device_bytes=device, host_bytes=sum(host_terms.values()), terms={**terms, **host_terms})
 
 
-def fits(prediction: Prediction, gpu_mem: int, host_mem: int, device: str = "cuda") -> bool:
-    """Device peak within the device's memory less RESERVE_SHARE, host bytes within the host's memory. On a CPU
-    run the device is the host: everything must fit in ``gpu_mem`` (the RAM budget)."""
+def device_fits(prediction: Prediction, gpu_mem: int, device: str = "cuda") -> bool:
+    """Device peak within the device's memory less RESERVE_SHARE. On a CPU run the device is the host: the offloaded
+    inputs count there too."""
     usable = gpu_mem * (1 - RESERVE_SHARE)
     if device != "cuda":
         return prediction.device_bytes + prediction.terms.get("host.offloaded inputs", 0) <= usable
-    return prediction.device_bytes <= usable and prediction.host_bytes <= host_mem
+    return prediction.device_bytes <= usable
+
+
+def fits(prediction: Prediction, gpu_mem: int, host_mem: int, device: str = "cuda") -> bool:
+    """``device_fits``, and on a CUDA run the host bytes within the host's memory (on a CPU run everything must fit
+    in ``gpu_mem``, the RAM budget)."""
+    return device_fits(prediction, gpu_mem, device) and (device != "cuda" or prediction.host_bytes <= host_mem)

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, fits, predict
+from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, device_fits, fits, predict
 
 RESIDENT_STEPS = (1, 2, 4, 8, 16)  # memory.resident_checkpoints values the search tries, in order
 OFFLOAD_SETTINGS = ("memory.pinned_buffers", "memory.resident_checkpoints")  # only apply with offload_checkpoints
@@ -167,9 +167,9 @@ def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
     first = predict(shape, setup)
     if fits(first, gpu_mem, host_mem, setup.device):
         return Plan(first, True)
-    applied, current = [], setup
+    applied, current, candidate = [], setup, first
     for change in changes(setup):
-        device_short = not fits(predict(shape, current), gpu_mem, 1 << 62, setup.device)
+        device_short = not device_fits(candidate, gpu_mem, setup.device)
         if device_short and "memory.resident_checkpoints" in change.section:
             continue  # resident layers trade device memory for host memory: no help where the device is short
         current = change.apply(current)
