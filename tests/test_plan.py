@@ -69,8 +69,9 @@ def test_formula_increment_against_cpu_rss(tmp_path):
     8192 tokens against the planner's growth. RSS includes the Python process, so only increments compare. The
     model is calibrated on CUDA allocations; on CPU the run holds more than it counts (glibc's arenas keep freed
     blocks, the chunked PyTorch oracle scorer and per-document attention run in PyTorch): measured 2.2x the
-    predicted growth when this test was written. Tolerance: the prediction is at most the measured growth and at
-    least a third of it."""
+    predicted growth when this test was written, 2.4-2.8x in four runs on 2026-12-07 (MALLOC_ARENA_MAX=1 no
+    steadier) and 3.01x once in CI, which failed the earlier bound of a third. Tolerance: the prediction is at most
+    the measured growth and at least a quarter of it."""
     peaks = {}
     config = one_calibration_batch(tmp_path)
     for seq in (2048, 8192):
@@ -80,7 +81,7 @@ def test_formula_increment_against_cpu_rss(tmp_path):
         peaks[seq], dtype = summary(out)["peak_mem_bytes"], summary(out)["dtype"]
     measured = peaks[8192] - peaks[2048]
     predicted = cpu_bytes(8192, dtype) - cpu_bytes(2048, dtype)
-    assert measured / 3 <= predicted <= measured, (predicted / MIB, measured / MIB)
+    assert measured / 4 <= predicted <= measured, (predicted / MIB, measured / MIB)
 
 
 def test_float32_adapters_add_a_float32_copy_of_each_adapted_input_per_token():
