@@ -13,6 +13,10 @@
 #   h100-384k-dense issue 31, after maxctx-lemo (512K out of device memory on an H100, 256K fits): the main job with
 #                  the tiled MLP at 384K on packed rows, then a shorter maxctx-dense
 #   attention64k   issue 30: "eliminate": "attention" against "layer" and hf-liger, 64K one-document rows
+#   granularity-a  issue 30: accuracy of both granularities on reference A (benchmarks/accuracy/experiments/
+#                  granularity.sh: dense and eight lemo runs at once, about 9 minutes; no passkey rows)
+#   granularity-d  issue 30: the same on reference D (retrieval), for the run names given after the call's name
+#                  (granularity.sh's --only; dense always runs)
 #   registered640k issue 31, on an H200 (141 GB): the offload tests on CUDA (registered pinned buffers included),
 #                  then the main job with the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows
 #                  (the planner: 105.5 GiB device, 118 GiB host; with power-of-two buffers the host runs out)
@@ -30,7 +34,7 @@
 # config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|registered640k|h100-512k-offload-param|onedoc384k|memory256k"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|registered640k|h100-512k-offload-param|onedoc384k|memory256k|granularity-a|granularity-d RUNS"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -149,6 +153,23 @@ print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$
                  --profile-tag zero3_lemo-tiled-256k --deepspeed "$lemo" --model llama-3-8b --seq-len 262144
                  --max-steps 2 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
         if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else "${command[@]}" | tail -40; fi
+        ;;
+    granularity-a | granularity-d)
+        reference=${name#granularity-}
+        command=(bash benchmarks/accuracy/experiments/granularity.sh "$BOOKS" outputs/accuracy "$OUT")
+        if [ "$reference" = a ]; then  # reference A retrieves no passkey (0 in every run so far): its rows save a minute
+            command+=(--set passkey_rows=0)
+        else
+            only=${2:?"granularity-d needs the run names, e.g. predictor@0.4+nested,predictor@0.4+attention"}
+            command+=(--only "dense,$only")
+        fi
+        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then
+            echo "REFERENCE=${reference^^} $(printf '%q ' "${command[@]}")"
+        else
+            REFERENCE=${reference^^} "${command[@]}" > "$OUT/granularity-$reference.log" 2>&1 \
+                || echo "gpu_calls.sh: granularity.sh exited $?"
+            grep -v "Loading weights\|Writing model" "$OUT/granularity-$reference.log" | tail -40
+        fi
         ;;
     *)
         echo "gpu_calls.sh: unknown call '$name'" >&2

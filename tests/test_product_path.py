@@ -247,3 +247,25 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
                 lemo, _ = split_ds_config(load_ds_config(config))
                 assert lemo.predictor.calibration_batches == 1 and Path(config).parent == tmp_path / call
         assert ("--budget-s" if "--maxctx" in args else "--steps") in args
+
+
+def test_accuracy_device_calls_name_the_reference_and_the_runs(tmp_path):
+    """benchmarks/gpu_calls.sh granularity-a|granularity-d, dry run: granularity.sh on reference A with every run, on
+    reference D with dense and the runs named after the call (refused without them)."""
+    import shlex
+
+    def dry_run(*args):
+        return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_calls.sh"), *args], capture_output=True,
+                              text=True, timeout=60, cwd=REPO,
+                              env={**os.environ, "OUT": str(tmp_path), "GPU_CALLS_DRY_RUN": "1"})  # fmt: skip
+
+    a = dry_run("granularity-a")
+    assert a.returncode == 0, a.stderr
+    (line,) = [shlex.split(line) for line in a.stdout.splitlines() if "granularity.sh" in line]
+    assert line[0] == "REFERENCE=A" and "--only" not in line and "passkey_rows=0" in line
+    d = dry_run("granularity-d", "predictor@0.4+attention")
+    assert d.returncode == 0, d.stderr
+    (line,) = [shlex.split(line) for line in d.stdout.splitlines() if "granularity.sh" in line]
+    assert line[0] == "REFERENCE=D" and line[line.index("--only") + 1] == "dense,predictor@0.4+attention"
+    refused = dry_run("granularity-d")
+    assert refused.returncode != 0 and "needs the run names" in refused.stderr

@@ -23,3 +23,10 @@ selection_bias_both() {
       --seq-len 8192 --rows 16 --dense-layers "$layers" --out "$out/selection-bias-$layers.json"
   done
 }
+
+# Reference D's recipe fields (retrieval.sh; with rope_scaling "yarn"): 2400 pretraining steps, half of the rows one
+# repeated window of the books, a fifth passkey documents; 500 fine-tuning steps, 60 held-out passkey rows per depth,
+# predictors calibrated in each run.
+reference_d=(--set predictor_batches=0 --set pretrain_steps=2400 --set pretrain_induction_rate=0.5
+             --set 'pretrain_induction_source="books"' --set pretrain_passkey_rate=0.2 --set finetune_steps=500
+             --set passkey_rows=60)

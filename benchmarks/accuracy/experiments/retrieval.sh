@@ -8,6 +8,6 @@
 #   bash benchmarks/accuracy/experiments/retrieval.sh BOOKS WORK OUT [PASSKEY_RATE]
 set -euo pipefail
 books=${1:?books folder} work=${2:?work folder} out=${3:?results folder} rate=${4:-0.05}
-bash "$(dirname "$0")/passkey.sh" "$books" "$work" "$out" yarn --set predictor_batches=0 --set pretrain_steps=2400 \
-  --set pretrain_induction_rate=0.5 --set 'pretrain_induction_source="books"' --set pretrain_passkey_rate=0.2 \
-  --set finetune_steps=500 --set passkey_rows=60 --set "passkey_rate=$rate"
+# shellcheck source=_lib.sh
+. "$(dirname "$0")/_lib.sh"
+bash "$here/passkey.sh" "$books" "$work" "$out" yarn "${reference_d[@]}" --set "passkey_rate=$rate"
