@@ -13,6 +13,8 @@
 #   h100-384k-dense issue 31, after maxctx-lemo (512K out of device memory on an H100, 256K fits): the main job with
 #                  the tiled MLP at 384K on packed rows, then a shorter maxctx-dense
 #   attention64k   issue 30: "eliminate": "attention" against "layer" and hf-liger, 64K one-document rows
+#   attention128k  issue 30: "eliminate": "attention" and hf-liger, 128K packed rows (the layer granularity's cell is
+#                  in benchmarks/results/faster-than-hf-liger-20261207/h100-128k-packed.json)
 #   granularity-a  issue 30: accuracy of both granularities on reference A (benchmarks/accuracy/experiments/
 #                  granularity.sh: dense and eight lemo runs at once, about 9 minutes; no passkey rows)
 #   granularity-d  issue 30: the same on reference D (retrieval), for the run names given after the call's name
@@ -34,7 +36,7 @@
 # config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|registered640k|h100-512k-offload-param|onedoc384k|memory256k|granularity-a|granularity-d RUNS"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|onedoc384k|memory256k|granularity-a|granularity-d RUNS"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -124,6 +126,10 @@ case "$name" in
         attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
         layer=$(derive zero3_lemo-calibration1)
         product_path --seq 65536 --rows one-doc --config "hf-liger,$layer,$attention" --steps 6 --case-timeout 170
+        ;;
+    attention128k)
+        attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
+        product_path --seq 131072 --rows packed --config "$attention,hf-liger" --steps 6 --case-timeout 150
         ;;
     registered640k)
         offload_tests
