@@ -9,7 +9,7 @@ Run from the repository root:
     deepspeed --num_gpus 2 launch/train_megatron.py
 
     # one process, no launcher; the "lemo" section of a DeepSpeed config, or inline JSON
-    python launch/train_megatron.py --lemo ds_configs/zero3_lemo.json --steps 5
+    python launch/train_megatron.py --lemo '{"keep_ratio": 0.4, "block_size": 32}' --steps 5
     python launch/train_megatron.py --lemo '{"keep_ratio": 0.25, "scorer": "norm", "block_size": 32}'
 
     # the dense baseline (the stock layer spec everywhere)
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from lemo_ds.megatron import attach_lemo, get_lemo_gpt_layer_local_spec, megatron_on_cpu
+    from lemo_ds.megatron.spec import with_megatron_defaults
 
     launch_env.default_single_process_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             torch.manual_seed(args.seed)  # the same initial weights on every rank
             spec = get_lemo_gpt_layer_local_spec(lemo, config=config, normalization="RMSNorm")
+            lemo = with_megatron_defaults(lemo) if lemo is not None and lemo.enabled else lemo  # what the layers run
             model = GPTModel(
                 config,
                 transformer_layer_spec=spec,

@@ -162,8 +162,18 @@ class LemoPredictorConfig(_LemoSection):
     """Optimizer steps of each layer's predictor per refresh."""
 
 
+# LeMo's own selection rule, as its artifact runs it: the oracle's scores, independent choices per sparse layer, one
+# top-k over the whole row, the first half and the last layer dense, the loss on every token. The defaults are the
+# rule the accuracy benchmark recommends instead (README, "Accuracy"): the predictor, nested choices in windows of 8
+# blocks, the first half dense, the loss on the processed positions. Megatron layers, whose loss is their model's
+# own, take these values for the keys a section leaves out; benchmarks that compare with LeMo's rule set them.
+LEMO_ARTIFACT_RULE: dict[str, Any] = {"scorer": "oracle", "nested_selection": False, "selection_window": 0,
+                                      "dense_layers": "auto", "loss_tokens": "all"}  # fmt: skip
+
+
 class LemoConfig(_LemoSection):
-    """Contextual token sparsity (LeMo): which layers drop which blocks of tokens."""
+    """Contextual token sparsity (LeMo): which layers drop which blocks of tokens. The defaults are the selection
+    rule the README recommends (``LEMO_ARTIFACT_RULE`` holds LeMo's own)."""
 
     enabled: bool = True
     """Master switch. ``false`` keeps the section (and validates it) but leaves the model dense."""
@@ -176,13 +186,14 @@ class LemoConfig(_LemoSection):
     per decoder layer (then its length must equal the model's number of layers, and a layer with 1.0 is
     dense)."""
 
-    dense_layers: Literal["auto", "first_half"] | list[int] = "auto"
-    """Decoder layers that always run on every token. ``"auto"``: the first half and the last layer (the
-    LeMo artifact's choice for 32-layer Llama), or, when ``keep_ratio`` is a list, the layers whose ratio is
-    1.0. ``"first_half"``: the first half only (and, with a list, the layers whose ratio is 1.0): with
-    ``loss_tokens: "processed"`` a dense last layer would read the skipped rows' shallower states as keys,
-    a mix evaluation never shows (README, "Accuracy"). A list: those layers. Negative indices count from the end
-    (-1 is the last layer)."""
+    dense_layers: Literal["auto", "first_half"] | list[int] = "first_half"
+    """Decoder layers that always run on every token. ``"first_half"`` (default): the first half only: with
+    ``loss_tokens: "processed"`` a dense last layer would read the skipped rows' shallower states as keys, a mix
+    evaluation never shows (README, "Accuracy"); with a list of keep ratios, the layers whose ratio is 1.0, and the
+    first half too only where ``"first_half"`` is written out. ``"auto"``:
+    the first half and the last layer (the LeMo artifact's choice for 32-layer Llama), or, when ``keep_ratio`` is a
+    list, the layers whose ratio is 1.0. A list: those layers. Negative indices count from the end (-1 is the last
+    layer)."""
 
     eliminate: Literal["layer", "attention"] = "layer"
     """What an eliminated block skips in a sparse layer. ``layer``: the whole decoder layer (attention and MLP: its
@@ -199,10 +210,13 @@ class LemoConfig(_LemoSection):
     min_blocks: int = Field(1, ge=1)
     """Fewest blocks a sparse layer keeps per sample: k = max(min_blocks, round(keep_ratio * n_blocks))."""
 
-    scorer: Literal["oracle", "random", "norm", "predictor"] = "oracle"
-    """How blocks are scored. ``oracle``: true informativeness from the layer's own queries and keys
-    (positive query-key scores, tile max, column sum); ``random``: uniform random (the random-LTD baseline);
-    ``norm``: mean hidden-state L2 norm of the block (an ablation); ``predictor``: learned predictors."""
+    scorer: Literal["oracle", "random", "norm", "predictor"] = "predictor"
+    """How blocks are scored. ``predictor`` (default): learned predictors (LeMo's pattern prediction), from
+    ``predictor_path`` or calibrated against the oracle at the start of training; ``oracle``: true informativeness
+    from the layer's own queries and keys (positive query-key scores, tile max, column sum), the same quality at a
+    higher cost per step (README, "Which scorer to pick"); ``random``: uniform random (the random-LTD baseline);
+    ``norm``: mean hidden-state L2 norm of the block (an ablation). Megatron layers have no predictors and default
+    to ``oracle``."""
 
     oracle_chunk_tokens: int = Field(512, ge=1)
     """Query rows the chunked oracle scorer processes at once (rounded up to a multiple of block_size). Its
@@ -222,27 +236,30 @@ class LemoConfig(_LemoSection):
     schedule: LemoScheduleConfig = Field(default_factory=LemoScheduleConfig)
     """Warm-up of the keep ratio (dense steps, then a linear ramp)."""
 
-    loss_tokens: Literal["all", "processed"] = "all"
-    """Which positions the training loss counts. ``all``: every labelled token (LeMo). ``processed``: only the
-    positions whose row ran through every sparse layer of the forward: the others skipped layers, so their
-    predictions come from a shallower network than the dense model that is evaluated, and training on them
-    teaches the weights to make up for layers that are there at evaluation. Needs ``memory.segment_loss``."""
+    loss_tokens: Literal["all", "processed"] = "processed"
+    """Which positions the training loss counts. ``processed`` (default): only the positions whose row ran through
+    every sparse layer of the forward (with ``eliminate: "attention"``: every sparse layer's attention): the others
+    skipped layers, so their predictions come from a shallower network than the dense model that is evaluated, and
+    training on them teaches the weights to make up for layers that are there at evaluation. Needs
+    ``memory.segment_loss``: with ``memory.segment_loss: false`` the default is ``all``. ``all``: every labelled token
+    (LeMo's rule). Megatron layers keep their model's own loss, which counts every token."""
 
     skipped_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
     """With ``loss_tokens: "processed"``: the weight of the other positions' targets in the loss (0: left out; 1:
     the ``all`` loss). The loss is (sum over processed + weight x sum over the others) / (their weighted count);
     above 0 the LM head runs twice (README, "Accuracy", for what the accuracy benchmark measured)."""
 
-    selection_window: int = Field(0, ge=0)
+    selection_window: int = Field(8, ge=0)
     """Stratified selection: each window of this many blocks keeps about the keep ratio of its blocks (the
     scorer picks which ones), instead of one top-k over the whole sequence. Column-sum scores (oracle,
-    predictor) favour early blocks, which have more queries; a window spreads the kept tokens over every
-    position. 0: one global top-k (LeMo)."""
+    predictor) favour early blocks, which have more queries; a window spreads the kept tokens, and with them the
+    positions the ``processed`` loss counts, over every position. 0: one global top-k (LeMo's rule)."""
 
-    nested_selection: bool = False
+    nested_selection: bool = True
     """A block that one sparse layer eliminates stays eliminated in the later sparse layers of the same forward
     (token dropping, as in random-LTD): the positions that run through every sparse layer are then exactly the
-    last sparse layer's kept share, instead of the intersection of independent choices."""
+    last sparse layer's kept share, instead of the intersection of independent choices. ``false``: each sparse layer
+    chooses on its own (LeMo's rule)."""
 
     apply_in_eval: bool = False
     """Eliminate tokens in eval mode too. Default: evaluation and inference are dense."""
@@ -282,7 +299,11 @@ class LemoConfig(_LemoSection):
         if self.scorer == "predictor" and self.predictor_path is not None and not self.predictor_path:
             raise ValueError("predictor_path is an empty string; give the path of a predictors file or null")
         if self.loss_tokens == "processed" and not self.memory.segment_loss:
-            raise ValueError('loss_tokens "processed" needs memory.segment_loss true (lemo_ds masks the loss there)')
+            if "loss_tokens" in self.model_fields_set:
+                raise ValueError(
+                    'loss_tokens "processed" needs memory.segment_loss true (lemo_ds masks the loss there)'
+                )
+            self.__dict__["loss_tokens"] = "all"  # the default without lemo_ds's loss (documented on the field)
         if self.skipped_loss_weight > 0 and self.loss_tokens != "processed":
             raise ValueError(
                 f'skipped_loss_weight {self.skipped_loss_weight} only applies with loss_tokens "processed" (with '
@@ -318,7 +339,9 @@ class LemoConfig(_LemoSection):
                 )
             ratios = list(self.keep_ratio)
             dense = {i for i, r in enumerate(ratios) if r >= 1.0} if isinstance(self.dense_layers, str) else set()
-            if self.dense_layers == "first_half":
+            # A list the user wrote is honoured as written unless dense_layers is set too: the default's first half
+            # would silently turn its ratios there into 1.0.
+            if self.dense_layers == "first_half" and "dense_layers" in self.model_fields_set:
                 dense |= first_half
         else:
             ratios = [float(self.keep_ratio)] * num_layers

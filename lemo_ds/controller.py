@@ -91,7 +91,8 @@ class LemoController:
         file), which they do in a step hook. Such a controller must be told the step (``step_guard``)."""
         schedule = self.config.schedule
         predictor = self.config.predictor
-        trains = self.config.scorer == "predictor" and (
+        has_sparse = any(ratio < 1.0 for ratio in self.target_ratios)  # else no predictor exists to train
+        trains = has_sparse and self.config.scorer == "predictor" and (
             predictor.refresh_every > 0 or (self.config.predictor_path is None and predictor.calibration_batches > 0)
         )
         return self.config.enabled and (schedule.dense_steps > 0 or schedule.ramp_steps > 0 or trains)

@@ -7,7 +7,8 @@ from typing import Any
 
 import deepspeed
 
-from lemo_ds.config import LemoConfig, split_ds_config
+from lemo_ds import sequence_parallel
+from lemo_ds.config import LemoConfig, parse_lemo_config, split_ds_config
 from lemo_ds.ds_auto import fill_auto
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.inject import apply_lemo, get_controller
@@ -81,6 +82,9 @@ def initialize(
             args.deepspeed_config = None
         config, config_params = fill_auto(ds_config), None
     if lemo_config is not None:
+        if isinstance(config, dict):  # before apply_lemo, on every rank alike
+            sp = sequence_parallel.sp_size_from_config(config)
+            sequence_parallel.check_loss_tokens(parse_lemo_config(lemo_config), sp)
         apply_lemo(model, lemo_config, scorer=lemo_scorer)
     if isinstance(config, dict):
         if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):

@@ -72,6 +72,17 @@ def active() -> SequenceParallel | None:
 # ---- checks (local, before any collective) -----------------------------------------------------------------
 
 
+def check_loss_tokens(lemo: Any, sp: int) -> None:
+    """The loss over processed positions (the "lemo" section's default) is refused under sequence parallelism: each
+    shard would divide by its own count of processed positions, a mean of means, not the group's mean."""
+    if sp > 1 and lemo is not None and lemo.enabled and lemo.loss_tokens == "processed":
+        raise LemoConfigError(
+            f'lemo.loss_tokens "processed" (the default) is not supported with sequence parallelism '
+            f'(sequence_parallel_size {sp}) yet; set "loss_tokens": "all" in the "lemo" section '
+            "(ds_configs/zero3_lemo_sp.json sets LeMo's rule) or sequence_parallel_size 1"
+        )
+
+
 def sp_size_from_config(ds_config: dict[str, Any]) -> int:
     """DeepSpeed's own key ``sequence_parallel_size`` (1 when absent)."""
     value = ds_config.get("sequence_parallel_size", 1)

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lemo_ds.config import LEMO_ARTIFACT_RULE
 from lemo_ds.core.selection import forced_blocks, keep_block_count, select_blocks
+
+# The selection rule this reference implements, LeMo's own: each sparse layer chooses on its own over the whole row,
+# the first half and the last layer dense, the loss on every token. The "lemo" section's defaults are the nested rule,
+# so a test comparing with this reference starts its section from these keys (its scorer is its own).
+LEMO_RULE = {key: value for key, value in LEMO_ARTIFACT_RULE.items() if key != "scorer"}
 
 
 def reference_mask(position_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -10,14 +10,14 @@ from functools import partial
 
 import pytest
 import torch
-from masked_reference import reference_forward
+from masked_reference import LEMO_RULE, reference_forward
 from tiny_models import VOCAB, packed_position_ids, tiny_model
 
 import lemo_ds
 from lemo_ds.hf_compat import checkpointing_enable
 
 BLOCK = 8
-ATTENTION = {"block_size": BLOCK, "eliminate": "attention"}
+ATTENTION = {**LEMO_RULE, "block_size": BLOCK, "eliminate": "attention"}  # the masked reference's rule
 
 
 def converted(model, **section):

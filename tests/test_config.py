@@ -7,17 +7,37 @@ from pathlib import Path
 
 import pytest
 
-from lemo_ds.config import config_reference_markdown, parse_lemo_config, split_ds_config
+from lemo_ds.config import LEMO_ARTIFACT_RULE, config_reference_markdown, parse_lemo_config, split_ds_config
 from lemo_ds.errors import LemoConfigError
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_defaults_follow_the_paper_artifact():
+
+def test_defaults_are_the_recommended_rule_and_the_artifact_rule_is_one_dict_away():
     config = parse_lemo_config({})
     assert (config.block_size, config.keep_ratio, config.always_keep_blocks, config.min_blocks) == (64, 0.4, [0], 1)
     assert not config.apply_in_eval
-    # 32-layer Llama: layers 0..15 and 31 dense, 16..30 sparse at 0.4 (the artifact keeps layers 15..30 sparse).
-    ratios = config.layer_keep_ratios(32)
-    assert [i for i, r in enumerate(ratios) if r < 1.0] == list(range(16, 31))
+    # The README's recommended rule (benchmarks/results/granularity-20261207): whole layers, the predictor, nested
+    # choices in windows of 8 blocks, the loss on the processed positions; 32-layer Llama: layers 16..31 sparse.
+    assert (config.eliminate, config.scorer, config.nested_selection, config.selection_window, config.loss_tokens) == (
+        "layer", "predictor", True, 8, "processed")  # fmt: skip
+    assert [i for i, r in enumerate(config.layer_keep_ratios(32)) if r < 1.0] == list(range(16, 32))
+    # ds_configs/zero3_lemo.json, the main job's config, spells out the same rule.
+    main_job, _ = split_ds_config(json.loads((REPO / "ds_configs" / "zero3_lemo.json").read_text()))
+    rule = ("eliminate", "scorer", "nested_selection", "selection_window", "loss_tokens", "dense_layers")
+    assert [getattr(main_job, key) for key in rule] == [getattr(config, key) for key in rule]
+    # LeMo's artifact: layers 0..15 and 31 dense, 16..30 sparse at 0.4 (the artifact keeps layers 15..30 sparse).
+    artifact = parse_lemo_config(dict(LEMO_ARTIFACT_RULE))
+    assert [i for i, r in enumerate(artifact.layer_keep_ratios(32)) if r < 1.0] == list(range(16, 31))
+    assert (artifact.scorer, artifact.nested_selection, artifact.loss_tokens) == ("oracle", False, "all")
+
+
+def test_the_processed_loss_default_gives_way_to_a_section_without_the_segment_loss():
+    # loss_tokens "processed" is lemo_ds's segment loss: left to its default it is "all" without that loss; set, it
+    # is refused there.
+    assert parse_lemo_config({"memory": {"segment_loss": False}}).loss_tokens == "all"
+    with pytest.raises(LemoConfigError, match='loss_tokens "processed" needs memory.segment_loss true'):
+        parse_lemo_config({"memory": {"segment_loss": False}, "loss_tokens": "processed"})
 
 
 @pytest.mark.parametrize(
@@ -71,7 +91,10 @@ def test_per_layer_ratios_and_dense_layers_against_the_model():
     assert config.layer_keep_ratios(4) == [1.0, 0.5, 0.5, 1.0]
     with pytest.raises(LemoConfigError, match="layer 7 does not exist; the model has layers 0..3"):
         parse_lemo_config({"dense_layers": [7]}).layer_keep_ratios(4)
-    assert parse_lemo_config({"keep_ratio": 0.5}).layer_keep_ratios(6) == [1.0] * 3 + [0.5] * 2 + [1.0]
+    assert parse_lemo_config({"keep_ratio": 0.5, "dense_layers": "auto"}).layer_keep_ratios(6) == [1.0] * 3 + [
+        0.5
+    ] * 2 + [1.0]
+    assert parse_lemo_config({"keep_ratio": 0.5}).layer_keep_ratios(6) == [1.0] * 3 + [0.5] * 3
     assert parse_lemo_config({"keep_ratio": 0.5, "dense_layers": "first_half"}).layer_keep_ratios(6) == [1.0] * 3 + [
         0.5
     ] * 3

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from masked_reference import reference_forward, reference_mask
+from masked_reference import LEMO_RULE, reference_forward, reference_mask
 from tiny_models import VOCAB, packed_position_ids, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -177,8 +177,8 @@ def test_sparse_model_on_packed_rows_equals_the_masked_reference(layout, side, c
     lengths = LAYOUTS[layout]
     model = tiny_model("llama")
     ids, weights, positions, padding = _batch(sum(lengths), side, lengths)
-    sparse = lemo_ds.apply_lemo(copy.deepcopy(model), {"block_size": BLOCK, "keep_ratio": 0.4, "dense_layers": [0],
-                                                       "scorer": "oracle"})  # fmt: skip
+    sparse = lemo_ds.apply_lemo(copy.deepcopy(model), {**LEMO_RULE, "block_size": BLOCK, "keep_ratio": 0.4,
+                                                       "dense_layers": [0], "scorer": "oracle"})  # fmt: skip
     if checkpointing:
         sparse.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ours = _loss_and_grads(sparse, ids, weights, position_ids=positions, attention_mask=padding)

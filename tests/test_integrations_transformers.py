@@ -243,7 +243,8 @@ def test_predictors_train_right_after_the_trainers_optimizer_step(tmp_path):
         warnings.simplefilter("ignore")  # the on-the-fly calibration says so once
         trainer.train()
     history = find_predictor_scorer(model).trainer.history
-    assert {layer: len(observations) for layer, observations in history.items()} == {2: 2}
+    # the default layout of 4 layers: 2 and 3 sparse
+    assert {layer: len(observations) for layer, observations in history.items()} == {2: 2, 3: 2}
     assert ["predictor_recall" in logs for logs in recorder.logs if "loss" in logs] == [False, False, True]
 
 

@@ -11,12 +11,15 @@ from test_memory import assert_same, labelled_batch, loss_and_grads
 from tiny_models import tiny_model
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_RULE
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.memory.segment_loss import IGNORE_INDEX
 
 BLOCK = 8
 # 6 layers: "auto" keeps 0-2 and 5 dense, 3 and 4 sparse.
-SECTION = {"keep_ratio": 0.5, "scorer": "norm", "block_size": BLOCK, "memory": {"segment_tokens": 16}}
+# LeMo's rule, which these tests change one key at a time.
+SECTION = {**LEMO_ARTIFACT_RULE, "keep_ratio": 0.5, "scorer": "norm", "block_size": BLOCK,
+           "memory": {"segment_tokens": 16}}  # fmt: skip
 
 
 def _model(**section):

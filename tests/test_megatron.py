@@ -41,6 +41,7 @@ from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 from megatron.core.transformer.transformer_layer import TransformerLayer  # noqa: E402
 
+from lemo_ds.config import LEMO_ARTIFACT_RULE  # noqa: E402
 from lemo_ds.core.selection import forced_blocks, keep_block_count, select_blocks  # noqa: E402
 from lemo_ds.errors import LemoConfigError, LemoInputError  # noqa: E402
 from lemo_ds.megatron import (  # noqa: E402
@@ -270,6 +271,20 @@ def test_spec_makes_first_half_and_last_layer_dense():
 def test_spec_refuses_keys_the_megatron_path_cannot_honour(section):
     with pytest.raises(LemoConfigError, match=f"lemo.{next(iter(section))} is not available for Megatron"):
         get_lemo_gpt_layer_local_spec({"keep_ratio": 0.4, **section}, LAYERS)
+
+
+def test_keys_a_section_leaves_out_take_lemos_own_rule_on_megatron_layers():
+    # The Hugging Face defaults (predictor, processed loss) need what a Megatron model does not have: a section that
+    # leaves them out gets LeMo's rule; "all" is Megatron's own loss and passes; the predictor, written out, is refused.
+    spec = get_lemo_gpt_layer_local_spec({"keep_ratio": 0.5}, LAYERS)
+    controller = spec.layer_specs[2].params["lemo_controller"]
+    rule = {key: getattr(controller.config, key) for key in LEMO_ARTIFACT_RULE}
+    assert rule == LEMO_ARTIFACT_RULE
+    assert [s.module is LemoTransformerLayer for s in spec.layer_specs] == [False, False, True, False]
+    written = get_lemo_gpt_layer_local_spec({"keep_ratio": 0.5, "loss_tokens": "all", "nested_selection": True}, LAYERS)
+    assert written.layer_specs[2].params["lemo_controller"].config.nested_selection
+    with pytest.raises(LemoConfigError, match='scorer: "predictor" is not available for Megatron'):
+        lemo_and_stock({"keep_ratio": 0.5, "block_size": 8, "scorer": "predictor", "kernels": KERNELS})
 
 
 def test_nested_selection_keeps_a_subset_of_the_previous_sparse_layer():

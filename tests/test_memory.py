@@ -9,6 +9,7 @@ import torch
 from tiny_models import VOCAB, packed_position_ids, tiny_model
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_RULE
 from lemo_ds.memory.segment_loss import IGNORE_INDEX, hf_causal_lm_loss_ref, segment_lm_loss
 
 BLOCK = 8
@@ -207,7 +208,7 @@ def test_all_features_together_equal_each_alone(how):
     """Elimination + segment loss + sparsity-aware checkpointing + tiled MLP against elimination alone."""
     model = tiny_model("llama", layers=6)
     ids, labels = labelled_batch(s=72)
-    base = {"block_size": BLOCK, "keep_ratio": 0.4, "dense_layers": [0, 5], "scorer": "oracle"}
+    base = {**LEMO_ARTIFACT_RULE, "block_size": BLOCK, "keep_ratio": 0.4, "dense_layers": [0, 5]}  # the loss on all
     alone = lemo_ds.apply_lemo(copy.deepcopy(model), {**base, "memory": MEMORY_OFF})
     everything = {
         "segment_loss": True,

@@ -200,7 +200,7 @@ def test_init_is_seeded_and_leaves_the_global_rng_alone():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"predictor_path": "p.safetensors"}, r'predictor_path is set but scorer is "oracle"'),
+        ({"scorer": "oracle", "predictor_path": "p.safetensors"}, r'predictor_path is set but scorer is "oracle"'),
         ({"scorer": "predictor", "predictor": {"calibration_batches": 0}}, r"nothing would train the predictors"),
         ({"predictor": {"hidden_rank": 0}}, r"lemo\.predictor\.hidden_rank: .*greater than or equal to 1"),
         ({"predictor": {"lr": 0}}, r"lemo\.predictor\.lr: .*greater than 0"),

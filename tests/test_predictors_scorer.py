@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from tiny_models import tiny_model
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_RULE
 from lemo_ds.decoder_layer import is_sparse_layer
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.predictors import calibrate, load_predictors, save_predictors
@@ -29,7 +30,8 @@ from lemo_ds.predictors.scorer import (
 )
 
 SEQ, BLOCK = 256, 16  # 16 blocks
-SECTION = {"scorer": "predictor", "block_size": BLOCK, "keep_ratio": 0.4, "kernels": "torch",
+# LeMo's rule with the predictor: on the 4-layer tiny models layer 2 alone is sparse.
+SECTION = {**LEMO_ARTIFACT_RULE, "scorer": "predictor", "block_size": BLOCK, "keep_ratio": 0.4, "kernels": "torch",
            "predictor": {"hidden_rank": 16, "out_rank": 16, "calibration_updates": 10}}  # fmt: skip
 
 

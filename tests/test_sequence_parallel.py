@@ -124,3 +124,18 @@ def test_train_launch_rejects_a_length_that_does_not_shard_into_blocks(tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("lemo_ds: error:")]
     assert len(errors) == 2, result.stderr[-3000:]  # every rank, before any collective
     assert "multiple of sequence_parallel_size x block_size = 128" in errors[0]
+
+
+def test_the_default_processed_loss_is_refused_under_sequence_parallelism_before_any_engine():
+    """The "lemo" section's default loss (processed positions) would be a mean of per-shard means under Ulysses:
+    lemo_ds.initialize refuses it, naming the key and the fix, before DeepSpeed or a process group is touched."""
+    from tiny_models import tiny_model
+
+    import lemo_ds
+
+    config = {"train_micro_batch_size_per_gpu": 1, "sequence_parallel_size": 2, "lemo": {"keep_ratio": 0.5}}
+    with pytest.raises(LemoConfigError, match=r'loss_tokens "processed" \(the default\).*"loss_tokens": "all"'):
+        lemo_ds.initialize(model=tiny_model("llama"), config=config)
+    with open(REPO / "ds_configs" / "zero3_lemo_sp.json") as handle:  # the shipped SP config sets LeMo's rule
+        shipped = json.load(handle)
+    assert lemo_ds.parse_lemo_config(shipped["lemo"]).loss_tokens == "all"

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from masked_reference import reference_forward
+from masked_reference import LEMO_RULE, reference_forward
 from one_rank_group import start_one_rank_group
 from tiny_models import FAMILIES, VOCAB, packed_position_ids, tiny_model
 
@@ -21,8 +21,9 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def lemo_copy(model, **section):
+    """A converted copy under LeMo's rule (the masked reference's) unless ``section`` says otherwise."""
     converted = copy.deepcopy(model)
-    return lemo_ds.apply_lemo(converted, {"block_size": BLOCK, **section})
+    return lemo_ds.apply_lemo(converted, {"block_size": BLOCK, **LEMO_RULE, **section})
 
 
 def loss_and_grads(model, input_ids, weights, **inputs):
@@ -70,7 +71,7 @@ def test_all_blocks_kept_equals_hf_model(family, kernels):
     model = tiny_model(family).to(device)
     ids, weights = (t.to(device) for t in batch())
     sparse = lemo_copy(model, keep_ratio=0.3, min_blocks=1000, scorer="norm", kernels=kernels)
-    assert sum(is_sparse_layer(m) for m in sparse.modules()) == 1  # layers 0, 1 and 3 stay dense by default
+    assert sum(is_sparse_layer(m) for m in sparse.modules()) == 1  # layers 0, 1 and 3 stay dense (LeMo's layout)
     assert_same(loss_and_grads(sparse, ids, weights), loss_and_grads(model, ids, weights))
     assert lemo_ds.get_controller(sparse).stats()["keep_ratio_per_layer"] == [1.0] * 4
 
@@ -293,15 +294,15 @@ def _checkpointed_as_trainer_does(model, when, reentrant, **section):
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("sparse_checkpointing", [True, False])
 def test_hf_checkpointing_with_the_default_section(when, reentrant, sparse_checkpointing):
-    # The default section's layout: the first half and the last layer dense, several sparse layers in a row (each
-    # writing into the previous one's output), enabled before or after conversion, reentrant or not.
+    # The default section's layout: the first half dense, several sparse layers in a row (each writing into the
+    # previous one's output) up to the last, enabled before or after conversion, reentrant or not.
     model = tiny_model("llama", layers=6)
     ids, weights = batch(s=64)
     section = dict(keep_ratio=0.4, scorer="oracle", memory={"sparse_checkpointing": sparse_checkpointing})
-    plain = lemo_copy(model, **section)
+    plain = lemo_ds.apply_lemo(copy.deepcopy(model), {"block_size": BLOCK, **section})
     checkpointed = _checkpointed_as_trainer_does(model, when, reentrant, **section)
     sparse = [is_sparse_layer(layer) for layer in checkpointed.model.layers]
-    assert sparse == [False, False, False, True, True, False]
+    assert sparse == [False, False, False, True, True, True]
     assert_same(loss_and_grads(checkpointed, ids, weights), loss_and_grads(plain, ids, weights))
 
 
@@ -462,5 +463,5 @@ def test_warm_up_schedule_dense_then_linear_ramp():
         controller.set_step(step)
         seen.append(round(controller.keep_ratio(2, training=True), 6))
     assert seen == [1.0, 1.0, 1.0, 0.85, 0.7, 0.55, 0.4, 0.4]
-    assert controller.keep_ratio(3, training=True) == 1.0  # the last layer is dense by default
+    assert controller.keep_ratio(3, training=True) == 1.0  # the last layer is dense in LeMo's layout
     assert controller.keep_ratio(2, training=False) == 1.0  # eval is dense by default

@@ -4,7 +4,9 @@ A Megatron model is built from specs, so token elimination enters as a spec: a `
 whose per-layer specs are the stock layer spec for dense layers and the same spec with ``LemoTransformerLayer``
 (or ``LemoTransformerLayer<YourLayerClass>``) as the module for sparse ones. Which layers are sparse, and their keep
 ratios, come from a ``LemoConfig`` (``lemo_ds.config.parse_lemo_config``, the "lemo" section of lemo_ds's DeepSpeed
-configs): ``layer_keep_ratios(num_layers)`` gives 1.0 (dense) to the first half and the last layer by default.
+configs): ``layer_keep_ratios(num_layers)`` gives 1.0 (dense) to the first half and the last layer by default. Keys the
+section leaves out take LeMo's own rule (``with_megatron_defaults``: the oracle, independent choices), not the Hugging
+Face path's defaults, which need lemo_ds's loss and predictors.
 
     lemo = parse_lemo_config({"keep_ratio": 0.4, "block_size": 64})
     block_spec = get_lemo_gpt_layer_local_spec(lemo, config=transformer_config)
@@ -32,7 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from torch import nn
 
-from lemo_ds.config import LemoConfig, parse_lemo_config
+from lemo_ds.config import LEMO_ARTIFACT_RULE, LemoConfig, parse_lemo_config
 from lemo_ds.controller import LemoController
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.megatron.layer import LemoTransformerLayerMixin, lemo_layer_class
@@ -70,6 +72,7 @@ def get_lemo_block_spec(
     lemo = parse_lemo_config(lemo)
     if lemo is not None and lemo.enabled:
         refuse_unhonoured_keys(lemo)
+        lemo = with_megatron_defaults(lemo)
     ratios = lemo.layer_keep_ratios(num_layers) if lemo is not None and lemo.enabled else [1.0] * num_layers
     specs: list[ModuleSpec] = [layer_spec] * num_layers
     if any(ratio < 1.0 for ratio in ratios):
@@ -102,9 +105,18 @@ _HF_ONLY_KEYS = {
 }
 
 
+def with_megatron_defaults(lemo: LemoConfig) -> LemoConfig:
+    """The section with LeMo's own rule (``LEMO_ARTIFACT_RULE``) for the keys it leaves out: the recommended defaults
+    rest on lemo_ds's loss over the processed positions and on predictors trained on Hugging Face layers, neither of
+    which a Megatron model has."""
+    return lemo.model_copy(update={k: v for k, v in LEMO_ARTIFACT_RULE.items() if k not in lemo.model_fields_set})
+
+
 def refuse_unhonoured_keys(lemo: LemoConfig) -> None:
-    """A key the user set in the "lemo" section that the Megatron path cannot honour is an error, not a no-op."""
-    for key in sorted(lemo.model_fields_set & _HF_ONLY_KEYS.keys()):
+    """A key the user set in the "lemo" section that the Megatron path cannot honour is an error, not a no-op
+    (``loss_tokens: "all"`` is what Megatron's own loss does, and passes)."""
+    honoured = {key for key, value in LEMO_ARTIFACT_RULE.items() if getattr(lemo, key) == value}
+    for key in sorted((lemo.model_fields_set & _HF_ONLY_KEYS.keys()) - honoured):
         raise LemoConfigError(
             f"lemo.{key} is not available for Megatron-core layers: {_HF_ONLY_KEYS[key]}. Remove it from the "
             '"lemo" section.'

@@ -28,8 +28,8 @@ def calibrate_before_training(
     if config is None or config.scorer != "predictor" or config.predictor_path is not None:
         return None
     count = config.predictor.calibration_batches
-    scorer = find_predictor_scorer(engine)
-    if count == 0 or (scorer is not None and scorer.all_trained):
+    scorer = find_predictor_scorer(engine)  # None: no sparse layer (every keep ratio 1.0), nothing to calibrate
+    if count == 0 or scorer is None or scorer.all_trained:
         return None
     started = time.perf_counter()
     chosen = ({key: value.to(device) for key, value in batch.items()} for batch in itertools.islice(batches, count))

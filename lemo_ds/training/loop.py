@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lemo_ds.predictors import job as predictor_job
+from lemo_ds.predictors.scorer import find_predictor_scorer
 from lemo_ds.training import data, evaluate, metrics, output_dir, parallel, resume
 from lemo_ds.training.errors import TrainingStopped
 from lemo_ds.training.job import Job
@@ -170,7 +171,7 @@ def heldout_evaluation(job: Job, rt: Runtime) -> dict:
 
     started = time.perf_counter()
     result = evaluate.heldout_perplexity(rt.engine, batches())
-    if job.lemo is not None and job.lemo.scorer == "predictor":
+    if find_predictor_scorer(rt.engine) is not None:  # scorer "predictor" with at least one sparse layer
         result.update(evaluate.heldout_recall(rt.engine, batches()))
     recall = f", predictor recall {result['predictor_recall']:.3f}" if "predictor_recall" in result else ""
     rt.log(

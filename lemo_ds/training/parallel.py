@@ -17,6 +17,7 @@ from torch import nn
 
 from lemo_ds import sequence_parallel
 from lemo_ds.config import LemoConfig
+from lemo_ds.errors import LemoConfigError
 from lemo_ds.training import data, flags
 from lemo_ds.training.errors import TrainingSetupError
 
@@ -68,12 +69,10 @@ def parallel_dims(
         sequence_parallel.check_zero_config(ds_config, dims.sp)
     except ValueError as error:
         raise TrainingSetupError(f"--seq-len {seq_len}, {world_size} ranks: {error}") from None
-    if lemo is not None and lemo.loss_tokens == "processed":
-        # Each shard would divide by its own count of processed positions: a mean of means, not the group's mean.
-        raise TrainingSetupError(
-            'lemo loss_tokens "processed" is not supported with sequence parallelism yet; use loss_tokens "all" '
-            "or sequence_parallel_size 1"
-        )
+    try:
+        sequence_parallel.check_loss_tokens(lemo, dims.sp)
+    except LemoConfigError as error:
+        raise TrainingSetupError(str(error)) from None
     if lemo is not None and lemo.scorer == "predictor" and lemo.predictor_path is None:
         raise TrainingSetupError(
             'sequence parallelism with lemo scorer "predictor" needs a trained predictors file (--predictor FILE, '

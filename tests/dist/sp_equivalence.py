@@ -39,14 +39,16 @@ from masked_reference import block_scores, reference_mask  # noqa: E402
 
 import lemo_ds  # noqa: E402
 from lemo_ds import sequence_parallel  # noqa: E402
+from lemo_ds.config import LEMO_ARTIFACT_RULE  # noqa: E402
 from lemo_ds.core.selection import keep_block_count, select_blocks  # noqa: E402
 from lemo_ds.training import parallel  # noqa: E402
 from lemo_ds.training.data import IGNORE_INDEX, Row  # noqa: E402
 
 SEQ, BLOCK, SP = 64, 8, 2
 DOC_STARTS = (0, 20, 45)  # the second document crosses the shard boundary at 32
-SPARSE = {"block_size": BLOCK, "keep_ratio": 0.5, "dense_layers": [0], "scorer": "oracle", "kernels": "torch"}
-DENSE = {"block_size": BLOCK, "keep_ratio": 1.0}
+# LeMo's rule, which the per-shard reference implements (the processed loss is refused under sequence parallelism).
+SPARSE = {**LEMO_ARTIFACT_RULE, "block_size": BLOCK, "keep_ratio": 0.5, "dense_layers": [0], "kernels": "torch"}
+DENSE = {"block_size": BLOCK, "keep_ratio": 1.0, "loss_tokens": "all"}
 
 
 def make_row(index: int) -> Row:

@@ -17,9 +17,11 @@ import torch
 from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, write_report, zero_model
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_RULE
 from lemo_ds.memory import segment_loss
 
-LEMO = {"block_size": 8, "keep_ratio": 0.4, "dense_layers": [0], "scorer": "oracle"}
+# LeMo's rule (the loss on every token): the reference runs without the segment loss.
+LEMO = {**LEMO_ARTIFACT_RULE, "block_size": 8, "keep_ratio": 0.4, "dense_layers": [0]}
 SEQ = 40
 MEMORY_OFF = {"segment_loss": False, "sparse_checkpointing": False, "tiled_mlp": False, "compact_saves": False}
 # --all-memory: every memory feature and the fused ops (Triton RMSNorm/RoPE/SwiGLU, Liger's fused linear
