@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from lemo_ds.atomic_io import write_text_atomic  # noqa: E402
 from lemo_ds.config import LEMO_KEY, LemoConfig, load_ds_config, parse_lemo_config  # noqa: E402
 from lemo_ds.errors import LemoError, error_line  # noqa: E402
+from lemo_ds.megatron_section import refuse_unhonoured_keys, with_megatron_defaults  # noqa: E402
 from lemo_ds.training import data, launch_env  # noqa: E402
 from lemo_ds.training.errors import TrainingSetupError  # noqa: E402
 from lemo_ds.training.tokenizer import ByteTokenizer  # noqa: E402
@@ -94,6 +95,9 @@ def lemo_section(args: argparse.Namespace) -> LemoConfig | None:
     if args.block_size is not None:
         section = {**section, "block_size": args.block_size}
     lemo = parse_lemo_config(section)
+    if lemo.enabled:  # before Megatron is imported; the summary records the rule the layers run
+        refuse_unhonoured_keys(lemo)
+        lemo = with_megatron_defaults(lemo)
     if lemo.enabled and args.seq_len < lemo.block_size:
         raise TrainingSetupError(f"--seq-len {args.seq_len} is shorter than one lemo block ({lemo.block_size})")
     return lemo
@@ -132,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from lemo_ds.megatron import attach_lemo, get_lemo_gpt_layer_local_spec, megatron_on_cpu
-    from lemo_ds.megatron.spec import with_megatron_defaults
 
     launch_env.default_single_process_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -174,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             torch.manual_seed(args.seed)  # the same initial weights on every rank
             spec = get_lemo_gpt_layer_local_spec(lemo, config=config, normalization="RMSNorm")
-            lemo = with_megatron_defaults(lemo) if lemo is not None and lemo.enabled else lemo  # what the layers run
             model = GPTModel(
                 config,
                 transformer_layer_spec=spec,

@@ -76,8 +76,9 @@ def check_loss_tokens(lemo: Any, sp: int) -> None:
     """The loss over processed positions (the "lemo" section's default) is refused under sequence parallelism: each
     shard would divide by its own count of processed positions, a mean of means, not the group's mean."""
     if sp > 1 and lemo is not None and lemo.enabled and lemo.loss_tokens == "processed":
+        default = "" if "loss_tokens" in lemo.model_fields_set else " (the default)"
         raise LemoConfigError(
-            f'lemo.loss_tokens "processed" (the default) is not supported with sequence parallelism '
+            f'lemo.loss_tokens "processed"{default} is not supported with sequence parallelism '
             f'(sequence_parallel_size {sp}) yet; set "loss_tokens": "all" in the "lemo" section '
             "(ds_configs/zero3_lemo_sp.json sets LeMo's rule) or sequence_parallel_size 1"
         )

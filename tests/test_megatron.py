@@ -611,3 +611,15 @@ def test_train_megatron_two_ranks(tmp_path):
     assert all(math.isfinite(loss) for loss in summary["losses"])
     ratios = summary["keep_ratio_per_layer"]
     assert ratios[0] == 1.0 and ratios[-1] == 1.0 and min(ratios) < 0.6
+    assert summary["lemo"]["scorer"] == "oracle" and summary["lemo"]["loss_tokens"] == "all"  # LeMo's rule here
+
+
+def test_train_megatron_refuses_hugging_face_keys_in_one_line():
+    """The main job's config names the processed loss, which a Megatron model cannot honour: one error line, exit 2,
+    before Megatron is imported (no traceback)."""
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "train_megatron.py"), "--lemo",
+                             str(REPO / "ds_configs" / "zero3_lemo.json"), "--steps", "1"],
+                            cwd=REPO, text=True, capture_output=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "lemo_ds: error: lemo.loss_tokens is not available for Megatron-core layers" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -136,6 +136,9 @@ def test_the_default_processed_loss_is_refused_under_sequence_parallelism_before
     config = {"train_micro_batch_size_per_gpu": 1, "sequence_parallel_size": 2, "lemo": {"keep_ratio": 0.5}}
     with pytest.raises(LemoConfigError, match=r'loss_tokens "processed" \(the default\).*"loss_tokens": "all"'):
         lemo_ds.initialize(model=tiny_model("llama"), config=config)
+    config["lemo"]["loss_tokens"] = "processed"
+    with pytest.raises(LemoConfigError, match=r'loss_tokens "processed" is not supported with sequence parallelism'):
+        lemo_ds.initialize(model=tiny_model("llama"), config=config)
     with open(REPO / "ds_configs" / "zero3_lemo_sp.json") as handle:  # the shipped SP config sets LeMo's rule
         shipped = json.load(handle)
     assert lemo_ds.parse_lemo_config(shipped["lemo"]).loss_tokens == "all"

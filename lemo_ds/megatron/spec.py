@@ -34,10 +34,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from torch import nn
 
-from lemo_ds.config import LEMO_ARTIFACT_RULE, LemoConfig, parse_lemo_config
+from lemo_ds.config import LemoConfig, parse_lemo_config
 from lemo_ds.controller import LemoController
 from lemo_ds.errors import LemoConfigError
 from lemo_ds.megatron.layer import LemoTransformerLayerMixin, lemo_layer_class
+from lemo_ds.megatron_section import refuse_unhonoured_keys, with_megatron_defaults
 
 
 def get_lemo_block_spec(
@@ -93,34 +94,6 @@ def get_lemo_block_spec(
         specs = specs[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=layer_norm or LayerNormImpl)
 
-
-# Keys of the "lemo" section that only the Hugging Face path implements, and why the Megatron path cannot.
-_OWN_LOSS = "the loss is the Megatron model's own (lemo_ds's segment loss is a Hugging Face causal LM's)"
-_HF_ONLY_KEYS = {
-    "loss_tokens": _OWN_LOSS,
-    "skipped_loss_weight": _OWN_LOSS,
-    "memory": "the memory stack converts Hugging Face modules; use Megatron's own recompute and offload settings",
-    "fused_ops": "the fused ops replace Hugging Face modules; Megatron-core has its own fused kernels "
-    "(Transformer Engine's RMSNorm, RoPE and SwiGLU)",
-}
-
-
-def with_megatron_defaults(lemo: LemoConfig) -> LemoConfig:
-    """The section with LeMo's own rule (``LEMO_ARTIFACT_RULE``) for the keys it leaves out: the recommended defaults
-    rest on lemo_ds's loss over the processed positions and on predictors trained on Hugging Face layers, neither of
-    which a Megatron model has."""
-    return lemo.model_copy(update={k: v for k, v in LEMO_ARTIFACT_RULE.items() if k not in lemo.model_fields_set})
-
-
-def refuse_unhonoured_keys(lemo: LemoConfig) -> None:
-    """A key the user set in the "lemo" section that the Megatron path cannot honour is an error, not a no-op
-    (``loss_tokens: "all"`` is what Megatron's own loss does, and passes)."""
-    honoured = {key for key, value in LEMO_ARTIFACT_RULE.items() if getattr(lemo, key) == value}
-    for key in sorted((lemo.model_fields_set & _HF_ONLY_KEYS.keys()) - honoured):
-        raise LemoConfigError(
-            f"lemo.{key} is not available for Megatron-core layers: {_HF_ONLY_KEYS[key]}. Remove it from the "
-            '"lemo" section.'
-        )
 
 
 def get_lemo_gpt_layer_local_spec(
