@@ -19,6 +19,12 @@
 #                  granularity.sh: dense and eight lemo runs at once, about 9 minutes; no passkey rows)
 #   granularity-d  issue 30: the same on reference D (retrieval), for the run names given after the call's name
 #                  (granularity.sh's --only; dense always runs)
+#   keep-a KEEPS   issue 30: the default rule at the given keep ratios (e.g. 0.5,0.6) against dense on reference A
+#                  (benchmarks/accuracy/experiments/keep_ratio.sh; no passkey rows)
+#   keep-d KEEPS   issue 30: the same on reference D (retrieval)
+#   keep128k KEEP  issue 30: the main job at keep ratio KEEP against hf-liger on 128K packed rows, then the main job
+#                  alone on 128K one-document rows (hf-liger runs out of device memory there:
+#                  benchmarks/results/faster-than-hf-liger-20261207/h100-128k-one-doc.json)
 #   registered640k issue 31, on an H200 (141 GB): the offload tests on CUDA (registered pinned buffers included),
 #                  then the main job with the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows
 #                  (the planner: 105.5 GiB device, 118 GiB host; with power-of-two buffers the host runs out)
@@ -33,10 +39,12 @@
 #
 # The main job's configs here are ds_configs/zero3_lemo.json with predictor.calibration_batches 1 (and the change
 # the call names): calibration runs before step 1 and fixes the keep ratios, so the timed steps are the shipped
-# config's; one calibration batch instead of 8 saves 25-60 s of device time per case.
+# config's; one calibration batch instead of 8 saves 25-60 s of device time per case. Every call but keep128k pins
+# keep_ratio 0.4, zero3_lemo.json's until 2026-12-07 (0.6 since): the calls already run measured it, and the
+# max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|onedoc384k|memory256k|granularity-a|granularity-d RUNS"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -101,11 +109,11 @@ offload_tests() {
 
 case "$name" in
     onedoc128k)
-        lemo=$(derive zero3_lemo-calibration1)
+        lemo=$(derive zero3_lemo-calibration1 keep_ratio=0.4)
         product_path --seq 131072 --rows one-doc --config "hf-liger,$lemo" --steps 6 --case-timeout 330
         ;;
     maxctx-lemo)
-        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
         for rows in packed one-doc; do
             product_path --maxctx --config "$lemo" --rows $rows --start 524288 --max-seq 524288 --granularity 16384 \
                 --case-timeout 280 --budget-s 270
@@ -116,40 +124,41 @@ case "$name" in
             --granularity 16384 --case-timeout 200 --budget-s 560
         ;;
     h100-384k-dense)
-        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
         product_path --maxctx --config "$lemo" --rows packed --start 393216 --max-seq 393216 --granularity 16384 \
             --case-timeout 200 --budget-s 200
         product_path --maxctx --config hf-liger-offload --rows packed --start 262144 --max-seq 1048576 \
             --granularity 16384 --case-timeout 200 --budget-s 300
         ;;
     attention64k)
-        attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
-        layer=$(derive zero3_lemo-calibration1)
+        attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"' keep_ratio=0.4)
+        layer=$(derive zero3_lemo-calibration1 keep_ratio=0.4)
         product_path --seq 65536 --rows one-doc --config "hf-liger,$layer,$attention" --steps 6 --case-timeout 170
         ;;
     attention128k)
-        attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"')
+        attention=$(derive zero3_lemo-attention-calibration1 'eliminate="attention"' keep_ratio=0.4)
         product_path --seq 131072 --rows packed --config "$attention,hf-liger" --steps 6 --case-timeout 150
         ;;
     registered640k)
         offload_tests
-        lemo=$(derive zero3_lemo-registered-calibration1 memory.tiled_mlp=true 'memory.pinned_buffers="registered"')
+        lemo=$(derive zero3_lemo-registered-calibration1 memory.tiled_mlp=true 'memory.pinned_buffers="registered"' \
+            keep_ratio=0.4)
         product_path --maxctx --config "$lemo" --rows packed --start 655360 --max-seq 655360 --granularity 16384 \
             --case-timeout 420 --budget-s 430
         ;;
     h100-512k-offload-param)
-        lemo=$(derive zero3_lemo-tiled-offload-param-calibration1 memory.tiled_mlp=true \
+        lemo=$(derive zero3_lemo-tiled-offload-param-calibration1 memory.tiled_mlp=true keep_ratio=0.4 \
             ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
         product_path --maxctx --config "$lemo" --rows packed --start 524288 --max-seq 524288 --granularity 16384 \
             --case-timeout 540 --budget-s 545
         ;;
     onedoc384k)
-        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
         product_path --maxctx --config "$lemo" --rows one-doc --start 393216 --max-seq 393216 --granularity 16384 \
             --case-timeout 420 --budget-s 430
         ;;
     memory256k)
-        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true)
+        lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
         rows="$OUT/packed-rows.jsonl"  # a dry run prints this; a run writes product_path's packed rows (4 KB documents)
         if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
             rows=$(python3 -c "import sys; from pathlib import Path; from benchmarks.product_path import prepare_rows
@@ -160,21 +169,33 @@ print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$
                  --max-steps 2 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
         if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else "${command[@]}" | tail -40; fi
         ;;
-    granularity-a | granularity-d)
-        reference=${name#granularity-}
-        command=(bash benchmarks/accuracy/experiments/granularity.sh "$BOOKS" outputs/accuracy "$OUT")
+    keep128k)
+        keep=${2:?"keep128k needs the keep ratio, e.g. 0.6"}
+        lemo=$(derive "zero3_lemo-keep$keep-calibration1" "keep_ratio=$keep")
+        product_path --seq 131072 --rows packed --config "$lemo,hf-liger" --steps 6 --case-timeout 150
+        product_path --seq 131072 --rows one-doc --config "$lemo" --steps 6 --case-timeout 330
+        ;;
+    granularity-a | granularity-d | keep-a | keep-d)
+        reference=${name#*-}
+        if [ "${name%-*}" = granularity ]; then
+            command=(bash benchmarks/accuracy/experiments/granularity.sh "$BOOKS" outputs/accuracy "$OUT")
+            if [ "$reference" = d ]; then
+                only=${2:?"granularity-d needs the run names, e.g. predictor@0.4+nested,predictor@0.4+attention"}
+                command+=(--only "dense,$only")
+            fi
+        else
+            keeps=${2:?"$name needs the keep ratios, e.g. 0.5,0.6"}
+            command=(bash benchmarks/accuracy/experiments/keep_ratio.sh "$BOOKS" outputs/accuracy "$OUT" "$keeps")
+        fi
         if [ "$reference" = a ]; then  # reference A retrieves no passkey (0 in every run so far): its rows save a minute
             command+=(--set passkey_rows=0)
-        else
-            only=${2:?"granularity-d needs the run names, e.g. predictor@0.4+nested,predictor@0.4+attention"}
-            command+=(--only "dense,$only")
         fi
         if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then
             echo "REFERENCE=${reference^^} $(printf '%q ' "${command[@]}")"
         else
-            REFERENCE=${reference^^} "${command[@]}" > "$OUT/granularity-$reference.log" 2>&1 \
-                || echo "gpu_calls.sh: granularity.sh exited $?"
-            grep -v "Loading weights\|Writing model" "$OUT/granularity-$reference.log" | tail -40
+            REFERENCE=${reference^^} "${command[@]}" > "$OUT/$name.log" 2>&1 \
+                || echo "gpu_calls.sh: ${command[1]} exited $?"
+            grep -v "Loading weights\|Writing model" "$OUT/$name.log" | tail -40
         fi
         ;;
     *)

@@ -217,7 +217,7 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 
 @pytest.mark.parametrize(
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
-             "registered640k", "h100-512k-offload-param", "onedoc384k", "memory256k"]
+             "registered640k", "h100-512k-offload-param", "onedoc384k", "memory256k", "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -227,8 +227,10 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
 
     from lemo_ds.config import load_ds_config, split_ds_config
 
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_calls.sh"), call], capture_output=True, text=True,
-                            timeout=60, cwd=REPO, env={**os.environ, "OUT": str(tmp_path), "GPU_CALLS_DRY_RUN": "1"})
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_calls.sh"), *call.split()], capture_output=True,
+                            text=True, timeout=60, cwd=REPO,
+                            env={**os.environ, "OUT": str(tmp_path), "GPU_CALLS_DRY_RUN": "1"})  # fmt: skip
+    call, *call_args = call.split()
     assert result.returncode == 0, result.stderr
     if call == "memory256k":  # not a product_path search: profile_job.py --memory-peak on the derived config
         (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "profile_job.py" in line]
@@ -246,6 +248,8 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
             if config not in product_path.BASELINES:
                 lemo, _ = split_ds_config(load_ds_config(config))
                 assert lemo.predictor.calibration_batches == 1 and Path(config).parent == tmp_path / call
+                if call == "keep128k":
+                    assert lemo.keep_ratio == float(call_args[0])
         assert ("--budget-s" if "--maxctx" in args else "--steps") in args
 
 
@@ -269,3 +273,11 @@ def test_accuracy_device_calls_name_the_reference_and_the_runs(tmp_path):
     assert line[0] == "REFERENCE=D" and line[line.index("--only") + 1] == "dense,predictor@0.4+attention"
     refused = dry_run("granularity-d")
     assert refused.returncode != 0 and "needs the run names" in refused.stderr
+    for call, reference, passkey_rows in (("keep-a", "A", True), ("keep-d", "D", False)):
+        keep = dry_run(call, "0.5,0.6")
+        assert keep.returncode == 0, keep.stderr
+        (line,) = [shlex.split(line) for line in keep.stdout.splitlines() if "keep_ratio.sh" in line]
+        assert line[0] == f"REFERENCE={reference}" and line[line.index(str(tmp_path / call)) + 1] == "0.5,0.6"
+        assert ("passkey_rows=0" in line) == passkey_rows
+        refused = dry_run(call)
+        assert refused.returncode != 0 and "needs the keep ratios" in refused.stderr
