@@ -47,6 +47,7 @@ HARNESS_DENSE_LIGER = dict(  # dense+ckpt+chunked-loss: Hugging Face layers, Lig
     liger_loss=True, fused_ops=False, sparse_checkpointing=False, zero_stage=0, lora_float32=True,
 )  # fmt: skip
 RECOMMENDED_RATIOS = tuple([1.0] * 16 + [0.4] * 16)  # "dense_layers": "first_half" (zero3_lemo.json since 7e73dd7)
+KEEP06_RATIOS = tuple([1.0] * 16 + [0.6] * 16)  # the same at keep 0.6 (zero3_lemo.json since 2026-12-07)
 
 
 def product_path_peak(name: str, index: int) -> float | None:
@@ -86,6 +87,7 @@ def memory_long_peak(name: str, seq: int, variant: str) -> float:
 
 
 LC = "longest-context-20261207/"
+KR = "keep-ratio-20261207/"
 FH = "faster-than-hf-liger-20261206/"
 FH7 = "faster-than-hf-liger-20261207/"
 PR = "packed-rows-20261202/"
@@ -128,6 +130,26 @@ CASES = [
         product_path_peak(FH7 + "h100-128k-one-doc.json", 1),
         131072,
         RECOMMENDED_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "main job zero3_lemo at keep 0.6 (calibrated on 1 micro-batch) 128K packed, H100",
+        KR + "product-path-128k-packed.json",
+        product_path_peak(KR + "product-path-128k-packed.json", 0),
+        131072,
+        KEEP06_RATIOS,
+        MAIN_JOB,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "main job zero3_lemo at keep 0.6 (calibrated on 1 micro-batch) 128K one-document rows, H100",
+        KR + "product-path-128k-one-doc.json",
+        product_path_peak(KR + "product-path-128k-one-doc.json", 0),
+        131072,
+        KEEP06_RATIOS,
         MAIN_JOB,
         H100_GIB,
         "check",

@@ -162,13 +162,15 @@ class LemoPredictorConfig(_LemoSection):
     """Optimizer steps of each layer's predictor per refresh."""
 
 
-# LeMo's own selection rule, as its artifact runs it: the oracle's scores, independent choices per sparse layer, one
-# top-k over the whole row, the first half and the last layer dense, the loss on every token. The defaults are the
-# rule the accuracy benchmark recommends instead (README, "Accuracy"): the predictor, nested choices in windows of 8
-# blocks, the first half dense, the loss on the processed positions. Megatron layers, whose loss is their model's
-# own, take these values for the keys a section leaves out; benchmarks that compare with LeMo's rule set them.
-LEMO_ARTIFACT_RULE: dict[str, Any] = {"scorer": "oracle", "nested_selection": False, "selection_window": 0,
-                                      "dense_layers": "auto", "loss_tokens": "all"}  # fmt: skip
+# LeMo's own selection rule, as its artifact runs it: 40% of the blocks kept, independent choices per sparse layer,
+# one top-k over the whole row, the first half and the last layer dense, the loss on every token; and its scorer, the
+# oracle. The defaults are the rule the accuracy benchmark recommends instead (README, "Which granularity and rule to
+# pick"): 60% kept, nested choices in windows of 8 blocks, the first half dense, the loss on the processed positions,
+# the predictor. Megatron layers, whose loss is their model's own, take LeMo's values for the keys a section leaves
+# out; benchmarks and tests that compare with LeMo's rule start from LEMO_ARTIFACT_SELECTION and add their scorer.
+LEMO_ARTIFACT_SELECTION: dict[str, Any] = {"keep_ratio": 0.4, "nested_selection": False, "selection_window": 0,
+                                           "dense_layers": "auto", "loss_tokens": "all"}  # fmt: skip
+LEMO_ARTIFACT_RULE: dict[str, Any] = {**LEMO_ARTIFACT_SELECTION, "scorer": "oracle"}
 
 
 class LemoConfig(_LemoSection):
@@ -181,10 +183,11 @@ class LemoConfig(_LemoSection):
     block_size: int = Field(64, ge=1, le=65536)
     """Tokens per block: the granularity of elimination. The sequence length must be at least one block."""
 
-    keep_ratio: float | list[float] = 0.4
+    keep_ratio: float | list[float] = 0.6
     """Share of blocks each sparse layer keeps, in (0, 1]. One number for every sparse layer, or one number
     per decoder layer (then its length must equal the model's number of layers, and a layer with 1.0 is
-    dense)."""
+    dense). The default is the lowest ratio that kept held-out perplexity within 1.5% of dense on the accuracy
+    benchmark's references (README, "Which granularity and rule to pick"); LeMo's artifact keeps 0.4."""
 
     dense_layers: Literal["auto", "first_half"] | list[int] = "first_half"
     """Decoder layers that always run on every token. ``"first_half"`` (default): the first half only: with

@@ -18,13 +18,11 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lemo_ds.config import LEMO_ARTIFACT_RULE
 from lemo_ds.core.selection import forced_blocks, keep_block_count, select_blocks
 
-# The selection rule this reference implements, LeMo's own: each sparse layer chooses on its own over the whole row,
-# the first half and the last layer dense, the loss on every token. The "lemo" section's defaults are the nested rule,
-# so a test comparing with this reference starts its section from these keys (its scorer is its own).
-LEMO_RULE = {key: value for key, value in LEMO_ARTIFACT_RULE.items() if key != "scorer"}
+# The selection rule this reference implements is LeMo's own (lemo_ds.config.LEMO_ARTIFACT_SELECTION): each sparse
+# layer chooses on its own over the whole row, the loss on every token. The "lemo" section's defaults are the nested
+# rule, so a test comparing with this reference starts its section from those keys (its scorer is its own).
 
 
 def reference_mask(position_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -10,14 +10,15 @@ from functools import partial
 
 import pytest
 import torch
-from masked_reference import LEMO_RULE, reference_forward
+from masked_reference import reference_forward
 from tiny_models import VOCAB, packed_position_ids, tiny_model
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_SELECTION
 from lemo_ds.hf_compat import checkpointing_enable
 
 BLOCK = 8
-ATTENTION = {**LEMO_RULE, "block_size": BLOCK, "eliminate": "attention"}  # the masked reference's rule
+ATTENTION = {**LEMO_ARTIFACT_SELECTION, "block_size": BLOCK, "eliminate": "attention"}  # the masked reference's rule
 
 
 def converted(model, **section):

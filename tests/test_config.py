@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lemo_ds.config import LEMO_ARTIFACT_RULE, config_reference_markdown, parse_lemo_config, split_ds_config
+from lemo_ds.config import (
+    LEMO_ARTIFACT_RULE,
+    LEMO_ARTIFACT_SELECTION,
+    config_reference_markdown,
+    parse_lemo_config,
+    split_ds_config,
+)
 from lemo_ds.errors import LemoConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_recommended_rule_and_the_artifact_rule_is_one_dict_away():
     config = parse_lemo_config({})
-    assert (config.block_size, config.keep_ratio, config.always_keep_blocks, config.min_blocks) == (64, 0.4, [0], 1)
+    assert (config.block_size, config.keep_ratio, config.always_keep_blocks, config.min_blocks) == (64, 0.6, [0], 1)
     assert not config.apply_in_eval
     # The README's recommended rule (benchmarks/results/granularity-20261207): whole layers, the predictor, nested
     # choices in windows of 8 blocks, the loss on the processed positions; 32-layer Llama: layers 16..31 sparse.
@@ -24,12 +30,13 @@ def test_defaults_are_the_recommended_rule_and_the_artifact_rule_is_one_dict_awa
     assert [i for i, r in enumerate(config.layer_keep_ratios(32)) if r < 1.0] == list(range(16, 32))
     # ds_configs/zero3_lemo.json, the main job's config, spells out the same rule.
     main_job, _ = split_ds_config(json.loads((REPO / "ds_configs" / "zero3_lemo.json").read_text()))
-    rule = ("eliminate", "scorer", "nested_selection", "selection_window", "loss_tokens", "dense_layers")
+    rule = ("keep_ratio", "eliminate", "scorer", "nested_selection", "selection_window", "loss_tokens", "dense_layers")
     assert [getattr(main_job, key) for key in rule] == [getattr(config, key) for key in rule]
     # LeMo's artifact: layers 0..15 and 31 dense, 16..30 sparse at 0.4 (the artifact keeps layers 15..30 sparse).
     artifact = parse_lemo_config(dict(LEMO_ARTIFACT_RULE))
     assert [i for i, r in enumerate(artifact.layer_keep_ratios(32)) if r < 1.0] == list(range(16, 31))
     assert (artifact.scorer, artifact.nested_selection, artifact.loss_tokens) == ("oracle", False, "all")
+    assert LEMO_ARTIFACT_RULE == {**LEMO_ARTIFACT_SELECTION, "scorer": "oracle"} and artifact.keep_ratio == 0.4
 
 
 def test_the_processed_loss_default_gives_way_to_a_section_without_the_segment_loss():

@@ -13,11 +13,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from masked_reference import LEMO_RULE, reference_forward, reference_mask
+from masked_reference import reference_forward, reference_mask
 from tiny_models import VOCAB, packed_position_ids, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_SELECTION
 from lemo_ds.document_attention import ATTENTION, document_attention
 from lemo_ds.documents import Documents
 from lemo_ds.predictors.labels import lo_block_from_mask
@@ -177,8 +178,8 @@ def test_sparse_model_on_packed_rows_equals_the_masked_reference(layout, side, c
     lengths = LAYOUTS[layout]
     model = tiny_model("llama")
     ids, weights, positions, padding = _batch(sum(lengths), side, lengths)
-    sparse = lemo_ds.apply_lemo(copy.deepcopy(model), {**LEMO_RULE, "block_size": BLOCK, "keep_ratio": 0.4,
-                                                       "dense_layers": [0], "scorer": "oracle"})  # fmt: skip
+    section = {**LEMO_ARTIFACT_SELECTION, "block_size": BLOCK, "dense_layers": [0], "scorer": "oracle"}
+    sparse = lemo_ds.apply_lemo(copy.deepcopy(model), section)
     if checkpointing:
         sparse.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ours = _loss_and_grads(sparse, ids, weights, position_ids=positions, attention_mask=padding)

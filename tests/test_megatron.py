@@ -275,11 +275,14 @@ def test_spec_refuses_keys_the_megatron_path_cannot_honour(section):
 
 def test_keys_a_section_leaves_out_take_lemos_own_rule_on_megatron_layers():
     # The Hugging Face defaults (predictor, processed loss) need what a Megatron model does not have: a section that
-    # leaves them out gets LeMo's rule; "all" is Megatron's own loss and passes; the predictor, written out, is refused.
-    spec = get_lemo_gpt_layer_local_spec({"keep_ratio": 0.5}, LAYERS)
+    # leaves them out gets LeMo's rule (its keep ratio too); a key written out stays as written; "all" is Megatron's own
+    # loss and passes; the predictor, written out, is refused.
+    spec = get_lemo_gpt_layer_local_spec({}, LAYERS)
     controller = spec.layer_specs[2].params["lemo_controller"]
     rule = {key: getattr(controller.config, key) for key in LEMO_ARTIFACT_RULE}
     assert rule == LEMO_ARTIFACT_RULE
+    assert get_lemo_gpt_layer_local_spec({"keep_ratio": 0.5}, LAYERS).layer_specs[2].params[
+        "lemo_controller"].config.keep_ratio == 0.5  # fmt: skip
     assert [s.module is LemoTransformerLayer for s in spec.layer_specs] == [False, False, True, False]
     written = get_lemo_gpt_layer_local_spec({"keep_ratio": 0.5, "loss_tokens": "all", "nested_selection": True}, LAYERS)
     assert written.layer_specs[2].params["lemo_controller"].config.nested_selection

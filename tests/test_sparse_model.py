@@ -8,11 +8,12 @@ from functools import partial
 
 import pytest
 import torch
-from masked_reference import LEMO_RULE, reference_forward
+from masked_reference import reference_forward
 from one_rank_group import start_one_rank_group
 from tiny_models import FAMILIES, VOCAB, packed_position_ids, tiny_model
 
 import lemo_ds
+from lemo_ds.config import LEMO_ARTIFACT_SELECTION
 from lemo_ds.decoder_layer import is_sparse_layer
 
 BLOCK = 8
@@ -23,7 +24,7 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def lemo_copy(model, **section):
     """A converted copy under LeMo's rule (the masked reference's) unless ``section`` says otherwise."""
     converted = copy.deepcopy(model)
-    return lemo_ds.apply_lemo(converted, {"block_size": BLOCK, **LEMO_RULE, **section})
+    return lemo_ds.apply_lemo(converted, {"block_size": BLOCK, **LEMO_ARTIFACT_SELECTION, **section})
 
 
 def loss_and_grads(model, input_ids, weights, **inputs):

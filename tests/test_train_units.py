@@ -481,7 +481,7 @@ def test_the_job_is_described_once_frozen_and_without_the_lemo_section(tmp_path,
     train = load_launch_script("train")
     args = train.parse_args(["--seq-len", "256", "--data", str(corpus), "--output-dir", str(tmp_path / "out")])
     job = describe(args)
-    assert isinstance(job.lemo, lemo_ds.LemoConfig) and job.lemo.keep_ratio == 0.4  # ds_configs/zero3_lemo.json
+    assert isinstance(job.lemo, lemo_ds.LemoConfig) and job.lemo.keep_ratio == 0.6  # ds_configs/zero3_lemo.json
     assert "lemo" not in job.ds_config and job.ds_config["train_micro_batch_size_per_gpu"] == 1
     assert (job.dims.world_size, job.dims.sp, job.dims.dp) == (1, 1, 1)
     assert job.dims.rows_per_step == job.dims.micro_batch * job.dims.grad_accum

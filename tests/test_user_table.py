@@ -132,7 +132,7 @@ def test_a_length_too_short_to_sparsify_is_one_warning(tmp_path):
     result = ok(train_single("--seq-len", "100", "--max-steps", "1", "--no-save", "--output-dir", str(out)))
     assert lines_with(result, "warning") == [
         "lemo_ds: warning: --seq-len 100 is too short for token elimination: 2 blocks of 64 tokens, and a sparse "
-        "layer keeps 2 (keep_ratio 0.4; the first and any partial last block are always kept), so this run trains "
+        "layer keeps 2 (keep_ratio 0.6; the first and any partial last block are always kept), so this run trains "
         "dense; use --seq-len 128 or more for lemo to skip blocks"
     ]
     assert summary(out)["mean_keep_ratio"] == 1.0  # dense, as the line says

@@ -44,7 +44,7 @@ from benchmarks.accuracy import corpus, passkey, pretrain, report  # noqa: E402
 from benchmarks.accuracy.recipe import RECIPES, RUN_FIELDS, Recipe  # noqa: E402
 from benchmarks.accuracy.tokenizer import train_tokenizer  # noqa: E402
 from benchmarks.harness import results  # noqa: E402
-from lemo_ds.config import LEMO_ARTIFACT_RULE  # noqa: E402
+from lemo_ds.config import LEMO_ARTIFACT_SELECTION  # noqa: E402
 
 DEFAULT_BOOKS = REPO.parent / "shared" / "data" / "gutenberg"
 BASE_CONFIG = REPO / "ds_configs" / "zero2_lemo.json"
@@ -167,15 +167,15 @@ def ds_config(run: FineTune, recipe: Recipe) -> dict:
     return config
 
 
-# A run's "lemo" section starts from LeMo's own rule (independent choices, the loss on every token, LeMo's dense
-# layers), which the mode "" means; a mode's keys change it (recipe.NESTED: the rule lemo_ds's defaults follow).
-BASE_RULE = {key: value for key, value in LEMO_ARTIFACT_RULE.items() if key != "scorer"}
+# A run's "lemo" section starts from LeMo's own rule (LEMO_ARTIFACT_SELECTION: independent choices, the loss on every
+# token, LeMo's dense layers), which the mode "" means, with the run's keep ratio and scorer; a mode's keys change it
+# (recipe.NESTED: the rule lemo_ds's defaults follow).
 
 
 def lemo_section(run: FineTune, recipe: Recipe) -> dict:
     """The "lemo" section of a sparse run."""
-    return {**BASE_RULE, "keep_ratio": run.keep_ratio, "scorer": run.scorer, "block_size": recipe.block_size,
-            **run.extra}  # fmt: skip
+    return {**LEMO_ARTIFACT_SELECTION, "keep_ratio": run.keep_ratio, "scorer": run.scorer,
+            "block_size": recipe.block_size, **run.extra}  # fmt: skip
 
 
 def prepare_models(recipe: Recipe, split: corpus.Split, work: Path, device: torch.device) -> tuple[Path, Path, dict]:
@@ -260,7 +260,7 @@ def train_predictors(recipe: Recipe, extended: Path, finetune_dir: Path, work: P
     job_dir = work / "predictors"
     job_dir.mkdir(parents=True, exist_ok=True)
     dense = [i for i in range(recipe.layers) if i not in layers]
-    config = {"lemo": {**BASE_RULE, "keep_ratio": recipe.keep_ratio, "scorer": "predictor",
+    config = {"lemo": {**LEMO_ARTIFACT_SELECTION, "keep_ratio": recipe.keep_ratio, "scorer": "predictor",
                        "block_size": recipe.block_size, "dense_layers": dense}}  # fmt: skip
     (job_dir / "ds_config.json").write_text(json.dumps(config))
     out = job_dir / "predictors.safetensors"

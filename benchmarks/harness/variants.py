@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from benchmarks.harness.model import BenchModel
-from lemo_ds.config import LEMO_ARTIFACT_RULE
+from lemo_ds.config import LEMO_ARTIFACT_SELECTION
 from lemo_ds.hf_compat import checkpointing_disable, checkpointing_enable
 
 DEFAULT_KEEP_RATIO = 0.4
@@ -71,8 +71,7 @@ def lemo_variant(scorer: str, checkpointing: bool = False, chunked_loss: bool = 
     stack = "stack" if stack is True else stack
     # LeMo's own rule (independent choices, the loss on every token, LeMo's dense layers), which the harness's
     # figures have measured from the start; the main job's rule is ds_configs/zero3_lemo.json's (product_path.py).
-    rule = {key: value for key, value in LEMO_ARTIFACT_RULE.items() if key != "scorer"}
-    section = {**rule, "keep_ratio": keep_ratio, "scorer": scorer, "block_size": DEFAULT_BLOCK_SIZE,
+    section = {**LEMO_ARTIFACT_SELECTION, "keep_ratio": keep_ratio, "scorer": scorer, "block_size": DEFAULT_BLOCK_SIZE,
                "memory": dict(STACKS[stack] if stack else MEMORY_OFF), **lemo_keys}
     name = _name(f"lemo-{scorer}", checkpointing, chunked_loss) + (f"+{stack}" if stack else "")
     if keep_ratio != DEFAULT_KEEP_RATIO:

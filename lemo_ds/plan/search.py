@@ -11,7 +11,8 @@ Changes are tried cumulatively, cheapest first (what each costs, README "The lem
 7. ZeRO-3's parameter offload of the frozen base, zero_optimization.offload_param (LoRA under ZeRO-3 only: every
    layer's weights cross PCIe in forward, recompute and backward; host memory instead of device memory; not yet
    measured on a GPU);
-8. a lower keep_ratio, 0.3 then 0.2 then 0.1 (changes what the sparse layers train on: accuracy).
+8. a lower keep_ratio, 0.5, 0.4 (LeMo's), 0.3, 0.2 then 0.1, those below the job's (changes what the sparse layers
+   train on: accuracy; README, "Which granularity and rule to pick").
 Of the changes tried, the plan keeps those the fit needs; resident layers are tried only while the device has room.
 """
 
@@ -121,7 +122,7 @@ def changes(setup: Setup) -> list[Change]:
                           ds_keys={"zero_optimization.offload_param": {"device": "cpu", "pin_memory": True}}))
     if any(r < 1.0 for r in setup.keep_ratios):
         current = min(setup.keep_ratios)
-        for ratio in (0.3, 0.2, 0.1):
+        for ratio in (0.5, 0.4, 0.3, 0.2, 0.1):
             if ratio < current:
                 out.append(Change(f"keep_ratio {ratio}", _keep(ratio), {"keep_ratio": ratio}))
     return out
