@@ -21,7 +21,8 @@ from benchmarks.harness.model import BenchModel
 from lemo_ds.config import LEMO_ARTIFACT_SELECTION
 from lemo_ds.hf_compat import checkpointing_disable, checkpointing_enable
 
-DEFAULT_KEEP_RATIO = 0.4
+# The harness's variants run LeMo's rule, its keep ratio included (a variant at another ratio is named "@<ratio>").
+DEFAULT_KEEP_RATIO = LEMO_ARTIFACT_SELECTION["keep_ratio"]
 DEFAULT_BLOCK_SIZE = 64
 
 
