@@ -63,7 +63,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from lemo_ds.errors import LemoError, error_line  # noqa: E402
+from lemo_ds.errors import LemoError, print_error_line  # noqa: E402
 from lemo_ds.training import ds_output, evaluate, flags, launch_env, resume  # noqa: E402
 from lemo_ds.training.job import describe, memory_size  # noqa: E402
 from lemo_ds.training.loop import train  # noqa: E402
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, deepspeed_output: ds_output.DeepSpeedOutput) -
     except LemoError as error:
         # One line, no traceback: bad input (every rank gets here on its own, before any collective), or a stop
         # every rank learnt of together (a non-finite loss, a failed save).
-        print(error_line(error), file=sys.stderr, flush=True)
+        print_error_line(error)
         status = getattr(error, "exit_code", 2)
         launch_env.exit_on_sigterm(status)  # srun ending the ranks after the first one out: the same status
         _STOPPED_IN_GROUP = torch.distributed.is_initialized()

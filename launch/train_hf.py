@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:  # a checkout that was not pip-installed: import l
 import torch  # noqa: E402
 
 from lemo_ds.config import load_ds_config, split_ds_config  # noqa: E402
-from lemo_ds.errors import LemoError, error_line  # noqa: E402
+from lemo_ds.errors import LemoError, print_error_line  # noqa: E402
 from lemo_ds.hf_compat import trainer_checkpointing_arguments  # noqa: E402
 from lemo_ds.inject import enable_document_attention  # noqa: E402
 from lemo_ds.integrations.transformers import enable  # noqa: E402
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if writer:
             write_metrics(trainer, Path(args.output_dir) / "metrics.jsonl", source.config.num_hidden_layers)
     except LemoError as error:
-        print(error_line(error), file=sys.stderr, flush=True)
+        print_error_line(error)
         return 2
     finally:
         launch_env.release_cpu_comm_buffer()  # DeepSpeed's CPU backend leaks it otherwise

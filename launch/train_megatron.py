@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lemo_ds.atomic_io import write_text_atomic  # noqa: E402
 from lemo_ds.config import LEMO_KEY, LemoConfig, load_ds_config, parse_lemo_config  # noqa: E402
-from lemo_ds.errors import LemoError, error_line  # noqa: E402
+from lemo_ds.errors import LemoError, print_error_line, write_line  # noqa: E402
 from lemo_ds.megatron_section import refuse_unhonoured_keys, with_megatron_defaults  # noqa: E402
 from lemo_ds.training import data, launch_env  # noqa: E402
 from lemo_ds.training.errors import TrainingSetupError  # noqa: E402
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = ByteTokenizer()
         data.check_corpus(files, tokenizer, args.seq_len, args.data)
     except (LemoError, TrainingSetupError) as error:
-        print(error_line(error), file=sys.stderr, flush=True)
+        print_error_line(error)
         return 2
 
     # Megatron-core is imported only now: it takes seconds, and bad flags should not wait for it.
@@ -141,10 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda" and local_rank >= torch.cuda.device_count():
-        print(
+        write_line(
             f"lemo_ds: error: local rank {local_rank} but {torch.cuda.device_count()} GPU(s); one GPU per rank "
-            "(or CUDA_VISIBLE_DEVICES= for CPU ranks)",
-            file=sys.stderr,
+            "(or CUDA_VISIBLE_DEVICES= for CPU ranks)"
         )
         return 2
     launch_env.set_cpu_threads(device.type)

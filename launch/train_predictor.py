@@ -38,7 +38,7 @@ from tqdm import tqdm  # noqa: E402
 
 import lemo_ds  # noqa: E402
 from lemo_ds.config import load_ds_config, parse_lemo_config  # noqa: E402
-from lemo_ds.errors import LemoError, error_line  # noqa: E402
+from lemo_ds.errors import LemoError, print_error_line  # noqa: E402
 from lemo_ds.predictors import calibrate, save_predictors  # noqa: E402
 from lemo_ds.predictors.calibrate import predictor_scorer_of  # noqa: E402
 from lemo_ds.predictors.layer_inputs import for_each_layer_input  # noqa: E402
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         net, source, tokenizer, files, device = build(args)
     except LemoError as error:
-        print(error_line(error), file=sys.stderr, flush=True)
+        print_error_line(error)
         return 2
     scorer = predictor_scorer_of(net)
     rows = data.packed_rows(files, tokenizer, args.seq_len, args.seed)

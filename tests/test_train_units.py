@@ -552,3 +552,31 @@ def test_every_launcher_prints_a_stop_as_one_line():
     assert error_line(error) == (
         "lemo_ds: error: lemo.memory: two problems: resident_checkpoints 2 needs offload; and more"
     )
+
+
+def test_an_error_line_is_one_write_so_ranks_sharing_a_pipe_do_not_run_together(monkeypatch):
+    """Under the deepspeed launcher every rank is ``python -u``: print() would write the text and its newline apart,
+    and two ranks' lines on one pipe came out as one line (CI, test_sequence_parallel). lemo_ds.errors.print_error_line
+    writes the line with its newline at once; so does the peer watch's default writer."""
+    import inspect
+    import io
+
+    from lemo_ds.errors import LemoConfigError, print_error_line
+    from lemo_ds.training import peers
+
+    class Writes(io.StringIO):
+        calls: list[str]
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    stream = Writes()
+    stream.calls = []
+    monkeypatch.setattr("sys.stderr", stream)
+    print_error_line(LemoConfigError("bad\nkey"))
+    assert stream.calls == ["lemo_ds: error: bad; key\n"]
+    stream.calls.clear()
+    write = inspect.signature(peers.PeerWatch.__init__).parameters["write"].default
+    write("lemo_ds: error: a peer is gone")
+    assert stream.calls == ["lemo_ds: error: a peer is gone\n"]

@@ -42,6 +42,7 @@ from datetime import timedelta
 import torch
 
 from lemo_ds import distributed
+from lemo_ds.errors import write_line
 from lemo_ds.training import launch_env
 
 EXIT_CODE = 4  # launch/train.py's status for a stop on a lost peer (2: bad input, 3: a stop of the run itself)
@@ -64,7 +65,7 @@ class PeerWatch:
         timeout: float,
         after: Callable[[], str],
         before_exit: Callable[[], None] = lambda: None,
-        write: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+        write: Callable[[str], None] = write_line,
         connect: Callable[[], torch.distributed.Store] | None = None,
         exit: Callable[[int], None] = os._exit,
     ) -> None:

@@ -107,7 +107,8 @@ def watch_peers(job: Job, rank: int) -> peers.PeerWatch | None:
 
     return peers.PeerWatch(
         rank, nodes, job.peer_timeout, after, before_exit=launch_env.release_cpu_comm_buffer,
-        write=lambda line: tqdm.write(line, file=sys.stderr),  # on a line of its own beside rank 0's progress bar
+        # on a line of its own beside rank 0's progress bar; one write, as lemo_ds.errors.write_line says why
+        write=lambda line: tqdm.write(line + "\n", file=sys.stderr, end=""),
     ).start()  # fmt: skip
 
 
