@@ -32,6 +32,12 @@
 #                  parameter offload (the frozen base's 15 GiB on the host, fetched layer by layer): 512K ran out of
 #                  device memory with 73.6 GiB allocated and 4 GiB asked (the planner, whose parameter-offload term
 #                  is not calibrated: 74.6 GiB device of 75.2 usable, 118.5 GiB host)
+#   h100-512k-onedoc issue 31, H100, after h100-512k-offload-param: the same job on one-document rows, one step,
+#                  with the random scorer: the predictors' calibration runs every layer dense, 512K of full causal
+#                  attention more than a call has time for; the memory depends on how many blocks are kept, not which
+#   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
+#                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
+#                  layers' inputs on the host halved: the planner says 127.8 GiB device, 100 GiB host)
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
@@ -44,7 +50,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h200-800k|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -101,7 +107,7 @@ product_path() {
 # The offload tests on CUDA (registered pinned buffers included: they have no CPU path), before a call relies on them.
 offload_tests() {
     if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
-        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_memory.py -k "offload or registered" \
+        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_memory.py -k "offload or registered or fewer_stored" \
             > "$OUT/offload-tests.log" 2>&1 || true
         tail -3 "$OUT/offload-tests.log"
     fi
@@ -151,6 +157,18 @@ case "$name" in
             ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
         product_path --maxctx --config "$lemo" --rows packed --start 524288 --max-seq 524288 --granularity 16384 \
             --case-timeout 540 --budget-s 545
+        ;;
+    h100-512k-onedoc)
+        lemo=$(derive zero3_lemo-tiled-offload-param-random-scorer memory.tiled_mlp=true keep_ratio=0.4 \
+            'scorer="random"' ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
+        product_path --maxctx --config "$lemo" --rows one-doc --start 524288 --max-seq 524288 --granularity 16384 \
+            --steps 1 --case-timeout 570 --budget-s 575
+        ;;
+    h200-800k)
+        lemo=$(derive zero3_lemo-registered-two-layers-per-input-calibration1 memory.tiled_mlp=true \
+            'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4)
+        product_path --maxctx --config "$lemo" --rows packed --start 819200 --max-seq 819200 --granularity 16384 \
+            --case-timeout 450 --budget-s 460
         ;;
     onedoc384k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)

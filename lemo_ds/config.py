@@ -106,12 +106,23 @@ class LemoMemoryConfig(_LemoSection):
     stay on the device instead of going to the host, so that spare device memory (a 141 GB card's) takes what the
     host has no room for. 0: every layer's goes to the host."""
 
+    layers_per_stored_input: int = Field(1, ge=1, le=8)
+    """With offload_checkpoints, where host memory runs out: of this many consecutive dense decoder layers only the
+    first stores its input (on the host); the others' inputs are rebuilt in backward by running the layer below
+    again without grad. Host memory for the dense layers' inputs / this value, for one more layer forward per
+    rebuilt input; the device holds this value - 2 more inputs (none at 2). 1: every layer stores its input."""
+
     @model_validator(mode="after")
     def _offload_settings_need_offload(self) -> LemoMemoryConfig:
         if self.pinned_buffers != "power_of_two" and not self.offload_checkpoints:
             raise ValueError(
                 f'pinned_buffers "{self.pinned_buffers}" only applies to offloaded checkpoints; set '
                 "offload_checkpoints true, or leave pinned_buffers out"
+            )
+        if self.layers_per_stored_input > 1 and not self.offload_checkpoints:
+            raise ValueError(
+                f"layers_per_stored_input {self.layers_per_stored_input} only applies to offloaded checkpoints; set "
+                "offload_checkpoints true, or leave it out"
             )
         if self.resident_checkpoints > 0 and not self.offload_checkpoints:
             raise ValueError(

@@ -93,7 +93,7 @@ class LemoDecoderLayerMixin:
         except KeyError:
             raise AttributeError(_HF_FUNC) from None
         memory = self._lemo.memory
-        return raw if memory is None else memory.checkpoint_function(raw)
+        return raw if memory is None else memory.checkpoint_function(raw, dense=self._lemo.sparse is None)
 
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, value: Any) -> None:

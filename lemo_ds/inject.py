@@ -105,7 +105,8 @@ def apply_lemo(
     offloader = None
     if memory.offload_checkpoints:
         offloader = CheckpointOffloader(generation=lambda: controller.micro_step, pinned_kind=memory.pinned_buffers,
-                                        resident=memory.resident_checkpoints)  # fmt: skip
+                                        resident=memory.resident_checkpoints,
+                                        layers_per_stored_input=memory.layers_per_stored_input)  # fmt: skip
     layer_memory = LayerMemory(memory.compact_saves, offloader) if memory.compact_saves or offloader else None
     for index, (layer, ratio) in enumerate(zip(layers, ratios, strict=True)):
         sparse = SparsePlan(index, controller, scorer) if ratio < 1.0 else None

@@ -77,6 +77,10 @@ def test_the_processed_loss_default_gives_way_to_a_section_without_the_segment_l
         ({"memory": {"resident_checkpoints": 2}}, r"lemo\.memory: .*resident_checkpoints 2 only applies to offloaded "
          r"checkpoints"),
         ({"memory": {"offload_checkpoints": True, "resident_checkpoints": -1}}, r"lemo\.memory\.resident_checkpoints"),
+        ({"memory": {"layers_per_stored_input": 2}}, r"lemo\.memory: .*layers_per_stored_input 2 only applies to "
+         r"offloaded checkpoints"),
+        ({"memory": {"offload_checkpoints": True, "layers_per_stored_input": 0}},
+         r"lemo\.memory\.layers_per_stored_input: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_sections_name_the_key_and_what_is_allowed(section, message):

@@ -570,3 +570,107 @@ def test_resident_checkpoints_keep_the_first_layers_inputs_and_offload_the_rest(
     kept = sum(shape.numel() for entry in offloader.entries for shape in entry.shapes) * 2
     assert offloader.offloaded_bytes == kept > 0
     assert_identical(results[1], results[0])
+
+
+# ---- fewer stored inputs: memory.layers_per_stored_input ---------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_fewer_stored_inputs_rebuild_the_others_by_running_the_layer_below(how, k):
+    """Seven rebuildable layers of a chain, k = 2 or 3: only the first of every k stores its input (the host bytes
+    and entries say which), each of the others reruns the layers below it in its group once, and the gradients are
+    bit for bit those of the plain checkpoint, over two steps."""
+    import functools
+
+    from lemo_ds.memory.offload import CheckpointOffloader, HostPool
+
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=how == "reentrant")
+    step = [0]
+    offloader = CheckpointOffloader(generation=lambda: step[0], pool=HostPool(), layers_per_stored_input=k)
+    rebuildable = offloader.wrap(checkpoint, rebuildable=True)
+    weights = [torch.randn(16, 16, requires_grad=True) for _ in range(7)]
+    calls = [0] * 7
+
+    def layer(i, t):  # t [5, 16]
+        calls[i] += 1
+        return torch.tanh(t @ weights[i]) + t
+
+    for step[0] in range(2):
+        x = torch.randn(5, 16, requires_grad=True)
+        grads = []
+        for run in (checkpoint, rebuildable):
+            calls[:] = [0] * 7
+            for w in weights:
+                w.grad = None
+            h = x
+            for i in range(7):
+                h = run(functools.partial(layer, i), h)
+            h.square().sum().backward()
+            grads.append([w.grad.clone() for w in weights])
+        for ours, theirs in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        stored = [i for i in range(7) if i % k == 0]
+        assert [e.source is None for e in offloader.entries] == [i % k == 0 for i in range(7)]
+        assert offloader.offloaded_bytes == len(stored) * 5 * 16 * 4 and offloader.rebuilt_inputs == 7 - len(stored)
+        assert all(e.restored and e.rerun is None and not e.aliases for e in offloader.entries)
+        # forward and recompute, and once more to rebuild the next layer's input unless it ends its group
+        group_ends = {min(i - i % k + k, 7) - 1 for i in range(7)}
+        assert calls == [2 + (i not in group_ends) for i in range(7)]
+
+
+def test_fewer_stored_inputs_store_again_where_the_chain_breaks():
+    """An input that is not the last rebuildable call's output (another tensor, the output changed in place since,
+    or a call that is not rebuildable in between) is stored, and the gradients stay those of the plain checkpoint."""
+    import functools
+
+    from lemo_ds.memory.offload import CheckpointOffloader, HostPool
+
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    offloader = CheckpointOffloader(pool=HostPool(), layers_per_stored_input=4)
+    rebuildable, other = offloader.wrap(checkpoint, rebuildable=True), offloader.wrap(checkpoint)
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def layer(t):
+        return torch.tanh(t @ w) + t
+
+    x = torch.randn(4, 16, requires_grad=True)
+    grads = []
+    for dense, sparse in ((checkpoint, checkpoint), (rebuildable, other)):
+        w.grad = None
+        h = dense(layer, x)  # stored
+        h = dense(layer, h)  # rebuilt from the first
+        h = dense(layer, h * 1.0)  # another tensor: stored
+        h = dense(layer, h)  # rebuilt
+        h.mul_(0.5)
+        h = dense(layer, h)  # the same tensor, changed in place since the last call: stored
+        h = sparse(layer, h)  # not rebuildable: stored
+        h = dense(layer, h)  # the last call was not rebuildable: stored
+        h.square().sum().backward()
+        grads.append(w.grad.clone())
+    assert [e.source is not None for e in offloader.entries] == [False, True, False, True, False, False, False]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["reentrant", "deepspeed"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_fewer_stored_inputs_give_identical_loss_and_gradients(how, k):
+    """A converted model with dense layers 0-4 and sparse 5-6: layers_per_stored_input k stores the inputs of
+    layers 0, k, 2k.. of the dense ones (the sparse layers store their kept rows), and the loss and gradients over
+    two steps are those of offload with every input stored."""
+    model = lora_model(layers=7)
+    ids, labels = labelled_batch()
+    results, offloaders = [], []
+    for every in (1, k):
+        section = {**_section(0.4, offload_checkpoints=True, layers_per_stored_input=every, tiled_mlp=True,
+                              tiled_mlp_tokens=16), "dense_layers": [0, 1, 2, 3, 4]}  # fmt: skip
+        converted = _checkpointed(lemo_ds.apply_lemo(copy.deepcopy(model), section), how)
+        for _ in range(2):
+            result = loss_and_grads(converted, ids, labels)
+        results.append(result)
+        offloaders.append(converted.get_base_model()._lemo.offloader)
+    rebuilt = [e.source is not None for e in offloaders[1].entries]
+    assert rebuilt == [i < 5 and i % k != 0 for i in range(7)]
+    dense_input = 2 * 64 * 32 * 2  # [b, s, h] bf16
+    assert offloaders[0].offloaded_bytes - offloaders[1].offloaded_bytes == sum(rebuilt) * dense_input
+    assert_identical(results[1], results[0])

@@ -215,6 +215,33 @@ def test_resident_checkpoints_put_spare_device_memory_to_use_where_the_host_is_s
     assert result.section({})["memory"] == {"pinned_buffers": "registered", "resident_checkpoints": 4}
 
 
+def test_fewer_stored_inputs_halve_the_dense_layers_host_memory_where_the_host_is_short():
+    """800K tokens on a 141 GB card (139 GiB) with 125 GiB of host memory, zero3_lemo.json (keep 0.4) with the tiled
+    MLP: even registered buffers need more host memory than there is (16 dense inputs of 6.25 GiB, 16 sparse of 2.5
+    GiB), and keeping layers on the device does not fit it; layers_per_stored_input 2 stores every other dense
+    layer's input, with no more on the device. k = 3 holds one more input on the device."""
+    shape, setup = main_job_setup(819200, tiled_mlp=True)
+    result = search.plan(shape, setup, 139 * GIB, 125 * GIB)
+    assert [c.what for c in result.applied] == ["pinned_buffers registered", "layers_per_stored_input 2"]
+    dense, sparse = 6.5 * GIB, 2.5 * GIB  # 6.25 GiB in 512 MiB granules; 0.4 x 12800 blocks of 64 rows
+    terms = result.fitting.terms
+    assert terms["host.offloaded inputs"] == 8 * dense + 16 * sparse
+    assert terms["stored inputs in flight (offloaded)"] == 2 * 819200 * 4096 * 2
+    assert result.section({})["memory"] == {"pinned_buffers": "registered", "layers_per_stored_input": 2}
+    three = memory.predict(shape, dataclasses.replace(setup, pinned_buffers="registered", layers_per_stored_input=3))
+    assert three.device_bytes - result.fitting.device_bytes == 819200 * 4096 * 2
+    assert three.terms["host.offloaded inputs"] == 6 * dense + 16 * sparse  # layers 0, 3, .., 15 of 16
+
+
+def test_rebuilt_inputs_follow_runs_of_dense_layers():
+    """Which layers' inputs layers_per_stored_input leaves to rebuild: in each run of dense layers all but every k-th
+    from the run's start; sparse layers always store their kept rows."""
+    ratios = (1.0, 1.0, 1.0, 1.0, 1.0, 0.4, 1.0, 1.0, 0.4)
+    assert memory.rebuilt_inputs(ratios, 1) == [False] * 9
+    assert memory.rebuilt_inputs(ratios, 2) == [False, True, False, True, False, False, False, True, False]
+    assert memory.rebuilt_inputs(ratios, 3) == [False, True, True, False, True, False, False, True, False]
+
+
 def test_zero3_parameter_offload_moves_the_weights_to_the_host():
     """zero_optimization.offload_param (ZeRO-3): the device holds two gathered decoder layers and the embedding-sized
     module instead of every weight; the host holds each parameter pinned (a power of two each). Not calibrated: no

@@ -20,7 +20,8 @@ class LayerMemory:
         """Around the model's own layer call (on every row, or on the kept rows of a sparse layer)."""
         return compaction() if self.compact else contextlib.nullcontext()
 
-    def checkpoint_function(self, raw: Callable[..., Any]) -> Callable[..., Any]:
+    def checkpoint_function(self, raw: Callable[..., Any], dense: bool) -> Callable[..., Any]:
         """The layer's activation checkpoint function (Hugging Face's ``_gradient_checkpointing_func``), offloading
-        its stored input where asked."""
-        return raw if self.offloader is None else self.offloader.wrap(raw)
+        its stored input where asked. ``dense``: the call is a whole dense layer, whose output the offloader may
+        rebuild by running it again (``memory.layers_per_stored_input``)."""
+        return raw if self.offloader is None else self.offloader.wrap(raw, rebuildable=dense)

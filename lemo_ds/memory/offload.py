@@ -18,6 +18,14 @@ it is given (PyTorch's reentrant and non-reentrant checkpoint, DeepSpeed's ``che
 
 At most two layers' inputs are on the device at a time (the one being recomputed and the prefetched one), besides
 those of the first ``resident`` layers, which stay there (spare device memory taking what the host has no room for).
+
+Fewer stored inputs (``layers_per_stored_input`` k > 1, for lengths where the host runs out): of k consecutive
+dense layers whose inputs are each the previous one's output, only the first stores its input; the input of each
+of the others is rebuilt in backward, right before its checkpoint recomputes, by running the layer below it again
+without grad from that layer's input. Host memory for the dense layers' inputs drops to 1/k, at the cost of k - 1
+more layer forwards per group; the device holds the same two inputs at k = 2 (the one rebuilt, and the one it was
+rebuilt from, which backward needs next anyway) and k - 2 more above that.
+
 Host buffers are page-locked and pooled across steps and models (the first step pays for pinning), by capacity
 rather than by shape (``HostPool``): a sparse layer's kept rows change in number from step to step on packed rows,
 and a pool keyed by shape pinned a new buffer for every new count and kept the old ones, growing without bound.
@@ -32,6 +40,7 @@ import mmap
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -176,6 +185,10 @@ class _Entry:
     event: Any = None
     restored: bool = False
     index: int = 0
+    source: _Entry | None = None  # set: nothing stored; the input is the output of ``source.rerun`` (the layer below)
+    group_position: int = 0  # 0: stores its input; i: the i-th layer above the one that does
+    rerun: Callable[[], Any] | None = None  # this layer's function on its inputs (a rebuildable layer, until restored)
+    prefetch_started: bool = False  # its restore has started copying the input backward needs next
 
 
 # Shared by every offloader of the process: a model converted again (the benchmark harness re-applies lemo_ds at
@@ -189,24 +202,36 @@ class CheckpointOffloader:
     of entries, so prefetch follows the current micro-batch). ``pinned_kind``: the host buffers of CUDA data,
     the config's ``memory.pinned_buffers``, "power_of_two" or "registered" (``host_capacity``). ``resident``: the first
     that many checkpointed calls of each forward (the first decoder layers) keep their inputs on the device
-    (``memory.resident_checkpoints``)."""
+    (``memory.resident_checkpoints``). ``layers_per_stored_input``: k of ``memory.layers_per_stored_input`` (the
+    module docstring)."""
 
     generation: Callable[[], int] = lambda: 0
     pinned_kind: str = "power_of_two"
     resident: int = 0
+    layers_per_stored_input: int = 1
     entries: list[_Entry] = field(default_factory=list)
     pool: HostPool = field(default_factory=lambda: _SHARED_POOL)
     offloaded_bytes: int = 0  # device bytes moved out by the current forward
+    rebuilt_inputs: int = 0  # inputs of the current forward left to be rebuilt in backward
     _stream: Any = None
     _generation: int = -1
     _calls: int = 0  # checkpointed calls of the current forward
+    # The entry and output of the last rebuildable call, and the output's version, held until the next call compares
+    # its input with it: alive, its storage cannot have become another tensor's.
+    _last_output: tuple[_Entry, torch.Tensor, int] | None = None
 
-    def wrap(self, checkpoint_func: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(self, checkpoint_func: Callable[..., Any], rebuildable: bool = False) -> Callable[..., Any]:
+        """``checkpoint_func`` with its stored inputs offloaded. ``rebuildable``: the function is a whole dense layer,
+        which can run again to rebuild its output where that is the next such call's input
+        (``layers_per_stored_input``)."""
+
         def offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return checkpoint_func(function, *args, **kwargs)
             self._follow_forward()
             self._calls += 1
+            source = self._source(args) if rebuildable else None
+            self._last_output = None
             if self._calls <= self.resident:
                 return checkpoint_func(function, *args, **kwargs)
             args = tuple(_Alias.apply(a) if _offloadable(a) else a for a in args)
@@ -214,8 +239,11 @@ class CheckpointOffloader:
             anchor = _first_with_grad_fn(out)
             aliases = [a for a in args if _offloadable(a)]
             if anchor is not None and aliases:
-                entry = self._offload(aliases)
+                entry = self._offload(aliases) if source is None else self._leave_to_rebuild(aliases, source)
                 anchor.grad_fn.register_prehook(lambda grad_outputs: self._restore(entry))
+                if rebuildable and self.layers_per_stored_input > 1 and len(aliases) == 1:
+                    entry.rerun = partial(function, *args)  # the aliases: the input, once restored
+                    self._last_output = (entry, anchor, anchor._version)
             return out
 
         offloaded.__wrapped__ = checkpoint_func
@@ -227,6 +255,38 @@ class CheckpointOffloader:
         generation = self.generation()
         if generation != self._generation:
             self._generation, self.entries, self.offloaded_bytes, self._calls = generation, [], 0, 0
+            self.rebuilt_inputs, self._last_output = 0, None
+
+    def _source(self, args: tuple[Any, ...]) -> _Entry | None:
+        """The entry of the last rebuildable call when its output is this call's one input (the same storage,
+        unchanged since) and its group has room for one more layer (``layers_per_stored_input``)."""
+        inputs = [a for a in args if _offloadable(a)]
+        if self._last_output is None or len(inputs) != 1:
+            return None
+        entry, output, version = self._last_output
+        x = inputs[0]
+        same = (
+            x.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+            and x.storage_offset() == output.storage_offset()
+            and x.shape == output.shape
+            and x.stride() == output.stride()
+            and x.dtype == output.dtype
+            and x._version == version == output._version
+        )
+        if not same or entry.group_position + 1 >= self.layers_per_stored_input:
+            return None
+        return entry
+
+    def _leave_to_rebuild(self, aliases: list[torch.Tensor], source: _Entry) -> _Entry:
+        """Store nothing: backward rebuilds the input from ``source`` (``_materialize``)."""
+        shapes = [alias.shape for alias in aliases]
+        for alias in aliases:
+            alias.data = torch.empty(0, dtype=alias.dtype, device=alias.device)
+        entry = _Entry(aliases, [], [], [], shapes, index=len(self.entries), source=source,
+                       group_position=source.group_position + 1)  # fmt: skip
+        self.entries.append(entry)
+        self.rebuilt_inputs += 1
+        return entry
 
     def _offload(self, aliases: list[torch.Tensor]) -> _Entry:
         hosts, buffers, kinds, shapes = [], [], [], []
@@ -257,7 +317,36 @@ class CheckpointOffloader:
     # ---- backward: host -> device ---------------------------------------------------------------------
 
     def _restore(self, entry: _Entry) -> None:
+        """Before the entry's checkpoint recomputes: its inputs on the device, and the stored input backward needs
+        next on its way."""
+        self._last_output = None  # backward has begun: no call of this forward compares with it any more
+        self._materialize(entry)
+        if entry.prefetch_started:
+            return
+        entry.prefetch_started = True
+        previous = self._previous(entry)
+        if previous is not None:
+            self._prefetch(previous)
+
+    def _materialize(self, entry: _Entry) -> None:
+        """The entry's inputs on the device: copied back (or taken from the prefetch), or rebuilt."""
         if entry.restored:
+            return
+        if entry.source is not None:  # rebuilt: the layer below runs again on its own input, put back first
+            rerun = entry.source.rerun  # taken before materializing the source, which drops it
+            if rerun is None:
+                raise RuntimeError("lemo_ds: the layer whose output is this layer's input ran its backward first")
+            self._materialize(entry.source)
+            with torch.no_grad():
+                out = rerun()
+            del rerun
+            data = out[0] if isinstance(out, (tuple, list)) else out
+            (alias,) = entry.aliases
+            if data.shape != entry.shapes[0] or data.dtype != alias.dtype:
+                raise RuntimeError(f"lemo_ds: rebuilding a layer's input gave {tuple(data.shape)} {data.dtype}, not "
+                                   f"{tuple(entry.shapes[0])} {alias.dtype}")
+            alias.data = data
+            entry.restored, entry.aliases, entry.rerun = True, [], None
             return
         if entry.prefetched is not None:
             device = entry.prefetched[0].device
@@ -272,18 +361,18 @@ class CheckpointOffloader:
                 alias.data = data
         # The checkpoint holds the aliases as long as its backward needs them; a reference here would keep every
         # restored input on the device until the next forward (H200, 64K: 11 GiB of restored inputs at the peak).
-        entry.restored, entry.prefetched, entry.aliases = True, None, []
+        # ``rerun`` holds them too.
+        entry.restored, entry.prefetched, entry.aliases, entry.rerun = True, None, [], None
         self._release(entry)
-        previous = self._previous(entry)
-        if previous is not None:
-            self._prefetch(previous)
 
     def _previous(self, entry: _Entry) -> _Entry | None:
+        """The stored entry below, which backward copies back next (inputs rebuilt in between come from it), unless
+        it is on the device already or on its way."""
         if entry.index >= len(self.entries) or self.entries[entry.index] is not entry:
             return None  # an entry of an older forward
         for candidate in reversed(self.entries[: entry.index]):
-            if not candidate.restored and candidate.prefetched is None:
-                return candidate
+            if candidate.source is None:
+                return None if candidate.restored or candidate.prefetched is not None else candidate
         return None
 
     def _prefetch(self, entry: _Entry) -> None:

@@ -54,6 +54,7 @@ def job_setup(
             offload_checkpoints=m.offload_checkpoints,
             pinned_buffers=m.pinned_buffers,
             resident_checkpoints=m.resident_checkpoints,
+            layers_per_stored_input=m.layers_per_stored_input,
             segment_loss=m.segment_loss,
             segment_tokens=m.segment_tokens,
             liger_loss=cuda and m.segment_loss_impl != "torch" and liger_installed(),

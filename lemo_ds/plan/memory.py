@@ -34,6 +34,8 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
   bytes, their float32 upcast, log-softmax and gradient (s x V x (b + 12)): what plain DeepSpeed's out-of-memory
   message reported at 64K (96.22 GiB allocated, 31.31 GiB more asked: benchmarks/results/packed-rows-20261202/).
 - CONSTANT: what the step allocates beside these (DeepSpeed's buckets, scorer, allocator rounding), fitted.
+- layers_per_stored_input k: of each run of consecutive dense layers only every k-th stores its input (on the host);
+  the others' are rebuilt in backward from it, with k - 2 more inputs on the device at once.
 - offloaded_inputs: the stored inputs in page-locked host buffers, each rounded up to a power of two (PyTorch's
   caching host allocator does so: this, not the device, stopped the packed-row max-context search at 520K), or with
   memory.pinned_buffers "registered" to a sixteenth of that power of two (lemo_ds.memory.offload.host_capacity).
@@ -159,6 +161,7 @@ class Setup:
     offload_checkpoints: bool = False
     pinned_buffers: str = "power_of_two"  # memory.pinned_buffers: "power_of_two" or "registered"
     resident_checkpoints: int = 0  # memory.resident_checkpoints: the first layers' stored inputs stay on the device
+    layers_per_stored_input: int = 1  # memory.layers_per_stored_input: one dense layer in k stores its input
     segment_loss: bool = True
     segment_tokens: int = 4096
     liger_loss: bool = False  # Liger's fused linear cross-entropy (CUDA with liger-kernel)
@@ -207,6 +210,25 @@ def loss_bytes(shape: Shape, setup: Setup, s: int) -> int:
     return chunk * v * 8 + s * h * b
 
 
+def rebuilt_inputs(ratios: tuple[float, ...], k: int) -> list[bool]:
+    """Per offloaded layer (keep ratios in layer order): whether memory.layers_per_stored_input ``k`` leaves its input
+    to be rebuilt instead of stored: in each run of consecutive dense layers, all but every k-th from the run's start
+    (lemo_ds.memory.offload)."""
+    out, position = [], -1
+    for ratio in ratios:
+        position = position + 1 if ratio >= 1.0 else -1
+        out.append(position > 0 and position % k != 0)
+    return out
+
+
+def _longest_dense_run(ratios: tuple[float, ...]) -> int:
+    longest = run = 0
+    for ratio in ratios:
+        run = run + 1 if ratio >= 1.0 else 0
+        longest = max(longest, run)
+    return longest
+
+
 def predict(shape: Shape, setup: Setup) -> Prediction:
     """The predicted peak of one training step (formula and terms: the module docstring)."""
     b, w = setup.dtype_bytes, max(1, setup.world_size)
@@ -237,14 +259,20 @@ def predict(shape: Shape, setup: Setup) -> Prediction:
         stored, stored_name = sum(layer_backward_bytes(shape, setup, r) for r in rows), "activations (no checkpointing)"
         backward = 0
     elif setup.offload_checkpoints:
-        resident, offloaded = stored_rows[: setup.resident_checkpoints], stored_rows[setup.resident_checkpoints :]
-        on_device = resident + sorted(offloaded)[-2:]
+        first = setup.resident_checkpoints
+        resident, offloaded = stored_rows[:first], stored_rows[first:]
+        rebuilt = rebuilt_inputs(ratios[first:], setup.layers_per_stored_input)
+        # A rebuilt input and the one it is rebuilt from are the two in flight; k > 2 holds the k - 2 between.
+        group = min(setup.layers_per_stored_input, _longest_dense_run(ratios[first:])) if any(rebuilt) else 0
+        between = max(0, group - 2)
+        on_device = resident + sorted(offloaded)[-2:] + [s] * between
         stored = sum(n * shape.hidden * b for n in on_device)
         stored_name = "stored inputs resident and in flight" if resident else "stored inputs in flight (offloaded)"
+        on_host = [n for n, r in zip(offloaded, rebuilt, strict=True) if not r]
         if setup.device == "cuda":
-            host_offload = sum(host_capacity(n * shape.hidden * b, setup.pinned_buffers) for n in offloaded)
+            host_offload = sum(host_capacity(n * shape.hidden * b, setup.pinned_buffers) for n in on_host)
         else:  # no pinned memory: the host copies live in the same RAM
-            host_offload = sum(n * shape.hidden * b for n in offloaded)
+            host_offload = sum(n * shape.hidden * b for n in on_host)
     else:
         stored, stored_name = sum(n * shape.hidden * b for n in stored_rows), "stored inputs"
     loss = loss_bytes(shape, setup, s)

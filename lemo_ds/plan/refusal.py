@@ -13,7 +13,8 @@ def fix_text(result: Plan, lemo_section: dict | None, ds_config: dict | None = N
     if not result.found:
         return (
             "no change the planner tries fits (offload, segment loss, tiled MLP, registered pinned buffers, "
-            "resident checkpoints, parameter offload, keep_ratio 0.1): use a shorter --seq-len or more ranks"
+            "resident checkpoints, fewer stored inputs, parameter offload, keep_ratio 0.1): use a shorter --seq-len or "
+            "more ranks"
         )
     parts = [f"with {' + '.join(c.what for c in result.applied)} it needs {gib(result.fitting.device_bytes)}"]
     if result.flags():

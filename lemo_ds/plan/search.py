@@ -8,12 +8,15 @@ Changes are tried cumulatively, cheapest first (what each costs, README "The lem
 5. memory.pinned_buffers "registered" (offloaded inputs page-locked at about their size: host memory only);
 6. memory.resident_checkpoints 1, 2, 4, 8 then 16 (the first layers' inputs stay on the device: no copies, device
    memory instead of host memory);
-7. ZeRO-3's parameter offload of the frozen base, zero_optimization.offload_param (LoRA under ZeRO-3 only: every
+7. memory.layers_per_stored_input 2, 3 then 4 (one more forward of every dense layer whose output is not stored;
+   host memory for the dense layers' inputs / k, k - 2 more on the device);
+8. ZeRO-3's parameter offload of the frozen base, zero_optimization.offload_param (LoRA under ZeRO-3 only: every
    layer's weights cross PCIe in forward, recompute and backward; host memory instead of device memory; not yet
    measured on a GPU);
-8. a lower keep_ratio, 0.5, 0.4 (LeMo's), 0.3, 0.2 then 0.1, those below the job's (changes what the sparse layers
+9. a lower keep_ratio, 0.5, 0.4 (LeMo's), 0.3, 0.2 then 0.1, those below the job's (changes what the sparse layers
    train on: accuracy; README, "Which granularity and rule to pick").
-Of the changes tried, the plan keeps those the fit needs; resident layers are tried only while the device has room.
+Of the changes tried, the plan keeps those the fit needs. Resident layers and fewer stored inputs only relieve the
+host: they are tried only where the host is short, and taken only while the device still fits.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from dataclasses import dataclass, field
 from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, device_fits, fits, predict
 
 RESIDENT_STEPS = (1, 2, 4, 8, 16)  # memory.resident_checkpoints values the search tries, in order
-OFFLOAD_SETTINGS = ("memory.pinned_buffers", "memory.resident_checkpoints")  # only apply with offload_checkpoints
+STORED_INPUT_STEPS = (2, 3, 4)  # memory.layers_per_stored_input values the search tries, in order
+# Settings that only apply with offload_checkpoints.
+OFFLOAD_SETTINGS = ("memory.pinned_buffers", "memory.resident_checkpoints", "memory.layers_per_stored_input")
+HOST_RELIEF = ("memory.resident_checkpoints", "memory.layers_per_stored_input")  # host memory for device or time
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _TOKENS = re.compile(r"^\s*(\d+)\s*([KM]?)\s*$", re.IGNORECASE)
@@ -117,6 +123,10 @@ def changes(setup: Setup) -> list[Change]:
         if layers > setup.resident_checkpoints:
             out.append(Change(f"resident_checkpoints {layers}", _set(resident_checkpoints=layers),
                               {"memory.resident_checkpoints": layers}))  # fmt: skip
+    for k in STORED_INPUT_STEPS:  # host memory short: one dense layer in k stores its input, the others rebuild
+        if k > setup.layers_per_stored_input:
+            out.append(Change(f"layers_per_stored_input {k}", _set(layers_per_stored_input=k),
+                              {"memory.layers_per_stored_input": k}))  # fmt: skip
     if setup.device == "cuda" and setup.zero_stage == 3 and setup.lora_r > 0 and setup.offload_params is None:
         out.append(Change("offload_param cpu", _set(offload_params="cpu"),
                           ds_keys={"zero_optimization.offload_param": {"device": "cpu", "pin_memory": True}}))
@@ -170,12 +180,14 @@ def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
         return Plan(first, True)
     applied, current, candidate = [], setup, first
     for change in changes(setup):
-        device_short = not device_fits(candidate, gpu_mem, setup.device)
-        if device_short and "memory.resident_checkpoints" in change.section:
-            continue  # resident layers trade device memory for host memory: no help where the device is short
+        trial = predict(shape, change.apply(current))
+        if any(key in HOST_RELIEF for key in change.section) and (
+            candidate.host_bytes <= host_mem or not device_fits(trial, gpu_mem, setup.device)
+        ):
+            continue  # they relieve the host, at the device's or the step time's cost: only where the host is short
         current = change.apply(current)
         applied.append(change)
-        candidate = predict(shape, current)
+        candidate = trial
         if fits(candidate, gpu_mem, host_mem, setup.device):
             needed = _needed(shape, setup, applied, gpu_mem, host_mem)
             return Plan(first, False, tuple(needed), predict(shape, _apply(setup, needed)))

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: masked_reference
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's lemo_ds first
 
-from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, write_report, zero_model  # noqa: E402
+from _engine import VOCAB, build, ds_config, full_grads, leave, lemo_engine, max_grad_diff, write_report, zero_model  # noqa: E402
 from masked_reference import block_scores, reference_mask  # noqa: E402
 
 import lemo_ds  # noqa: E402
@@ -179,4 +179,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave(main()))

@@ -14,7 +14,7 @@ import sys
 
 import deepspeed
 import torch
-from _engine import VOCAB, build, ds_config, full_grads, lemo_engine, max_grad_diff, write_report, zero_model
+from _engine import VOCAB, build, ds_config, full_grads, leave, lemo_engine, max_grad_diff, write_report, zero_model
 
 import lemo_ds
 from lemo_ds.config import LEMO_ARTIFACT_RULE
@@ -84,4 +84,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave(main()))
