@@ -35,6 +35,9 @@
 #   h100-512k-onedoc issue 31, H100, after h100-512k-offload-param: the same job on one-document rows, one step,
 #                  with the random scorer: the predictors' calibration runs every layer dense, 512K of full causal
 #                  attention more than a call has time for; the memory depends on how many blocks are kept, not which
+#   h100-512k-two-layers-per-input issue 31, H100: 512K + one block (524,352 tokens: past 2**31 elements in q, where
+#                  h200-800k failed) on packed rows with the tiled MLP, parameter offload and layers_per_stored_input 2
+#                  (power-of-two buffers of 8 GiB per dense input need it on a 128 GiB host)
 #   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
 #                  layers' inputs on the host halved: the planner says 127.8 GiB device, 100 GiB host)
@@ -50,7 +53,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h200-800k|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-800k-launch-blocking|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -164,11 +167,32 @@ case "$name" in
         product_path --maxctx --config "$lemo" --rows one-doc --start 524288 --max-seq 524288 --granularity 16384 \
             --steps 1 --case-timeout 570 --budget-s 575
         ;;
+    h100-512k-two-layers-per-input)  # one block past 512K: q [s, 32 x 128] has more than 2**31 elements
+        lemo=$(derive zero3_lemo-tiled-offload-param-two-layers-per-input memory.tiled_mlp=true keep_ratio=0.4 \
+            memory.layers_per_stored_input=2 ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
+        product_path --maxctx --config "$lemo" --rows packed --start 524352 --max-seq 524352 --granularity 64 \
+            --case-timeout 370 --budget-s 375
+        ;;
     h200-800k)
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-calibration1 memory.tiled_mlp=true \
             'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4)
         product_path --maxctx --config "$lemo" --rows packed --start 819200 --max-seq 819200 --granularity 16384 \
             --case-timeout 450 --budget-s 460
+        ;;
+    h200-800k-launch-blocking)  # where h200-800k's illegal memory access happens: every launch synchronous
+        lemo=$(derive zero3_lemo-registered-two-layers-per-input-random memory.tiled_mlp=true \
+            'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4 'scorer="random"')
+        rows="$OUT/packed-rows.jsonl"
+        if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
+            rows=$(python3 -c "import sys; from pathlib import Path; from benchmarks.product_path import prepare_rows
+print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$(mktemp -d)" | tail -1)
+        fi
+        command=(deepspeed --num_gpus 1 launch/train.py --deepspeed "$lemo" --model llama-3-8b --seq-len 819200
+                 --max-steps 1 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
+        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else
+            CUDA_LAUNCH_BLOCKING=1 timeout 540 "${command[@]}" > "$OUT/job.log" 2>&1 || true
+            grep -v "^\[rank0\]:  \+\^" "$OUT/job.log" | tail -60
+        fi
         ;;
     onedoc384k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)

@@ -217,8 +217,8 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 
 @pytest.mark.parametrize(
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
-             "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h200-800k", "onedoc384k", "memory256k",
-             "keep128k 0.6"]
+             "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h100-512k-two-layers-per-input",
+             "h200-800k", "h200-800k-launch-blocking", "onedoc384k", "memory256k", "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -239,6 +239,12 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
         assert "--memory-peak" in line and steps > skip
         lemo, _ = split_ds_config(load_ds_config(line[line.index("--deepspeed") + 1]))
         assert lemo.memory.tiled_mlp and lemo.predictor.calibration_batches == 1
+        return
+    if call == "h200-800k-launch-blocking":  # one step of launch/train.py on h200-800k's memory settings
+        (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "launch/train.py" in line]
+        assert line[line.index("--max-steps") + 1] == "1" and line[line.index("--seq-len") + 1] == "819200"
+        lemo, _ = split_ds_config(load_ds_config(line[line.index("--deepspeed") + 1]))
+        assert lemo.memory.layers_per_stored_input == 2 and lemo.memory.pinned_buffers == "registered"
         return
     commands = [shlex.split(line) for line in result.stdout.splitlines() if "product_path.py" in line]
     assert commands
