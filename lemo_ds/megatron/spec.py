@@ -95,7 +95,6 @@ def get_lemo_block_spec(
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=layer_norm or LayerNormImpl)
 
 
-
 def get_lemo_gpt_layer_local_spec(
     lemo: LemoConfig | dict[str, Any] | None,
     num_layers: int | None = None,
