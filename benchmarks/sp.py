@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -324,6 +325,7 @@ def maxctx(args: argparse.Namespace) -> int:
             probe["log"].close()
             running.remove(probe)
             outcome = _probe_outcome(probe, code, elapsed)
+            shutil.rmtree(probe["folder"], ignore_errors=True)  # the outcome holds its result and its log's tail
             out.data["probes"].append(outcome)
             if outcome["fits"]:
                 out.data["max_fit"] = max(out.data["max_fit"] or 0, probe["seq"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks.harness.model import BenchModel
@@ -227,6 +228,7 @@ def apply_liger(causal_lm: Any) -> Any:
 
 def _keep_predictors(bench: BenchModel, variant: Variant) -> None:
     """Save the variant's calibrated predictors for its next activation (once: later activations load them)."""
+    import atexit
     import tempfile
 
     from lemo_ds.predictors.scorer import find_predictor_scorer
@@ -237,6 +239,7 @@ def _keep_predictors(bench: BenchModel, variant: Variant) -> None:
         return
     handle, path = tempfile.mkstemp(prefix="lemo_predictors_", suffix=".safetensors")
     os.close(handle)
+    atexit.register(Path(path).unlink, missing_ok=True)  # needed while the benchmark process runs, not after
     scorer.save(path, {"calibrated": "on the fly, benchmark warm-up"})
     files[variant.name] = path
 
