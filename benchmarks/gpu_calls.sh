@@ -40,7 +40,7 @@
 #                  (power-of-two buffers of 8 GiB per dense input need it on a 128 GiB host)
 #   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
-#                  layers' inputs on the host halved: the planner says 127.8 GiB device, 100 GiB host)
+#                  layers' inputs on the host halved: the planner says 127.8 GiB device, 98 GiB host)
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
@@ -104,6 +104,16 @@ product_path() {
         echo
     else  # exit 3 = a search cut by its budget: its JSON is written, and the call's next searches still run
         "${command[@]}" || echo "gpu_calls.sh: product_path exited $?"
+    fi
+}
+
+# product_path's packed rows (4 KB Gutenberg documents) as a file a job's --data reads; a dry run only names it.
+packed_rows() {
+    if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then
+        echo "$OUT/packed-rows.jsonl"
+    else
+        python3 -c "import sys; from pathlib import Path; from benchmarks.product_path import prepare_rows
+print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$(mktemp -d)" | tail -1
     fi
 }
 
@@ -182,11 +192,7 @@ case "$name" in
     h200-800k-launch-blocking)  # where h200-800k's illegal memory access happens: every launch synchronous
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-random memory.tiled_mlp=true \
             'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4 'scorer="random"')
-        rows="$OUT/packed-rows.jsonl"
-        if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
-            rows=$(python3 -c "import sys; from pathlib import Path; from benchmarks.product_path import prepare_rows
-print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$(mktemp -d)" | tail -1)
-        fi
+        rows=$(packed_rows)
         command=(deepspeed --num_gpus 1 launch/train.py --deepspeed "$lemo" --model llama-3-8b --seq-len 819200
                  --max-steps 1 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
         if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else
@@ -201,11 +207,7 @@ print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$
         ;;
     memory256k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
-        rows="$OUT/packed-rows.jsonl"  # a dry run prints this; a run writes product_path's packed rows (4 KB documents)
-        if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
-            rows=$(python3 -c "import sys; from pathlib import Path; from benchmarks.product_path import prepare_rows
-print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$(mktemp -d)" | tail -1)
-        fi
+        rows=$(packed_rows)
         command=(deepspeed --num_gpus 1 benchmarks/profile_job.py --memory-peak --skip 1 --profile-out "$OUT"
                  --profile-tag zero3_lemo-tiled-256k --deepspeed "$lemo" --model llama-3-8b --seq-len 262144
                  --max-steps 2 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
