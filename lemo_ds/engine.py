@@ -81,10 +81,11 @@ def initialize(
             args = copy.copy(args)
             args.deepspeed_config = None
         config, config_params = fill_auto(ds_config), None
+    lemo_config = parse_lemo_config(lemo_config)  # once: the checks below and apply_lemo take the same object
     if lemo_config is not None:
         if isinstance(config, dict):  # before apply_lemo, on every rank alike
             sp = sequence_parallel.sp_size_from_config(config)
-            sequence_parallel.check_loss_tokens(parse_lemo_config(lemo_config), sp)
+            sequence_parallel.check_loss_tokens(lemo_config, sp)
         apply_lemo(model, lemo_config, scorer=lemo_scorer)
     if isinstance(config, dict):
         if model_parameters is not None and not isinstance(model_parameters, (list, tuple)):
