@@ -41,6 +41,10 @@
 #   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
 #                  layers' inputs on the host halved: the planner says 127.8 GiB device, 98 GiB host)
+#   large-tensors  issue 31, H100 or H200 (~3 min): tests/test_large_tensors.py, each op of the main job's step past
+#                  2**31 elements (800K tokens), lemo_ds's kernels, torch's flash attention (packed, and one document
+#                  of 528K), Liger's fused loss and a registered buffer's round trip, each against its last rows
+#                  alone: which one h200-800k's illegal memory access comes from, in one call without a job
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
@@ -53,7 +57,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-800k-launch-blocking|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-800k-launch-blocking|large-tensors|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -198,6 +202,13 @@ case "$name" in
         if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else
             CUDA_LAUNCH_BLOCKING=1 timeout 540 "${command[@]}" > "$OUT/job.log" 2>&1 || true
             grep -v "^\[rank0\]:  \+\^" "$OUT/job.log" | tail -60
+        fi
+        ;;
+    large-tensors)
+        command=(python3 -m pytest -q -p no:cacheprovider tests/test_large_tensors.py --durations=0)
+        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else
+            PYTHONUNBUFFERED=1 timeout 480 "${command[@]}" > "$OUT/large-tensors.log" 2>&1 || true
+            tail -60 "$OUT/large-tensors.log"
         fi
         ;;
     onedoc384k)

@@ -218,7 +218,7 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 @pytest.mark.parametrize(
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
              "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h100-512k-two-layers-per-input",
-             "h200-800k", "h200-800k-launch-blocking", "onedoc384k", "memory256k", "keep128k 0.6"]
+             "h200-800k", "h200-800k-launch-blocking", "large-tensors", "onedoc384k", "memory256k", "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -245,6 +245,10 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
         assert line[line.index("--max-steps") + 1] == "1" and line[line.index("--seq-len") + 1] == "819200"
         lemo, _ = split_ds_config(load_ds_config(line[line.index("--deepspeed") + 1]))
         assert lemo.memory.layers_per_stored_input == 2 and lemo.memory.pinned_buffers == "registered"
+        return
+    if call == "large-tensors":  # the past-2**31 tests on the GPU, not a job
+        (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "pytest" in line]
+        assert "tests/test_large_tensors.py" in line and (REPO / "tests" / "test_large_tensors.py").is_file()
         return
     commands = [shlex.split(line) for line in result.stdout.splitlines() if "product_path.py" in line]
     assert commands
