@@ -121,6 +121,20 @@ print(prepare_rows('packed', sys.argv[1], 4096, Path(sys.argv[2])))" "$BOOKS" "$
     fi
 }
 
+# A command of a call that is not a product_path search: printed in a dry run, else run under a time limit with its
+# output in $OUT/$1 and the end of it shown (less the caret lines of Python's tracebacks). $2: the limit in seconds.
+logged() {
+    local log=$1 limit=$2
+    shift 2
+    if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then
+        printf '%q ' "$@"
+        echo
+    else
+        timeout "$limit" "$@" > "$OUT/$log" 2>&1 || echo "gpu_calls.sh: $1 exited $?"
+        grep -v "^\[rank0\]:  \+\^" "$OUT/$log" | tail -60
+    fi
+}
+
 # The offload tests on CUDA (registered pinned buffers included: they have no CPU path), before a call relies on them.
 offload_tests() {
     if [ -z "${GPU_CALLS_DRY_RUN:-}" ]; then
@@ -197,19 +211,12 @@ case "$name" in
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-random memory.tiled_mlp=true \
             'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4 'scorer="random"')
         rows=$(packed_rows)
-        command=(deepspeed --num_gpus 1 launch/train.py --deepspeed "$lemo" --model llama-3-8b --seq-len 819200
-                 --max-steps 1 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
-        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else
-            CUDA_LAUNCH_BLOCKING=1 timeout 540 "${command[@]}" > "$OUT/job.log" 2>&1 || true
-            grep -v "^\[rank0\]:  \+\^" "$OUT/job.log" | tail -60
-        fi
+        CUDA_LAUNCH_BLOCKING=1 logged job.log 540 deepspeed --num_gpus 1 launch/train.py --deepspeed "$lemo" \
+            --model llama-3-8b --seq-len 819200 --max-steps 1 --data "$rows" --no-save --memory-check off \
+            --output-dir "$OUT/job"
         ;;
     large-tensors)
-        command=(python3 -m pytest -q -p no:cacheprovider tests/test_large_tensors.py --durations=0)
-        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else
-            PYTHONUNBUFFERED=1 timeout 480 "${command[@]}" > "$OUT/large-tensors.log" 2>&1 || true
-            tail -60 "$OUT/large-tensors.log"
-        fi
+        logged large-tensors.log 480 python3 -m pytest -q -p no:cacheprovider tests/test_large_tensors.py --durations=0
         ;;
     onedoc384k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
@@ -219,10 +226,9 @@ case "$name" in
     memory256k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
         rows=$(packed_rows)
-        command=(deepspeed --num_gpus 1 benchmarks/profile_job.py --memory-peak --skip 1 --profile-out "$OUT"
-                 --profile-tag zero3_lemo-tiled-256k --deepspeed "$lemo" --model llama-3-8b --seq-len 262144
-                 --max-steps 2 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job")
-        if [ -n "${GPU_CALLS_DRY_RUN:-}" ]; then printf '%q ' "${command[@]}"; echo; else "${command[@]}" | tail -40; fi
+        logged profile.log 540 deepspeed --num_gpus 1 benchmarks/profile_job.py --memory-peak --skip 1 \
+            --profile-out "$OUT" --profile-tag zero3_lemo-tiled-256k --deepspeed "$lemo" --model llama-3-8b \
+            --seq-len 262144 --max-steps 2 --data "$rows" --no-save --memory-check off --output-dir "$OUT/job"
         ;;
     keep128k)
         keep=${2:?"keep128k needs the keep ratio, e.g. 0.6"}

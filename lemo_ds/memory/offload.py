@@ -212,13 +212,17 @@ class CheckpointOffloader:
     entries: list[_Entry] = field(default_factory=list)
     pool: HostPool = field(default_factory=lambda: _SHARED_POOL)
     offloaded_bytes: int = 0  # device bytes moved out by the current forward
-    rebuilt_inputs: int = 0  # inputs of the current forward left to be rebuilt in backward
     _stream: Any = None
     _generation: int = -1
     _calls: int = 0  # checkpointed calls of the current forward
     # The entry and output of the last rebuildable call, and the output's version, held until the next call compares
     # its input with it: alive, its storage cannot have become another tensor's.
     _last_output: tuple[_Entry, torch.Tensor, int] | None = None
+
+    @property
+    def rebuilt_inputs(self) -> int:
+        """Inputs of the current forward left to be rebuilt in backward."""
+        return sum(entry.source is not None for entry in self.entries)
 
     def wrap(self, checkpoint_func: Callable[..., Any], rebuildable: bool = False) -> Callable[..., Any]:
         """``checkpoint_func`` with its stored inputs offloaded. ``rebuildable``: the function is a whole dense layer,
@@ -255,7 +259,7 @@ class CheckpointOffloader:
         generation = self.generation()
         if generation != self._generation:
             self._generation, self.entries, self.offloaded_bytes, self._calls = generation, [], 0, 0
-            self.rebuilt_inputs, self._last_output = 0, None
+            self._last_output = None
 
     def _source(self, args: tuple[Any, ...]) -> _Entry | None:
         """The entry of the last rebuildable call when its output is this call's one input (the same storage,
@@ -285,7 +289,6 @@ class CheckpointOffloader:
         entry = _Entry(aliases, [], [], [], shapes, index=len(self.entries), source=source,
                        group_position=source.group_position + 1)  # fmt: skip
         self.entries.append(entry)
-        self.rebuilt_inputs += 1
         return entry
 
     def _offload(self, aliases: list[torch.Tensor]) -> _Entry:

@@ -180,14 +180,17 @@ def plan(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int) -> Plan:
         return Plan(first, True)
     applied, current, candidate = [], setup, first
     for change in changes(setup):
-        trial = predict(shape, change.apply(current))
-        if any(key in HOST_RELIEF for key in change.section) and (
-            candidate.host_bytes <= host_mem or not device_fits(trial, gpu_mem, setup.device)
-        ):
-            continue  # they relieve the host, at the device's or the step time's cost: only where the host is short
-        current = change.apply(current)
+        # Host relief costs device memory or step time: tried only where the host is short, kept only while the
+        # device still fits.
+        relief = any(key in HOST_RELIEF for key in change.section)
+        if relief and candidate.host_bytes <= host_mem:
+            continue
+        trial_setup = change.apply(current)
+        trial = predict(shape, trial_setup)
+        if relief and not device_fits(trial, gpu_mem, setup.device):
+            continue
+        current, candidate = trial_setup, trial
         applied.append(change)
-        candidate = trial
         if fits(candidate, gpu_mem, host_mem, setup.device):
             needed = _needed(shape, setup, applied, gpu_mem, host_mem)
             return Plan(first, False, tuple(needed), predict(shape, _apply(setup, needed)))
