@@ -42,9 +42,11 @@
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
 #                  layers' inputs on the host halved: the planner says 127.8 GiB device, 98 GiB host)
 #   large-tensors  issue 31, H100 or H200 (~3 min): tests/test_large_tensors.py, each op of the main job's step past
-#                  2**31 elements (800K tokens), lemo_ds's kernels, torch's flash attention (packed, and one document
+#                  2**31 elements (800K tokens), lemo_ds's kernels, document_attention (packed, and one document
 #                  of 528K), Liger's fused loss and a registered buffer's round trip, each against its last rows
-#                  alone: which one h200-800k's illegal memory access comes from, in one call without a job
+#                  alone; and the attention tests on CUDA
+#   flash-limit    issue 31 (~1 min): benchmarks/flash_limit.py, where torch's varlen flash attention in one call goes
+#                  wrong (packed rows of 448K to 800K tokens), and lemo_ds's pieces past it
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
@@ -57,7 +59,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-800k-launch-blocking|large-tensors|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -204,8 +206,10 @@ case "$name" in
     h200-800k)
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-calibration1 memory.tiled_mlp=true \
             'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4)
+        # One step: loading, one calibration batch (every layer dense) and a step at 800K take about 7 of a call's
+        # 10 minutes (the 2026-12-07 run reached step 1's backward after 300 s), two steps do not fit.
         product_path --maxctx --config "$lemo" --rows packed --start 819200 --max-seq 819200 --granularity 16384 \
-            --case-timeout 450 --budget-s 460
+            --steps 1 --case-timeout 440 --budget-s 445
         ;;
     h200-800k-launch-blocking)  # where h200-800k's illegal memory access happens: every launch synchronous
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-random memory.tiled_mlp=true \
@@ -216,7 +220,11 @@ case "$name" in
             --output-dir "$OUT/job"
         ;;
     large-tensors)
-        logged large-tensors.log 480 python3 -m pytest -q -p no:cacheprovider tests/test_large_tensors.py --durations=0
+        logged large-tensors.log 300 python3 -m pytest -q -p no:cacheprovider tests/test_large_tensors.py \
+            tests/test_attention_pieces.py tests/test_documents.py --durations=10
+        ;;
+    flash-limit)
+        logged flash-limit.log 150 python3 benchmarks/flash_limit.py --out "$OUT"
         ;;
     onedoc384k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)

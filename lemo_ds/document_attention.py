@@ -13,6 +13,10 @@ on the decoder that passes every layer the row's ``Documents`` (``lemo_ds.docume
 - anywhere else (CPU, fp32/fp64): Hugging Face's SDPA causal on each segment in turn: exact, and never more than
   one segment's scores at a time.
 
+On CUDA, a call whose queries would pass torch's flash kernels' 32-bit limit (past 512K tokens of 32 x 128 heads,
+one document or packed) runs in pieces under it instead (``lemo_ds.attention_pieces``): past it, those kernels'
+query gradients are wrong.
+
 A call with a cache prefix (generation after the first step) keeps Hugging Face's own SDPA mask and attention: only
 whole sequences are described by documents.
 """
@@ -29,6 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from lemo_ds import attention_pieces
 from lemo_ds.documents import Documents
 from lemo_ds.hf_compat import CACHE_KWARGS
 
@@ -49,6 +54,8 @@ def document_attention(
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each document of ``documents``: ([b, s, H, d], None), as Hugging Face's attention
     functions return it. ``kwargs``: the scaling, dropout, ... that Hugging Face passes to its SDPA."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _past_flash_limit(query, documents):
+        return _pieces(query, key, value, documents, kwargs.get("scaling")), None
     if documents.single:
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None:
@@ -101,6 +108,25 @@ def _varlen(query, key, value, documents: Documents, scaling: float | None) -> t
     # window_size (-1, 0): causal (no key to the right of the query), no limit to the left.
     out = _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, window_size=(-1, 0),
                          **extra)  # fmt: skip
+    return out.view(batch, seq, heads, head_dim)  # [b, s, H, d]
+
+
+def _past_flash_limit(query: torch.Tensor, documents: Documents) -> bool:
+    batch, heads, seq, head_dim = query.shape
+    limit = attention_pieces.FLASH_ELEMENT_LIMIT  # read per call: a test lowers it to run pieces at small sizes
+    return attention_pieces.needs_pieces(batch * seq, documents.segments()[2], heads, head_dim, limit)
+
+
+def _pieces(query, key, value, documents: Documents, scaling: float | None) -> torch.Tensor:
+    """Flash attention in calls under its 32-bit limit: tokens first, [b * s, heads, d]."""
+    batch, heads, seq, head_dim = query.shape
+    kv_heads = key.shape[1]
+    limit = attention_pieces.FLASH_ELEMENT_LIMIT
+    pieces = attention_pieces.plan_pieces(documents.segments()[0].tolist(), heads, head_dim, limit)
+    q = query.transpose(1, 2).reshape(batch * seq, heads, head_dim)  # [T, H, d]
+    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
+    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
+    out = attention_pieces.piecewise_attention(q, k, v, pieces, head_dim**-0.5 if scaling is None else scaling)
     return out.view(batch, seq, heads, head_dim)  # [b, s, H, d]
 
 

@@ -9,9 +9,10 @@ plain reference) on those rows alone:
 
 - lemo_ds's kernels (RMSNorm, SwiGLU, RoPE, gathering and writing back the kept rows), forward and backward: the
   rows do not depend on each other, so the comparison is exact;
-- torch's variable-length flash attention over packed documents, as lemo_ds.document_attention calls it, and
-  torch's flash SDPA on one document long enough that the flash backward's float32 dQ accumulator offset,
-  (rows x heads x head_dim), passes 2**31 (a wrap that flash-attention fixed upstream in 2025);
+- lemo_ds.document_attention over packed documents and over one document whose queries pass 2**31 elements: on
+  CUDA, torch's flash kernels, whose query gradients are wrong past that size in one call, so document_attention
+  runs them in pieces under it (lemo_ds.attention_pieces); the last document's, or the last queries', output and
+  gradients against the same attention in one small call;
 - Liger's fused linear cross entropy over every position (lemo_ds.memory.segment_loss): one chunk of its logits
   holds 4.2e9 elements at 800K tokens and a 128K vocabulary;
 - an offloaded layer input's round trip through a registered pinned host buffer (memory.pinned_buffers).
@@ -30,7 +31,8 @@ import pytest
 import torch
 from torch import nn
 
-from lemo_ds.document_attention import document_attention
+from lemo_ds.attention_pieces import Piece, reference_piece
+from lemo_ds.document_attention import _varlen_attn, _varlen_takes_gqa, document_attention
 from lemo_ds.documents import Documents
 from lemo_ds.kernels.gather_rows import gather_rows
 from lemo_ds.kernels.rms_norm import rms_norm
@@ -97,6 +99,14 @@ def randn(*shape: int, dtype=torch.bfloat16, scale: float = 1.0) -> torch.Tensor
         piece = flat[start : start + (1 << 28)]
         piece.copy_(torch.randn(piece.shape, generator=generator, device=DEVICE) * scale)
     return out
+
+
+def _relative_errors(ours: torch.Tensor, reference: torch.Tensor, what: str, tolerance: float) -> list[str]:
+    """[] when ||ours - reference|| / ||reference|| is under ``tolerance``, else what failed (a test lists every
+    tensor that failed, not only the first)."""
+    ours, reference = ours.detach().float(), reference.detach().float()
+    error = float((ours - reference).norm() / reference.norm())
+    return [] if error < tolerance else [f"{what}: relative error {error:.3g} (tolerance {tolerance})"]
 
 
 def assert_relative(ours: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str) -> None:
@@ -244,14 +254,17 @@ def test_packed_document_attention_past_the_32_bit_limit():
     q_doc, k_doc, v_doc = (t[:, :, -last:].detach().clone().requires_grad_() for t in (q, k, v))
     out_doc, _ = document_attention(module, q_doc, k_doc, v_doc, Documents(keys[:, -last:]), scaling=d**-0.5)
     out_doc.backward(dout[:, -last:])
-    assert_relative(out[:, -last:], out_doc, 1e-2, "output")
+    errors = _relative_errors(out[:, -last:], out_doc, "output", 1e-2)
     for full, alone, name in ((q, q_doc, "dq"), (k, k_doc, "dk"), (v, v_doc, "dv")):
-        assert_relative(full.grad[:, :, -last:], alone.grad, 2e-2, name)
+        errors += _relative_errors(full.grad[:, :, -last:], alone.grad, name, 2e-2)
+    assert not errors, errors
 
 
 def test_one_document_attention_past_the_32_bit_limit():
-    """One document (Hugging Face's SDPA, causal: the flash kernel on CUDA) long enough that the flash backward's
-    dQ accumulator offset passes 2**31: the last queries' output and gradient against float32 attention."""
+    """One document (the flash kernel on CUDA) long enough that the flash backward's dQ accumulator offset passes
+    2**31: the last queries' output and every gradient against those queries alone over every key, in one small
+    call (torch's varlen_attn on CUDA, causal aligned at the bottom right; plain torch on the CPU), whose output is
+    checked against float32 attention."""
     n, heads, kv, d, t = SIZES.one_document, SIZES.heads, SIZES.kv_heads, SIZES.head_dim, 64
     q = randn(1, n, heads, d).transpose(1, 2).requires_grad_()  # [1, H, s, d]
     k = randn(1, n, kv, d).transpose(1, 2).requires_grad_()  # [1, KV, s, d]
@@ -261,9 +274,27 @@ def test_one_document_attention_past_the_32_bit_limit():
     dout = torch.zeros_like(out)
     dout[:, -t:] = randn(1, t, heads, d)  # only the last queries' outputs reach the loss
     out.backward(dout)
-    out_ref, dq_ref = _causal_reference(q, k, v, dout[:, -t:].transpose(1, 2), t)
-    assert_relative(out[:, -t:].transpose(1, 2), out_ref, 1e-2, "output")
-    assert_relative(q.grad[:, :, -t:], dq_ref, 2e-2, "dq")
+    q_last = q[0, :, -t:].transpose(0, 1).detach().contiguous().requires_grad_()  # [t, H, d]
+    k_all, v_all = (x[0].transpose(0, 1).detach().contiguous().requires_grad_() for x in (k, v))  # [s, KV, d]
+    out_last = _last_queries_alone(q_last, k_all, v_all, d**-0.5)  # [t, H, d]
+    out_last.backward(dout[0, -t:])
+    out_ref, _ = _causal_reference(q, k, v, dout[:, -t:].transpose(1, 2), t)
+    errors = _relative_errors(out_last.transpose(0, 1)[None], out_ref, "the small call's output (float32)", 1e-2)
+    errors += _relative_errors(out[0, -t:], out_last, "output", 1e-2)
+    errors += _relative_errors(q.grad[0, :, -t:].transpose(0, 1), q_last.grad, "dq", 2e-2)
+    errors += _relative_errors(k.grad[0].transpose(0, 1), k_all.grad, "dk", 2e-2)  # only the last queries' keys
+    errors += _relative_errors(v.grad[0].transpose(0, 1), v_all.grad, "dv", 2e-2)
+    assert not errors, errors
+
+
+def _last_queries_alone(q_last, k_all, v_all, scale: float) -> torch.Tensor:
+    """The last queries q_last [t, H, d] over every key k_all, v_all [s, KV, d] of their document in one call."""
+    t, s = q_last.shape[0], k_all.shape[0]
+    if DEVICE != "cuda":
+        return reference_piece(q_last, k_all, v_all, Piece(s - t, s, 0, (0, t), (0, s)), scale)
+    cu_q, cu_k = (torch.tensor([0, length], dtype=torch.int32, device=DEVICE) for length in (t, s))
+    extra = {"enable_gqa": True} if _varlen_takes_gqa() else {}
+    return _varlen_attn()(q_last, k_all, v_all, cu_q, cu_k, t, s, scale=scale, window_size=(-1, 0), **extra)
 
 
 # ---- the loss over every position -----------------------------------------------------------------------------------

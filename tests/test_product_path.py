@@ -218,7 +218,8 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 @pytest.mark.parametrize(
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
              "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h100-512k-two-layers-per-input",
-             "h200-800k", "h200-800k-launch-blocking", "large-tensors", "onedoc384k", "memory256k", "keep128k 0.6"]
+             "h200-800k", "h200-800k-launch-blocking", "large-tensors", "flash-limit", "onedoc384k", "memory256k",
+             "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -248,7 +249,12 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
         return
     if call == "large-tensors":  # the past-2**31 tests on the GPU, not a job
         (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "pytest" in line]
-        assert "tests/test_large_tensors.py" in line and (REPO / "tests" / "test_large_tensors.py").is_file()
+        tests = [word for word in line if word.startswith("tests/")]
+        assert "tests/test_large_tensors.py" in tests and all((REPO / test).is_file() for test in tests)
+        return
+    if call == "flash-limit":  # a probe of torch's flash kernel, not a job
+        (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "flash_limit.py" in line]
+        assert line[line.index("--out") + 1] == str(tmp_path / call)
         return
     commands = [shlex.split(line) for line in result.stdout.splitlines() if "product_path.py" in line]
     assert commands
