@@ -285,7 +285,7 @@ class CheckpointOffloader:
         """Store nothing: backward rebuilds the input from ``source`` (``_materialize``)."""
         shapes = [alias.shape for alias in aliases]
         for alias in aliases:
-            alias.data = torch.empty(0, dtype=alias.dtype, device=alias.device)
+            _release(alias)
         entry = _Entry(aliases, [], [], [], shapes, index=len(self.entries), source=source,
                        group_position=source.group_position + 1)  # fmt: skip
         self.entries.append(entry)
@@ -312,7 +312,7 @@ class CheckpointOffloader:
             kinds.append(kind)
             shapes.append(data.shape)
             self.offloaded_bytes += data.numel() * data.element_size()
-            alias.data = torch.empty(0, dtype=data.dtype, device=data.device)
+            _release(alias)
         entry = _Entry(aliases, hosts, buffers, kinds, shapes, index=len(self.entries))
         self.entries.append(entry)
         return entry
@@ -405,6 +405,11 @@ class CheckpointOffloader:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         return self._stream
+
+
+def _release(alias: torch.Tensor) -> None:
+    """Point ``alias`` at an empty placeholder: its device storage goes once nothing else holds it."""
+    alias.data = torch.empty(0, dtype=alias.dtype, device=alias.device)
 
 
 def _offloadable(value: Any) -> bool:
