@@ -35,6 +35,9 @@ H100_GIB, H200_GIB, H200_HOST_GIB = 79.18, 139.8, 125.0  # the result files' dev
 # plain get_peft_model, holds); since 50ffd31 the main job's adapters are bf16.
 MAIN_JOB = dict(liger_loss=True, fused_ops=True, offload_checkpoints=True)  # zero3_lemo.json since 50ffd31
 MAIN_JOB_TILED = dict(MAIN_JOB, tiled_mlp=True)  # + memory.tiled_mlp (the max-context configs)
+MAIN_JOB_TILED_ONE_CALL = dict(MAIN_JOB_TILED, attention_pieces=False)  # before lemo_ds.attention_pieces (ae52247)
+# + ZeRO-3's parameter offload and memory.layers_per_stored_input 2 (gpu_calls.sh h100-512k-two-layers-per-input)
+MAIN_JOB_TILED_OFFLOAD_PARAM = dict(MAIN_JOB_TILED, offload_params="cpu", layers_per_stored_input=2)
 MAIN_JOB_FLOAT32_LORA = dict(MAIN_JOB, lora_float32=True)  # zero3_lemo.json as of 2026-12-06, before 50ffd31
 MAIN_JOB_NO_OFFLOAD = dict(MAIN_JOB_FLOAT32_LORA, offload_checkpoints=False)
 BEFORE_FUSED = dict(liger_loss=True, fused_ops=False, offload_checkpoints=False, lora_float32=True)  # on 2026-12-02
@@ -87,6 +90,7 @@ def memory_long_peak(name: str, seq: int, variant: str) -> float:
 
 
 LC = "longest-context-20261207/"
+MC = "max-context-20261207/"
 KR = "keep-ratio-20261207/"
 FH = "faster-than-hf-liger-20261206/"
 FH7 = "faster-than-hf-liger-20261207/"
@@ -180,9 +184,29 @@ CASES = [
         maxctx_probe(LC + "h100-lemo-tiled-packed-512k-256k.json", 524288),
         524288,
         RECOMMENDED_RATIOS,
-        MAIN_JOB_TILED,
+        MAIN_JOB_TILED_ONE_CALL,
         H100_GIB,
         "oom",
+    ),
+    (
+        "main job + tiled MLP + parameter offload + 2 layers per stored input, max-context probe 256K packed, H100",
+        MC + "h100-512k-packed-pieces-of-2pow31.json",
+        maxctx_probe(MC + "h100-512k-packed-pieces-of-2pow31.json", 262144),
+        262144,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB_TILED_OFFLOAD_PARAM,
+        H100_GIB,
+        "check",
+    ),
+    (
+        "main job + tiled MLP + parameter offload + 2 layers per stored input, 512K + 64 packed, H100",
+        MC + "h100-512k-packed.json",
+        maxctx_probe(MC + "h100-512k-packed.json", 524352),
+        524352,
+        RECOMMENDED_RATIOS,
+        MAIN_JOB_TILED_OFFLOAD_PARAM,
+        H100_GIB,
+        "check",
     ),
     (
         "zero3_dense_stack 64K packed, H100 (bf16 adapters)",

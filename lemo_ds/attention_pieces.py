@@ -4,7 +4,8 @@ torch's flash attention backward gives wrong query gradients once one call's que
 (tests/test_large_tensors.py: 800K packed tokens of 32 x 128 heads; benchmarks/flash_limit.py finds the edge). Its
 float32 dQ accumulator holds (tokens + 128 per document) x heads x rounded head dim, and an offset into it is
 computed in 32 bits; flash-attention fixed the same wrap upstream (Dao-AILab/flash-attention#1500). lemo_ds
-therefore splits a call past that size into pieces that stay under it:
+therefore splits a call past that size (``FLASH_ELEMENT_LIMIT``, counting the 128 rows per document as well, which
+one call was measured to survive) into pieces of ``PIECE_ELEMENT_LIMIT``:
 
 - whole documents are grouped into one piece while the piece's accumulator fits (packed rows: a few calls);
 - a document too long for one piece is split by queries: queries [a, b) of a document that starts at ``start``
@@ -26,6 +27,12 @@ import torch
 
 FLASH_ELEMENT_LIMIT = 2**31 - 1
 """The largest element count one flash call's query-side buffers may reach: the largest 32-bit offset."""
+
+PIECE_ELEMENT_LIMIT = 2**28
+"""The pieces' size once a call is split. A piece's backward holds its float32 accumulator and its own gradients
+beside the full-size ones, so small pieces cost less device memory than large ones: the main job at 512K + 64 tokens
+on an H100 ran out of memory in a piece's backward with pieces up to ``FLASH_ELEMENT_LIMIT``, and fit with these
+(benchmarks/results/max-context-20261207)."""
 
 _PADDING_ROWS = 128  # flash's varlen dQ accumulator: 128 spare rows after each document
 

@@ -121,7 +121,7 @@ def _pieces(query, key, value, documents: Documents, scaling: float | None) -> t
     """Flash attention in calls under its 32-bit limit: tokens first, [b * s, heads, d]."""
     batch, heads, seq, head_dim = query.shape
     kv_heads = key.shape[1]
-    limit = attention_pieces.FLASH_ELEMENT_LIMIT
+    limit = attention_pieces.PIECE_ELEMENT_LIMIT
     pieces = attention_pieces.plan_pieces(documents.segments()[0].tolist(), heads, head_dim, limit)
     q = query.transpose(1, 2).reshape(batch * seq, heads, head_dim)  # [T, H, d]
     k = key.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]

@@ -76,6 +76,22 @@ def test_needs_pieces_counts_the_padding_rows():
     assert attention_pieces.needs_pieces(rows - 128, 2, 32, 128)
 
 
+@pytest.mark.parametrize("lengths", [[1024] * 512 + [64], [524_352]], ids=["packed", "one-document"])
+def test_the_jobs_pieces_at_512k_stay_under_the_piece_limit(lengths):
+    # What document_attention plans for the H100's 512K + 64 tokens (Llama-3-8B's 32 x 128 query heads).
+    cu = _cu(lengths)
+    assert attention_pieces.needs_pieces(cu[-1], len(lengths), 32, 128)
+    pieces = plan_pieces(cu, 32, 128, attention_pieces.PIECE_ELEMENT_LIMIT)
+    assert pieces[0].q_start == 0 and pieces[-1].q_stop == cu[-1]
+    assert all(a.q_stop == b.q_start for a, b in zip(pieces[:-1], pieces[1:]))
+    rows = accumulator_rows(32, 128, attention_pieces.PIECE_ELEMENT_LIMIT)
+    assert all((p.q_stop - p.q_start) + 128 * (len(p.cu_q) - 1) <= rows for p in pieces)
+    if len(lengths) > 1:  # whole documents, as many to a piece as fit: 1,152 rows each
+        assert len(pieces) == -(-len(lengths) // (rows // (1024 + 128)))
+    else:  # queries in runs of the longest multiple of 128 that fits with the document's 128 rows
+        assert len(pieces) == -(-lengths[0] // ((rows - 128) // 128 * 128))
+
+
 def _masked_attention(q, k, v, lengths: list[int], scale: float):
     """Attention over [T, H, d] with an explicit [T, T] mask (causal within each document), in float64."""
     tokens = q.shape[0]
@@ -131,7 +147,7 @@ _GQA = {"enable_gqa": True} if torch.cuda.is_available() and _varlen_takes_gqa()
 def test_flash_pieces_equal_one_varlen_call(layout):
     lengths = [n * 8 for n in LAYOUTS[layout]]
     cu = _cu(lengths)
-    pieces = plan_pieces(cu, HEADS, DIM, _limit(SMALL_ROWS * 4))  # a few pieces, long documents split
+    pieces = plan_pieces(cu, HEADS, DIM, _limit(SMALL_ROWS * 2))  # a few pieces, long documents split
     assert len(pieces) > 1
     q, k, v = _random_qkv(cu[-1], torch.bfloat16, "cuda")
     out = attention_pieces.piecewise_attention(q, k, v, pieces, DIM**-0.5)
@@ -150,7 +166,8 @@ def test_flash_pieces_equal_one_varlen_call(layout):
 @cuda
 @pytest.mark.parametrize("lengths", [[1600], [400, 200, 1000]], ids=["one-document", "packed"])
 def test_document_attention_takes_pieces_past_the_limit(monkeypatch, lengths):
-    monkeypatch.setattr(attention_pieces, "FLASH_ELEMENT_LIMIT", _limit(SMALL_ROWS * 4))  # 1028 rows: both pass it
+    monkeypatch.setattr(attention_pieces, "FLASH_ELEMENT_LIMIT", _limit(SMALL_ROWS * 4))  # 1052 rows: both pass it
+    monkeypatch.setattr(attention_pieces, "PIECE_ELEMENT_LIMIT", _limit(SMALL_ROWS * 2))
     planned = []
     plan = attention_pieces.plan_pieces
     monkeypatch.setattr(attention_pieces, "plan_pieces", lambda *args: planned.append(plan(*args)) or planned[-1])

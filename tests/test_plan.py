@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -145,17 +146,21 @@ def test_plan_command_prints_peak_and_a_fitting_section(capsys):
     assert plan_main([*argv, "--seq-len", "384K"]) == 1  # fits with the tiled MLP (measured: 66.5 GiB on an H100)
     printed = capsys.readouterr().out
     assert "does not fit" in printed and '"tiled_mlp": true' in printed
-    # 512K: out of memory on an H100 with the tiled MLP too (measured at keep 0.4); the plan adds registered pinned
-    # buffers (the 16 sparse layers' inputs at keep 0.6 outgrow the host in power-of-two buffers) and ZeRO-3's
-    # parameter offload, a DeepSpeed section to paste beside the "lemo" one (the rest of zero_optimization kept)
+    # 512K: out of memory on an H100 with the tiled MLP too (measured at keep 0.4, attention in one flash call); with
+    # attention in pieces past the flash limit the plan adds registered pinned buffers (the 16 sparse layers' inputs
+    # at keep 0.6 outgrow the host in power-of-two buffers)
     assert plan_main([*argv, "--seq-len", "512K"]) == 1
+    assert "with tiled_mlp + pinned_buffers registered it needs" in capsys.readouterr().out
+    # 576K: ZeRO-3's parameter offload as well, a DeepSpeed section to paste beside the "lemo" one (the rest of
+    # zero_optimization kept), and keep 0.4
+    assert plan_main([*argv, "--seq-len", "576K"]) == 1
     printed = capsys.readouterr().out
-    assert "with tiled_mlp + pinned_buffers registered + offload_param cpu it needs" in printed
+    assert "with tiled_mlp + pinned_buffers registered + offload_param cpu + keep_ratio 0.4 it needs" in printed
     pasted = json.loads(printed[printed.index("{\n"):])
-    assert pasted["lemo"]["memory"]["tiled_mlp"] is True
+    assert pasted["lemo"]["memory"]["tiled_mlp"] is True and pasted["lemo"]["keep_ratio"] == 0.4
     assert pasted["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert pasted["zero_optimization"]["stage"] == 3
-    assert plan_main([*argv, "--seq-len", "640K"]) == 1
+    assert plan_main([*argv, "--seq-len", "704K"]) == 1
     assert "no change the planner tries fits" in capsys.readouterr().out
     assert plan_main([*argv, "--seq-len", "max"]) == 0
     assert "longest --seq-len that fits 80.00 GiB device / 128.00 GiB host:" in capsys.readouterr().out
@@ -216,20 +221,20 @@ def test_resident_checkpoints_put_spare_device_memory_to_use_where_the_host_is_s
 
 
 def test_fewer_stored_inputs_halve_the_dense_layers_host_memory_where_the_host_is_short():
-    """800K tokens on a 141 GB card (139 GiB) with 125 GiB of host memory, zero3_lemo.json (keep 0.4) with the tiled
-    MLP: even registered buffers need more host memory than there is (16 dense inputs of 6.25 GiB, 16 sparse of 2.5
+    """1M tokens on a 141 GB card (139 GiB) with 125 GiB of host memory, zero3_lemo.json (keep 0.4) with the tiled
+    MLP: even registered buffers need more host memory than there is (16 dense inputs of 8 GiB, 16 sparse of 3.2
     GiB), and keeping layers on the device does not fit it; layers_per_stored_input 2 stores every other dense
     layer's input, with no more on the device. k = 3 holds one more input on the device."""
-    shape, setup = main_job_setup(819200, tiled_mlp=True)
+    shape, setup = main_job_setup(1048576, tiled_mlp=True)
     result = search.plan(shape, setup, 139 * GIB, 125 * GIB)
     assert [c.what for c in result.applied] == ["pinned_buffers registered", "layers_per_stored_input 2"]
-    dense, sparse = 6.5 * GIB, 2.5 * GIB  # 6.25 GiB in 512 MiB granules; 0.4 x 12800 blocks of 64 rows
+    dense, sparse = 8 * GIB, 3.25 * GIB  # 8 GiB in 512 MiB granules; 0.4 x 16384 blocks of 64 rows in 256 MiB ones
     terms = result.fitting.terms
     assert terms["host.offloaded inputs"] == 8 * dense + 16 * sparse
-    assert terms["stored inputs in flight (offloaded)"] == 2 * 819200 * 4096 * 2
+    assert terms["stored inputs in flight (offloaded)"] == 2 * 1048576 * 4096 * 2
     assert result.section({})["memory"] == {"pinned_buffers": "registered", "layers_per_stored_input": 2}
     three = memory.predict(shape, dataclasses.replace(setup, pinned_buffers="registered", layers_per_stored_input=3))
-    assert three.device_bytes - result.fitting.device_bytes == 819200 * 4096 * 2
+    assert three.device_bytes - result.fitting.device_bytes == 1048576 * 4096 * 2
     assert three.terms["host.offloaded inputs"] == 6 * dense + 16 * sparse  # layers 0, 3, .., 15 of 16
 
 
@@ -264,13 +269,13 @@ def test_zero3_parameter_offload_moves_the_weights_to_the_host():
 
 
 def test_resident_layers_are_not_tried_where_the_device_is_short():
-    """Keeping layers' inputs on the device helps only where the host is short: at 512K on an 80 GiB card with 128 GiB
-    of host memory the device is, and the search goes from the tiled MLP to parameter offload without carrying 16
-    resident layers (64 GiB more on the device) into every later candidate."""
-    shape, setup = main_job_setup(524288)
+    """Keeping layers' inputs on the device helps only where the host is short: at 576K on an 80 GiB card with 128 GiB
+    of host memory the device is, and the search goes from the tiled MLP and registered buffers to parameter offload
+    without carrying 16 resident layers (72 GiB more on the device) into every later candidate."""
+    shape, setup = main_job_setup(589824)
     result = search.plan(shape, setup, 80 * GIB, 128 * GIB)
-    assert [c.what for c in result.applied] == ["tiled_mlp", "offload_param cpu"]
-    assert result.fitting.terms["stored inputs in flight (offloaded)"] == 2 * 524288 * 4096 * 2
+    assert [c.what for c in result.applied] == ["tiled_mlp", "pinned_buffers registered", "offload_param cpu"]
+    assert result.fitting.terms["stored inputs in flight (offloaded)"] == 2 * 589824 * 4096 * 2
 
 
 @pytest.mark.parametrize("config", ["zero2_lemo.json", "zero3_lemo.json"])
@@ -300,3 +305,43 @@ def test_parse_bytes(text, value):
 
 def test_parse_tokens():
     assert [search.parse_tokens(t) for t in ("32K", "1M", "4096")] == [32768, 1 << 20, 4096]
+
+
+LLAMA3 = Shape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
+
+
+def test_attention_backward_is_one_pieces_past_the_flash_limit():
+    """Past torch's flash limit (CUDA, 16-bit) the attention's working set is one piece's (lemo_ds.attention_pieces):
+    only its gradients grow with the length; below it, or on the CPU, everything does."""
+
+    def attention(rows: int, **setup) -> int:
+        return memory.attention_backward_bytes(LLAMA3, Setup(seq_len=rows, keep_ratios=(1.0,) * 32, **setup), rows)
+
+    split = memory.pieces_from(LLAMA3, Setup(seq_len=1, keep_ratios=(1.0,) * 32))
+    assert split == (2**31 - 1) // 4096 - 128 + 1
+    below, at = split - 1, split
+    assert attention(2 * 65536) == 2 * attention(65536)  # linear below the limit: 5.5 x h x b per token here
+    assert attention(65536) == 65536 * 5.5 * 4096 * 2
+    gradients = 128 * (32 + 2 * 8) * 2  # dq, dk, dv per token
+    assert attention(2 * at) - attention(at) == at * gradients  # past it only the gradients grow
+    assert attention(at) < attention(below) / 2
+    assert attention(at, device="cpu") > attention(below, device="cpu")
+    assert attention(at, attention_pieces=False) > attention(below, attention_pieces=False)
+    assert memory.pieces_from(LLAMA3, Setup(seq_len=1, keep_ratios=(1.0,), device="cpu")) is None
+    assert memory.pieces_from(LLAMA3, Setup(seq_len=1, keep_ratios=(1.0,), sp=2)) == 2 * split
+
+
+def test_longest_fit_finds_lengths_past_the_drop_at_the_flash_limit():
+    """The prediction drops where attention starts to run in pieces; the longest fit is searched on both sides."""
+    setup = Setup(seq_len=1, keep_ratios=(1.0,) * 16 + (0.4,) * 16, liger_loss=True, offload_checkpoints=True,
+                  tiled_mlp=True, pinned_buffers="registered")  # fmt: skip
+    split = memory.pieces_from(LLAMA3, setup)
+    just_below = memory.predict(LLAMA3, dataclasses.replace(setup, seq_len=(split - 1) // 64 * 64)).device_bytes
+    past = memory.predict(LLAMA3, dataclasses.replace(setup, seq_len=-(-split // 64) * 64)).device_bytes
+    assert past < just_below
+    budget = math.ceil(past / (1 - memory.RESERVE_SHARE))  # the first length in pieces fits; just below it does not
+    longest = search.longest_fit(LLAMA3, setup, int(budget), 1 << 50)
+    assert longest >= split
+    assert memory.fits(memory.predict(LLAMA3, dataclasses.replace(setup, seq_len=longest)), int(budget), 1 << 50)
+    assert not memory.fits(memory.predict(LLAMA3, dataclasses.replace(setup, seq_len=longest + 64)), int(budget),
+                           1 << 50)  # fmt: skip

@@ -20,11 +20,16 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
   prefetched, and those of the first resident_checkpoints layers, which stay); without checkpointing every layer
   keeps its whole backward working set (keep_ratio x s of it for a sparse layer): an uncalibrated upper estimate.
 - layer_backward: the recompute and backward of one dense decoder layer at s tokens,
-  s x (A_H x h + 6 x I) x b: the MLP's gate, up, product and their three gradients ([s, I] each), and A_H x h
-  elements for everything else (attention's q/k/v/o and their gradients, the residual gradients, LoRA, norms),
-  A_H fitted on the committed measurements (below). LoRA adapters held in float32 beside a bf16 model (peft's
-  default; launch/train.py casts them to the training dtype) add LORA_FLOAT32_BYTES x h per token: each adapted
-  projection (q, k, v, o: input width h) keeps a float32 copy of its input for the backward. Tiled MLP: the
+  s x (A_H x h + 6 x I) x b + attention_backward: the MLP's gate, up, product and their three gradients ([s, I]
+  each), A_H x h elements for everything else (the residual gradients, LoRA, norms), A_H fitted on the committed
+  measurements (below), and the flash attention backward: the gradients dq [s, H, d], dk and dv [s, KV, d], and
+  what the kernel holds beside them, its float32 dQ accumulator (4 x s x H x d bytes) and, for grouped-query heads,
+  dk and dv expanded to every query head (2 x s x H x d x b). Past torch's flash kernels' 32-bit limit the
+  attention runs in pieces (lemo_ds.attention_pieces, CUDA, 16-bit): the accumulator, the expanded gradients and
+  the piece's own gradients are one piece's (PIECE_ELEMENT_LIMIT elements of queries), not the whole row's. LoRA
+  adapters held in float32 beside a bf16 model (peft's default; launch/train.py casts them to the training dtype)
+  add LORA_FLOAT32_BYTES x h per token: each adapted projection (q, k, v, o: input width h) keeps a float32 copy of
+  its input for the backward. Tiled MLP: the
   MLP's share is one tile's (tiled_mlp_tokens) plus the tiling's full-length input gradient, output and output
   gradient (3 x h x b per token). Without the fused kernels (fused_ops off, or any CPU run) the norms' float32
   copies and SiLU's output add 8 x h + I x b per token (0 when compact_saves recomputes them).
@@ -55,14 +60,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lemo_ds.attention_pieces import PIECE_ELEMENT_LIMIT, accumulator_rows, needs_pieces
 from lemo_ds.memory.offload import host_capacity, pow2_ceil
 
 GIB = 1 << 30
 
 # Fitted by benchmarks/planner_calibration.py (benchmarks/results/planner-calibration.json, "fit"): the main job's
 # H100 cases (zero3_lemo.json with bf16 adapters, 64K and 128K packed rows) give a dense layer's backward, besides its
-# MLP and any float32 LoRA copies, of A_H x h elements per token.
-A_H = 5.513
+# MLP, its flash attention backward and any float32 LoRA copies, of A_H x h elements per token. (Before the attention
+# term was stated, A_H was fitted to 5.513 on the same cases: the attention term is 5.5 x h of them for Llama-3-8B's
+# heads, so the layer's peak is its attention backward.)
+A_H = 0.013
 CONSTANT_BYTES = 188_350_976  # 0.175 GiB
 # peft's float32 adapters on q, k, v, o: a float32 copy of each projection's input ([s, h], 4 bytes) per adapter.
 # Removing them (50ffd31) lowered the main job's peak by 16 x h bytes per token at 64K and at 128K.
@@ -169,6 +177,7 @@ class Setup:
     tiled_mlp_tokens: int = 8192
     fused_ops: bool = True  # lemo_ds's Triton RMSNorm/RoPE/SwiGLU (CUDA only)
     compact_saves: bool = False
+    attention_pieces: bool = True  # past the flash limit, attention in pieces (False: runs before they existed)
     device: str = "cuda"
 
 
@@ -187,11 +196,41 @@ def kept_rows(seq: int, ratio: float, block_size: int) -> int:
     return min(seq, max(1, round(ratio * blocks)) * block_size)
 
 
+_ONE_DOCUMENT_PADDING = 128  # flash's spare accumulator rows of a document: the model counts one document a row
+
+
+def attention_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
+    """The flash attention backward of one layer at ``rows`` tokens: its gradients and the kernel's working set,
+    one piece's past the 32-bit limit (see the module docstring)."""
+    heads, kv, d, b = shape.heads, shape.kv_heads, shape.head_dim, setup.dtype_bytes
+
+    def gradients(n: int) -> int:  # dq [n, H, d], dk and dv [n, KV, d]
+        return n * d * (heads + 2 * kv) * b
+
+    def working(n: int) -> int:  # float32 dQ accumulator; dk and dv expanded to the query heads (grouped queries)
+        return n * d * heads * (4 + (2 * b if kv != heads else 0))
+
+    if setup.attention_pieces and setup.device == "cuda" and b == 2 and needs_pieces(rows, 1, heads, d):
+        piece = accumulator_rows(heads, d, PIECE_ELEMENT_LIMIT)
+        return gradients(rows) + gradients(piece) + working(piece)
+    return gradients(rows) + working(rows)
+
+
+def pieces_from(shape: Shape, setup: Setup) -> int | None:
+    """The shortest --seq-len whose dense layers run attention in pieces (``attention_backward_bytes``), or None where
+    they never do. The prediction drops there: it grows with the length on each side, not across."""
+    if not (setup.attention_pieces and setup.device == "cuda" and setup.dtype_bytes == 2):
+        return None
+    rows = accumulator_rows(shape.heads, shape.head_dim) - _ONE_DOCUMENT_PADDING + 1  # tokens per rank
+    per_rank = max(1, setup.sp) / setup.micro_batch
+    return math.ceil(rows * per_rank)
+
+
 def layer_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
     """One decoder layer's recompute + backward working set at ``rows`` tokens (see the module docstring)."""
     h, i, b = shape.hidden, shape.intermediate, setup.dtype_bytes
     mlp_rows = min(rows, setup.tiled_mlp_tokens) if setup.tiled_mlp else rows
-    per_layer = A_H * h * b * rows + 6 * i * b * mlp_rows
+    per_layer = A_H * h * b * rows + 6 * i * b * mlp_rows + attention_backward_bytes(shape, setup, rows)
     if setup.tiled_mlp:
         full_length = TILED_FULL_LENGTH_H_FUSED if setup.fused_ops else TILED_FULL_LENGTH_H
         per_layer += full_length * h * b * rows

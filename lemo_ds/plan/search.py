@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, device_fits, fits, predict
+from lemo_ds.plan.memory import GIB, Prediction, Setup, Shape, device_fits, fits, pieces_from, predict
 
 RESIDENT_STEPS = (1, 2, 4, 8, 16)  # memory.resident_checkpoints values the search tries, in order
 STORED_INPUT_STEPS = (2, 3, 4)  # memory.layers_per_stored_input values the search tries, in order
@@ -218,18 +218,27 @@ def _needed(shape: Shape, setup: Setup, applied: list[Change], gpu_mem: int, hos
 
 def longest_fit(shape: Shape, setup: Setup, gpu_mem: int, host_mem: int, multiple: int = 64) -> int:
     """The longest sequence length (a multiple of ``multiple``) whose prediction fits; 0 if not even one does.
-    The prediction grows with the length, so a bisection finds it."""
+    The prediction grows with the length except where attention starts to run in pieces (it drops there:
+    ``pieces_from``), so a bisection on each side finds it."""
 
     def ok(n: int) -> bool:
         return fits(predict(shape, dataclasses.replace(setup, seq_len=n * multiple)), gpu_mem, host_mem, setup.device)
 
-    low, high = 0, MAX_SEARCH_TOKENS // multiple
-    if ok(high):
-        return high * multiple
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if ok(mid) else (low, mid)
-    return low * multiple
+    def bisect(low: int, high: int) -> int:  # the last n in [low, high] that fits, given that low - 1 fits (or 0)
+        if ok(high):
+            return high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if ok(mid) else (low, mid)
+        return low
+
+    top = MAX_SEARCH_TOKENS // multiple
+    split = pieces_from(shape, setup)
+    if split is None or split // multiple >= top:
+        return bisect(0, top) * multiple
+    first = -(-split // multiple)  # the first multiple that runs in pieces
+    beyond = bisect(first, top) if ok(first) else 0
+    return (beyond or bisect(0, first - 1)) * multiple
 
 
 def gib(n: int) -> str:
