@@ -37,10 +37,12 @@
 #                  attention more than a call has time for; the memory depends on how many blocks are kept, not which
 #   h100-512k-two-layers-per-input issue 31, H100: 512K + one block (524,352 tokens: past 2**31 elements in q, where
 #                  h200-800k failed) on packed rows with the tiled MLP, parameter offload and layers_per_stored_input 2
-#                  (power-of-two buffers of 8 GiB per dense input need it on a 128 GiB host)
+#                  (power-of-two buffers of 8 GiB per dense input need it on a 128 GiB host); fit on 2026-12-07
 #   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
-#                  layers' inputs on the host halved: the planner says 127.8 GiB device, 98 GiB host)
+#                  layers' inputs on the host halved: the planner says 105.5 GiB device, 98 GiB host)
+#   h200-1m        issue 31's moonshot, on an H200 (needs_h200), after h200-800k fits: the same config at 1M tokens
+#                  (the planner: 129.7 GiB device of 132.8 usable, 122 GiB host of 125)
 #   large-tensors  issue 31, H100 or H200 (~3 min): tests/test_large_tensors.py, each op of the main job's step past
 #                  2**31 elements (800K tokens), lemo_ds's kernels, document_attention (packed, and one document
 #                  of 528K), Liger's fused loss and a registered buffer's round trip, each against its last rows
@@ -59,7 +61,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -210,6 +212,12 @@ case "$name" in
         # 10 minutes (the 2026-12-07 run reached step 1's backward after 300 s), two steps do not fit.
         product_path --maxctx --config "$lemo" --rows packed --start 819200 --max-seq 819200 --granularity 16384 \
             --steps 1 --case-timeout 440 --budget-s 445
+        ;;
+    h200-1m)
+        lemo=$(derive zero3_lemo-registered-two-layers-per-input-calibration1 memory.tiled_mlp=true \
+            'memory.pinned_buffers="registered"' memory.layers_per_stored_input=2 keep_ratio=0.4)
+        product_path --maxctx --config "$lemo" --rows packed --start 1048576 --max-seq 1048576 --granularity 16384 \
+            --steps 1 --case-timeout 570 --budget-s 575
         ;;
     h200-800k-launch-blocking)  # where h200-800k's illegal memory access happens: every launch synchronous
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-random memory.tiled_mlp=true \

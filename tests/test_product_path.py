@@ -218,8 +218,8 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 @pytest.mark.parametrize(
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
              "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h100-512k-two-layers-per-input",
-             "h200-800k", "h200-800k-launch-blocking", "large-tensors", "flash-limit", "onedoc384k", "memory256k",
-             "keep128k 0.6"]
+             "h200-800k", "h200-1m", "h200-800k-launch-blocking", "large-tensors", "flash-limit", "onedoc384k",
+             "memory256k", "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
