@@ -1,13 +1,15 @@
 """Flash attention over documents in calls whose buffers stay under 2**31 elements.
 
-torch's flash attention backward gives wrong query gradients once one call's queries pass 2**31 elements
-(tests/test_large_tensors.py: 800K packed tokens of 32 x 128 heads; benchmarks/flash_limit.py finds the edge). Its
-float32 dQ accumulator holds (tokens + 128 per document) x heads x rounded head dim, and an offset into it is
-computed in 32 bits; flash-attention fixed the same wrap upstream (Dao-AILab/flash-attention#1500). lemo_ds
-therefore splits a call past that size (``FLASH_ELEMENT_LIMIT``, counting the 128 rows per document as well, which
-one call was measured to survive) into pieces of ``PIECE_ELEMENT_LIMIT``:
+torch's flash attention backward (2.11, one call over packed documents) returns wrong query gradients and NaN value
+gradients once the call's queries pass 2**31 elements, while one call of exactly 2**31 is right
+(benchmarks/flash_limit.py; tests/test_large_tensors.py at 800K tokens of 32 x 128 heads). The likely cause is an
+offset computed in 32 bits: flash-attention fixed a wrap of that kind in its dQ accumulator upstream
+(Dao-AILab/flash-attention#1500). lemo_ds therefore splits a call past that size (``FLASH_ELEMENT_LIMIT``, counting
+the accumulator's 128 spare rows per document as well, which is on the safe side of what was measured) into pieces
+of ``PIECE_ELEMENT_LIMIT``:
 
-- whole documents are grouped into one piece while the piece's accumulator fits (packed rows: a few calls);
+- whole documents are grouped into one piece while the piece's accumulator fits (at 32 x 128 heads, a piece
+  per 64K tokens or less);
 - a document too long for one piece is split by queries: queries [a, b) of a document that starts at ``start``
   attend keys [start, b), causal aligned at the bottom right (the last query sees every key), which is flash's
   alignment when a call has fewer queries than keys.
