@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -103,11 +103,12 @@ def plan_pieces(cu_seqlens: list[int], heads: int, head_dim: int, limit: int = F
 
 
 class PieceKernel(Protocol):
-    def forward(self, q, k, v, piece: Piece, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out [tq, H, d], lse) of one piece: q [tq, H, d], k and v [tk, KV, d]."""
+    def forward(self, q, k, v, piece: Piece, scale: float) -> tuple[torch.Tensor, Any]:
+        """(out [tq, H, d], what backward needs besides the inputs and out) of one piece: q [tq, H, d], k and v
+        [tk, KV, d]."""
 
-    def backward(self, dout, q, k, v, out, lse, piece: Piece, scale: float):
-        """(dq, dk, dv) of one piece."""
+    def backward(self, dout, q, k, v, out, saved: Any, piece: Piece, scale: float):
+        """(dq, dk, dv) of one piece; ``saved``: what its forward returned beside out."""
 
 
 class _Flash:
