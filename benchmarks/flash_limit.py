@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness.results import ResultFile, command_line, environment  # noqa: E402
 from lemo_ds.attention_pieces import PIECE_ELEMENT_LIMIT, piecewise_attention, plan_pieces  # noqa: E402
-from lemo_ds.document_attention import _varlen_attn, _varlen_takes_gqa  # noqa: E402
+from lemo_ds.document_attention import varlen_causal  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -43,8 +43,7 @@ def _random(shape, generator) -> torch.Tensor:
 
 def _varlen(q, k, v, cu, longest):
     """torch's varlen_attn in one call, as lemo_ds.document_attention calls it under the limit."""
-    extra = {"enable_gqa": True} if _varlen_takes_gqa() else {}
-    return _varlen_attn()(q, k, v, cu, cu, longest, longest, scale=HEAD_DIM**-0.5, window_size=(-1, 0), **extra)
+    return varlen_causal(q, k, v, cu, cu, longest, longest, HEAD_DIM**-0.5)
 
 
 def _pieces(q, k, v, cu, longest):

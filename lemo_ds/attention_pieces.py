@@ -65,9 +65,14 @@ def accumulator_rows(heads: int, head_dim: int, limit: int = FLASH_ELEMENT_LIMIT
     return limit // (heads * math.ceil(head_dim / 64) * 64)
 
 
+def first_tokens_in_pieces(documents: int, heads: int, head_dim: int, limit: int = FLASH_ELEMENT_LIMIT) -> int:
+    """The fewest tokens in ``documents`` documents for which one call would pass ``limit``."""
+    return accumulator_rows(heads, head_dim, limit) - _PADDING_ROWS * documents + 1
+
+
 def needs_pieces(tokens: int, documents: int, heads: int, head_dim: int, limit: int = FLASH_ELEMENT_LIMIT) -> bool:
     """One call over ``tokens`` in ``documents`` would pass ``limit`` (no host sync: sizes only)."""
-    return tokens + _PADDING_ROWS * documents > accumulator_rows(heads, head_dim, limit)
+    return tokens >= first_tokens_in_pieces(documents, heads, head_dim, limit)
 
 
 def plan_pieces(cu_seqlens: list[int], heads: int, head_dim: int, limit: int = FLASH_ELEMENT_LIMIT) -> list[Piece]:
@@ -120,11 +125,10 @@ class _Flash:
             q, k, v, cu_q, cu_k, piece.max_q, piece.max_k, 0.0, True, False, scale=scale,
             window_size_left=-1, window_size_right=0,
         )  # fmt: skip
-        return out, (lse, rng_state)
+        return out, (lse, rng_state, cu_q, cu_k)  # the bounds on the device too: backward copies them no more
 
     def backward(self, dout, q, k, v, out, saved, piece: Piece, scale: float):
-        lse, rng_state = saved
-        cu_q, cu_k = _cu(piece.cu_q, q.device), _cu(piece.cu_k, q.device)
+        lse, rng_state, cu_q, cu_k = saved
         return torch.ops.aten._flash_attention_backward(
             dout, q, k, v, out, lse, cu_q, cu_k, piece.max_q, piece.max_k, 0.0, True, rng_state,
             torch.empty(0, device=q.device), scale=scale, window_size_left=-1, window_size_right=0,

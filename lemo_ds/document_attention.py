@@ -93,22 +93,27 @@ def _varlen_takes_gqa() -> bool:
     return "enable_gqa" in inspect.signature(_varlen_attn()).parameters
 
 
-def _varlen(query, key, value, documents: Documents, scaling: float | None) -> torch.Tensor:
-    """One varlen launch over every segment of every row: tokens first, [b * s, heads, d]."""
-    batch, heads, seq, head_dim = query.shape
-    kv_heads = key.shape[1]
-    cu_seqlens, longest, _ = documents.segments()
-    q = query.transpose(1, 2).reshape(batch * seq, heads, head_dim)  # [T, H, d]
-    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
-    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
+def varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+    """torch's varlen_attn, causal (aligned at the bottom right where a sequence has fewer queries than keys):
+    q [Tq, H, d], k and v [Tk, KV, d], cu_q and cu_k int32 cumulative lengths -> [Tq, H, d]."""
     # Grouped-query attention needs no repeated key/value heads: the flash kernel behind varlen_attn reads each
     # key/value head for its group of query heads (repeating them cost 2 x [T, H, d] more per layer at 128K).
     # Releases whose varlen_attn has the enable_gqa flag require it; older ones pass the heads straight through.
-    extra = {"enable_gqa": True} if kv_heads != heads and _varlen_takes_gqa() else {}
+    extra = {"enable_gqa": True} if k.shape[1] != q.shape[1] and _varlen_takes_gqa() else {}
     # window_size (-1, 0): causal (no key to the right of the query), no limit to the left.
-    out = _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, window_size=(-1, 0),
-                         **extra)  # fmt: skip
-    return out.view(batch, seq, heads, head_dim)  # [b, s, H, d]
+    return _varlen_attn()(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **extra)
+
+
+def _tokens_first(query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[b, heads, s, d] -> [b * s, heads, d] each, as the varlen kernels take them."""
+    return tuple(t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+
+
+def _varlen(query, key, value, documents: Documents, scaling: float | None) -> torch.Tensor:
+    """One varlen launch over every segment of every row."""
+    cu_seqlens, longest, _ = documents.segments()
+    out = varlen_causal(*_tokens_first(query, key, value), cu_seqlens, cu_seqlens, longest, longest, scaling)
+    return out.view(query.shape[0], query.shape[2], *out.shape[1:])  # [b, s, H, d]
 
 
 def _past_flash_limit(query: torch.Tensor, documents: Documents) -> bool:
@@ -118,16 +123,13 @@ def _past_flash_limit(query: torch.Tensor, documents: Documents) -> bool:
 
 
 def _pieces(query, key, value, documents: Documents, scaling: float | None) -> torch.Tensor:
-    """Flash attention in calls under its 32-bit limit: tokens first, [b * s, heads, d]."""
-    batch, heads, seq, head_dim = query.shape
-    kv_heads = key.shape[1]
+    """Flash attention in calls under its 32-bit limit."""
+    head_dim = query.shape[3]
     limit = attention_pieces.PIECE_ELEMENT_LIMIT
-    pieces = attention_pieces.plan_pieces(documents.segments()[0].tolist(), heads, head_dim, limit)
-    q = query.transpose(1, 2).reshape(batch * seq, heads, head_dim)  # [T, H, d]
-    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
-    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, head_dim)  # [T, KV, d]
-    out = attention_pieces.piecewise_attention(q, k, v, pieces, head_dim**-0.5 if scaling is None else scaling)
-    return out.view(batch, seq, heads, head_dim)  # [b, s, H, d]
+    pieces = attention_pieces.plan_pieces(documents.segments()[0].tolist(), query.shape[1], head_dim, limit)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    out = attention_pieces.piecewise_attention(*_tokens_first(query, key, value), pieces, scale)
+    return out.view(query.shape[0], query.shape[2], *out.shape[1:])  # [b, s, H, d]
 
 
 # ---- Hugging Face registration --------------------------------------------------------------------------------

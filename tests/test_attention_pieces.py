@@ -16,7 +16,7 @@ from tiny_models import packed_position_ids
 
 from lemo_ds import attention_pieces
 from lemo_ds.attention_pieces import REFERENCE, Piece, accumulator_rows, plan_pieces, reference_piece
-from lemo_ds.document_attention import _varlen_attn, _varlen_takes_gqa, document_attention
+from lemo_ds.document_attention import document_attention, varlen_causal
 from lemo_ds.documents import Documents
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
@@ -139,7 +139,6 @@ def test_reference_piece_aligns_causal_at_the_bottom_right():
 # ---- CUDA: torch's flash kernels in pieces ----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash kernels run on CUDA only")
-_GQA = {"enable_gqa": True} if torch.cuda.is_available() and _varlen_takes_gqa() else {}
 
 
 @cuda
@@ -153,8 +152,7 @@ def test_flash_pieces_equal_one_varlen_call(layout):
     out = attention_pieces.piecewise_attention(q, k, v, pieces, DIM**-0.5)
     alone = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     cu_tensor = torch.tensor(cu, dtype=torch.int32, device="cuda")
-    expected = _varlen_attn()(*alone, cu_tensor, cu_tensor, max(lengths), max(lengths), scale=DIM**-0.5,
-                              window_size=(-1, 0), **_GQA)  # fmt: skip
+    expected = varlen_causal(*alone, cu_tensor, cu_tensor, max(lengths), max(lengths), DIM**-0.5)
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)

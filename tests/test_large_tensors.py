@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lemo_ds.attention_pieces import Piece, reference_piece
-from lemo_ds.document_attention import _varlen_attn, _varlen_takes_gqa, document_attention
+from lemo_ds.document_attention import document_attention, varlen_causal
 from lemo_ds.documents import Documents
 from lemo_ds.kernels.gather_rows import gather_rows
 from lemo_ds.kernels.rms_norm import rms_norm
@@ -112,8 +112,8 @@ def _relative_errors(ours: torch.Tensor, reference: torch.Tensor, what: str, tol
 def assert_relative(ours: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str) -> None:
     """||ours - reference|| / ||reference|| under ``tolerance``: bf16 rounding passes, a wrong row does not."""
     assert not torch.isnan(ours).any(), f"{what}: NaN"
-    error = (ours.float() - reference.float()).norm() / reference.float().norm()
-    assert error < tolerance, f"{what}: relative error {error:.3g} (tolerance {tolerance})"
+    errors = _relative_errors(ours, reference, what, tolerance)
+    assert not errors, errors[0]
 
 
 # ---- lemo_ds's kernels: the last rows, exactly as on those rows alone ---------------------------------------------
@@ -293,8 +293,7 @@ def _last_queries_alone(q_last, k_all, v_all, scale: float) -> torch.Tensor:
     if DEVICE != "cuda":
         return reference_piece(q_last, k_all, v_all, Piece(s - t, s, 0, (0, t), (0, s)), scale)
     cu_q, cu_k = (torch.tensor([0, length], dtype=torch.int32, device=DEVICE) for length in (t, s))
-    extra = {"enable_gqa": True} if _varlen_takes_gqa() else {}
-    return _varlen_attn()(q_last, k_all, v_all, cu_q, cu_k, t, s, scale=scale, window_size=(-1, 0), **extra)
+    return varlen_causal(q_last, k_all, v_all, cu_q, cu_k, t, s, scale)
 
 
 # ---- the loss over every position -----------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lemo_ds.attention_pieces import PIECE_ELEMENT_LIMIT, accumulator_rows, needs_pieces
+from lemo_ds.attention_pieces import PIECE_ELEMENT_LIMIT, accumulator_rows, first_tokens_in_pieces
 from lemo_ds.memory.offload import host_capacity, pow2_ceil
 
 GIB = 1 << 30
@@ -196,7 +196,12 @@ def kept_rows(seq: int, ratio: float, block_size: int) -> int:
     return min(seq, max(1, round(ratio * blocks)) * block_size)
 
 
-_ONE_DOCUMENT_PADDING = 128  # flash's spare accumulator rows of a document: the model counts one document a row
+def _pieced_rows(shape: Shape, setup: Setup) -> int | None:
+    """The fewest tokens per rank whose attention runs in pieces (lemo_ds.attention_pieces: CUDA, 16-bit), or None;
+    the model counts one document a row (packed rows switch a little earlier, by 128 rows per document)."""
+    if not (setup.attention_pieces and setup.device == "cuda" and setup.dtype_bytes == 2):
+        return None
+    return first_tokens_in_pieces(1, shape.heads, shape.head_dim)
 
 
 def attention_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
@@ -210,7 +215,8 @@ def attention_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
     def working(n: int) -> int:  # float32 dQ accumulator; dk and dv expanded to the query heads (grouped queries)
         return n * d * heads * (4 + (2 * b if kv != heads else 0))
 
-    if setup.attention_pieces and setup.device == "cuda" and b == 2 and needs_pieces(rows, 1, heads, d):
+    pieced = _pieced_rows(shape, setup)
+    if pieced is not None and rows >= pieced:
         piece = accumulator_rows(heads, d, PIECE_ELEMENT_LIMIT)
         return gradients(rows) + gradients(piece) + working(piece)
     return gradients(rows) + working(rows)
@@ -219,11 +225,8 @@ def attention_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
 def pieces_from(shape: Shape, setup: Setup) -> int | None:
     """The shortest --seq-len whose dense layers run attention in pieces (``attention_backward_bytes``), or None where
     they never do. The prediction drops there: it grows with the length on each side, not across."""
-    if not (setup.attention_pieces and setup.device == "cuda" and setup.dtype_bytes == 2):
-        return None
-    rows = accumulator_rows(shape.heads, shape.head_dim) - _ONE_DOCUMENT_PADDING + 1  # tokens per rank
-    per_rank = max(1, setup.sp) / setup.micro_batch
-    return math.ceil(rows * per_rank)
+    pieced = _pieced_rows(shape, setup)
+    return None if pieced is None else math.ceil(pieced * max(1, setup.sp) / setup.micro_batch)
 
 
 def layer_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
