@@ -50,6 +50,9 @@
 #   flash-limit    issue 31 (~1 min): benchmarks/flash_limit.py, where torch's varlen flash attention in one call goes
 #                  wrong (packed rows of 448K to 800K tokens), and lemo_ds's pieces past it
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
+#   dense-memory128k issue 31 (~2 min): what is alive at the peak of hf-liger-offload's step at 128K on packed rows
+#                  (benchmarks/hf_liger_job.py --memory-peak): it keeps about 50 [s, h] bf16 tensors' worth per token
+#                  (65.7 GiB at 128K, of which 15 GiB weights), where the main job's dense layer keeps about 18
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
 #                  harness's tiled path keeps 3), benchmarks/profile_job.py --memory-peak
@@ -61,7 +64,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|dense-memory128k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -238,6 +241,12 @@ case "$name" in
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
         product_path --maxctx --config "$lemo" --rows one-doc --start 393216 --max-seq 393216 --granularity 16384 \
             --case-timeout 420 --budget-s 430
+        ;;
+    dense-memory128k)
+        rows=$(packed_rows)
+        logged profile.log 300 python3 benchmarks/hf_liger_job.py --kernels liger --offload-checkpoints --tiled-mlp \
+            --memory-peak --profile-out "$OUT" --model llama-3-8b --seq-len 131072 --max-steps 2 --data "$rows" \
+            --output-dir "$OUT/job"
         ;;
     memory256k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-out", default=None,
                         help="record steps 3 and 4 under torch.profiler and write ops-hf-liger.txt and "
                              "profile-hf-liger.json there, as benchmarks/profile_job.py does for the main job")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="with --profile-out (CUDA), instead of the time profile: what is alive at step 2's "
+                             "peak of device memory, as memory-peak-hf-liger.json there (profile_job.py's record)")
     parser.add_argument("--output-dir", required=True)
     return parser.parse_args(argv)
 
@@ -134,6 +138,35 @@ def checkpoint_offload() -> contextlib.AbstractContextManager:
     return CheckpointHiddenStatesOffload()
 
 
+class MemoryPeakTrace:
+    """The CUDA allocator's trace over one step (forward, backward, optimizer step) and what was alive at its peak,
+    as profile_job.py --memory-peak records it for the main job."""
+
+    def __init__(self, device: torch.device, out: str) -> None:
+        self.device, self.out = device, Path(out)
+        self.before = 0
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+
+    def stop(self, argv: list[str]) -> None:
+        from benchmarks.memory_peak import alive_at_peak, markdown
+
+        torch.cuda.synchronize(self.device)
+        snapshot = torch.cuda.memory._snapshot()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        trace = snapshot["device_traces"][self.device.index or 0]
+        record = {"tag": "hf-liger", "argv": argv, "recorded_step": 2, "peak_allocated_gib": peak / 2**30,
+                  **alive_at_peak(trace, self.before, depth=3, top=30)}  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "memory-peak-hf-liger.json").write_text(json.dumps(record, indent=1))
+        print(markdown(record, "### hf-liger, step 2"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     source = model.resolve_model(args.model)
     tokenizer = ByteTokenizer() if source.kind == "preset" else load_hf_tokenizer(args.model)
     files = data.discover_files(args.data)
+    if args.memory_peak and (args.profile_out is None or not cuda or args.max_steps < 2):
+        raise SystemExit("--memory-peak records step 2 on CUDA: give --profile-out DIR and --max-steps 2 or more")
     net = build(args, device, dtype)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=BETAS, eps=1e-8, weight_decay=0.0)
@@ -153,15 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     totals = metrics.RunTotals()
     started = time.perf_counter()
     profiler = None
-    if args.profile_out is not None:
+    if args.profile_out is not None and not args.memory_peak:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         schedule = torch.profiler.schedule(wait=PROFILE_SKIP, warmup=0, active=PROFILE_ACTIVE, repeat=1)
         profiler = torch.profiler.profile(activities=activities, schedule=schedule)
         profiler.start()
+    peak_trace = MemoryPeakTrace(device, args.profile_out) if args.memory_peak else None
     walls: list[float] = []
     offload = checkpoint_offload() if args.offload_checkpoints else contextlib.nullcontext()
     for step in range(1, args.max_steps + 1):
         batch = {key: value.to(device) for key, value in next(batches).items()}  # [1, s] each
+        if peak_trace is not None and step == 2:
+            peak_trace.start()
         t0 = time.perf_counter()
         with offload:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
@@ -175,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         walls.append(step_s)
         if profiler is not None:
             profiler.step()
+        if peak_trace is not None and step == 2:
+            peak_trace.stop(sys.argv[1:])
         if not math.isfinite(loss_value):
             raise SystemExit(f"the loss is {loss_value} at step {step}")
         peak, _ = metrics.peak_memory(device.type)

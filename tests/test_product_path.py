@@ -191,6 +191,18 @@ def test_tiled_mlp_runs_in_tiles_and_gives_the_untiled_gradients():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_baseline_memory_peak_is_refused_without_cuda(tmp_path):
+    """hf_liger_job.py --memory-peak reads the CUDA allocator's trace: on a CPU it stops before building the model,
+    naming what it needs, instead of training without the record it was asked for."""
+    from benchmarks import hf_liger_job
+
+    with pytest.raises(SystemExit, match="--memory-peak records step 2 on CUDA"):
+        hf_liger_job.main(["--memory-peak", "--profile-out", str(tmp_path / "prof"), "--max-steps", "2",
+                           "--output-dir", str(tmp_path / "job")])  # fmt: skip
+    assert not (tmp_path / "prof").exists()
+
+
 @pytest.mark.slow
 def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
     """The product path's hf-liger-offload case without Liger (CPU): tiled MLP and the checkpoint offload change no
@@ -219,7 +231,7 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
              "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h100-512k-two-layers-per-input",
              "h200-800k", "h200-1m", "h200-800k-launch-blocking", "large-tensors", "flash-limit", "onedoc384k",
-             "memory256k", "keep128k 0.6"]
+             "dense-memory128k", "memory256k", "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -240,6 +252,12 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
         assert "--memory-peak" in line and steps > skip
         lemo, _ = split_ds_config(load_ds_config(line[line.index("--deepspeed") + 1]))
         assert lemo.memory.tiled_mlp and lemo.predictor.calibration_batches == 1
+        return
+    if call == "dense-memory128k":  # the baseline job's own trace of one step, not a search
+        (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "hf_liger_job.py" in line]
+        assert {"--memory-peak", "--offload-checkpoints", "--tiled-mlp"} <= set(line)
+        assert line[line.index("--profile-out") + 1] == str(tmp_path / call)
+        assert int(line[line.index("--max-steps") + 1]) >= 2
         return
     if call == "h200-800k-launch-blocking":  # one step of launch/train.py on h200-800k's memory settings
         (line,) = [shlex.split(line) for line in result.stdout.splitlines() if "launch/train.py" in line]
