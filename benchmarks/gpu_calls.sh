@@ -38,6 +38,11 @@
 #   h100-512k-two-layers-per-input issue 31, H100: 512K + one block (524,352 tokens: past 2**31 elements in q, where
 #                  h200-800k failed) on packed rows with the tiled MLP, parameter offload and layers_per_stored_input 2
 #                  (power-of-two buffers of 8 GiB per dense input need it on a 128 GiB host); fit on 2026-12-07
+#   h100-512k-dense-same-memory issue 31, H100: the like-with-like dense stack for h100-512k-two-layers-per-input:
+#                  the same job and memory settings (tiled MLP, parameter offload, layers_per_stored_input 2, attention
+#                  in pieces) at keep_ratio 1.0, every layer dense, at 512K + 64 on packed rows. The planner predicts
+#                  the same device peak as lemo's (61.3 GiB: a dense layer's recomputed backward is the peak of both
+#                  jobs) and 86.5 GiB host; lemo's 2x target against the best dense stack depends on it
 #   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
 #                  layers' inputs on the host halved: the planner says 105.5 GiB device, 98 GiB host)
@@ -64,7 +69,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|dense-memory128k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h100-512k-dense-same-memory|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|dense-memory128k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -207,6 +212,12 @@ case "$name" in
             memory.layers_per_stored_input=2 ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
         product_path --maxctx --config "$lemo" --rows packed --start 524352 --max-seq 524352 --granularity 64 \
             --case-timeout 370 --budget-s 375
+        ;;
+    h100-512k-dense-same-memory)
+        dense=$(derive zero3_dense-tiled-offload-param-two-layers-per-input memory.tiled_mlp=true keep_ratio=1.0 \
+            memory.layers_per_stored_input=2 ds.zero_optimization.offload_param='{"device": "cpu", "pin_memory": true}')
+        product_path --maxctx --config "$dense" --rows packed --start 524352 --max-seq 524352 --granularity 64 \
+            --case-timeout 500 --budget-s 505
         ;;
     h200-800k)
         lemo=$(derive zero3_lemo-registered-two-layers-per-input-calibration1 memory.tiled_mlp=true \

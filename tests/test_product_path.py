@@ -230,8 +230,8 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
 @pytest.mark.parametrize(
     "call", ["onedoc128k", "maxctx-lemo", "maxctx-dense", "h100-384k-dense", "attention64k", "attention128k",
              "registered640k", "h100-512k-offload-param", "h100-512k-onedoc", "h100-512k-two-layers-per-input",
-             "h200-800k", "h200-1m", "h200-800k-launch-blocking", "large-tensors", "flash-limit", "onedoc384k",
-             "dense-memory128k", "memory256k", "keep128k 0.6"]
+             "h100-512k-dense-same-memory", "h200-800k", "h200-1m", "h200-800k-launch-blocking", "large-tensors",
+             "flash-limit", "onedoc384k", "dense-memory128k", "memory256k", "keep128k 0.6"]
 )
 def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(tmp_path, call):
     """benchmarks/gpu_calls.sh, dry run: every config it derives passes the "lemo" section's validation and keeps
@@ -285,6 +285,12 @@ def test_each_device_call_derives_valid_configs_and_valid_product_path_commands(
                 assert lemo.predictor.calibration_batches == 1 and Path(config).parent == tmp_path / call
                 if call == "keep128k":
                     assert lemo.keep_ratio == float(call_args[0])
+                if call == "h100-512k-dense-same-memory":  # the config lemo's 512K + 64 ran, every layer dense
+                    ran = "max-context-20261207/zero3_lemo-tiled-offload-param-two-layers-per-input.json"
+                    lemo_job, ds_job = split_ds_config(load_ds_config(REPO / "benchmarks" / "results" / ran))
+                    _, ds = split_ds_config(load_ds_config(config))
+                    assert lemo.keep_ratio == 1.0 and lemo.memory == lemo_job.memory
+                    assert ds["zero_optimization"] == ds_job["zero_optimization"]
         assert ("--budget-s" if "--maxctx" in args else "--steps") in args
 
 
