@@ -56,8 +56,9 @@
 #                  wrong (packed rows of 448K to 800K tokens), and lemo_ds's pieces past it
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
 #   dense-memory128k issue 31 (~2 min): what is alive at the peak of hf-liger-offload's step at 128K on packed rows
-#                  (benchmarks/hf_liger_job.py --memory-peak): it keeps about 50 [s, h] bf16 tensors' worth per token
-#                  (65.7 GiB at 128K, of which 15 GiB weights), where the main job's dense layer keeps about 18
+#                  (benchmarks/hf_liger_job.py --memory-peak): with float32 adapters it kept about 50 [s, h] bf16
+#                  tensors' worth per token (65.7 GiB at 128K, 15 GiB of it weights), where the main job's dense layer
+#                  keeps about 18; now with bf16 adapters, as the case runs since 2026-12-08
 #   memory256k     issue 31: what is alive at the peak of the main job's step at 256K with the tiled MLP (the
 #                  planner's fitted TILED_FULL_LENGTH_H_FUSED: about 10 x h x b per token of a dense layer where the
 #                  harness's tiled path keeps 3), benchmarks/profile_job.py --memory-peak
@@ -256,7 +257,7 @@ case "$name" in
     dense-memory128k)
         rows=$(packed_rows)
         logged profile.log 300 python3 benchmarks/hf_liger_job.py --kernels liger --offload-checkpoints --tiled-mlp \
-            --memory-peak --profile-out "$OUT" --model llama-3-8b --seq-len 131072 --max-steps 2 --data "$rows" \
+            --lora-dtype bfloat16 --memory-peak --profile-out "$OUT" --model llama-3-8b --seq-len 131072 --max-steps 2 --data "$rows" \
             --output-dir "$OUT/job"
         ;;
     memory256k)

@@ -49,6 +49,7 @@ from lemo_ds.training.tokenizer import ByteTokenizer, load_hf_tokenizer  # noqa:
 # The shipped configs' optimizer (ds_configs/zero3_lemo.json): AdamW, betas (0.9, 0.95), clipping 1.0.
 BETAS, CLIP = (0.9, 0.95), 1.0
 PROFILE_SKIP, PROFILE_ACTIVE = 2, 2  # --profile-out: steps before the profiled ones, profiled steps
+LORA_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: peft's own choice, float32 adapters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--lora-r", type=int, default=8, help="0: full fine-tuning")
+    parser.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the adapters' dtype on CUDA. float32: peft's (the Trainer keeps them so with bf16=True); "
+                             "bfloat16: as DeepSpeed's bf16 mode holds every parameter (the main job, ALST's stack), "
+                             "so that no adapter copies its [s, h] input to float32")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", choices=("liger", "torch"), default="liger",
@@ -97,7 +102,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     checkpointing_enable(net, use_reentrant=False)
     net.enable_input_require_grads()  # LoRA + checkpointing: gradients must reach the adapters
     if args.lora_r > 0:
-        net = model.add_lora(net, args.lora_r, args.seed)
+        net = model.add_lora(net, args.lora_r, args.seed, dtype=LORA_DTYPES[args.lora_dtype])
     lemo_ds.enable_document_attention(net)
     return net.train()
 
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     source = model.resolve_model(args.model)
     tokenizer = ByteTokenizer() if source.kind == "preset" else load_hf_tokenizer(args.model)
     files = data.discover_files(args.data)
+    if args.lora_dtype != "float32" and not cuda:
+        raise SystemExit(f"--lora-dtype {args.lora_dtype}: on a CPU this job runs in float32; leave --lora-dtype out")
     if args.memory_peak and (args.profile_out is None or not cuda or args.max_steps < 2):
         raise SystemExit("--memory-peak records step 2 on CUDA: give --profile-out DIR and --max-steps 2 or more")
     net = build(args, device, dtype)
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.max_steps, "final_loss": totals.final_loss, "tokens_per_s": totals.tokens_per_s,
         "peak_mem_bytes": peak, "peak_mem_kind": kind, "mean_keep_ratio": 1.0, "world_size": 1,
         "model": args.model, "seq_len": args.seq_len, "lora_r": args.lora_r, "kernels": args.kernels,
+        "lora_dtype": args.lora_dtype,
         "autocast": args.autocast, "tiled_mlp": args.tiled_mlp, "offload_checkpoints": args.offload_checkpoints,
         # the last step's checkpointed layer inputs: given to the offload, copied to the host (all but the last
         # layer's, which the first backward needs at once), refused (every one on a CPU: no accelerator to copy from)

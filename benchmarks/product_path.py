@@ -77,8 +77,9 @@ BASELINES = {
     BASELINE: ["--kernels", "liger"],
     f"{BASELINE}-amp": ["--kernels", "liger", "--autocast"],
     "hf": ["--kernels", "torch"],
-    # ALST's single-GPU memory features on top (hf_liger_job.py): the dense stack for the longest context
-    f"{BASELINE}-offload": ["--kernels", "liger", "--offload-checkpoints", "--tiled-mlp"],
+    # ALST's single-GPU memory features on top (hf_liger_job.py): the dense stack for the longest context, its
+    # adapters in bf16 as DeepSpeed's bf16 mode holds them (ALST's stack runs on DeepSpeed; so does the main job)
+    f"{BASELINE}-offload": ["--kernels", "liger", "--offload-checkpoints", "--tiled-mlp", "--lora-dtype", "bfloat16"],
 }
 ROW_KINDS = ("packed", "one-doc", "stdlib")
 ONE_DOC_BOOKS = 3

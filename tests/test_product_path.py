@@ -192,11 +192,13 @@ def test_tiled_mlp_runs_in_tiles_and_gives_the_untiled_gradients():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
-def test_baseline_memory_peak_is_refused_without_cuda(tmp_path):
-    """hf_liger_job.py --memory-peak reads the CUDA allocator's trace: on a CPU it stops before building the model,
-    naming what it needs, instead of training without the record it was asked for."""
+def test_baseline_cuda_only_settings_are_refused_without_cuda(tmp_path):
+    """hf_liger_job.py's settings a CPU run cannot honour stop it before the model is built, naming what to change:
+    bf16 adapters (the CPU job is float32 throughout) and --memory-peak (the CUDA allocator's trace)."""
     from benchmarks import hf_liger_job
 
+    with pytest.raises(SystemExit, match="--lora-dtype bfloat16: on a CPU this job runs in float32"):
+        hf_liger_job.main(["--lora-dtype", "bfloat16", "--output-dir", str(tmp_path / "job")])
     with pytest.raises(SystemExit, match="--memory-peak records step 2 on CUDA"):
         hf_liger_job.main(["--memory-peak", "--profile-out", str(tmp_path / "prof"), "--max-steps", "2",
                            "--output-dir", str(tmp_path / "job")])  # fmt: skip
@@ -224,7 +226,7 @@ def test_alst_baseline_job_trains_the_plain_jobs_losses(tmp_path):
     assert summary["offload_stats"] == {"marked": layers, "offloaded": 0, "skipped": layers}
     command = product_path.case_command("hf-liger-offload", "tiny-llama", 256, None, 3, tmp_path)
     assert command[1:5] == ["benchmarks/hf_liger_job.py", "--kernels", "liger", "--offload-checkpoints"]
-    assert "--tiled-mlp" in command
+    assert "--tiled-mlp" in command and command[command.index("--lora-dtype") + 1] == "bfloat16"
 
 
 @pytest.mark.parametrize(
