@@ -9,7 +9,8 @@
 #
 #   onedoc128k     issue 29: 128K one-document rows, hf-liger then the main job (~520 s: a hf-liger step is ~45 s)
 #   maxctx-lemo    issue 31: the main job with memory.tiled_mlp at 512K on packed rows, then one-document rows
-#   maxctx-dense   issue 31: hf-liger-offload (ALST's single-GPU stack) from 256K on packed rows, bisected
+#   maxctx-dense [START [BUDGET_S]] issue 31: hf-liger-offload (ALST's single-GPU stack) from START (256K) on packed
+#                  rows, bisected, for at most BUDGET_S (560) seconds
 #   h100-384k-dense issue 31, after maxctx-lemo (512K out of device memory on an H100, 256K fits): the main job with
 #                  the tiled MLP at 384K on packed rows, then a shorter maxctx-dense
 #   attention64k   issue 30: "eliminate": "attention" against "layer" and hf-liger, 64K one-document rows
@@ -70,7 +71,7 @@
 # max-context calls' planner figures assume it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h100-512k-dense-same-memory|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|dense-memory128k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
+name=${1:?"usage: gpu_calls.sh prepare|onedoc128k|maxctx-lemo|maxctx-dense [START [BUDGET_S]]|h100-384k-dense|attention64k|attention128k|registered640k|h100-512k-offload-param|h100-512k-onedoc|h100-512k-two-layers-per-input|h100-512k-dense-same-memory|h200-800k|h200-1m|h200-800k-launch-blocking|large-tensors|flash-limit|onedoc384k|dense-memory128k|memory256k|granularity-a|granularity-d RUNS|keep-a KEEPS|keep-d KEEPS|keep128k KEEP"}
 
 if [ "$name" = prepare ]; then
     mkdir -p .whl .bench_data
@@ -170,8 +171,8 @@ case "$name" in
         done
         ;;
     maxctx-dense)
-        product_path --maxctx --config hf-liger-offload --rows packed --start 262144 --max-seq 1048576 \
-            --granularity 16384 --case-timeout 200 --budget-s 560
+        product_path --maxctx --config hf-liger-offload --rows packed --start "${2:-262144}" --max-seq 1048576 \
+            --granularity 16384 --case-timeout 200 --budget-s "${3:-560}"
         ;;
     h100-384k-dense)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)
