@@ -3,7 +3,8 @@
 What ``TrainingArguments(use_liger_kernel=True, gradient_checkpointing=True)`` with padding-free packing gives,
 written as a plain loop so that nothing else differs from launch/train.py's job: the same model (preset or local
 directory, built directly on the GPU), the same LoRA, the same rows in the same order (``lemo_ds.training.data``,
-same seed), torch AdamW with the shipped configs' settings and gradient clipping, no DeepSpeed. Liger:
+same seed), torch AdamW with the shipped configs' settings and gradient clipping (on float32 masters of bf16
+adapters, `--lora-dtype bfloat16`), no DeepSpeed. Liger:
 ``apply_liger_kernel_to_llama(rope, rms_norm, swiglu, fused_linear_cross_entropy)`` on the model; Hugging Face's
 non-reentrant checkpointing of every decoder layer; packed documents attend within themselves through
 ``lemo_ds.enable_document_attention`` (varlen attention, no [s, s] mask: what flash-attention's padding-free path
@@ -143,6 +144,21 @@ def checkpoint_offload() -> contextlib.AbstractContextManager:
     return CheckpointHiddenStatesOffload()
 
 
+def step_adapters(trainable: list[torch.Tensor], masters: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Clip and step: on the float32 master copies of 16-bit adapters (their gradients upcast, the new values copied
+    back), or on the adapters themselves where they are float32 (``masters`` holds the same tensors)."""
+    for param, master in zip(trainable, masters, strict=True):
+        if master is not param:
+            master.grad = None if param.grad is None else param.grad.float()
+            param.grad = None
+    torch.nn.utils.clip_grad_norm_(masters, CLIP)
+    optimizer.step()
+    for param, master in zip(trainable, masters, strict=True):
+        if master is not param:
+            param.data.copy_(master)
+    optimizer.zero_grad(set_to_none=True)
+
+
 class MemoryPeakTrace:
     """The CUDA allocator's trace over one step (forward, backward, optimizer step) and what was alive at its peak,
     as profile_job.py --memory-peak records it for the main job."""
@@ -188,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--memory-peak records step 2 on CUDA: give --profile-out DIR and --max-steps 2 or more")
     net = build(args, device, dtype)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=BETAS, eps=1e-8, weight_decay=0.0)
+    # The optimizer steps float32 copies of 16-bit adapters (--lora-dtype bfloat16), as DeepSpeed's bf16 optimizer
+    # does: AdamW's updates are far below a bf16 weight's resolution.
+    masters = [p.detach().float() if p.dtype != torch.float32 else p for p in trainable]
+    optimizer = torch.optim.AdamW(masters, lr=args.lr, betas=BETAS, eps=1e-8, weight_decay=0.0)
     rows = data.packed_rows(files, tokenizer, args.seq_len, args.seed)  # launch/train.py's rows, in its order
     batches = data.rank_batches(rows, rank=0, world_size=1, micro_batch=1)
     log = metrics.MetricsLog(out / "metrics.jsonl")
@@ -212,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
                 loss = net(**batch).loss
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_adapters(trainable, masters, optimizer)
         loss_value = loss.item()  # waits for the step
         step_s = time.perf_counter() - t0
         walls.append(step_s)

@@ -191,6 +191,38 @@ def test_tiled_mlp_runs_in_tiles_and_gives_the_untiled_gradients():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_baseline_steps_16_bit_adapters_on_float32_masters(dtype):
+    """hf_liger_job.step_adapters: 16-bit adapters are stepped as DeepSpeed's bf16 optimizer steps them, AdamW and
+    clipping on float32 masters, each adapter the rounding of its master; float32 adapters are stepped in place. Both
+    against plain torch AdamW + clipping on float32 copies given the same gradients, for three steps (one adapter
+    without a gradient)."""
+    from benchmarks import hf_liger_job
+
+    torch.manual_seed(0)
+    initial = [torch.randn(5, 3) * 0.02, torch.zeros(3, 7), torch.randn(4)]
+    grads = [[torch.randn_like(t) * scale for t in initial] for scale in (3.0, 0.5, 1e-3)]
+    params = [torch.nn.Parameter(t.to(dtype).clone()) for t in initial]
+    masters = [p.detach().float() if p.dtype != torch.float32 else p for p in params]
+    optimizer = torch.optim.AdamW(masters, lr=2e-4, betas=hf_liger_job.BETAS, eps=1e-8, weight_decay=0.0)
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    expected_optimizer = torch.optim.AdamW(reference, lr=2e-4, betas=hf_liger_job.BETAS, eps=1e-8, weight_decay=0.0)
+    for step_grads in grads:
+        for param, ref, grad in zip(params, reference, step_grads):
+            param.grad = None if param is params[2] else grad.to(dtype).clone()  # clipping scales it in place
+            ref.grad = None if param is params[2] else grad.to(dtype).float().clone()
+        hf_liger_job.step_adapters(params, masters, optimizer)
+        torch.nn.utils.clip_grad_norm_(reference, hf_liger_job.CLIP)
+        expected_optimizer.step()
+        expected_optimizer.zero_grad(set_to_none=True)
+        for param, master, ref in zip(params, masters, reference):
+            assert param.grad is None and param.dtype == dtype
+            torch.testing.assert_close(master, ref.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(param.detach(), ref.detach().to(dtype), rtol=0, atol=0)
+    assert not torch.equal(params[1].float(), initial[1])  # the zero-initialised adapter moved
+    assert torch.equal(params[2], initial[2].to(dtype))  # the one without a gradient did not
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
 def test_baseline_cuda_only_settings_are_refused_without_cuda(tmp_path):
     """hf_liger_job.py's settings a CPU run cannot honour stop it before the model is built, naming what to change:
