@@ -4,7 +4,7 @@ What ``TrainingArguments(use_liger_kernel=True, gradient_checkpointing=True)`` w
 written as a plain loop so that nothing else differs from launch/train.py's job: the same model (preset or local
 directory, built directly on the GPU), the same LoRA, the same rows in the same order (``lemo_ds.training.data``,
 same seed), torch AdamW with the shipped configs' settings and gradient clipping (on float32 masters of bf16
-adapters, `--lora-dtype bfloat16`), no DeepSpeed. Liger:
+adapters, ``--lora-dtype bfloat16``), no DeepSpeed. Liger:
 ``apply_liger_kernel_to_llama(rope, rms_norm, swiglu, fused_linear_cross_entropy)`` on the model; Hugging Face's
 non-reentrant checkpointing of every decoder layer; packed documents attend within themselves through
 ``lemo_ds.enable_document_attention`` (varlen attention, no [s, s] mask: what flash-attention's padding-free path
