@@ -159,33 +159,14 @@ def step_adapters(trainable: list[torch.Tensor], masters: list[torch.Tensor], op
     optimizer.zero_grad(set_to_none=True)
 
 
-class MemoryPeakTrace:
-    """The CUDA allocator's trace over one step (forward, backward, optimizer step) and what was alive at its peak,
-    as profile_job.py --memory-peak records it for the main job."""
+def write_memory_peak(record: dict, out: Path) -> None:
+    """--memory-peak's record of step 2, as profile_job.py --memory-peak writes the main job's."""
+    from benchmarks.memory_peak import markdown
 
-    def __init__(self, device: torch.device, out: str) -> None:
-        self.device, self.out = device, Path(out)
-        self.before = 0
-
-    def start(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
-
-    def stop(self, argv: list[str]) -> None:
-        from benchmarks.memory_peak import alive_at_peak, markdown
-
-        torch.cuda.synchronize(self.device)
-        snapshot = torch.cuda.memory._snapshot()
-        peak = torch.cuda.max_memory_allocated(self.device)
-        torch.cuda.memory._record_memory_history(enabled=None)
-        trace = snapshot["device_traces"][self.device.index or 0]
-        record = {"tag": "hf-liger", "argv": argv, "recorded_step": 2, "peak_allocated_gib": peak / 2**30,
-                  **alive_at_peak(trace, self.before, depth=3, top=30)}  # fmt: skip
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "memory-peak-hf-liger.json").write_text(json.dumps(record, indent=1))
-        print(markdown(record, "### hf-liger, step 2"))
+    record = {"tag": "hf-liger", "argv": sys.argv[1:], "recorded_step": 2, **record}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory-peak-hf-liger.json").write_text(json.dumps(record, indent=1))
+    print(markdown(record, "### hf-liger, step 2"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         schedule = torch.profiler.schedule(wait=PROFILE_SKIP, warmup=0, active=PROFILE_ACTIVE, repeat=1)
         profiler = torch.profiler.profile(activities=activities, schedule=schedule)
         profiler.start()
-    peak_trace = MemoryPeakTrace(device, args.profile_out) if args.memory_peak else None
+    peak_trace = None
+    if args.memory_peak:
+        from benchmarks.memory_peak import StepTrace
+
+        peak_trace = StepTrace(device)
     walls: list[float] = []
     offload = checkpoint_offload() if args.offload_checkpoints else contextlib.nullcontext()
     for step in range(1, args.max_steps + 1):
@@ -238,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.step()
         if peak_trace is not None and step == 2:
-            peak_trace.stop(sys.argv[1:])
+            write_memory_peak(peak_trace.stop(depth=3, top=30), Path(args.profile_out))
         if not math.isfinite(loss_value):
             raise SystemExit(f"the loss is {loss_value} at step {step}")
         peak, _ = metrics.peak_memory(device.type)

@@ -75,25 +75,40 @@ def replay(trace: list[dict]) -> tuple[int, dict[int, dict]]:
     return peak, live
 
 
+class StepTrace:
+    """The CUDA allocator's trace from ``start()`` to ``stop()`` (one training step: forward, backward, optimizer
+    step), for the harness, the main job (benchmarks/profile_job.py) and the baseline job (hf_liger_job.py) alike."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.before = device, 0
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+
+    def stop(self, depth: int, top: int) -> dict:
+        """The allocator's peak since ``start()`` and ``alive_at_peak`` of the trace; recording ends."""
+        try:
+            torch.cuda.synchronize(self.device)
+            snapshot = torch.cuda.memory._snapshot()
+            peak = torch.cuda.max_memory_allocated(self.device)
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        trace = snapshot["device_traces"][self.device.index or 0]
+        return {"peak_allocated_gib": peak / GIB, **alive_at_peak(trace, self.before, depth, top)}
+
+
 def profile(step: TrainingStep, variant, device: torch.device, depth: int, top: int) -> dict:
     step(variant, clean_cache=True)  # warm-up: kernels compiled, pools and host buffers made
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+    trace = StepTrace(device)
+    trace.start()
     try:
         outcome = step(variant)
-        torch.cuda.synchronize(device)
-        snapshot = torch.cuda.memory._snapshot()
     finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    return {
-        "variant": variant.name,
-        "loss": outcome.loss,
-        "step_s": outcome.seconds,
-        "peak_allocated_gib": outcome.peak_allocated / GIB,
-        **alive_at_peak(snapshot["device_traces"][device.index or 0], before, depth, top),
-    }
+        record = trace.stop(depth, top)
+    return {"variant": variant.name, "loss": outcome.loss, "step_s": outcome.seconds, **record}
 
 
 def alive_at_peak(trace: list[dict], before: int, depth: int, top: int) -> dict:

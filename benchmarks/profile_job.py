@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 def memory_peak_step(args: argparse.Namespace, ours: argparse.Namespace, rest: list[str], out: Path, stack) -> int:
     """Record the allocator's trace from the end of step ``skip`` to the end of step ``skip + 1`` (forward, loss,
     backward, optimizer step), replay it and write what was alive at its peak."""
-    from benchmarks.memory_peak import alive_at_peak, markdown
+    from benchmarks.memory_peak import StepTrace, markdown
     from lemo_ds.training.loop import train
     from lemo_ds.training.runtime import close
 
@@ -125,7 +125,7 @@ def memory_peak_step(args: argparse.Namespace, ours: argparse.Namespace, rest: l
         raise SystemExit(f"profile_job.py --memory-peak: --max-steps {args.max_steps} ends before the recorded step "
                          f"{ours.skip + 1}; give --max-steps {ours.skip + 1} or more")  # fmt: skip
     job, rt = start_job(args, stack)
-    device = torch.device("cuda", torch.cuda.current_device())
+    trace = StepTrace(torch.device("cuda", torch.cuda.current_device()))
     state = {"steps": 0}
     original_step = rt.engine.step
 
@@ -133,23 +133,14 @@ def memory_peak_step(args: argparse.Namespace, ours: argparse.Namespace, rest: l
         result = original_step(*a, **k)
         state["steps"] += 1
         if state["steps"] == ours.skip:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            state["before"] = torch.cuda.memory_allocated(device)
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="alloc", stacks="python")
+            trace.start()
         elif state["steps"] == ours.skip + 1:
-            torch.cuda.synchronize(device)
-            state["snapshot"] = torch.cuda.memory._snapshot()
-            state["peak"] = torch.cuda.max_memory_allocated(device)
-            torch.cuda.memory._record_memory_history(enabled=None)
+            state["record"] = trace.stop(ours.depth, ours.top)
         return result
 
     rt.engine.step = step
     train(job, rt)
-    trace = state["snapshot"]["device_traces"][device.index or 0]
-    record = {"tag": ours.profile_tag, "argv": rest, "recorded_step": ours.skip + 1,
-              "peak_allocated_gib": state["peak"] / 2**30,
-              **alive_at_peak(trace, state["before"], ours.depth, ours.top)}  # fmt: skip
+    record = {"tag": ours.profile_tag, "argv": rest, "recorded_step": ours.skip + 1, **state["record"]}
     (out / f"memory-peak-{ours.profile_tag}.json").write_text(json.dumps(record, indent=1))
     print(markdown(record, f"### {ours.profile_tag}, step {record['recorded_step']}"))
     close(rt)
