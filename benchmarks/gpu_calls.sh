@@ -28,7 +28,7 @@
 #                  benchmarks/results/faster-than-hf-liger-20261207/h100-128k-one-doc.json)
 #   registered640k issue 31, on an H200 (141 GB): the offload tests on CUDA (registered pinned buffers included),
 #                  then the main job with the tiled MLP and memory.pinned_buffers "registered" at 640K on packed rows
-#                  (the planner: 105.5 GiB device, 118 GiB host; with power-of-two buffers the host runs out)
+#                  (the planner: 89.3 GiB device, 118 GiB host; with power-of-two buffers the host runs out)
 #   h100-512k-offload-param issue 31, H100: the main job with the tiled MLP at 512K on packed rows with ZeRO-3's
 #                  parameter offload (the frozen base's 15 GiB on the host, fetched layer by layer): 512K ran out of
 #                  device memory with 73.6 GiB allocated and 4 GiB asked (the planner, whose parameter-offload term
@@ -42,13 +42,13 @@
 #   h100-512k-dense-same-memory issue 31, H100: the like-with-like dense stack for h100-512k-two-layers-per-input:
 #                  the same job and memory settings (tiled MLP, parameter offload, layers_per_stored_input 2, attention
 #                  in pieces) at keep_ratio 1.0, every layer dense, at 512K + 64 on packed rows. The planner predicts
-#                  the same device peak as lemo's (61.3 GiB: a dense layer's recomputed backward is the peak of both
+#                  the same device peak as lemo's (62.3 GiB: a dense layer's recomputed backward is the peak of both
 #                  jobs) and 86.5 GiB host; lemo's 2x target against the best dense stack depends on it
 #   h200-800k      issue 31, on an H200 (141 GB; run it with needs_h200): the main job at 800K on packed rows
 #                  with the tiled MLP, registered pinned buffers and memory.layers_per_stored_input 2 (the dense
-#                  layers' inputs on the host halved: the planner says 105.5 GiB device, 98 GiB host)
+#                  layers' inputs on the host halved: the planner says 106.5 GiB device, 98 GiB host)
 #   h200-1m        issue 31's moonshot, on an H200 (needs_h200), after h200-800k fits: the same config at 1M tokens
-#                  (the planner: 129.7 GiB device of 132.8 usable, 122 GiB host of 125)
+#                  (the planner: 130.7 GiB device of 132.8 usable, 122 GiB host of 125)
 #   large-tensors  issue 31, H100 or H200 (~3 min): tests/test_large_tensors.py, each op of the main job's step past
 #                  2**31 elements (800K tokens), lemo_ds's kernels, document_attention (packed, and one document
 #                  of 528K), Liger's fused loss and a registered buffer's round trip, each against its last rows

@@ -12,7 +12,13 @@ of ``PIECE_ELEMENT_LIMIT``:
   per 64K tokens or less);
 - a document too long for one piece is split by queries: queries [a, b) of a document that starts at ``start``
   attend keys [start, b), causal aligned at the bottom right (the last query sees every key), which is flash's
-  alignment when a call has fewer queries than keys.
+  alignment when a call has fewer queries than keys. Forward is one call per piece. Backward runs such a piece in key
+  chunks (``key_chunks``): the keys before the piece's queries in runs no longer than a piece, all visible, then the
+  piece's own keys, causal. Each call gets the piece's whole output and log-sum-exp, so its probabilities and its
+  rowsum(dout * out) are the piece's own and its gradients are exact parts of the piece's; the query gradients add up
+  in float32. One call over all of a long document's keys would hold, for grouped-query heads, dk and dv expanded to
+  every query head over the whole document (8 GiB at 512K tokens of Llama-3-8B's heads), where a chunk holds a
+  piece's worth.
 
 ``PiecewiseAttention`` runs the pieces forward and backward with one kernel: ``FLASH`` (torch's flash kernels,
 CUDA) or ``REFERENCE`` (plain torch, which the CPU tests use to check the pieces' composition). Gradients go into
@@ -107,13 +113,34 @@ def plan_pieces(cu_seqlens: list[int], heads: int, head_dim: int, limit: int = F
     return pieces
 
 
+@dataclass(frozen=True)
+class KeyChunk:
+    """Keys [start, stop) of the flattened tokens for one backward call of a piece: causal over the piece's own
+    queries (square, the piece's own keys), or every key visible to every query (keys before the piece's queries)."""
+
+    start: int
+    stop: int
+    causal: bool
+
+
+def key_chunks(piece: Piece, longest: int) -> list[KeyChunk]:
+    """The backward calls of ``piece``: one causal call over its keys where it has no keys before its queries (whole
+    documents, or a split document's first piece); otherwise the earlier keys in runs of at most ``longest`` tokens,
+    then the piece's own keys."""
+    chunks = [KeyChunk(a, min(a + longest, piece.q_start), False) for a in range(piece.k_start, piece.q_start, longest)]
+    return [*chunks, KeyChunk(piece.q_start, piece.q_stop, True)]
+
+
 class PieceKernel(Protocol):
     def forward(self, q, k, v, piece: Piece, scale: float) -> tuple[torch.Tensor, Any]:
         """(out [tq, H, d], what backward needs besides the inputs and out) of one piece: q [tq, H, d], k and v
         [tk, KV, d]."""
 
-    def backward(self, dout, q, k, v, out, saved: Any, piece: Piece, scale: float):
-        """(dq, dk, dv) of one piece; ``saved``: what its forward returned beside out."""
+    def backward(self, dout, q, k, v, out, saved: Any, cu_q: tuple[int, ...], cu_k: tuple[int, ...], causal: bool,
+                 scale: float):  # fmt: skip
+        """(dq, dk, dv) of a piece's queries q [tq, H, d] over keys k and v [tk, KV, d] (all of the piece's, or one
+        ``KeyChunk``: documents ``cu_k``; ``causal`` False: every key visible), given the piece's whole out and
+        ``saved`` (what its forward returned beside out): the parts of the piece's gradients that those keys make."""
 
 
 class _Flash:
@@ -125,13 +152,16 @@ class _Flash:
             q, k, v, cu_q, cu_k, piece.max_q, piece.max_k, 0.0, True, False, scale=scale,
             window_size_left=-1, window_size_right=0,
         )  # fmt: skip
-        return out, (lse, rng_state, cu_q, cu_k)  # the bounds on the device too: backward copies them no more
+        # the bounds on the device too (backward copies them no more), and the keys' on the host: a chunk has others
+        return out, (lse, rng_state, cu_q, cu_k, piece.cu_k)
 
-    def backward(self, dout, q, k, v, out, saved, piece: Piece, scale: float):
-        lse, rng_state, cu_q, cu_k = saved
+    def backward(self, dout, q, k, v, out, saved, cu_q, cu_k, causal: bool, scale: float):
+        lse, rng_state, cu_q_device, cu_k_device, piece_cu_k = saved
+        if cu_k != piece_cu_k:  # a key chunk: its own bounds
+            cu_k_device = _cu(cu_k, q.device)
         return torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, cu_q, cu_k, piece.max_q, piece.max_k, 0.0, True, rng_state,
-            torch.empty(0, device=q.device), scale=scale, window_size_left=-1, window_size_right=0,
+            dout, q, k, v, out, lse, cu_q_device, cu_k_device, _longest(cu_q), _longest(cu_k), 0.0, causal, rng_state,
+            torch.empty(0, device=q.device), scale=scale, window_size_left=-1, window_size_right=0 if causal else -1,
         )  # fmt: skip
 
 
@@ -139,21 +169,65 @@ def _cu(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
+def _longest(cu: tuple[int, ...]) -> int:
+    return max(b - a for a, b in _spans(cu))
+
+
 def reference_piece(q, k, v, piece: Piece, scale: float) -> torch.Tensor:
     """Plain torch attention of one piece in float32 or wider: each document's queries over its keys, causal
     aligned at the bottom right (query i of n sees keys up to i + m - n of m). q [tq, H, d], k and v [tk, KV, d]."""
-    groups = q.shape[1] // k.shape[1]
-    wide = torch.promote_types(q.dtype, torch.float32)
     parts = []
-    for (qa, qb), (ka, kb) in zip(_spans(piece.cu_q), _spans(piece.cu_k), strict=True):
-        q_doc = q[qa:qb].to(wide).transpose(0, 1)  # [H, n, d]
-        k_doc = k[ka:kb].to(wide).repeat_interleave(groups, dim=1).transpose(0, 1)  # [H, m, d]
-        v_doc = v[ka:kb].to(wide).repeat_interleave(groups, dim=1).transpose(0, 1)  # [H, m, d]
-        n, m = qb - qa, kb - ka
-        allowed = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n)
-        scores = (q_doc @ k_doc.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))  # [H, n, m]
-        parts.append((torch.softmax(scores, dim=-1) @ v_doc).transpose(0, 1))  # [n, H, d]
+    for span_q, span_k in zip(_spans(piece.cu_q), _spans(piece.cu_k), strict=True):
+        scores, allowed = _scores(q, k, span_q, span_k, scale)  # [H, n, m], [n, m]
+        v_doc = _heads_first(v, span_k, q.shape[1])  # [H, m, d]
+        parts.append((torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v_doc).transpose(0, 1))
     return torch.cat(parts).to(q.dtype)  # [tq, H, d]
+
+
+def reference_lse(q, k, piece: Piece, scale: float) -> torch.Tensor:
+    """The log-sum-exp of ``reference_piece``'s scores, per query and head: [tq, H], float32 or wider."""
+    parts = []
+    for span_q, span_k in zip(_spans(piece.cu_q), _spans(piece.cu_k), strict=True):
+        scores, allowed = _scores(q, k, span_q, span_k, scale)  # [H, n, m], [n, m]
+        parts.append(torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1).transpose(0, 1))
+    return torch.cat(parts)  # [tq, H]
+
+
+def reference_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal: bool, scale: float):
+    """Plain torch of what a flash backward call computes from the piece's out and log-sum-exp ``lse`` [tq, H]:
+    per document, P = exp(q k^T scale - lse) over these keys (causal aligned at the bottom right, or all visible),
+    dv = P^T dout, dS = P (dout v^T - rowsum(dout * out)), dq = dS k scale, dk = dS^T q scale; grouped-query heads
+    summed into their key head. Returns (dq, dk, dv) in the inputs' dtypes."""
+    heads, groups = q.shape[1], q.shape[1] // k.shape[1]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = torch.zeros_like(q, dtype=wide), torch.zeros_like(k, dtype=wide), torch.zeros_like(v, dtype=wide)
+    for (qa, qb), (ka, kb) in zip(_spans(cu_q), _spans(cu_k), strict=True):
+        scores, allowed = _scores(q, k, (qa, qb), (ka, kb), scale)  # [H, n, m], [n, m]
+        probs = torch.exp(scores - lse[qa:qb].to(wide).transpose(0, 1)[:, :, None])
+        probs = probs.masked_fill(~allowed, 0.0) if causal else probs
+        do_doc, o_doc = _heads_first(dout, (qa, qb), heads), _heads_first(out, (qa, qb), heads)  # [H, n, d]
+        k_doc, v_doc = _heads_first(k, (ka, kb), heads), _heads_first(v, (ka, kb), heads)  # [H, m, d]
+        d_scores = probs * (do_doc @ v_doc.transpose(1, 2) - (do_doc * o_doc).sum(-1, keepdim=True))  # [H, n, m]
+        dq[qa:qb] = (d_scores @ k_doc * scale).transpose(0, 1)
+        dk[ka:kb] = (d_scores.transpose(1, 2) @ _heads_first(q, (qa, qb), heads) * scale).transpose(0, 1).unflatten(
+            1, (-1, groups)).sum(2)  # fmt: skip
+        dv[ka:kb] = (probs.transpose(1, 2) @ do_doc).transpose(0, 1).unflatten(1, (-1, groups)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _heads_first(t: torch.Tensor, span: tuple[int, int], heads: int) -> torch.Tensor:
+    """Rows ``span`` of t [T, heads or KV, d] as [heads, n, d] in float32 or wider, key heads repeated per group."""
+    wide = torch.promote_types(t.dtype, torch.float32)
+    return t[span[0] : span[1]].to(wide).repeat_interleave(heads // t.shape[1], dim=1).transpose(0, 1)
+
+
+def _scores(q, k, span_q: tuple[int, int], span_k: tuple[int, int], scale: float):
+    """(scores [H, n, m], allowed [n, m]) of one document: its queries over its keys, causal aligned at the bottom
+    right (query i of n sees keys up to i + m - n of m)."""
+    heads, n, m = q.shape[1], span_q[1] - span_q[0], span_k[1] - span_k[0]
+    scores = _heads_first(q, span_q, heads) @ _heads_first(k, span_k, heads).transpose(1, 2) * scale
+    allowed = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n)
+    return scores, allowed
 
 
 def _spans(cu: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -161,16 +235,14 @@ def _spans(cu: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 class _Reference:
-    """``reference_piece`` as a piece kernel: backward recomputes it under autograd."""
+    """``reference_piece`` and ``reference_backward`` as a piece kernel; forward keeps the log-sum-exp as flash's
+    does, for backward's calls over key chunks."""
 
     def forward(self, q, k, v, piece: Piece, scale: float):
-        return reference_piece(q, k, v, piece, scale), None
+        return reference_piece(q, k, v, piece, scale), reference_lse(q, k, piece, scale)
 
-    def backward(self, dout, q, k, v, out, saved, piece: Piece, scale: float):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        with torch.enable_grad():
-            recomputed = reference_piece(q, k, v, piece, scale)
-        return torch.autograd.grad(recomputed, (q, k, v), dout)
+    def backward(self, dout, q, k, v, out, saved, cu_q, cu_k, causal: bool, scale: float):
+        return reference_backward(dout, q, k, v, out, saved, cu_q, cu_k, causal, scale)
 
 
 FLASH: PieceKernel = _Flash()
@@ -198,14 +270,27 @@ class PiecewiseAttention(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         dq = torch.empty_like(q)  # [T, H, d]
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # [T, KV, d]: a split document's keys get several pieces
+        longest = max(p.q_stop - p.q_start for p in ctx.pieces)
         for p, piece_saved in zip(ctx.pieces, ctx.piece_saved, strict=True):
-            queries, keys = slice(p.q_start, p.q_stop), slice(p.k_start, p.q_stop)
-            grads = ctx.kernel.backward(dout[queries].contiguous(), q[queries], k[keys], v[keys], out[queries],
-                                        piece_saved, p, ctx.scale)  # fmt: skip
-            piece_dq, piece_dk, piece_dv = grads
-            dq[queries].copy_(piece_dq)
-            dk[keys] += piece_dk
-            dv[keys] += piece_dv
+            queries = slice(p.q_start, p.q_stop)
+            piece_dout = dout[queries].contiguous()
+            chunks = key_chunks(p, longest)
+            piece_dq = None if len(chunks) == 1 else torch.zeros_like(q[queries], dtype=torch.float32)  # [tq, H, d]
+            for chunk in chunks:
+                keys = slice(chunk.start, chunk.stop)
+                cu_k = p.cu_k if len(chunks) == 1 else (0, chunk.stop - chunk.start)
+                chunk_dq, chunk_dk, chunk_dv = ctx.kernel.backward(
+                    piece_dout, q[queries], k[keys], v[keys], out[queries], piece_saved, p.cu_q, cu_k, chunk.causal,
+                    ctx.scale,
+                )  # fmt: skip
+                if piece_dq is None:
+                    dq[queries].copy_(chunk_dq)
+                else:
+                    piece_dq += chunk_dq
+                dk[keys] += chunk_dk
+                dv[keys] += chunk_dv
+            if piece_dq is not None:
+                dq[queries].copy_(piece_dq)
         return dq, dk, dv, None, None, None
 
 

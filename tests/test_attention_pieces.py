@@ -15,7 +15,17 @@ import torch.nn.functional as F
 from tiny_models import packed_position_ids
 
 from lemo_ds import attention_pieces
-from lemo_ds.attention_pieces import REFERENCE, Piece, accumulator_rows, plan_pieces, reference_piece
+from lemo_ds.attention_pieces import (
+    REFERENCE,
+    KeyChunk,
+    Piece,
+    accumulator_rows,
+    key_chunks,
+    plan_pieces,
+    reference_backward,
+    reference_lse,
+    reference_piece,
+)
 from lemo_ds.document_attention import document_attention, varlen_causal
 from lemo_ds.documents import Documents
 
@@ -134,6 +144,39 @@ def test_reference_piece_aligns_causal_at_the_bottom_right():
     full = _masked_attention(q, k, v, [12], DIM**-0.5)
     last = reference_piece(q[-5:], k, v, Piece(7, 12, 0, (0, 5), (0, 12)), DIM**-0.5)
     torch.testing.assert_close(last, full[-5:])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_key_chunks_cover_a_pieces_keys_in_order_and_no_longer_than_a_piece(layout):
+    pieces = plan_pieces(_cu(LAYOUTS[layout]), HEADS, DIM, _limit(SMALL_ROWS))
+    longest = max(p.q_stop - p.q_start for p in pieces)
+    for p in pieces:
+        chunks = key_chunks(p, longest)
+        assert chunks[-1] == KeyChunk(p.q_start, p.q_stop, True)  # the piece's own keys, causal
+        assert [c.start for c in chunks] == [p.k_start, *(c.stop for c in chunks[:-1])]  # every key once, in order
+        assert all(c.stop - c.start <= longest and not c.causal for c in chunks[:-1])  # earlier keys: all visible
+        assert (len(chunks) > 1) == (p.k_start < p.q_start)  # chunks only where a split document has earlier keys
+    assert any(len(key_chunks(p, longest)) > 2 for p in pieces) == (layout == "one-long-document")
+
+
+@pytest.mark.parametrize("causal_keys", [(0, 37), (0, 29)], ids=["whole-keys", "bottom-right"])
+def test_reference_backward_is_the_gradient_of_reference_piece(causal_keys):
+    """reference_backward over a piece's keys, from its out and log-sum-exp, is autograd's gradient of
+    reference_piece: three documents with as many queries as keys, or the last 17 queries of one over its 29 keys."""
+    q, k, v = _random_qkv(37, torch.float64)
+    if causal_keys == (0, 29):
+        piece, q_rows = Piece(12, 29, 0, (0, 17), (0, 29)), slice(12, 29)
+    else:
+        piece, q_rows = Piece(0, 37, 0, (0, 10, 11, 37), (0, 10, 11, 37)), slice(0, 37)
+    keys = slice(*causal_keys)
+    out = reference_piece(q[q_rows], k[keys], v[keys], piece, DIM**-0.5)
+    dout = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (q, k, v), dout)
+    lse = reference_lse(q[q_rows].detach(), k[keys].detach(), piece, DIM**-0.5)
+    ours = reference_backward(dout, *(t.detach() for t in (q[q_rows], k[keys], v[keys], out)), lse, piece.cu_q,
+                              piece.cu_k, True, DIM**-0.5)  # fmt: skip
+    for name, got, want in zip("qkv", ours, (expected[0][q_rows], expected[1][keys], expected[2][keys]), strict=True):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 # ---- CUDA: torch's flash kernels in pieces ----------------------------------------------------------------------

@@ -26,7 +26,9 @@ s x h x b for a dense layer, its kept rows (keep_ratio x s, whole blocks) for a 
   what the kernel holds beside them, its float32 dQ accumulator (4 x s x H x d bytes) and, for grouped-query heads,
   dk and dv expanded to every query head (2 x s x H x d x b). Past torch's flash kernels' 32-bit limit the
   attention runs in pieces (lemo_ds.attention_pieces, CUDA, 16-bit): the accumulator, the expanded gradients and
-  the piece's own gradients are one piece's (PIECE_ELEMENT_LIMIT elements of queries), not the whole row's. LoRA
+  the piece's own gradients are one piece's (PIECE_ELEMENT_LIMIT elements of queries), not the whole row's, plus the
+  float32 sum of a piece's query gradients over its key chunks (a document split by queries; the model counts one
+  document a row, so packed rows of short documents are predicted that much high). LoRA
   adapters held in float32 beside a bf16 model (peft's default; launch/train.py casts them to the training dtype)
   add LORA_FLOAT32_BYTES x h per token: each adapted projection (q, k, v, o: input width h) keeps a float32 copy of
   its input for the backward. Tiled MLP: the
@@ -218,7 +220,8 @@ def attention_backward_bytes(shape: Shape, setup: Setup, rows: int) -> int:
     pieced = _pieced_rows(shape, setup)
     if pieced is not None and rows >= pieced:
         piece = accumulator_rows(heads, d, PIECE_ELEMENT_LIMIT)
-        return gradients(rows) + gradients(piece) + working(piece)
+        # + the float32 sum of a split document's query gradients over its key chunks (one document a row)
+        return gradients(rows) + gradients(piece) + working(piece) + piece * heads * d * 4
     return gradients(rows) + working(rows)
 
 
