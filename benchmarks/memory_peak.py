@@ -95,9 +95,14 @@ class StepTrace:
             snapshot = torch.cuda.memory._snapshot()
             peak = torch.cuda.max_memory_allocated(self.device)
         finally:
-            torch.cuda.memory._record_memory_history(enabled=None)
+            self.end()
         trace = snapshot["device_traces"][self.device.index or 0]
         return {"peak_allocated_gib": peak / GIB, **alive_at_peak(trace, self.before, depth, top)}
+
+    @staticmethod
+    def end() -> None:
+        """Recording ends, nothing read (a step that raised)."""
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def profile(step: TrainingStep, variant, device: torch.device, depth: int, top: int) -> dict:
@@ -106,9 +111,10 @@ def profile(step: TrainingStep, variant, device: torch.device, depth: int, top: 
     trace.start()
     try:
         outcome = step(variant)
-    finally:
-        record = trace.stop(depth, top)
-    return {"variant": variant.name, "loss": outcome.loss, "step_s": outcome.seconds, **record}
+    except BaseException:
+        trace.end()
+        raise
+    return {"variant": variant.name, "loss": outcome.loss, "step_s": outcome.seconds, **trace.stop(depth, top)}
 
 
 def alive_at_peak(trace: list[dict], before: int, depth: int, top: int) -> dict:
