@@ -110,9 +110,7 @@ class LemoMemoryConfig(_LemoSection):
     """With offload_checkpoints, where host memory runs out: of this many consecutive dense decoder layers only the
     first stores its input (on the host); the others' inputs are rebuilt in backward by running the layer below
     again without grad. Host memory for the dense layers' inputs / this value, for one more layer forward per
-    rebuilt input; the device holds this value - 2 more inputs (none at 2). 1: every layer stores its input. Its
-    one GPU run so far (800K on an H200, with registered buffers) crashed in backward, cause not isolated (README,
-    "Longest context on the product path")."""
+    rebuilt input; the device holds this value - 2 more inputs (none at 2). 1: every layer stores its input."""
 
     @model_validator(mode="after")
     def _offload_settings_need_offload(self) -> LemoMemoryConfig:
