@@ -258,8 +258,8 @@ case "$name" in
     dense-memory128k)
         rows=$(packed_rows)
         logged profile.log 300 python3 benchmarks/hf_liger_job.py --kernels liger --offload-checkpoints --tiled-mlp \
-            --lora-dtype bfloat16 --memory-peak --profile-out "$OUT" --model llama-3-8b --seq-len 131072 --max-steps 2 --data "$rows" \
-            --output-dir "$OUT/job"
+            --lora-dtype bfloat16 --memory-peak --profile-out "$OUT" --model llama-3-8b --seq-len 131072 \
+            --max-steps 2 --data "$rows" --output-dir "$OUT/job"
         ;;
     memory256k)
         lemo=$(derive zero3_lemo-tiled-calibration1 memory.tiled_mlp=true keep_ratio=0.4)

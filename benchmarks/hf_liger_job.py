@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.step()
         if peak_trace is not None and step == 2:
-            write_memory_peak(peak_trace.stop(depth=3, top=30), Path(args.profile_out))
+            write_memory_peak(peak_trace.stop(depth=6, top=30), Path(args.profile_out))
         if not math.isfinite(loss_value):
             raise SystemExit(f"the loss is {loss_value} at step {step}")
         peak, _ = metrics.peak_memory(device.type)

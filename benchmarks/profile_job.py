@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--calibration", action="store_true", help="profile the predictors' calibration, not steps")
     extra.add_argument("--memory-peak", action="store_true",
                        help="what is alive at step --skip + 1's peak of device memory, not a time profile (CUDA)")
-    extra.add_argument("--depth", type=int, default=3, help="--memory-peak: frames per group")
+    # three frames named only the autograd engine for the largest group at 256K (results/memory-peak-20261207)
+    extra.add_argument("--depth", type=int, default=6, help="--memory-peak: frames per group")
     extra.add_argument("--top", type=int, default=30, help="--memory-peak: groups listed")
     ours, rest = extra.parse_known_args(argv)
     if ours.calibration:
