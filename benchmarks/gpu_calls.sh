@@ -52,7 +52,8 @@
 #   large-tensors  issue 31, H100 or H200 (~3 min): tests/test_large_tensors.py, each op of the main job's step past
 #                  2**31 elements (800K tokens), lemo_ds's kernels, document_attention (packed, and one document
 #                  of 528K), Liger's fused loss and a registered buffer's round trip, each against its last rows
-#                  alone; and the attention tests on CUDA
+#                  alone; and the attention tests on CUDA (since 2026-12-08 the one document of 528K also runs the
+#                  split document's backward over key chunks, not yet run on a GPU: run this call first)
 #   flash-limit    issue 31 (~1 min): benchmarks/flash_limit.py, where torch's varlen flash attention in one call goes
 #                  wrong (packed rows of 448K to 800K tokens), and lemo_ds's pieces past it
 #   onedoc384k     issue 31, H100: the main job with the tiled MLP at 384K on one-document rows (384K fits on packed)
