@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.results import git_state  # noqa: E402
 from lemo_ds.config import load_ds_config, split_ds_config  # noqa: E402
 from lemo_ds.plan import job, memory, search  # noqa: E402
 from lemo_ds.plan.memory import GIB  # noqa: E402
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {gpu_name} | best of each | | {best[gpu_name]['keep 0.4']:,} | {best[gpu_name]['keep 1.0']:,} "
                      f"| {best[gpu_name]['gain']:.2f}x |")  # fmt: skip
     print("\n".join(lines))
-    out = {"command": "PYTHONPATH=. python benchmarks/plan_sparsity_gain.py", "model": args.model,
+    out = {"command": "PYTHONPATH=. python benchmarks/plan_sparsity_gain.py", "git": git_state(), "model": args.model,
+           "what": "predictions of the planner's memory model, not measurements; machine-independent",
            "planner_constants": {"A_H": memory.A_H, "CONSTANT_BYTES": memory.CONSTANT_BYTES,
                                  "TILED_FULL_LENGTH_H_FUSED": memory.TILED_FULL_LENGTH_H_FUSED},
            "rows": rows, "best": best, "table": lines}  # fmt: skip
