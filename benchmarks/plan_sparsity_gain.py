@@ -58,7 +58,8 @@ def setups(model: str):
 def limit(shape, setup, gpu: int, host: int) -> str:
     """What the first length past the longest fit runs out of."""
     p = memory.predict(shape, setup)
-    over = [name for name, ok in (("device", memory.device_fits(p, gpu)), ("host", p.host_bytes <= host)) if not ok]
+    checks = {"device": memory.device_fits(p, gpu), "host": memory.host_fits(p, host)}
+    over = [name for name, ok in checks.items() if not ok]
     return " and ".join(over) or "nothing (the search's ceiling)"
 
 

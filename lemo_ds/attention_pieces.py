@@ -115,11 +115,13 @@ def plan_pieces(cu_seqlens: list[int], heads: int, head_dim: int, limit: int = F
 
 @dataclass(frozen=True)
 class KeyChunk:
-    """Keys [start, stop) of the flattened tokens for one backward call of a piece: causal over the piece's own
-    queries (square, the piece's own keys), or every key visible to every query (keys before the piece's queries)."""
+    """Keys [start, stop) of the flattened tokens for one backward call of a piece, documents ``cu`` relative to
+    ``start``: causal over the piece's own queries (the piece's own keys), or every key visible to every query (keys
+    before the piece's queries)."""
 
     start: int
     stop: int
+    cu: tuple[int, ...]
     causal: bool
 
 
@@ -127,8 +129,11 @@ def key_chunks(piece: Piece, longest: int) -> list[KeyChunk]:
     """The backward calls of ``piece``: one causal call over its keys where it has no keys before its queries (whole
     documents, or a split document's first piece); otherwise the earlier keys in runs of at most ``longest`` tokens,
     then the piece's own keys."""
-    chunks = [KeyChunk(a, min(a + longest, piece.q_start), False) for a in range(piece.k_start, piece.q_start, longest)]
-    return [*chunks, KeyChunk(piece.q_start, piece.q_stop, True)]
+    if piece.k_start == piece.q_start:
+        return [KeyChunk(piece.k_start, piece.q_stop, piece.cu_k, True)]
+    starts = range(piece.k_start, piece.q_start, longest)
+    chunks = [KeyChunk(a, b, (0, b - a), False) for a, b in ((a, min(a + longest, piece.q_start)) for a in starts)]
+    return [*chunks, KeyChunk(piece.q_start, piece.q_stop, (0, piece.q_stop - piece.q_start), True)]
 
 
 class PieceKernel(Protocol):
@@ -278,10 +283,9 @@ class PiecewiseAttention(torch.autograd.Function):
             piece_dq = None if len(chunks) == 1 else torch.zeros_like(q[queries], dtype=torch.float32)  # [tq, H, d]
             for chunk in chunks:
                 keys = slice(chunk.start, chunk.stop)
-                cu_k = p.cu_k if len(chunks) == 1 else (0, chunk.stop - chunk.start)
                 chunk_dq, chunk_dk, chunk_dv = ctx.kernel.backward(
-                    piece_dout, q[queries], k[keys], v[keys], out[queries], piece_saved, p.cu_q, cu_k, chunk.causal,
-                    ctx.scale,
+                    piece_dout, q[queries], k[keys], v[keys], out[queries], piece_saved, p.cu_q, chunk.cu,
+                    chunk.causal, ctx.scale,
                 )  # fmt: skip
                 if piece_dq is None:
                     dq[queries].copy_(chunk_dq)

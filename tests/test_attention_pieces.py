@@ -17,7 +17,6 @@ from tiny_models import packed_position_ids
 from lemo_ds import attention_pieces
 from lemo_ds.attention_pieces import (
     REFERENCE,
-    KeyChunk,
     Piece,
     accumulator_rows,
     key_chunks,
@@ -152,7 +151,10 @@ def test_key_chunks_cover_a_pieces_keys_in_order_and_no_longer_than_a_piece(layo
     longest = max(p.q_stop - p.q_start for p in pieces)
     for p in pieces:
         chunks = key_chunks(p, longest)
-        assert chunks[-1] == KeyChunk(p.q_start, p.q_stop, True)  # the piece's own keys, causal
+        last = chunks[-1]
+        assert (last.start, last.stop, last.causal) == (p.q_start, p.q_stop, True)  # the piece's own keys, causal
+        assert all(c.cu[0] == 0 and c.cu[-1] == c.stop - c.start for c in chunks)  # bounds relative to the chunk
+        assert len(chunks) > 1 or last.cu == p.cu_k  # whole documents keep their documents' bounds
         assert [c.start for c in chunks] == [p.k_start, *(c.stop for c in chunks[:-1])]  # every key once, in order
         assert all(c.stop - c.start <= longest and not c.causal for c in chunks[:-1])  # earlier keys: all visible
         assert (len(chunks) > 1) == (p.k_start < p.q_start)  # chunks only where a split document has earlier keys

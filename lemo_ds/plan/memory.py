@@ -344,7 +344,12 @@ def device_fits(prediction: Prediction, gpu_mem: int, device: str = "cuda") -> b
     return prediction.device_bytes <= usable
 
 
+def host_fits(prediction: Prediction, host_mem: int, device: str = "cuda") -> bool:
+    """On a CUDA run the host bytes within the host's memory; on a CPU run always (everything must fit in the RAM
+    budget, which ``device_fits`` checks)."""
+    return device != "cuda" or prediction.host_bytes <= host_mem
+
+
 def fits(prediction: Prediction, gpu_mem: int, host_mem: int, device: str = "cuda") -> bool:
-    """``device_fits``, and on a CUDA run the host bytes within the host's memory (on a CPU run everything must fit
-    in ``gpu_mem``, the RAM budget)."""
-    return device_fits(prediction, gpu_mem, device) and (device != "cuda" or prediction.host_bytes <= host_mem)
+    """``device_fits`` and ``host_fits``."""
+    return device_fits(prediction, gpu_mem, device) and host_fits(prediction, host_mem, device)
